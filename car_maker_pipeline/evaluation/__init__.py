@@ -1,0 +1,1 @@
+"""Evaluation domain: prompts, maker-constrained classification, metrics and reports."""
