@@ -1,3 +1,19 @@
-"""car_maker_pipeline: turn small vision-language models into car-maker classifiers with Dagster."""
+"""car_maker_pipeline: turn small vision-language models into car-maker classifiers with Dagster.
+
+`dagster ... -m car_maker_pipeline` finds `defs` here. It is loaded lazily so that importing a
+plain module (say `car_maker_pipeline.data.makers`) does not import Dagster and every asset.
+"""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "defs":
+        from car_maker_pipeline.definitions import defs
+
+        return defs
+    raise AttributeError(f"module 'car_maker_pipeline' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return ["__version__", "defs"]

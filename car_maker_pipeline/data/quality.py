@@ -1,0 +1,36 @@
+"""Quality checks on a built maker dataset; plain functions returning (passed, details) for asset checks."""
+
+from __future__ import annotations
+
+import datasets
+
+from car_maker_pipeline.data.maker_dataset import TEST, TRAIN, VALIDATION
+
+
+def column(part: datasets.Dataset, name: str) -> list:
+    """One column as a Python list, read through Arrow so no image is decoded."""
+    return part.with_format("arrow")[name].to_pylist()
+
+
+def test_overlap(dataset: datasets.DatasetDict) -> tuple[bool, dict]:
+    """No test image (by decoded-pixel hash) also appears in train or validation."""
+    seen = set(column(dataset[TRAIN], "content_hash")) | set(column(dataset[VALIDATION], "content_hash"))
+    shared = sorted(set(column(dataset[TEST], "content_hash")) & seen)
+    return not shared, {"shared_images": len(shared), "examples": shared[:5]}
+
+
+def test_makers_in_train(dataset: datasets.DatasetDict) -> tuple[bool, dict]:
+    missing = sorted(set(column(dataset[TEST], "maker")) - set(column(dataset[TRAIN], "maker")))
+    return not missing, {"test_makers_missing_from_train": missing}
+
+
+def no_empty_split(dataset: datasets.DatasetDict) -> tuple[bool, dict]:
+    empty = sorted(name for name, part in dataset.items() if part.num_rows == 0)
+    return not empty, {"empty_splits": empty, "rows": {name: part.num_rows for name, part in dataset.items()}}
+
+
+def maker_list_matches_data(dataset: datasets.DatasetDict) -> tuple[bool, dict]:
+    """The maker label names are exactly the makers that occur in the data."""
+    declared = list(dataset[TRAIN].features["maker_id"].names)
+    present = sorted(set().union(*(set(column(part, "maker")) for part in dataset.values())))
+    return declared == present, {"declared": declared, "present": present}

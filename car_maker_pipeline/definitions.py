@@ -1,0 +1,18 @@
+"""The Dagster code location: assets, checks, jobs and resources for the active profile."""
+
+import dagster as dg
+
+from car_maker_pipeline.orchestration.assets.baseline import baseline_assets
+from car_maker_pipeline.orchestration.assets.data import data_assets, data_checks
+from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, StanfordCarsSource, VisionLanguageModels
+
+defs = dg.Definitions(
+    assets=[*data_assets, *baseline_assets],
+    asset_checks=[*data_checks],
+    resources={
+        "store": PipelineStore(),
+        "source": StanfordCarsSource(),
+        "models": VisionLanguageModels(),
+        "mlflow_tracking": MlflowTracking(),
+    },
+)

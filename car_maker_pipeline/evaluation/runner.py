@@ -1,0 +1,86 @@
+"""Evaluate one model on one split and write every result a person or a later step needs.
+
+Shared by the baseline and the per-checkpoint evaluations, so both are scored identically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from car_maker_pipeline.evaluation.classifier import MakerClassifier, evaluate_split
+from car_maker_pipeline.evaluation.metrics import AccuracySummary, per_maker_table, summarize
+from car_maker_pipeline.evaluation.reports import confusion_figure, misclassified_figure, save_figure
+from car_maker_pipeline.storage import atomic_directory
+
+
+@dataclass
+class EvaluationReport:
+    out_dir: str
+    split: str
+    summary: AccuracySummary
+    images_per_second: float
+    sample_cap: int | None
+
+    @property
+    def predictions_path(self) -> Path:
+        return Path(self.out_dir) / "predictions.parquet"
+
+    @property
+    def per_maker_path(self) -> Path:
+        return Path(self.out_dir) / "per_maker.parquet"
+
+    @property
+    def confusion_path(self) -> Path:
+        return Path(self.out_dir) / "confusion_matrix.png"
+
+    @property
+    def misclassified_path(self) -> Path:
+        return Path(self.out_dir) / "misclassified.png"
+
+    def per_maker(self) -> pd.DataFrame:
+        return pd.read_parquet(self.per_maker_path)
+
+    def to_json(self) -> dict:
+        payload = asdict(self)
+        payload["summary"] = asdict(self.summary)
+        return payload
+
+    @classmethod
+    def from_json(cls, payload: dict) -> "EvaluationReport":
+        payload = dict(payload)
+        payload["summary"] = AccuracySummary(**payload["summary"])
+        return cls(**payload)
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        return {**self.summary.as_metrics(prefix), f"{prefix}images_per_second": self.images_per_second}
+
+
+def evaluate_to_dir(classifier: MakerClassifier, dataset, split: str, out_dir: Path, title: str,
+                    max_images: int | None = None, figures: bool = True) -> EvaluationReport:
+    """Classify a split and write predictions, per-maker table, figures and a summary atomically."""
+    part = dataset[split]
+    run = evaluate_split(classifier, part, max_images=max_images)
+    summary = summarize(run.predictions, classifier.makers)
+    with atomic_directory(out_dir) as tmp:
+        run.predictions.to_parquet(tmp / "predictions.parquet", index=False)
+        per_maker_table(run.predictions, classifier.makers).to_parquet(tmp / "per_maker.parquet", index=False)
+        if figures:
+            save_figure(confusion_figure(run.predictions, classifier.makers, f"{title}: {summary.accuracy:.1%}"), tmp / "confusion_matrix.png")
+            save_figure(misclassified_figure(run.predictions, _LazyImages(part), f"{title}: misclassified"), tmp / "misclassified.png")
+        report = EvaluationReport(str(out_dir), split, summary, run.images_per_second, max_images)
+        (tmp / "summary.json").write_text(json.dumps(report.to_json(), indent=2))
+    return report
+
+
+class _LazyImages:
+    """Decode only the images a figure shows."""
+
+    def __init__(self, part):
+        self.part = part
+
+    def __getitem__(self, index: int):
+        return self.part[index]["image"]

@@ -1,0 +1,77 @@
+"""MLflow helpers: reachability before any heavy work, one experiment, runs found again by tag."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+EXPERIMENT = "car_maker_pipeline"
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The configured MLflow tracking server cannot be reached."""
+
+
+def default_tracking_uri(home: Path) -> str:
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any model is loaded, when a remote tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            if response.status != 200:
+                raise TrackingUnavailableError(f"MLflow at {uri} answered /health with HTTP {response.status}.")
+    except (urllib.error.URLError, OSError) as error:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri} is unreachable ({error}). Start it, fix the tracking_uri of the "
+            "`mlflow` resource (or MLFLOW_TRACKING_URI), or leave it unset for the local sqlite store."
+        ) from error
+
+
+def experiment_id(uri: str, home: Path, name: str = EXPERIMENT) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    artifacts = None if uri.startswith(("http://", "https://")) else (home / "mlflow-artifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def find_run(uri: str, exp_id: str, tags: dict[str, str]) -> str | None:
+    """The newest run whose tags all match, so a rerun continues a record instead of duplicating it."""
+    import mlflow
+
+    query = " and ".join(f"tags.{key} = '{value}'" for key, value in tags.items())
+    runs = mlflow.MlflowClient(uri).search_runs([exp_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+@contextmanager
+def mlflow_run(uri: str, home: Path, run_name: str, tags: dict[str, str], run_id: str | None = None) -> Iterator:
+    import mlflow
+
+    exp = experiment_id(uri, home)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp, run_name=None if run_id else run_name, tags=tags) as run:
+        yield run
+
+
+def hf_token_env_names() -> tuple[str, ...]:
+    return ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def scrub_secrets(values: dict) -> dict:
+    """Drop anything that looks like a credential before it is logged as a param or tag."""
+    secrets = {os.environ[name] for name in hf_token_env_names() if os.environ.get(name)}
+    return {key: value for key, value in values.items()
+            if not key.lower().endswith(("_token", "token", "password", "secret")) and str(value) not in secrets}
