@@ -80,6 +80,11 @@ class MakerDataset:
         return frame.to_markdown()
 
 
+def column(part: datasets.Dataset, name: str) -> list:
+    """One column as a Python list, read through Arrow: `part[name]` would decode every image of the row."""
+    return part.with_format("arrow")[name].to_pylist()
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB pixels for any mode: alpha composited on white, 16-bit scaled, palette expanded."""
     if image.mode == "RGB":
@@ -150,11 +155,13 @@ def _clean_split(part: datasets.Dataset, parsed: list, num_proc: int | None) -> 
     procs = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 4) if part.num_rows >= 4000 else None)
     processed = part.map(
         _process_batch, fn_kwargs={"parsed": parsed}, batched=True, batch_size=256,
-        remove_columns=part.column_names, features=features, num_proc=procs, load_from_cache_file=False,
+        # num_proc=1 would still start a worker process; None keeps the work in this one.
+        remove_columns=part.column_names, features=features, num_proc=procs if procs and procs > 1 else None,
+        load_from_cache_file=False,
         desc="decode images",
     )
-    keep = np.asarray(processed["keep"])
-    bad_label = np.asarray(processed["bad_label"])
+    keep = np.asarray(column(processed, "keep"))
+    bad_label = np.asarray(column(processed, "bad_label"))
     dropped_bad_label = int(bad_label.sum())
     dropped_undecodable = int((~keep & ~bad_label).sum())
     cleaned = processed.select(np.flatnonzero(keep)).remove_columns(["keep", "bad_label"])
@@ -169,9 +176,9 @@ def build_maker_dataset(raw: datasets.DatasetDict, out_dir: Path, params: MakerD
         if required not in raw:
             raise MakerDatasetError(f"The source has no {required!r} split (it has {list(raw)}); both train and test are required.")
     for split, part in raw.items():
-        for column in ("image", "label"):
-            if column not in part.column_names:
-                raise MakerDatasetError(f"Split {split!r} lacks the {column!r} column (it has {part.column_names}).")
+        for required_column in ("image", "label"):
+            if required_column not in part.column_names:
+                raise MakerDatasetError(f"Split {split!r} lacks the {required_column!r} column (it has {part.column_names}).")
         if part.num_rows == 0:
             raise MakerDatasetError(f"Split {split!r} is empty; every split of the source needs rows.")
     class_names = list(raw[TRAIN].features["label"].names)
@@ -187,16 +194,16 @@ def build_maker_dataset(raw: datasets.DatasetDict, out_dir: Path, params: MakerD
                 f"{dropped_bad_label[split]} with labels outside the class list)."
             )
 
-    makers = sorted(set(cleaned[TRAIN].unique("maker")) | set(cleaned[TEST].unique("maker")))
+    makers = sorted(set(column(cleaned[TRAIN], "maker")) | set(column(cleaned[TEST], "maker")))
     maker_label = datasets.ClassLabel(names=makers)
 
     def with_maker_id(part: datasets.Dataset) -> datasets.Dataset:
-        ids = [maker_label.str2int(m) for m in part["maker"]]
+        ids = [maker_label.str2int(m) for m in column(part, "maker")]
         part = part.add_column("maker_id", ids).cast_column("maker_id", maker_label)
         return part.cast_column("image", datasets.Image())
 
     splits = {split: with_maker_id(part) for split, part in cleaned.items()}
-    counts = Counter(splits[TRAIN]["maker"])
+    counts = Counter(column(splits[TRAIN], "maker"))
     too_few = sorted(m for m in makers if counts[m] < 2)
     if too_few:
         raise MakerDatasetError(
@@ -217,7 +224,7 @@ def build_maker_dataset(raw: datasets.DatasetDict, out_dir: Path, params: MakerD
             rows_per_split={name: part.num_rows for name, part in result.items()},
             dropped_undecodable=dropped_undecodable,
             dropped_bad_label=dropped_bad_label,
-            images_per_maker={name: dict(Counter(part["maker"])) for name, part in result.items()},
+            images_per_maker={name: dict(Counter(column(part, "maker"))) for name, part in result.items()},
             source_revision=source_revision,
             corrupted_splits=[name for name in result if name not in (TRAIN, VALIDATION, TEST)],
         )

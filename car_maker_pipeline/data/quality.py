@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import datasets
 
-from car_maker_pipeline.data.maker_dataset import TEST, TRAIN, VALIDATION
-
-
-def column(part: datasets.Dataset, name: str) -> list:
-    """One column as a Python list, read through Arrow so no image is decoded."""
-    return part.with_format("arrow")[name].to_pylist()
+from car_maker_pipeline.data.maker_dataset import TEST, TRAIN, VALIDATION, column
 
 
 def test_overlap(dataset: datasets.DatasetDict) -> tuple[bool, dict]:

@@ -126,6 +126,9 @@ def materialize_raw(path_or_id: str, home: Path, revision: str | None = None, to
     try:
         dataset = datasets.load_dataset(str(Path(path_or_id).expanduser()) if _looks_local(path_or_id) else path_or_id, **load_kwargs)
     except (FileNotFoundError, ValueError) as error:
+        empty = re.search(r'Instruction "([^"]+)" corresponds to no data', str(error))
+        if empty:  # how `datasets` reports a split file with no rows
+            raise SourceError(f"Split {empty.group(1)!r} of source {path_or_id!r} is empty; every split needs rows.") from error
         raise SourceError(f"Could not load source {path_or_id!r}: {error}") from error
     validate_source(dataset, path_or_id)
 

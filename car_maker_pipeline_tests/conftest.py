@@ -1,0 +1,61 @@
+"""Shared fixtures: a small generated source, its maker dataset and a tiny LFM2-VL model.
+
+Everything is built once per session under pytest's temporary folder; no test touches the network
+(HF_HUB_OFFLINE is forced) or the developer's own CAR_MAKER_HOME, DAGSTER_HOME or MLflow store.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_stores(tmp_path, monkeypatch):
+    """Every test gets its own pipeline home and MLflow store unless it sets one itself."""
+    monkeypatch.setenv("CAR_MAKER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("CAR_MAKER_PROFILE", raising=False)
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory):
+    from car_maker_pipeline.data.synthetic import generate_demo_source
+
+    return generate_demo_source(tmp_path_factory.mktemp("source") / "stanford_cars", train_per_maker=14,
+                                test_per_maker=6, corruptions=("contrast",), seed=3)
+
+
+@pytest.fixture(scope="session")
+def raw_dataset(demo_source, tmp_path_factory):
+    from car_maker_pipeline.data.source import materialize_raw
+
+    return materialize_raw(str(demo_source), tmp_path_factory.mktemp("raw_home"))
+
+
+@pytest.fixture(scope="session")
+def maker_dataset(raw_dataset, tmp_path_factory):
+    from car_maker_pipeline.data.maker_dataset import build_maker_dataset
+
+    record = build_maker_dataset(raw_dataset.load(), tmp_path_factory.mktemp("makers") / "dataset",
+                                 source_revision=raw_dataset.revision)
+    return record
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from car_maker_pipeline.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-s", "tiny-s", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from car_maker_pipeline.models.loading import load_model_and_processor
+
+    return load_model_and_processor(str(tiny_model_dir))
