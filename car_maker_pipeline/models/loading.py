@@ -71,6 +71,19 @@ def local_revision(path: Path) -> str:
     return "sha256-" + digest.hexdigest()[:16]
 
 
+def check_image_token(model, processor, path_or_id: str) -> None:
+    """The tokenizer must have the image placeholder token, with the id the model expects."""
+    tokenizer = processor.tokenizer
+    token = getattr(processor, "image_token", "<image>")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    expected = getattr(model.config, "image_token_id", None)
+    if token_id is None or token_id == tokenizer.unk_token_id or token_id != expected:
+        raise ModelLoadError(
+            f"The tokenizer of {path_or_id} has no image token {token!r} with id {expected} (model.config.image_token_id); "
+            f"it maps to {token_id}. The tokenizer does not belong to this model: save the model's own processor next to it."
+        )
+
+
 def is_local(path_or_id: str) -> bool:
     return path_or_id.startswith(("/", "./", "../", "~")) or Path(path_or_id).exists()
 
@@ -92,6 +105,7 @@ def load_model_and_processor(path_or_id: str, *, revision: str | None = None, de
             f"Could not load model {path_or_id!r}: {str(error).splitlines()[0]}. Without network access use the demo "
             "profile (CAR_MAKER_PROFILE=demo) or a local model directory."
         ) from error
+    check_image_token(model, processor, path_or_id)
     model.to(device).eval()
     if is_local(path_or_id):
         resolved = local_revision(Path(path_or_id).expanduser())

@@ -1,0 +1,92 @@
+"""The Dagster assets, run in-process against a throwaway instance and store."""
+
+import dagster as dg
+import mlflow
+import pytest
+
+from car_maker_pipeline.orchestration.assets.baseline import baseline_evaluation
+from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, data_checks, raw_stanford_cars
+from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, StanfordCarsSource, VisionLanguageModels
+from car_maker_pipeline.tracking import TrackingUnavailableError
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Materialize the data assets once on a small generated demo source."""
+    home = tmp_path_factory.mktemp("pipeline")
+    resources = {
+        "store": PipelineStore(home=str(home)),
+        "source": StanfordCarsSource(profile="demo", demo_train_per_maker=12, demo_test_per_maker=5, demo_corruptions=["pixelate"]),
+        "models": VisionLanguageModels(profile="demo"),
+        "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{home / 'mlflow.db'}"),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([raw_stanford_cars, car_maker_dataset, *data_checks], resources=resources, instance=instance)
+    assert result.success
+    return home, resources, instance, result
+
+
+def test_data_assets_carry_their_metadata(pipeline):
+    _, _, _, result = pipeline
+    raw = result.asset_materializations_for_node("raw_stanford_cars")[0].metadata
+    assert raw["revision"].value.startswith("sha256-")
+    assert raw["rows_per_split"].value == {"train": 72, "test": 30, "pixelate": 30}
+    makers = result.asset_materializations_for_node("car_maker_dataset")[0].metadata
+    assert makers["num_makers"].value == 6
+    assert {"Aston Martin", "Land Rover", "AM General"} <= set(makers["makers"].value)
+    assert makers["rows_test"].value == 30 and makers["rows_pixelate"].value == 30
+    assert makers["rows_train"].value + makers["rows_validation"].value == 72
+    assert makers["dropped_count"].value == 0
+    table = makers["images_per_maker"].value
+    assert "| maker" in table and "Land Rover" in table and "validation" in table
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 4 and all(check.passed for check in checks)
+
+
+def test_rematerializing_an_unchanged_source_reuses_the_stored_copy(pipeline):
+    home, resources, instance, first = pipeline
+    again = dg.materialize([raw_stanford_cars, car_maker_dataset], resources=resources, instance=instance)
+    raw = again.asset_materializations_for_node("raw_stanford_cars")[0].metadata
+    assert raw["cache_hit"].value is True
+    assert raw["revision"].value == first.asset_materializations_for_node("raw_stanford_cars")[0].metadata["revision"].value
+    assert again.asset_materializations_for_node("car_maker_dataset")[0].metadata["cache_hit"].value is True
+
+
+def test_baseline_partition_reports_metrics_and_an_mlflow_run(pipeline):
+    home, resources, instance, _ = pipeline
+    result = dg.materialize([baseline_evaluation], resources=resources, instance=instance, partition_key="tiny-s",
+                            run_config={"ops": {"baseline_evaluation": {"config": {"batch_size": 8}}}})
+    metadata = result.asset_materializations_for_node("baseline_evaluation")[0].metadata
+    for key in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_images", "images_per_second", "per_maker_accuracy", "confusion_matrix"):
+        assert key in metadata, key
+    assert metadata["num_images"].value == 30
+    assert metadata["accuracy_ci_low"].value <= metadata["accuracy"].value <= metadata["accuracy_ci_high"].value
+    assert metadata["confusion_matrix"].value.startswith("![confusion matrix](data:image/png;base64,")
+
+    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("car_maker_pipeline")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.dagster_run_id = '{result.run_id}'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.metrics["accuracy"] == pytest.approx(metadata["accuracy"].value)
+    assert {"accuracy_ci_low", "accuracy_ci_high", "macro_accuracy", "images_per_second"} <= set(run.data.metrics)
+    assert {"model_id", "model_revision", "dataset_revision", "prompt_hash", "num_images", "batch_size", "device"} <= set(run.data.params)
+    assert run.data.params["batch_size"] == "8" and run.data.params["device"] == "cpu"
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert {"predictions.parquet", "per_maker.parquet", "confusion_matrix.png", "misclassified.png"} <= artifacts
+
+
+def test_unreachable_mlflow_fails_before_any_model_work(pipeline):
+    home, resources, instance, _ = pipeline
+    broken = {**resources, "mlflow_tracking": MlflowTracking(tracking_uri="http://127.0.0.1:9")}
+    with pytest.raises(TrackingUnavailableError, match="127.0.0.1:9"):
+        dg.materialize([baseline_evaluation], resources=broken, instance=instance, partition_key="tiny-m")
+    assert not any((home / "demo_models").glob("tiny-m*")), "the model was built although MLflow was down"
+
+
+def test_a_prompt_without_the_maker_list_is_rejected_before_model_work(pipeline):
+    home, resources, instance, _ = pipeline
+    config = {"ops": {"baseline_evaluation": {"config": {"user_prompt": "Which maker?"}}}}
+    with pytest.raises(Exception, match=r"\{makers\}"):
+        dg.materialize([baseline_evaluation], resources=resources, instance=instance, partition_key="tiny-l", run_config=config)
+    assert not any((home / "demo_models").glob("tiny-l*"))
