@@ -1,0 +1,119 @@
+"""Score every LoRA checkpoint of one training run with the baseline's evaluator.
+
+The base model is loaded once; each checkpoint's adapter is attached under its own name and
+switched in turn, and `disable_adapter()` gives back the base model for robustness comparisons.
+Results are cached per (checkpoint, split), so re-materializing only evaluates new checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from car_maker_pipeline.evaluation.classifier import MakerClassifier
+from car_maker_pipeline.evaluation.prompts import PromptTemplate
+from car_maker_pipeline.evaluation.runner import EvaluationReport, evaluate_to_dir
+
+VALIDATION, TEST = "validation", "test"
+
+
+class CheckpointEvaluationError(ValueError):
+    """Checkpoints that cannot be evaluated."""
+
+
+@dataclass
+class CheckpointScores:
+    table: pd.DataFrame  # one row per step: val/test accuracy, CI, macro, change vs baseline, val loss
+    best_step: int
+    best_checkpoint: Path
+    robustness: pd.DataFrame  # one row per corrupted split: baseline vs best checkpoint
+    reports: dict[tuple[int | str, str], EvaluationReport]
+
+
+def _cached_or_evaluate(classifier, dataset, split, out_dir: Path, title: str, figures: bool) -> EvaluationReport:
+    summary = out_dir / "summary.json"
+    if summary.exists():
+        return EvaluationReport.from_json(json.loads(summary.read_text()))
+    return evaluate_to_dir(classifier, dataset, split, out_dir, title=title, figures=figures)
+
+
+def attach_adapters(base_model, checkpoints: dict[int, Path]):
+    """A PeftModel holding one adapter per checkpoint, named `step-<n>`."""
+    from peft import PeftModel
+
+    steps = sorted(checkpoints)
+    model = PeftModel.from_pretrained(base_model, str(checkpoints[steps[0]]), adapter_name=f"step-{steps[0]}", is_trainable=False)
+    for step in steps[1:]:
+        model.load_adapter(str(checkpoints[step]), adapter_name=f"step-{step}", is_trainable=False)
+    model.eval()
+    return model
+
+
+def score_checkpoints(base_model, processor, checkpoints: dict[int, Path], dataset, makers: list[str], out_root: Path,
+                      baseline_accuracy: float | None, val_loss: dict[int, float] | None = None,
+                      prompt: PromptTemplate | None = None, batch_size: int = 16,
+                      corrupted_splits: list[str] | None = None) -> CheckpointScores:
+    if not checkpoints:
+        raise CheckpointEvaluationError("There are no complete checkpoints to evaluate; materialize lora_checkpoints first.")
+    model = attach_adapters(base_model, checkpoints)
+    classifier = MakerClassifier(model, processor, makers, prompt=prompt, batch_size=batch_size)
+    reports: dict[tuple[int | str, str], EvaluationReport] = {}
+    rows = []
+    for step in sorted(checkpoints):
+        model.set_adapter(f"step-{step}")
+        for split in (VALIDATION, TEST):
+            reports[(step, split)] = _cached_or_evaluate(classifier, dataset, split, out_root / f"step-{step}" / split,
+                                                         f"step {step} {split}", figures=split == TEST)
+        val, test = reports[(step, VALIDATION)].summary, reports[(step, TEST)].summary
+        rows.append({
+            "step": step, "val_accuracy": val.accuracy, "accuracy": test.accuracy, "ci_low": test.ci_low,
+            "ci_high": test.ci_high, "macro_accuracy": test.macro_accuracy,
+            "change_vs_baseline": test.accuracy - baseline_accuracy if baseline_accuracy is not None else float("nan"),
+            "val_loss": (val_loss or {}).get(step, float("nan")),
+        })
+    table = pd.DataFrame(rows)
+    # Chosen on validation, never on test; ties go to the lower validation loss, then the later step.
+    ranked = table.assign(_loss=table["val_loss"].fillna(float("inf"))).sort_values(
+        ["val_accuracy", "_loss", "step"], ascending=[False, True, False])
+    best_step = int(ranked.iloc[0]["step"])
+
+    robustness_rows = []
+    for split in corrupted_splits or []:
+        with model.disable_adapter():
+            base = _cached_or_evaluate(classifier, dataset, split, out_root / "base" / split, f"base {split}", figures=False)
+        model.set_adapter(f"step-{best_step}")
+        tuned = _cached_or_evaluate(classifier, dataset, split, out_root / f"step-{best_step}" / split, f"step {best_step} {split}", figures=False)
+        reports[("base", split)], reports[(best_step, split)] = base, tuned
+        robustness_rows.append({"corruption": split, "baseline_accuracy": base.summary.accuracy,
+                                "best_checkpoint_accuracy": tuned.summary.accuracy,
+                                "best_ci_low": tuned.summary.ci_low, "best_ci_high": tuned.summary.ci_high})
+    robustness = pd.DataFrame(robustness_rows, columns=["corruption", "baseline_accuracy", "best_checkpoint_accuracy", "best_ci_low", "best_ci_high"])
+    return CheckpointScores(table, best_step, checkpoints[best_step], robustness, reports)
+
+
+def accuracy_chart(table: pd.DataFrame, baseline_accuracy: float | None, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(table["step"], table["accuracy"], marker="o", label="test accuracy")
+    axis.fill_between(table["step"], table["ci_low"], table["ci_high"], alpha=0.2, label="95% CI")
+    axis.plot(table["step"], table["val_accuracy"], marker="s", linestyle="--", label="validation accuracy")
+    if baseline_accuracy is not None:
+        axis.axhline(baseline_accuracy, color="grey", linestyle=":", label="baseline (test)")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("accuracy")
+    axis.set_ylim(0, 1.02)
+    if table["val_loss"].notna().any():
+        loss_axis = axis.twinx()
+        loss_axis.plot(table["step"], table["val_loss"], color="tab:red", marker="x", label="validation loss")
+        loss_axis.set_ylabel("validation loss", color="tab:red")
+    axis.legend(loc="lower right", fontsize=8)
+    axis.set_title(title)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,27 @@
+"""Jobs: the data preparation, and the per-model work (one run per model partition)."""
+
+import dagster as dg
+
+from car_maker_pipeline.orchestration.partitions import model_partitions
+
+data_job = dg.define_asset_job(
+    "data_job",
+    selection=dg.AssetSelection.groups("data"),
+    description="Download (or generate) Stanford Cars and build the maker dataset, with its checks.",
+)
+
+baseline_job = dg.define_asset_job(
+    "baseline_job",
+    selection=dg.AssetSelection.groups("baseline"),
+    partitions_def=model_partitions,
+    description="Score one base model (a partition) on the test split.",
+)
+
+training_job = dg.define_asset_job(
+    "training_job",
+    selection=dg.AssetSelection.groups("training", "evaluation"),
+    partitions_def=model_partitions,
+    description="Fine-tune one model (a partition) with LoRA, then score and register its checkpoints.",
+)
+
+jobs = [data_job, baseline_job, training_job]
