@@ -5,13 +5,16 @@ import dagster as dg
 from car_maker_pipeline.orchestration.assets.baseline import baseline_assets
 from car_maker_pipeline.orchestration.assets.data import data_assets, data_checks
 from car_maker_pipeline.orchestration.assets.training import training_assets
+from car_maker_pipeline.orchestration.automation import automation_jobs, schedules, sensors
 from car_maker_pipeline.orchestration.jobs import jobs
 from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, StanfordCarsSource, VisionLanguageModels
 
 defs = dg.Definitions(
     assets=[*data_assets, *baseline_assets, *training_assets],
     asset_checks=[*data_checks],
-    jobs=jobs,
+    jobs=[*jobs, *automation_jobs],
+    schedules=schedules,
+    sensors=sensors,
     resources={
         "store": PipelineStore(),
         "source": StanfordCarsSource(),

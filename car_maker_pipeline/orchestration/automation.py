@@ -1,0 +1,77 @@
+"""Scheduled retraining and a sensor that retrains when the source changes.
+
+Both ship stopped (default_status STOPPED): nothing trains by surprise. Start them in the UI
+(Automation tab) or with `dagster schedule start retrain_weekly` / `dagster sensor start
+source_revision_sensor`; the daemon (`dagster dev` starts one) runs them.
+"""
+
+import os
+
+import dagster as dg
+
+from car_maker_pipeline.orchestration.partitions import model_partitions
+from car_maker_pipeline.orchestration.resources import PipelineStore, StanfordCarsSource
+
+RETRAIN_CRON_ENV = "CAR_MAKER_RETRAIN_CRON"
+DEFAULT_RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
+
+retrain_job = dg.define_asset_job(
+    "retrain_job",
+    selection=dg.AssetSelection.groups("data", "training", "evaluation"),
+    partitions_def=model_partitions,
+    description="Rebuild the dataset, fine-tune one model (a partition) and score its checkpoints.",
+)
+
+
+def _retrain_requests(tags: dict[str, str], key_suffix: str) -> list[dg.RunRequest]:
+    return [dg.RunRequest(run_key=f"{key_suffix}:{model}", partition_key=model, tags=tags)
+            for model in model_partitions.get_partition_keys()]
+
+
+@dg.schedule(
+    name="retrain_weekly",
+    job=retrain_job,
+    cron_schedule=os.environ.get(RETRAIN_CRON_ENV, DEFAULT_RETRAIN_CRON),
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description=f"Retrain every model once a week (cron from {RETRAIN_CRON_ENV}, default '{DEFAULT_RETRAIN_CRON}').",
+)
+def retrain_weekly(context: dg.ScheduleEvaluationContext):
+    tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "manual"
+    return _retrain_requests({"trigger": "schedule", "scheduled_for": tick}, key_suffix=tick)
+
+
+@dg.sensor(
+    name="source_revision_sensor",
+    job=retrain_job,
+    minimum_interval_seconds=3600,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Retrain when the source's revision (Hub commit or local content fingerprint) changes; once per revision.",
+)
+def source_revision_sensor(context: dg.SensorEvaluationContext, source: StanfordCarsSource, store: PipelineStore):
+    from car_maker_pipeline.data.source import SourceError, resolve_revision
+
+    try:
+        revision = resolve_revision(source.resolve(store.root), source.revision)
+    except SourceError as error:
+        return dg.SkipReason(f"Could not read the source revision: {error}")
+    # Before the first tick, what is already materialized counts as seen: starting the sensor
+    # must not retrain on data the pipeline already has.
+    known = context.cursor or _materialized_revision(store)
+    if revision == known:
+        return dg.SensorResult(skip_reason=f"Source unchanged at {revision}.", cursor=revision)
+    return dg.SensorResult(
+        run_requests=_retrain_requests({"trigger": "source_revision", "source_revision": revision}, key_suffix=revision),
+        cursor=revision,
+    )
+
+
+def _materialized_revision(store: PipelineStore) -> str | None:
+    try:
+        return store.read_manifest("raw_stanford_cars")["revision"]
+    except Exception:
+        return None
+
+
+automation_jobs = [retrain_job]
+schedules = [retrain_weekly]
+sensors = [source_revision_sensor]

@@ -1,0 +1,56 @@
+"""The weekly retraining schedule and the source-revision sensor, evaluated as the daemon would."""
+
+import datetime
+import shutil
+
+import dagster as dg
+
+from car_maker_pipeline.definitions import defs
+from car_maker_pipeline.orchestration.automation import retrain_weekly, source_revision_sensor
+from car_maker_pipeline.orchestration.resources import PipelineStore, StanfordCarsSource
+
+
+def test_schedule_ships_stopped_and_requests_one_retrain_per_model():
+    assert retrain_weekly.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert retrain_weekly.cron_schedule == "0 3 * * 1"
+    when = datetime.datetime(2026, 11, 30, 3, 0, tzinfo=datetime.timezone.utc)
+    requests = retrain_weekly(dg.build_schedule_context(scheduled_execution_time=when))
+    assert [r.partition_key for r in requests] == ["tiny-s", "tiny-m", "tiny-l"]
+    assert all(r.tags["trigger"] == "schedule" for r in requests)
+    job = defs.resolve_job_def("retrain_job")
+    assert {key.to_user_string() for key in job.asset_layer.executable_asset_keys} >= {
+        "raw_stanford_cars", "car_maker_dataset", "lora_checkpoints", "checkpoint_accuracy"}
+
+
+def test_sensor_fires_once_per_new_source_revision(demo_source, tmp_path):
+    source_dir = tmp_path / "source"
+    shutil.copytree(demo_source, source_dir)
+    resources = {"source": StanfordCarsSource(path_or_id=str(source_dir)), "store": PipelineStore(home=str(tmp_path / "home"))}
+    assert source_revision_sensor.default_status == dg.DefaultSensorStatus.STOPPED
+
+    with dg.build_sensor_context(resources=resources) as context:
+        first = source_revision_sensor(context)
+    assert len(first.run_requests) == 3
+    revision = first.cursor
+    assert revision.startswith("sha256-") and all(r.tags["source_revision"] == revision for r in first.run_requests)
+
+    with dg.build_sensor_context(cursor=revision, resources=resources) as context:
+        again = source_revision_sensor(context)
+    assert not again.run_requests  # same revision: no second retrain
+
+    (source_dir / "data" / "train-00000-of-00001.parquet").write_bytes(
+        (source_dir / "data" / "train-00000-of-00001.parquet").read_bytes() + b"\0")
+    with dg.build_sensor_context(cursor=revision, resources=resources) as context:
+        changed = source_revision_sensor(context)
+    assert len(changed.run_requests) == 3 and changed.cursor != revision
+
+
+def test_sensor_does_not_retrain_on_data_already_materialized(demo_source, tmp_path):
+    from car_maker_pipeline.data.source import materialize_raw
+
+    store = PipelineStore(home=str(tmp_path / "home"))
+    raw = materialize_raw(str(demo_source), store.root)
+    store.write_manifest("raw_stanford_cars", raw.to_json())
+    with dg.build_sensor_context(resources={"source": StanfordCarsSource(path_or_id=str(demo_source)), "store": store}) as context:
+        result = source_revision_sensor(context)
+    assert not result.run_requests and result.cursor == raw.revision

@@ -1,0 +1,145 @@
+"""The README's command-line recipes, run as a new user would: real `dagster` processes, demo profile.
+
+Slow: each `dagster asset materialize` starts fresh processes. One module-scoped home is shared so
+the stages build on each other like a person's session does.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+DAGSTER = str(Path(sys.executable).with_name("dagster"))
+SMALL_SOURCE = {"resources": {"source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": ["contrast"]}}}}
+SHORT_TRAINING = {"max_steps": 24, "checkpoint_every_n_steps": 4, "per_device_train_batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "dagster_home").mkdir()
+    return {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "CAR_MAKER_HOME": str(root / "home"),
+            "HF_HUB_OFFLINE": "1", "CAR_MAKER_PROFILE": "demo", "PYTHONUNBUFFERED": "1"}
+
+
+def materialize(env, select, partition=None, config=None, timeout=900):
+    command = [DAGSTER, "asset", "materialize", "-m", "car_maker_pipeline", "--select", select]
+    if partition:
+        command += ["--partition", partition]
+    if config:
+        command += ["--config-json", json.dumps(config)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "RUN_SUCCESS" in result.stdout + result.stderr
+    return result
+
+
+def latest_metadata(env, asset, partition=None) -> dict:
+    code = (
+        "import json, dagster as dg\n"
+        f"event = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey({asset!r}))\n"
+        "if event is None: print('null')\n"
+        "else: print(json.dumps({k: getattr(v, 'value', None) for k, v in event.asset_materialization.metadata.items()}, default=str))\n"
+    )
+    if partition:
+        code = (
+            "import json, dagster as dg\n"
+            "instance = dg.DagsterInstance.get()\n"
+            f"records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey({asset!r}), asset_partitions=[{partition!r}]), limit=1).records\n"
+            "meta = records[0].asset_materialization.metadata\n"
+            "print(json.dumps({k: getattr(v, 'value', None) for k, v in meta.items()}, default=str))\n"
+        )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_definitions_validate(env):
+    result = subprocess.run([DAGSTER, "definitions", "validate", "-w", "workspace.yaml"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_data_assets_from_the_cli(env):
+    materialize(env, "raw_stanford_cars,car_maker_dataset", config=SMALL_SOURCE)
+    metadata = latest_metadata(env, "car_maker_dataset")
+    assert {"Aston Martin", "Land Rover", "AM General"} <= set(metadata["makers"])
+    assert metadata["num_makers"] == 6 and metadata["dropped_count"] == 0
+    assert metadata["rows_test"] == 24 and metadata["rows_contrast"] == 24
+
+
+@pytest.mark.parametrize("partition", ["tiny-s", "tiny-m", "tiny-l"])
+def test_baseline_partition_from_the_cli(env, partition):
+    materialize(env, "baseline_evaluation", partition=partition)
+    metadata = latest_metadata(env, "baseline_evaluation", partition)
+    assert metadata["num_images"] == 24
+    assert 0.0 <= metadata["accuracy_ci_low"] <= metadata["accuracy"] <= metadata["accuracy_ci_high"] <= 1.0
+    assert metadata["images_per_second"] > 0
+
+
+def _complete_checkpoints(home: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in home.glob("lora_checkpoints/tiny-s/*/checkpoint-*/checkpoint_complete.json"))
+
+
+def test_training_killed_with_sigkill_resumes_in_the_same_mlflow_run(env):
+    home = Path(env["CAR_MAKER_HOME"])
+    config = {"ops": {"lora_checkpoints": {"config": SHORT_TRAINING}}}
+    command = [DAGSTER, "asset", "materialize", "-m", "car_maker_pipeline", "--select", "lora_checkpoints",
+               "--partition", "tiny-s", "--config-json", json.dumps(config)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not _complete_checkpoints(home) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the CLI and its step process, mid-training
+    process.wait()
+    killed_at = _complete_checkpoints(home)
+    assert killed_at and max(killed_at) < SHORT_TRAINING["max_steps"], f"not killed mid-run: {killed_at}"
+
+    materialize(env, "lora_checkpoints", partition="tiny-s", config=config)
+    metadata = latest_metadata(env, "lora_checkpoints", "tiny-s")
+    assert metadata["global_step"] == SHORT_TRAINING["max_steps"]
+    assert metadata["resumed_from"].endswith(f"checkpoint-{max(killed_at)}") or max(killed_at) < 4
+    assert _complete_checkpoints(home) == list(range(4, SHORT_TRAINING["max_steps"] + 1, 4))
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("car_maker_pipeline")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'training' and tags.model_key = 'tiny-s'")
+    assert len(runs) == 1, "the resumed training opened a second MLflow run"
+    assert runs[0].info.run_id == metadata["mlflow_run_id"]
+    history = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert max(m.step for m in history) > max(killed_at)  # the resumed half logged into the same run
+    assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")} == set(range(4, 25, 4))
+
+
+def test_checkpoint_accuracy_registers_a_model_and_classify_uses_it(env):
+    materialize(env, "checkpoint_accuracy", partition="tiny-s")
+    metadata = latest_metadata(env, "checkpoint_accuracy", "tiny-s")
+    assert metadata["best_step"] in range(4, 25, 4)
+    assert "step" in metadata["accuracy_by_step"].splitlines()[0] and "contrast" in metadata["accuracy_by_corruption"]
+    assert metadata["registered_model"].startswith("car-maker-tiny-s v")
+
+    home = Path(env["CAR_MAKER_HOME"])
+    import datasets
+
+    makers = datasets.load_from_disk(json.loads((home / "car_maker_dataset" / "current.json").read_text())["path"])
+    image_path = home / "test_image.png"
+    makers["test"][0]["image"].save(image_path)
+    (home / "broken.jpg").write_bytes(b"not a jpeg")
+    result = subprocess.run([sys.executable, "-m", "car_maker_pipeline.classify", str(image_path)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path, maker, score = result.stdout.strip().split("\t")
+    assert path == str(image_path) and maker in makers["test"].features["maker_id"].names and 0 < float(score) <= 1
+
+    broken = subprocess.run([sys.executable, "-m", "car_maker_pipeline.classify", str(home / "broken.jpg")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 2 and "broken.jpg" in broken.stderr and "not a readable image" in broken.stderr
