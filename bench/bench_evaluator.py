@@ -1,0 +1,317 @@
+"""Benchmark: our constrained, batched `MakerClassifier` vs. the tutorial's free-text, one-image-at-a-time loop.
+
+    python bench/bench_evaluator.py                    # base tiny-s model, plus a short LoRA run if possible
+    python bench/bench_evaluator.py --small            # 64 images, 2 repetitions, one 20-step LoRA run
+    python bench/bench_evaluator.py --adapter PATH     # also evaluate this PEFT adapter dir on top of tiny-s
+    python bench/bench_evaluator.py --no-train         # skip the LoRA training run
+
+What is measured
+----------------
+Model: the random-weight tiny LFM2-VL `build_tiny_model(dir, "tiny-s")` on CPU (fp32,
+`load_model_and_processor(..., device="cpu")`). Data: a synthetic demo source (6 makers,
+34 test images per maker, no corruptions) built with `build_maker_dataset`; the first 200 images of
+its test split, decoded into PIL images once, before any timing (so decoding is not timed for
+either method). Both methods use the same prompt (`PromptTemplate()`, the makers listed in it).
+
+- ours   `MakerClassifier(model, processor, makers, batch_size=32).classify(images)`: left-padded
+         batches of 32, decoding constrained to a trie of the makers' answer tokens, so it stops after
+         the longest maker answer and every answer is a valid maker.
+- naive  the tutorial: one image at a time, chat template + processor, `model.generate(max_new_tokens=64,
+         do_sample=False)` free text, decoded with `skip_special_tokens=True`; correct when
+         `answer.strip().lower() == true_maker.lower()`; "invalid" when the stripped answer is not
+         (case-insensitively) one of the makers.
+
+Torch runs with 1 intra-op thread by default (`--threads`): on this shared 2-core machine, with
+another CPU-heavy process running, 2 OpenMP threads made both methods 20-50x slower (spin-waiting
+on an oversubscribed core), which would measure the neighbours, not the evaluator.
+
+Both get one untimed warm-up batch (32 images for ours, 32 single-image calls for naive) first. Each
+repetition then times both over the same images in alternating order; the headline ratio is the
+median over repetitions of (ours images/s) / (naive images/s), computed within each repetition.
+
+Adapters: a random-weight model is at chance for ours and never says a valid maker in free text, so
+the comparison is repeated on LoRA adapters: `--adapter PATH` (a PEFT adapter dir, loaded with
+`peft.PeftModel.from_pretrained` on top of tiny-s), and, unless `--no-train`, a short run of
+`car_maker_pipeline.training.lora.train_lora` on the same source's train split: 80 steps
+(LoraTrainingConfig's default) and 300 steps, every other setting at its default except a single
+checkpoint at the end (cached under --work: a finished run is reused, not retrained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, format_table, library_versions, machine_info, median, write_json  # noqa: E402
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+
+from car_maker_pipeline.data.maker_dataset import build_maker_dataset, load_stored_maker_dataset  # noqa: E402
+from car_maker_pipeline.data.source import materialize_raw  # noqa: E402
+from car_maker_pipeline.data.synthetic import MARKER_FILE, generate_demo_source  # noqa: E402
+from car_maker_pipeline.evaluation.classifier import MakerClassifier  # noqa: E402
+from car_maker_pipeline.evaluation.prompts import PromptTemplate  # noqa: E402
+from car_maker_pipeline.models.loading import load_model_and_processor  # noqa: E402
+from car_maker_pipeline.models.tiny import build_tiny_model  # noqa: E402
+
+NAME = "bench_evaluator"
+TRAIN_PER_MAKER, TEST_PER_MAKER = 60, 34  # 6 makers -> 360 train (324 + 36 validation), 204 test
+BATCH_SIZE = 32
+MAX_NEW_TOKENS = 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and models
+# --------------------------------------------------------------------------------------------------
+
+
+def maker_dataset(work: Path):
+    source = work / f"eval-source-train{TRAIN_PER_MAKER}-test{TEST_PER_MAKER}-seed0"
+    if not (source / MARKER_FILE).exists():
+        generate_demo_source(source, train_per_maker=TRAIN_PER_MAKER, test_per_maker=TEST_PER_MAKER, corruptions=())
+    out = work / f"eval-maker-dataset-train{TRAIN_PER_MAKER}-test{TEST_PER_MAKER}"
+    record = load_stored_maker_dataset(out)
+    if record is None:
+        raw = materialize_raw(str(source), work / "home").load()
+        record = build_maker_dataset(raw, out)
+    return record
+
+
+def load_base(model_dir: Path):
+    loaded = load_model_and_processor(str(model_dir), device="cpu", dtype="float32")
+    return loaded.model, loaded.processor
+
+
+def load_with_adapter(model_dir: Path, adapter: Path):
+    from peft import PeftModel
+
+    model, processor = load_base(model_dir)
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    return model, processor
+
+
+# --------------------------------------------------------------------------------------------------
+# The two methods
+# --------------------------------------------------------------------------------------------------
+
+
+def run_ours(classifier: MakerClassifier, images: list) -> list[str]:
+    return [p.maker for p in classifier.classify(images)]
+
+
+class NaiveFreeText:
+    """The tutorial's loop: one image, free-text greedy generation, string comparison afterwards."""
+
+    def __init__(self, model, processor, makers: list[str], prompt: PromptTemplate | None = None):
+        self.model, self.processor, self.makers = model, processor, list(makers)
+        prompt = prompt or PromptTemplate()
+        self.text = processor.apply_chat_template(prompt.messages(self.makers), add_generation_prompt=True, tokenize=False)
+        self.tokenizer = processor.tokenizer
+        self.generated_tokens: list[int] = []
+
+    @torch.inference_mode()
+    def answer(self, image) -> str:
+        inputs = self.processor(images=[[image]], text=[self.text], return_tensors="pt")
+        out = self.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        self.generated_tokens.append(int(new.numel()))
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+    def run(self, images: list) -> list[str]:
+        self.generated_tokens = []
+        return [self.answer(image) for image in images]
+
+
+def score(answers: list[str], truth: list[str], makers: list[str]) -> dict:
+    valid = {m.lower() for m in makers}
+    cleaned = [a.strip().lower() for a in answers]
+    correct = sum(a == t.lower() for a, t in zip(cleaned, truth))
+    invalid = sum(a not in valid for a in cleaned)
+    return {"accuracy": correct / len(truth), "correct": correct, "invalid": invalid, "n": len(truth)}
+
+
+def compare(label: str, model, processor, makers: list[str], images: list, truth: list[str], repeats: int) -> dict:
+    """Warm up both, then time both `repeats` times in alternating order; accuracy from the last run."""
+    model.eval()
+    classifier = MakerClassifier(model, processor, makers, batch_size=BATCH_SIZE)
+    naive = NaiveFreeText(model, processor, makers)
+    warm = images[:BATCH_SIZE]
+    classifier.classify_batch(warm)
+    naive.run(warm)
+
+    seconds: dict[str, list[float]] = {"ours": [], "naive": []}
+    answers: dict[str, list[str]] = {}
+    tokens: list[float] = []
+    for rep in range(repeats):
+        for name in (("ours", "naive") if rep % 2 == 0 else ("naive", "ours")):
+            t0 = time.perf_counter()
+            answers[name] = run_ours(classifier, images) if name == "ours" else naive.run(images)
+            seconds[name].append(time.perf_counter() - t0)
+            if name == "naive":
+                tokens.append(sum(naive.generated_tokens) / len(images))
+            print(f"  [{label}] rep {rep + 1}/{repeats} {name:5s} {seconds[name][-1]:7.2f}s "
+                  f"{len(images) / seconds[name][-1]:7.1f} images/s", flush=True)
+    n = len(images)
+    ips = {k: [n / s for s in v] for k, v in seconds.items()}
+    ratios = [o / f for o, f in zip(ips["ours"], ips["naive"])]
+    result = {
+        "model": label,
+        "images": n,
+        "seconds": seconds,
+        "images_per_second": ips,
+        "median_images_per_second": {k: median(v) for k, v in ips.items()},
+        "ratio_ours_over_naive": ratios,
+        "median_ratio": median(ratios),
+        "ours": score(answers["ours"], truth, makers),
+        "naive": score(answers["naive"], truth, makers),
+        "same_answer_fraction": sum(o.strip().lower() == f.strip().lower() for o, f in zip(answers["ours"], answers["naive"])) / n,
+        "naive_mean_generated_tokens": median(tokens),
+        "naive_answer_examples": sorted({a.strip() for a in answers["naive"]}, key=len)[:8],
+        "ours_predicted_makers": {m: answers["ours"].count(m) for m in makers},
+    }
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Optional LoRA training
+# --------------------------------------------------------------------------------------------------
+
+
+def train_adapter(model_dir: Path, record, work: Path, max_steps: int) -> tuple[Path | None, dict]:
+    """A short `train_lora` run on the source's train split; (final checkpoint, info) or (None, reason)."""
+    try:
+        from car_maker_pipeline.training.lora import LoraTrainingConfig, train_lora
+    except ImportError as error:
+        return None, {"skipped": f"car_maker_pipeline.training.lora.train_lora is not importable: {error}"}
+    data = record.load()
+    # One checkpoint (and validation pass) at the end instead of every 20 steps: less time spent saving.
+    config = LoraTrainingConfig(max_steps=max_steps, checkpoint_every_n_steps=max_steps)
+    digest = hashlib.sha256(json.dumps(config.to_json(), sort_keys=True).encode()).hexdigest()[:8]
+    out = work / f"lora-tiny-s-steps{max_steps}-{digest}"  # another config never resumes this run
+    started = time.perf_counter()
+    try:
+        result = train_lora(model_dir, data["train"], data["validation"], record.makers, out, config)
+    except Exception as error:  # report, never hide: the benchmark still gives the base-model numbers
+        return None, {"skipped": f"train_lora failed: {type(error).__name__}: {error}"}
+    return result.final_checkpoint, {
+        "output_dir": str(out),
+        "final_checkpoint": str(result.final_checkpoint),
+        "config": config.to_json(),
+        "global_step": result.global_step,
+        "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "reused_finished_run": result.train_seconds == 0.0,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "train_images": data["train"].num_rows,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="64 images, 2 repetitions, one 20-step LoRA run")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "car_maker_bench",
+                        help="where the source, maker dataset, tiny model and LoRA runs are cached")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{NAME}.json", help="JSON results path")
+    parser.add_argument("--images", type=int, default=None, help="test images to classify (default 200; 64 with --small)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per method (default 3; 2 with --small)")
+    parser.add_argument("--adapter", type=Path, action="append", default=[], help="PEFT adapter dir to evaluate too (repeatable)")
+    parser.add_argument("--no-train", action="store_true", help="do not run a short train_lora")
+    parser.add_argument("--train-steps", type=int, action="append", default=None,
+                        help="LoRA run length in steps, repeatable (default: 80, LoraTrainingConfig's default, and 300; "
+                             "20 with --small); every other setting is LoraTrainingConfig's default")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on this shared 2-core machine 2 threads collapse "
+                             "20-50x as soon as another process competes for the cores; 0 = torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    n_images = args.images or (64 if args.small else 200)
+    repeats = args.repeats or (2 if args.small else 3)
+    train_steps = args.train_steps or ([20] if args.small else [80, 300])
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    work = args.work.expanduser().resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    started_all = time.perf_counter()
+    machine = machine_info()  # before the work starts: load average of the neighbours
+
+    record = maker_dataset(work)
+    test = record.load()["test"]
+    if test.num_rows < n_images:
+        raise SystemExit(f"the test split has only {test.num_rows} images, fewer than --images {n_images}")
+    part = test.select(range(n_images))
+    images, truth = list(part["image"]), list(part["maker"])
+    makers = list(record.makers)
+    model_dir = build_tiny_model(work / "tiny-s", "tiny-s")
+    print(f"{n_images} test images of {len(makers)} makers ({', '.join(makers)}); model {model_dir}; "
+          f"torch threads {torch.get_num_threads()}")
+
+    results = []
+    model, processor = load_base(model_dir)
+    results.append(compare("tiny-s (random weights)", model, processor, makers, images, truth, repeats))
+    del model
+
+    adapters: list[tuple[str, Path]] = [(f"tiny-s + adapter {p}", p) for p in args.adapter]
+    training: dict = {"skipped": "--no-train"} if args.no_train else {}
+    for steps in ([] if args.no_train else train_steps):
+        print(f"training a {steps}-step LoRA adapter (train_lora, LoraTrainingConfig defaults otherwise)...", flush=True)
+        checkpoint, info = train_adapter(model_dir, record, work, steps)
+        training[f"{steps}_steps"] = info
+        if checkpoint is not None:
+            print(f"  trained in {info['train_seconds']:.0f}s" + (" (finished run reused)" if info["reused_finished_run"] else "")
+                  + f"; final val loss {info['val_loss'][-1][1] if info['val_loss'] else float('nan'):.3f}", flush=True)
+            adapters.append((f"tiny-s + LoRA {steps} steps", checkpoint))
+        else:
+            print(f"  skipped: {info['skipped']}")
+    for label, path in adapters:
+        model, processor = load_with_adapter(model_dir, path)
+        results.append(compare(label, model, processor, makers, images, truth, repeats))
+        del model
+
+    rows = [[r["model"], r["median_images_per_second"]["ours"], r["median_images_per_second"]["naive"], r["median_ratio"],
+             f"{r['ours']['accuracy']:.1%}", f"{r['naive']['accuracy']:.1%}", r["ours"]["invalid"], r["naive"]["invalid"],
+             f"{r['same_answer_fraction']:.1%}", r["naive_mean_generated_tokens"]] for r in results]
+    print(f"\n{n_images} images, {repeats} repetitions, medians (ratio = median of per-repetition ours/naive):")
+    print(format_table(["model", "ours images/s", "naive images/s", "ratio ours/naive", "ours acc", "naive acc",
+                        "ours invalid", "naive invalid", "same answer", "naive tokens/answer"], rows))
+    for r in results:
+        print(f"  {r['model']}: naive answers e.g. {r['naive_answer_examples'][:3]}")
+
+    payload = {
+        "benchmark": NAME,
+        "mode": "small" if args.small else "full",
+        "machine": machine,
+        "versions": library_versions("torch", "transformers", "peft", "trl", "datasets"),
+        "torch_threads": torch.get_num_threads(),
+        "data": {"maker_dataset": record.path, "makers": makers, "images": n_images, "split": "test (first N rows)"},
+        "batch_size": BATCH_SIZE,
+        "naive_max_new_tokens": MAX_NEW_TOKENS,
+        "repeats": repeats,
+        "training": training,
+        "results": results,
+        "total_seconds": time.perf_counter() - started_all,
+    }
+    path = write_json(args.out, payload)
+    print(f"\nresults: {path}   (total {payload['total_seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
