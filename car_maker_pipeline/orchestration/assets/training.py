@@ -25,9 +25,9 @@ RUN_ID_FILE = "mlflow_run.json"
 class LoraConfig(dg.Config):
     """LoRA hyperparameters; defaults suit the tiny demo models on a CPU (see training/lora.py for real ones)."""
 
-    learning_rate: float = Field(default=2e-3, gt=0, description="Peak learning rate (linear decay after warm-up).")
-    max_steps: int = Field(default=80, gt=0, description="Optimizer steps.")
-    per_device_train_batch_size: int = Field(default=8, gt=0)
+    learning_rate: float = Field(default=5e-3, gt=0, description="Peak learning rate (linear decay after warm-up).")
+    max_steps: int = Field(default=400, gt=0, description="Optimizer steps.")
+    per_device_train_batch_size: int = Field(default=32, gt=0)
     gradient_accumulation_steps: int = Field(default=1, gt=0)
     lora_r: int = Field(default=8, gt=0)
     lora_alpha: int = Field(default=16, gt=0)
@@ -36,7 +36,7 @@ class LoraConfig(dg.Config):
         default=["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "fc1", "fc2", "linear_1", "linear_2"],
         description="Module-name suffixes to adapt (Liquid's LFM2-VL recipe by default). One that matches nothing is an error.",
     )
-    checkpoint_every_n_steps: int = Field(default=20, gt=0, description="Save a checkpoint and compute validation loss every N steps.")
+    checkpoint_every_n_steps: int = Field(default=50, gt=0, description="Save a checkpoint and compute validation loss every N steps.")
     seed: int = 0
     vision_lr_scale: float = Field(default=1.0, ge=0, description="Learning-rate multiplier for the vision tower's LoRA weights (Liquid: 0.1).")
     gradient_checkpointing: bool = False

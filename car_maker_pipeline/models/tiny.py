@@ -1,0 +1,388 @@
+"""Tiny random-weight LFM2-VL models for the offline demo profile and the tests.
+
+They are built from transformers' own `Lfm2VlConfig` (a SigLIP2 vision tower, a pixel-unshuffle
+projector and an LFM2 language model mixing short-conv and full-attention blocks) and saved as
+ordinary model directories, so everything downstream loads them exactly like
+`LiquidAI/LFM2-VL-450M`:
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+
+What mirrors the real checkpoints:
+- special tokens `<|pad|>`, `<|startoftext|>`, `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`,
+  `<image>`, `<|image_start|>`, `<|image_end|>`, `<|img_thumbnail|>`, `<|img_row_R_col_C|>`;
+  bos `<|startoftext|>`, eos `<|im_end|>`, pad `<|pad|>`;
+- a ChatML chat template (`chat_template.jinja`) that renders `{"type": "image"}` parts as `<image>`;
+- `Lfm2VlProcessor` + `Lfm2VlImageProcessor`, `config.image_token_id` == the `<image>` id.
+
+What is deliberately different, so that LoRA can teach a random network the demo task on a CPU
+within minutes:
+- a byte-level BPE tokenizer trained locally on the prompt, the Stanford Cars class/maker names and
+  some generic English (vocabulary 1024);
+- no image splitting, 8-pixel encoder patches and 16..48 image tokens: a 128x96 picture keeps its
+  native resolution (48 tokens = 6x8 blocks of 2x2 patches). With 20 image tokens learning was much
+  slower: at initialisation the answer position sees the image only through near-uniform
+  attention, so the image's share of the attended tokens sets how much image signal the first
+  gradients carry;
+- language models with more attention than short-conv blocks (LFM2-VL-450M has 6 of 16): only
+  attention carries the picture across the ~50 prompt tokens that separate it from the answer;
+  with half the blocks attention, tiny-s needed far more steps to beat chance;
+- text initializer range 0.2 instead of 0.02: with the default scale the random network is so
+  flat that LoRA barely moves it (0.1 and 0.35 both learned more slowly than 0.2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# --------------------------------------------------------------------------------------------
+# Model sizes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of one tiny LFM2-VL. `layer_types` mixes LFM2's short-conv and attention blocks."""
+
+    text_hidden_size: int
+    text_intermediate_size: int
+    text_layer_types: tuple[str, ...]
+    text_num_attention_heads: int
+    text_num_key_value_heads: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_num_layers: int
+    vision_num_attention_heads: int
+    projector_hidden_size: int
+    text_initializer_range: float = 0.2
+
+
+TINY_MODEL_SPECS: dict[str, TinyModelSpec] = {
+    "tiny-s": TinyModelSpec(
+        text_hidden_size=64,
+        text_intermediate_size=128,
+        text_layer_types=("conv", "full_attention", "full_attention", "full_attention"),
+        text_num_attention_heads=4,
+        text_num_key_value_heads=2,
+        vision_hidden_size=32,
+        vision_intermediate_size=64,
+        vision_num_layers=2,
+        vision_num_attention_heads=2,
+        projector_hidden_size=64,
+    ),
+    "tiny-m": TinyModelSpec(
+        text_hidden_size=96,
+        text_intermediate_size=192,
+        text_layer_types=("conv", "full_attention", "full_attention", "conv", "full_attention", "full_attention"),
+        text_num_attention_heads=4,
+        text_num_key_value_heads=2,
+        vision_hidden_size=48,
+        vision_intermediate_size=96,
+        vision_num_layers=3,
+        vision_num_attention_heads=4,
+        projector_hidden_size=96,
+    ),
+    "tiny-l": TinyModelSpec(
+        text_hidden_size=128,
+        text_intermediate_size=256,
+        text_layer_types=(
+            "conv", "full_attention", "full_attention", "conv", "full_attention", "full_attention", "conv", "full_attention",
+        ),
+        text_num_attention_heads=4,
+        text_num_key_value_heads=2,
+        vision_hidden_size=64,
+        vision_intermediate_size=128,
+        vision_num_layers=4,
+        vision_num_attention_heads=4,
+        projector_hidden_size=128,
+    ),
+}
+
+# --------------------------------------------------------------------------------------------
+# Image processing: no splitting, 8-pixel patches, 16..48 image tokens per picture
+# --------------------------------------------------------------------------------------------
+
+ENCODER_PATCH_SIZE = 8
+DOWNSAMPLE_FACTOR = 2
+MIN_IMAGE_TOKENS = 16
+MAX_IMAGE_TOKENS = 48
+# SigLIP2 keeps a square grid of learned position embeddings and interpolates it to each image's
+# patch grid; 14x14 covers the largest grid an image can get (48 tokens = 192 patches).
+VISION_NUM_PATCHES = 196
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|startoftext|>"
+EOT_TOKEN = "<|endoftext|>"
+IM_START_TOKEN = "<|im_start|>"
+IM_END_TOKEN = "<|im_end|>"
+IMAGE_TOKEN = "<image>"
+IMAGE_START_TOKEN = "<|image_start|>"
+IMAGE_END_TOKEN = "<|image_end|>"
+IMAGE_THUMBNAIL_TOKEN = "<|img_thumbnail|>"
+MAX_TILE_GRID = 10  # LFM2-VL's processor names tiles up to a 10x10 grid: <|img_row_R_col_C|>
+
+SPECIAL_TOKENS: tuple[str, ...] = (
+    PAD_TOKEN, BOS_TOKEN, EOT_TOKEN, IM_START_TOKEN, IM_END_TOKEN,
+    IMAGE_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_THUMBNAIL_TOKEN,
+    *(f"<|img_row_{r}_col_{c}|>" for r in range(1, MAX_TILE_GRID + 1) for c in range(1, MAX_TILE_GRID + 1)),
+)
+
+DEFAULT_VOCAB_SIZE = 1024
+
+# A ChatML template in the shape of LFM2-VL's: optional bos, one <|im_start|>role ... <|im_end|> block
+# per message, content either a string or a list of {"type": "image"} / {"type": "text"} parts.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}"
+    "{{- '<image>' -}}"
+    "{%- elif item['type'] == 'text' -%}"
+    "{{- item['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+_GENERIC_ENGLISH = """\
+The quick brown fox jumps over the lazy dog. A picture is worth a thousand words.
+This is a photo of a car parked on the street. The car is red, blue, green, yellow, black or white.
+What is in this image? Describe the picture in one sentence. Answer with a single word.
+Cars, trucks, vans and coupes drive on roads and highways. The driver opened the door of the sedan.
+It was a sunny day and the vehicle shone in the light. Modern engines are quiet and efficient.
+Please pick one option from the list below and answer with its name only.
+You are a helpful assistant. The user asks a question and the assistant answers it.
+Hello, how are you today? I am fine, thank you. Which one do you like best?
+The image shows a sports car, a convertible, a hatchback, a wagon, a minivan and a pickup.
+Numbers like 1, 2, 3, 10, 100, 2007, 2012 appear in model years and prices.
+"""
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: the chat prompt, every class and maker name, some English."""
+    from car_maker_pipeline.data.classes import stanford_cars_class_names
+    from car_maker_pipeline.data.makers import KNOWN_MAKERS
+    from car_maker_pipeline.evaluation.prompts import PromptTemplate
+
+    template = PromptTemplate()
+    makers = list(KNOWN_MAKERS)
+    lines = [template.system, template.user_text(makers), template.user_text(makers[:6])]
+    lines += ["system", "user", "assistant"]
+    lines += list(stanford_cars_class_names())
+    # Makers many times, so every maker name ends up as one or very few tokens.
+    lines += [m for _ in range(20) for m in makers]
+    lines += [f"The answer is {m}." for m in makers]
+    lines += _GENERIC_ENGLISH.splitlines()
+    return lines
+
+
+def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE):
+    """A byte-level BPE fast tokenizer with LFM2-VL's special tokens and chat template.
+
+    Special tokens come first, so their ids are fixed (`<|pad|>` = 0, `<|startoftext|>` = 1,
+    `<image>` = 5, ...) whatever the corpus.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS_TOKEN,
+        eos_token=IM_END_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in (BOS_TOKEN, IM_END_TOKEN, PAD_TOKEN)],
+        padding_side="left",
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_processor(vocab_size: int = DEFAULT_VOCAB_SIZE):
+    """`Lfm2VlProcessor` with the tiny tokenizer and an image processor sized for tiny inputs."""
+    from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor
+
+    image_processor = Lfm2VlImageProcessor(
+        do_image_splitting=False,
+        use_thumbnail=False,
+        encoder_patch_size=ENCODER_PATCH_SIZE,
+        downsample_factor=DOWNSAMPLE_FACTOR,
+        min_image_tokens=MIN_IMAGE_TOKENS,
+        max_image_tokens=MAX_IMAGE_TOKENS,
+        tile_size=ENCODER_PATCH_SIZE * DOWNSAMPLE_FACTOR * 4,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return Lfm2VlProcessor(image_processor=image_processor, tokenizer=build_tokenizer(vocab_size), chat_template=CHAT_TEMPLATE)
+
+
+def build_config(name: str, tokenizer):
+    """`Lfm2VlConfig` for one of `TINY_MODEL_SPECS`, with token ids taken from `tokenizer`."""
+    from transformers import Lfm2VlConfig
+
+    spec = _spec(name)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (PAD_TOKEN, BOS_TOKEN, IM_END_TOKEN, IMAGE_TOKEN)}
+    text_config = {
+        "model_type": "lfm2",
+        "vocab_size": len(tokenizer),
+        "hidden_size": spec.text_hidden_size,
+        "intermediate_size": spec.text_intermediate_size,
+        "block_auto_adjust_ff_dim": False,  # else the MLP width is rounded up to a multiple of 256
+        "num_hidden_layers": len(spec.text_layer_types),
+        "layer_types": list(spec.text_layer_types),
+        "num_attention_heads": spec.text_num_attention_heads,
+        "num_key_value_heads": spec.text_num_key_value_heads,
+        "max_position_embeddings": 4096,
+        "initializer_range": spec.text_initializer_range,
+        "pad_token_id": ids[PAD_TOKEN],
+        "bos_token_id": ids[BOS_TOKEN],
+        "eos_token_id": ids[IM_END_TOKEN],
+        "tie_word_embeddings": True,
+    }
+    vision_config = {
+        "model_type": "siglip2_vision_model",
+        "hidden_size": spec.vision_hidden_size,
+        "intermediate_size": spec.vision_intermediate_size,
+        "num_hidden_layers": spec.vision_num_layers,
+        "num_attention_heads": spec.vision_num_attention_heads,
+        "patch_size": ENCODER_PATCH_SIZE,
+        "num_patches": VISION_NUM_PATCHES,
+        "vision_use_head": False,
+    }
+    return Lfm2VlConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids[IMAGE_TOKEN],
+        projector_hidden_size=spec.projector_hidden_size,
+        projector_use_layernorm=False,
+        downsample_factor=DOWNSAMPLE_FACTOR,
+        tie_word_embeddings=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Building and saving
+# --------------------------------------------------------------------------------------------
+
+MARKER_FILE = "tiny_model.json"  # written last: its presence means the directory is complete
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", MARKER_FILE)
+
+
+def _spec(name: str) -> TinyModelSpec:
+    try:
+        return TINY_MODEL_SPECS[name]
+    except KeyError:
+        raise ValueError(f"Unknown tiny model {name!r}; choose one of {sorted(TINY_MODEL_SPECS)}.") from None
+
+
+def is_complete_tiny_model(model_dir: str | os.PathLike) -> bool:
+    path = Path(model_dir)
+    return all((path / f).is_file() for f in _REQUIRED_FILES)
+
+
+def build_tiny_model(out_dir: str | os.PathLike, name: str = "tiny-s", seed: int = 0) -> Path:
+    """Write the tiny LFM2-VL `name` (weights drawn with `seed`) and its processor to `out_dir`.
+
+    The model is written to a temporary sibling directory and renamed into place, so `out_dir` is
+    either absent or complete. If `out_dir` already holds a complete tiny model built with the same
+    name and seed it is returned as is; one built with another name or seed is an error, as is a
+    non-empty directory that is not a tiny model. The same seed always gives byte-identical weights.
+    """
+    spec = _spec(name)
+    out = Path(out_dir)
+    if out.exists():
+        if is_complete_tiny_model(out):
+            _check_marker(out, name, seed)
+            return out
+        if any(out.iterdir()):
+            raise FileExistsError(
+                f"{out} exists, is not empty and holds no complete tiny model; remove it or choose another directory."
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write_model(tmp, name, spec, seed)
+        try:
+            if out.exists():
+                out.rmdir()  # only an empty directory gets here
+            os.rename(tmp, out)
+        except OSError:
+            # Someone else finished the same build first.
+            if not is_complete_tiny_model(out):
+                raise
+            _check_marker(out, name, seed)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _check_marker(out: Path, name: str, seed: int) -> None:
+    marker = json.loads((out / MARKER_FILE).read_text())
+    if marker.get("name") != name or marker.get("seed") != seed:
+        raise ValueError(
+            f"{out} already holds tiny model {marker.get('name')!r} built with seed {marker.get('seed')}, "
+            f"not {name!r} with seed {seed}. Use another directory or remove this one."
+        )
+
+
+def _write_model(path: Path, name: str, spec: TinyModelSpec, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    processor = build_processor()
+    tokenizer = processor.tokenizer
+    config = build_config(name, tokenizer)
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.text_config.bos_token_id,
+        eos_token_id=config.text_config.eos_token_id,
+        pad_token_id=config.text_config.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    weights_sha256 = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    marker = {
+        "name": name,
+        "seed": seed,
+        "spec": asdict(spec),
+        "num_parameters": n_params,
+        "weights_sha256": weights_sha256,
+    }
+    (path / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
