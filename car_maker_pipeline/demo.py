@@ -63,6 +63,16 @@ def print_summary(store) -> None:
             continue
         summary = report["summary"]
         print(f"{key:<14}{summary['accuracy']:.1%} [{summary['ci_low']:.1%}, {summary['ci_high']:.1%}]{'':<8}{report['images_per_second']:>10.1f}")
+    for key in VisionLanguageModels().model_keys():
+        try:
+            scored = store.read_manifest("checkpoint_accuracy", key)
+        except Exception:
+            continue
+        import pandas as pd
+
+        table = pd.read_parquet(scored["table"])
+        print(f"\n{key}: best checkpoint step {scored['best_step']} (chosen on validation), registered version {scored['registered_version']}")
+        print(table[["step", "val_accuracy", "accuracy", "ci_low", "ci_high", "change_vs_baseline"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 if __name__ == "__main__":
