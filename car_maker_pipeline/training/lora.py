@@ -263,16 +263,9 @@ def _rgb_images(batch: dict[str, list]) -> dict[str, list]:
 
 
 def _to_rgb(image):
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        from PIL import Image
+    from car_maker_pipeline.data.maker_dataset import to_rgb  # one RGB conversion rule for the whole pipeline
 
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 # --------------------------------------------------------------------------------------------
