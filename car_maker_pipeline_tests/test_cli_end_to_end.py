@@ -26,7 +26,10 @@ SHORT_TRAINING = {"max_steps": 24, "checkpoint_every_n_steps": 4, "per_device_tr
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     (root / "dagster_home").mkdir()
-    return {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "CAR_MAKER_HOME": str(root / "home"),
+    # mlflow.set_tracking_uri() in earlier in-process tests exports MLFLOW_TRACKING_URI; the CLI
+    # runs here must use their own store under CAR_MAKER_HOME.
+    inherited = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    return {**inherited, "DAGSTER_HOME": str(root / "dagster_home"), "CAR_MAKER_HOME": str(root / "home"),
             "HF_HUB_OFFLINE": "1", "CAR_MAKER_PROFILE": "demo", "PYTHONUNBUFFERED": "1"}
 
 
