@@ -400,13 +400,11 @@ def _trainer_class():
 
 def load_base_model(model_dir: str | os.PathLike, config: LoraTrainingConfig):
     """The base model and processor, in fp32 (or bf16 weights when training in bf16 on a GPU)."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    # The pipeline's one loader: safetensors only, never remote code, image token checked.
+    from car_maker_pipeline.models.loading import load_model_and_processor
 
-    dtype = torch.bfloat16 if _use_bf16(config) else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=dtype)
-    processor = AutoProcessor.from_pretrained(str(model_dir))
-    return model, processor
+    loaded = load_model_and_processor(str(model_dir), device="cpu", dtype="bfloat16" if _use_bf16(config) else "float32")
+    return loaded.model.train(), loaded.processor
 
 
 def build_trainer(
