@@ -54,3 +54,19 @@ def test_sensor_does_not_retrain_on_data_already_materialized(demo_source, tmp_p
     with dg.build_sensor_context(resources={"source": StanfordCarsSource(path_or_id=str(demo_source)), "store": store}) as context:
         result = source_revision_sensor(context)
     assert not result.run_requests and result.cursor == raw.revision
+
+
+def test_project_instance_settings(tmp_path):
+    """The shipped dagster.yaml: one GPU step at a time, crashed runs free their slot and are retried once."""
+    import shutil
+    from pathlib import Path
+
+    import dagster as dg
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "dagster.yaml", tmp_path / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        assert instance.run_monitoring_enabled
+        assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 30
+        assert instance.run_retries_enabled and instance.run_retries_max_retries == 1
+        assert not instance.run_retries_retry_on_asset_or_op_failure

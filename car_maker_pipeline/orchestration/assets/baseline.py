@@ -28,6 +28,7 @@ class EvaluationConfig(dg.Config):
 @dg.asset(
     name=BASELINE,
     group_name="baseline",
+    owners=["team:ml-platform"],
     deps=[MAKERS],
     partitions_def=model_partitions,
     kinds={"pytorch", "huggingface", "mlflow"},

@@ -28,6 +28,7 @@ class MakerDatasetConfig(dg.Config):
 @dg.asset(
     name=RAW,
     group_name="data",
+    owners=["team:ml-platform"],
     kinds={"huggingface", "arrow"},
     description=(
         "Every split of Stanford Cars (train, test and the corrupted copies of test when present), "
@@ -60,6 +61,7 @@ def _load_maker_dataset(store: PipelineStore) -> MakerDataset:
 @dg.asset(
     name=MAKERS,
     group_name="data",
+    owners=["team:ml-platform"],
     deps=[RAW],
     kinds={"huggingface", "arrow"},
     description=(

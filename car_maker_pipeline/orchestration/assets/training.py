@@ -81,6 +81,7 @@ def _training_run_id(out_dir: Path, uri: str, home: Path, key: str, context, par
 @dg.asset(
     name=TRAINING,
     group_name="training",
+    owners=["team:ml-platform"],
     deps=[MAKERS],
     partitions_def=model_partitions,
     kinds={"pytorch", "huggingface", "mlflow"},
@@ -145,6 +146,7 @@ class CheckpointEvaluationConfig(EvaluationConfig):
 @dg.asset(
     name=CHECKPOINT_ACCURACY,
     group_name="evaluation",
+    owners=["team:ml-platform"],
     deps=[TRAINING, BASELINE],
     partitions_def=model_partitions,
     kinds={"pytorch", "mlflow"},

@@ -1,0 +1,159 @@
+"""The pipeline as a team sees it: a real `dagster dev` (webserver + daemon), driven over GraphQL and
+in headless Chromium, with the project's own `dagster.yaml` (gpu pool of 1, run monitoring, retries).
+
+Slow: one `dagster dev` is shared by the module; every run it launches is a real run process.
+The Chromium test needs Debian's `chromium` (`.ci/run` installs it); outside CI it is skipped with
+the command to install it, in CI (`CI` set) a missing browser fails the test.
+"""
+
+import itertools
+import os
+import time
+
+import pytest
+
+from car_maker_pipeline_tests.dagster_dev import DagsterDev, chromium_binary
+
+pytestmark = pytest.mark.slow
+
+ASSETS = ["raw_stanford_cars", "car_maker_dataset", "baseline_evaluation", "lora_checkpoints", "checkpoint_accuracy"]
+SMALL_SOURCE = {"source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": []}}}
+LINEAGE = {
+    ("raw_stanford_cars", "car_maker_dataset"),
+    ("car_maker_dataset", "baseline_evaluation"),
+    ("car_maker_dataset", "lora_checkpoints"),
+    ("baseline_evaluation", "checkpoint_accuracy"),
+    ("lora_checkpoints", "checkpoint_accuracy"),
+}
+ASSET_GRAPH_QUERY = """
+{ assetNodes {
+    assetKey { path } dependencyKeys { path } groupName kinds description isPartitioned
+    owners { ... on TeamAssetOwner { team } ... on UserAssetOwner { email } }
+    partitionKeysByDimension { partitionKeys }
+    assetChecksOrError { ... on AssetChecks { checks { name } } }
+} }
+"""
+RUN_QUERY = """
+query Run($runId: ID!) { runOrError(runId: $runId) { ... on Run {
+    status tags { key value } stepStats { stepKey status startTime endTime } } } }
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with DagsterDev(tmp_path_factory.mktemp("dagster_dev")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def data_run(server):
+    """The data assets, materialized by a run launched through DagsterGraphQLClient."""
+    client = server.graphql_client()
+    run_id = client.submit_job_execution("data_job", run_config={"resources": SMALL_SOURCE})
+    status = server.wait_for_run(run_id, timeout=300)
+    assert status == "SUCCESS", server.log_tail()
+    return run_id
+
+
+def _asset_nodes(server) -> dict[str, dict]:
+    nodes = server.graphql(ASSET_GRAPH_QUERY)["assetNodes"]
+    return {"/".join(node["assetKey"]["path"]): node for node in nodes}
+
+
+def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
+    run = server.graphql(RUN_QUERY, {"runId": data_run})["runOrError"]
+    assert run["status"] == "SUCCESS"
+    assert {s["stepKey"] for s in run["stepStats"] if s["status"] == "SUCCESS"} >= {"raw_stanford_cars", "car_maker_dataset"}
+
+    nodes = _asset_nodes(server)
+    assert set(nodes) == set(ASSETS)
+    edges = {("/".join(dep["path"]), key) for key, node in nodes.items() for dep in node["dependencyKeys"]}
+    assert edges == LINEAGE
+
+    groups = {key: node["groupName"] for key, node in nodes.items()}
+    assert groups == {"raw_stanford_cars": "data", "car_maker_dataset": "data", "baseline_evaluation": "baseline",
+                      "lora_checkpoints": "training", "checkpoint_accuracy": "evaluation"}
+    for key, node in nodes.items():
+        assert len(node["description"] or "") > 80, f"{key} needs a description a newcomer understands"
+        assert node["owners"], f"{key} has no owner"
+    assert {"huggingface"} <= set(nodes["raw_stanford_cars"]["kinds"])
+    assert {"pytorch", "huggingface", "mlflow"} <= set(nodes["lora_checkpoints"]["kinds"])
+    assert {"pytorch", "mlflow"} <= set(nodes["checkpoint_accuracy"]["kinds"])
+    for key in ("baseline_evaluation", "lora_checkpoints", "checkpoint_accuracy"):
+        assert nodes[key]["isPartitioned"]
+        assert nodes[key]["partitionKeysByDimension"][0]["partitionKeys"] == ["tiny-s", "tiny-m", "tiny-l"]
+    checks = {key: {c["name"] for c in node["assetChecksOrError"]["checks"]} for key, node in nodes.items()}
+    assert "no_test_leakage" in checks["car_maker_dataset"]
+    assert "best_checkpoint_beats_baseline" in checks["checkpoint_accuracy"]
+
+    # The materialization is visible to the UI: the maker dataset has a latest event with its makers.
+    data = server.graphql('{ assetOrError(assetKey: {path: ["car_maker_dataset"]}) { ... on Asset { '
+                          'assetMaterializations(limit: 1) { runId metadataEntries { label } } } } }')
+    materialization = data["assetOrError"]["assetMaterializations"][0]
+    assert materialization["runId"] == data_run
+    assert "makers" in {entry["label"] for entry in materialization["metadataEntries"]}
+
+
+def test_asset_graph_renders_in_headless_chromium(server, data_run, tmp_path):
+    browser_path = chromium_binary()
+    if browser_path is None:
+        message = "Debian's chromium is not installed (apt-get install -y chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=browser_path,
+            headless=True,
+            # As root, with no display and no network but loopback (see the machine notes).
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            # The lineage view of the last asset, upstream, shows the whole graph.
+            page.goto(f"{server.url}/assets/checkpoint_accuracy?view=lineage&lineageScope=upstream&lineageDepth=5")
+            for name in ASSETS:
+                page.get_by_text(name, exact=True).first.wait_for(state="attached", timeout=60_000)
+            html = page.content()
+            page.screenshot(path=str(tmp_path / "asset_graph.png"))
+        finally:
+            browser.close()
+    for name in ASSETS:
+        assert name in html
+    for group in ("data", "baseline", "training", "evaluation"):
+        assert f">{group}<" in html, f"group {group} is not drawn"
+
+
+def _pool_intervals(server, run_ids: list[str], steps: set[str]) -> list[tuple[float, float, str, str]]:
+    intervals = []
+    for run_id in run_ids:
+        run = server.graphql(RUN_QUERY, {"runId": run_id})["runOrError"]
+        assert run["status"] == "SUCCESS", f"run {run_id}: {run['status']}\n{server.log_tail()}"
+        for step in run["stepStats"]:
+            if step["stepKey"] in steps:
+                intervals.append((step["startTime"], step["endTime"], step["stepKey"], run_id))
+    return intervals
+
+
+def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
+    """Four partitions launched at once (three fine-tunings, one baseline): their steps take turns."""
+    client = server.graphql_client()
+    training = {"ops": {"lora_checkpoints": {"config": {"max_steps": 4, "checkpoint_every_n_steps": 2,
+                                                         "per_device_train_batch_size": 4}}},
+                "resources": SMALL_SOURCE}
+    baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 8}}}, "resources": SMALL_SOURCE}
+    run_ids = [client.submit_job_execution("training_job", run_config=training, asset_selection=["lora_checkpoints"],
+                                           tags={"dagster/partition": model}) for model in ("tiny-s", "tiny-m", "tiny-l")]
+    run_ids.append(client.submit_job_execution("baseline_job", run_config=baseline, tags={"dagster/partition": "tiny-s"}))
+
+    statuses = {run_id: server.wait_for_run(run_id, timeout=900) for run_id in run_ids}
+    assert set(statuses.values()) == {"SUCCESS"}, f"{statuses}\n{server.log_tail()}"
+
+    intervals = sorted(_pool_intervals(server, run_ids, {"lora_checkpoints", "baseline_evaluation"}))
+    assert len(intervals) == 4
+    for (start_a, end_a, step_a, run_a), (start_b, end_b, step_b, run_b) in itertools.pairwise(intervals):
+        assert end_a <= start_b, (f"{step_a} of run {run_a} ({start_a:.1f}-{end_a:.1f}) overlaps "
+                                  f"{step_b} of run {run_b} ({start_b:.1f}-{end_b:.1f})")
