@@ -3,6 +3,7 @@
     python -m car_maker_pipeline.classify car1.jpg car2.png            # best registered version
     python -m car_maker_pipeline.classify --model car-maker-tiny-s --version 2 car.jpg
     python -m car_maker_pipeline.classify --adapter DIR car.jpg        # a best_adapter folder
+    python -m car_maker_pipeline.classify --from-test 5                # the first 5 test images of car_maker_dataset
 
 Prints one line per image: path, maker, score. The tracking store is MLFLOW_TRACKING_URI, or the
 pipeline's local sqlite store under CAR_MAKER_HOME.
@@ -34,6 +35,25 @@ def read_images(paths: list[str]) -> list[Image.Image]:
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise ClassifyError(f"{path}: not a readable image ({error}). Pass a JPEG, PNG or other image Pillow can open.") from error
     return images
+
+
+def test_split_images(count: int) -> tuple[list[str], list[Image.Image], list[str]]:
+    """The first `count` images of the materialized car_maker_dataset's test split: names, images, true makers."""
+    import datasets
+
+    from car_maker_pipeline.orchestration.resources import PipelineStore
+    from car_maker_pipeline.storage import MissingUpstreamError
+
+    try:
+        manifest = PipelineStore().read_manifest("car_maker_dataset")
+    except MissingUpstreamError as error:
+        raise ClassifyError(str(error)) from error
+    test = datasets.load_from_disk(manifest["path"])["test"]
+    rows = test.select(range(min(count, test.num_rows))).flatten_indices()
+    names = rows.features["maker_id"].names
+    makers = [names[i] for i in rows.data.column("maker_id").to_pylist()]
+    images = [image.convert("RGB") for image in rows["image"]]
+    return [f"test[{i}]" for i in range(len(images))], images, makers
 
 
 def pick_version(uri: str, name: str | None, version: str | None):
@@ -68,14 +88,22 @@ def load_classifier(adapter_dir: Path, batch_size: int = 16):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m car_maker_pipeline.classify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("images", nargs="*", help="image files")
+    parser.add_argument("--from-test", type=int, metavar="N",
+                        help="classify the first N images of the materialized car_maker_dataset's test split instead")
     parser.add_argument("--model", help="registered model name (default: the best car-maker-* version)")
     parser.add_argument("--version", help="registered version (default: the latest of --model)")
     parser.add_argument("--adapter", type=Path, help="a best_adapter folder instead of the registry")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the local store)")
     args = parser.parse_args(argv)
+    if not args.images and not args.from_test:
+        parser.error("give image files, or --from-test N")
+    truth: list[str] | None = None
     try:
-        images = read_images(args.images)  # an unreadable file fails before any model loads
+        if args.from_test:
+            labels, images, truth = test_split_images(args.from_test)
+        else:
+            labels, images = args.images, read_images(args.images)  # an unreadable file fails before any model loads
         adapter_dir = args.adapter
         if adapter_dir is None:
             import mlflow
@@ -92,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except ClassifyError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for path, prediction in zip(args.images, classifier.classify(images)):
-        print(f"{path}\t{prediction.maker}\t{prediction.score:.3f}")
+    for i, (label, prediction) in enumerate(zip(labels, classifier.classify(images))):
+        print(f"{label}\t{prediction.maker}\t{prediction.score:.3f}" + (f"\ttrue: {truth[i]}" if truth else ""))
     return 0
 
 

@@ -143,6 +143,14 @@ def test_checkpoint_accuracy_registers_a_model_and_classify_uses_it(env):
     path, maker, score = result.stdout.strip().split("\t")
     assert path == str(image_path) and maker in makers["test"].features["maker_id"].names and 0 < float(score) <= 1
 
+    from_test = subprocess.run([sys.executable, "-m", "car_maker_pipeline.classify", "--from-test", "3"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert from_test.returncode == 0, from_test.stderr[-3000:]
+    lines = [line.split("\t") for line in from_test.stdout.strip().splitlines()]
+    truth = [makers["test"].features["maker_id"].names[makers["test"][i]["maker_id"]] for i in range(3)]
+    assert [line[0] for line in lines] == ["test[0]", "test[1]", "test[2]"]
+    assert [line[3] for line in lines] == [f"true: {maker}" for maker in truth]
+
     broken = subprocess.run([sys.executable, "-m", "car_maker_pipeline.classify", str(home / "broken.jpg")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert broken.returncode == 2 and "broken.jpg" in broken.stderr and "not a readable image" in broken.stderr
