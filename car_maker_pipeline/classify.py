@@ -72,17 +72,18 @@ def pick_version(uri: str, name: str | None, version: str | None):
 
 
 def load_classifier(adapter_dir: Path, batch_size: int = 16):
-    from peft import PeftModel
-
     from car_maker_pipeline.evaluation.classifier import MakerClassifier
-    from car_maker_pipeline.models.loading import load_model_and_processor
+    from car_maker_pipeline.models.loading import ModelLoadError, attach_adapter, load_model_and_processor
 
     card_path = adapter_dir / "car_maker.json"
     if not card_path.exists():
         raise ClassifyError(f"{adapter_dir} has no car_maker.json: it is not an adapter this pipeline registered.")
     card = json.loads(card_path.read_text())
-    loaded = load_model_and_processor(card["base_model"])
-    model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=False).eval()
+    try:
+        loaded = load_model_and_processor(card["base_model"])
+        model = attach_adapter(loaded.model, adapter_dir).eval()
+    except ModelLoadError as error:
+        raise ClassifyError(str(error)) from error
     return MakerClassifier(model, loaded.processor, card["makers"], batch_size=batch_size), card
 
 

@@ -123,7 +123,7 @@ def test_labels_cover_only_the_answer_and_end_of_turn(model_dir, task, tmp_path)
 
 def test_unknown_target_module_fails_before_anything_is_written(model_dir, task, tmp_path):
     train, validation, makers, _ = task
-    config = LoraTrainingConfig(target_modules=("q_proj", "o_proj", "gate_proj"), max_steps=2)
+    config = LoraTrainingConfig(target_modules=("q_proj", "o_proj", "gate_proj"), max_steps=2, checkpoint_every_n_steps=2)
     with pytest.raises(LoraTrainingError) as error:
         train_lora(model_dir, train, validation, makers, tmp_path / "run", config)
     message = str(error.value)
@@ -136,7 +136,7 @@ def test_unknown_target_module_fails_before_anything_is_written(model_dir, task,
 def test_maker_outside_the_list_is_rejected(model_dir, task, tmp_path):
     train, validation, makers, _ = task
     with pytest.raises(LoraTrainingError, match="not in the maker list"):
-        train_lora(model_dir, train, validation, makers[:5], tmp_path / "run", LoraTrainingConfig(max_steps=2))
+        train_lora(model_dir, train, validation, makers[:5], tmp_path / "run", LoraTrainingConfig(max_steps=2, checkpoint_every_n_steps=2))
 
 
 def test_default_targets_follow_liquids_recipe_and_vision_lr_is_scaled(model_dir, task, tmp_path):

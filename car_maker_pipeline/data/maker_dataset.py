@@ -41,7 +41,7 @@ class MakerDatasetParams:
     num_proc: int | None = None  # None: one process per core for large sources
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"validation_fraction": self.validation_fraction, "seed": self.seed, "v": 1}, sort_keys=True)
+        blob = json.dumps({"validation_fraction": self.validation_fraction, "seed": self.seed, "v": 2}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -57,6 +57,7 @@ class MakerDataset:
     seconds: float = 0.0
     cache_hit: bool = False
     corrupted_splits: list[str] = field(default_factory=list)
+    dropped_duplicate: dict[str, int] = field(default_factory=dict)  # same pixels as an earlier row of the split
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -70,7 +71,8 @@ class MakerDataset:
 
     @property
     def dropped_total(self) -> int:
-        return sum(self.dropped_undecodable.values()) + sum(self.dropped_bad_label.values())
+        return (sum(self.dropped_undecodable.values()) + sum(self.dropped_bad_label.values())
+                + sum(self.dropped_duplicate.values()))
 
     def counts_markdown(self) -> str:
         frame = pd.DataFrame(self.images_per_maker).fillna(0).astype(int)
@@ -98,6 +100,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+# LFM2-VL's processor gives a 500:1 strip a different patch count than a photo, and batching the two
+# fails inside the model; padding extreme strips to this ratio keeps every image batchable.
+MAX_ASPECT_RATIO = 8.0
+
+
+def model_ready(image: Image.Image) -> Image.Image:
+    """The picture a model sees: RGB (`to_rgb`), and no more elongated than 8:1 (padded with white)."""
+    image = to_rgb(image)
+    width, height = image.size
+    if max(width, height) <= MAX_ASPECT_RATIO * min(width, height):
+        return image
+    size = (width, max(height, int(np.ceil(width / MAX_ASPECT_RATIO)))) if width > height else \
+        (max(width, int(np.ceil(height / MAX_ASPECT_RATIO))), height)
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+    return canvas
 
 
 def decode_once(data: bytes) -> tuple[bytes, str] | None:
@@ -144,7 +164,7 @@ def _process_batch(batch: dict, parsed: list) -> dict:
     return out
 
 
-def _clean_split(part: datasets.Dataset, parsed: list, num_proc: int | None) -> tuple[datasets.Dataset, int, int]:
+def _clean_split(part: datasets.Dataset, parsed: list, num_proc: int | None) -> tuple[datasets.Dataset, int, int, int]:
     part = part.cast_column("image", datasets.Image(decode=False))
     features = datasets.Features({
         "image": datasets.Image(decode=False), "maker": datasets.Value("string"),
@@ -164,8 +184,16 @@ def _clean_split(part: datasets.Dataset, parsed: list, num_proc: int | None) -> 
     bad_label = np.asarray(column(processed, "bad_label"))
     dropped_bad_label = int(bad_label.sum())
     dropped_undecodable = int((~keep & ~bad_label).sum())
-    cleaned = processed.select(np.flatnonzero(keep)).remove_columns(["keep", "bad_label"])
-    return cleaned, dropped_undecodable, dropped_bad_label
+    # A row whose pixels already appeared earlier in the split is a duplicate: it would count twice in
+    # accuracy (test) or be over-weighted (train). The first occurrence stays.
+    seen: set[str] = set()
+    duplicate = np.zeros_like(keep)
+    for index, content_hash in enumerate(column(processed, "content_hash")):
+        if keep[index]:
+            duplicate[index] = content_hash in seen
+            seen.add(content_hash)
+    cleaned = processed.select(np.flatnonzero(keep & ~duplicate)).remove_columns(["keep", "bad_label"])
+    return cleaned, dropped_undecodable, dropped_bad_label, int(duplicate.sum())
 
 
 def build_maker_dataset(raw: datasets.DatasetDict, out_dir: Path, params: MakerDatasetParams = MakerDatasetParams(),
@@ -181,13 +209,20 @@ def build_maker_dataset(raw: datasets.DatasetDict, out_dir: Path, params: MakerD
                 raise MakerDatasetError(f"Split {split!r} lacks the {required_column!r} column (it has {part.column_names}).")
         if part.num_rows == 0:
             raise MakerDatasetError(f"Split {split!r} is empty; every split of the source needs rows.")
+        if not isinstance(part.features["label"], datasets.ClassLabel):
+            raise MakerDatasetError(
+                f"Split {split!r} has a 'label' column of type {part.features['label']!r}; it must be a ClassLabel "
+                "holding the 196 Stanford Cars class names (as in tanganke/stanford_cars). Cast it with "
+                "`dataset.cast_column('label', datasets.ClassLabel(names=[...]))`."
+            )
     class_names = list(raw[TRAIN].features["label"].names)
     makers_for_class_names(class_names)  # every unknown class name, reported at once
     parsed = [parse_class_name(name) for name in class_names]
 
-    cleaned, dropped_undecodable, dropped_bad_label = {}, {}, {}
+    cleaned, dropped_undecodable, dropped_bad_label, dropped_duplicate = {}, {}, {}, {}
     for split, part in raw.items():
-        cleaned[split], dropped_undecodable[split], dropped_bad_label[split] = _clean_split(part, parsed, params.num_proc)
+        cleaned[split], dropped_undecodable[split], dropped_bad_label[split], dropped_duplicate[split] = _clean_split(
+            part, parsed, params.num_proc)
         if cleaned[split].num_rows == 0:
             raise MakerDatasetError(
                 f"Split {split!r} has no readable image left ({dropped_undecodable[split]} undecodable, "
@@ -210,7 +245,12 @@ def build_maker_dataset(raw: datasets.DatasetDict, out_dir: Path, params: MakerD
             f"Maker(s) {too_few} have fewer than 2 training images, so no stratified validation split can hold them. "
             "Use a source with more training images per maker."
         )
-    carved = splits[TRAIN].train_test_split(test_size=params.validation_fraction, stratify_by_column="maker_id", seed=params.seed)
+    # A stratified split needs a validation row per maker: a small source gets that minimum instead of
+    # the fraction (every maker has >= 2 training images, checked above, so train keeps one of each).
+    test_size: float | int = params.validation_fraction
+    if int(params.validation_fraction * splits[TRAIN].num_rows) < len(makers):
+        test_size = len(makers)
+    carved = splits[TRAIN].train_test_split(test_size=test_size, stratify_by_column="maker_id", seed=params.seed)
     splits[TRAIN], splits[VALIDATION] = carved["train"], carved["test"]
     ordered = {name: splits[name] for name in (TRAIN, VALIDATION, TEST)}
     ordered.update({name: part for name, part in splits.items() if name not in ordered})
@@ -224,6 +264,7 @@ def build_maker_dataset(raw: datasets.DatasetDict, out_dir: Path, params: MakerD
             rows_per_split={name: part.num_rows for name, part in result.items()},
             dropped_undecodable=dropped_undecodable,
             dropped_bad_label=dropped_bad_label,
+            dropped_duplicate=dropped_duplicate,
             images_per_maker={name: dict(Counter(column(part, "maker"))) for name, part in result.items()},
             source_revision=source_revision,
             corrupted_splits=[name for name in result if name not in (TRAIN, VALIDATION, TEST)],

@@ -42,12 +42,12 @@ def _cached_or_evaluate(classifier, dataset, split, out_dir: Path, title: str, f
 
 def attach_adapters(base_model, checkpoints: dict[int, Path]):
     """A PeftModel holding one adapter per checkpoint, named `step-<n>`."""
-    from peft import PeftModel
+    from car_maker_pipeline.models.loading import attach_adapter
 
     steps = sorted(checkpoints)
-    model = PeftModel.from_pretrained(base_model, str(checkpoints[steps[0]]), adapter_name=f"step-{steps[0]}", is_trainable=False)
+    model = attach_adapter(base_model, checkpoints[steps[0]], adapter_name=f"step-{steps[0]}")
     for step in steps[1:]:
-        model.load_adapter(str(checkpoints[step]), adapter_name=f"step-{step}", is_trainable=False)
+        attach_adapter(model, checkpoints[step], adapter_name=f"step-{step}")
     model.eval()
     return model
 

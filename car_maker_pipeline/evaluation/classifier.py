@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from car_maker_pipeline.data.maker_dataset import model_ready
 from car_maker_pipeline.evaluation.prompts import PromptTemplate
 
 END_OF_TURN = "<|im_end|>"
@@ -119,6 +120,7 @@ class MakerClassifier:
 
     @torch.inference_mode()
     def classify_batch(self, images: Sequence) -> list[Prediction]:
+        images = [model_ready(image) for image in images]
         inputs = self.processor(
             images=[[image] for image in images], text=[self.prompt_text] * len(images),
             padding=True, return_tensors="pt",

@@ -112,3 +112,42 @@ def load_model_and_processor(path_or_id: str, *, revision: str | None = None, de
     else:
         resolved = getattr(model.config, "_commit_hash", None) or revision or "unknown"
     return LoadedModel(model, processor, path_or_id, resolved, device, str(torch_dtype).replace("torch.", ""))
+
+
+class AdapterMismatchError(ModelLoadError):
+    """A LoRA adapter trained on another base model than the one it is being attached to."""
+
+
+def attach_adapter(model, adapter_dir: str | Path, adapter_name: str = "default"):
+    """Attach a PEFT adapter folder to `model` (a base model, or a PeftModel to add one more adapter to).
+
+    An adapter from another base model fails inside PEFT with a wall of tensor-shape mismatches; this
+    turns that into one message naming the adapter, the model it was trained on and what to use instead.
+    """
+    import json
+
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise AdapterMismatchError(f"{adapter_dir} has no adapter_config.json: it is not a LoRA adapter folder.")
+    trained_on = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    base = model.base_model.model if isinstance(model, PeftModel) else model
+    target = getattr(base, "name_or_path", None) or "this model"
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+            return model
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as error:
+        text = str(error)
+        if not any(marker in text for marker in ("size mismatch", "Target module", "not found in the base model")):
+            raise
+        detail = next((line.strip() for line in text.splitlines() if "size mismatch" in line or "Target module" in line),
+                      text.strip().splitlines()[0])
+        raise AdapterMismatchError(
+            f"The adapter in {adapter_dir} was trained on {trained_on!r} and does not fit {target!r} "
+            f"(first difference: {detail}). Use a checkpoint from this model's own "
+            "lora_checkpoints partition, or load the base model the adapter was trained on."
+        ) from error

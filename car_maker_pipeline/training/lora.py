@@ -110,6 +110,9 @@ class LoraTrainingConfig:
                      "lora_r", "checkpoint_every_n_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_steps > 0 and self.checkpoint_every_n_steps > self.max_steps:
+            problems.append(f"checkpoint_every_n_steps ({self.checkpoint_every_n_steps}) is larger than max_steps "
+                            f"({self.max_steps}), so no intermediate checkpoint would be written")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.vision_lr_scale < 0:
@@ -253,19 +256,16 @@ def build_sft_dataset(dataset, makers: Sequence[str], prompt=None):
     out = out.add_column("prompt", [messages] * len(out))
     out = out.add_column("completion", [prompt.answer_messages(m) for m in labels])
     out = out.remove_columns(["maker"])
-    # LFM2-VL's image processor fails on grayscale, palette, RGBA and CMYK pictures: convert on read.
+    # LFM2-VL's image processor fails on grayscale, palette, RGBA and CMYK pictures and on batches mixing
+    # extreme strips with photos: convert on read.
     return out.with_transform(_rgb_images)
 
 
 def _rgb_images(batch: dict[str, list]) -> dict[str, list]:
-    batch["image"] = [_to_rgb(image) for image in batch["image"]]
+    from car_maker_pipeline.data.maker_dataset import model_ready  # the evaluator's image rule, so train = test
+
+    batch["image"] = [model_ready(image) for image in batch["image"]]
     return batch
-
-
-def _to_rgb(image):
-    from car_maker_pipeline.data.maker_dataset import to_rgb  # one RGB conversion rule for the whole pipeline
-
-    return to_rgb(image)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from typing import Optional
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from car_maker_pipeline.evaluation.prompts import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
 from car_maker_pipeline.orchestration.assets.data import MAKERS
@@ -20,6 +20,11 @@ class EvaluationConfig(dg.Config):
     split: str = Field(default="test", description="Split of car_maker_dataset to score.")
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     user_prompt: str = Field(default=DEFAULT_USER_PROMPT, description="Must contain {makers}.")
+
+    @model_validator(mode="after")
+    def _prompt_is_usable(self):
+        self.prompt()  # PromptError (a ValueError) when {makers} is missing: rejected as the run's config is read
+        return self
 
     def prompt(self) -> PromptTemplate:
         return PromptTemplate(system=self.system_prompt, user=self.user_prompt)

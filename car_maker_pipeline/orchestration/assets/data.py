@@ -84,6 +84,7 @@ def car_maker_dataset(context: dg.AssetExecutionContext, config: MakerDatasetCon
         "dropped_count": built.dropped_total,
         "dropped_undecodable": dg.MetadataValue.json(built.dropped_undecodable),
         "dropped_bad_label": dg.MetadataValue.json(built.dropped_bad_label),
+        "dropped_duplicate": dg.MetadataValue.json(built.dropped_duplicate),
         "images_per_maker": dg.MetadataValue.md(built.counts_markdown()),
         "source_revision": built.source_revision,
         "cache_hit": built.cache_hit,

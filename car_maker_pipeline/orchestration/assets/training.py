@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset
 from car_maker_pipeline.orchestration.assets.baseline import BASELINE, EvaluationConfig
@@ -41,14 +41,19 @@ class LoraConfig(dg.Config):
     vision_lr_scale: float = Field(default=1.0, ge=0, description="Learning-rate multiplier for the vision tower's LoRA weights (Liquid: 0.1).")
     gradient_checkpointing: bool = False
 
-    def to_training_config(self):
-        from car_maker_pipeline.training.lora import LoraTrainingConfig
-
+    @model_validator(mode="after")
+    def _checkpoints_fit_in_the_run(self):
+        # Checked when the run's config is read, before any data or model is touched.
         if self.checkpoint_every_n_steps > self.max_steps:
             raise ValueError(
                 f"checkpoint_every_n_steps ({self.checkpoint_every_n_steps}) is larger than max_steps ({self.max_steps}): "
                 "no intermediate checkpoint would be written. Lower it or train longer."
             )
+        return self
+
+    def to_training_config(self):
+        from car_maker_pipeline.training.lora import LoraTrainingConfig
+
         return LoraTrainingConfig(**self.model_dump())
 
     def fingerprint(self) -> str:
