@@ -56,11 +56,49 @@ def find_run(uri: str, exp_id: str, tags: dict[str, str]) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], is_alive) -> list[str]:
+    """Delete runs left RUNNING by a killed process (and any model version they registered).
+
+    A run matching `tags` that is still RUNNING although the Dagster run that opened it
+    (`is_alive(dagster_run_id)` is False) has ended was cut short mid-logging; evaluating the
+    partition again records everything afresh, so the half-written run would only be a duplicate.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    query = " and ".join([f"tags.{key} = '{value}'" for key, value in tags.items()] + ["attributes.status = 'RUNNING'"])
+    deleted = []
+    for run in client.search_runs([exp_id], filter_string=query, max_results=100):
+        if is_alive(run.data.tags.get("dagster_run_id")):
+            continue
+        for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+            client.delete_model_version(version.name, version.version)
+        client.delete_run(run.info.run_id)
+        deleted.append(run.info.run_id)
+    return deleted
+
+
+def dagster_run_is_alive(instance):
+    """`is_alive` for `delete_orphaned_runs`: the Dagster run exists and has not finished."""
+    def is_alive(run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        run = instance.get_run_by_id(run_id)
+        return run is not None and not run.is_finished
+
+    return is_alive
+
+
 @contextmanager
-def mlflow_run(uri: str, home: Path, run_name: str, tags: dict[str, str], run_id: str | None = None) -> Iterator:
+def mlflow_run(uri: str, home: Path, run_name: str, tags: dict[str, str], run_id: str | None = None,
+               orphans_of=None) -> Iterator:
+    """An MLflow run in the pipeline's experiment. `orphans_of`: a Dagster instance; runs with the same
+    tags (but the Dagster run id) left RUNNING by a killed process are deleted first."""
     import mlflow
 
     exp = experiment_id(uri, home)
+    if orphans_of is not None:
+        delete_orphaned_runs(uri, exp, {k: v for k, v in tags.items() if k != "dagster_run_id"}, dagster_run_is_alive(orphans_of))
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp, run_name=None if run_id else run_name, tags=tags) as run:
         yield run

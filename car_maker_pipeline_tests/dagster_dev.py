@@ -141,6 +141,27 @@ class DagsterDev:
         raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f}s:\n{self.log_tail()}")
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on `port`, read from /proc/net/tcp{,6} (Linux)."""
+    found = set()
+    for table, family in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN
+                continue
+            if family == 4:
+                found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]))
+            else:
+                words = bytes.fromhex(address)
+                found.add(socket.inet_ntop(socket.AF_INET6, b"".join(words[i:i + 4][::-1] for i in range(0, 16, 4))))
+    return found
+
+
 def chromium_binary() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)

@@ -19,6 +19,9 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 SMALL_SOURCE = {"resources": {"source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": ["contrast"]}}}}
+# A recognisable Hugging Face token in the environment of every command: it must end up nowhere.
+FAKE_HF_TOKEN = "hf_FAKEcliTOKENthatMUSTneverBEstored987654"
+OUTPUTS: list[str] = []  # stdout + stderr of every command run here, searched for the token at the end
 SHORT_TRAINING = {"max_steps": 24, "checkpoint_every_n_steps": 4, "per_device_train_batch_size": 4}
 
 
@@ -30,7 +33,8 @@ def env(tmp_path_factory):
     # runs here must use their own store under CAR_MAKER_HOME.
     inherited = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     return {**inherited, "DAGSTER_HOME": str(root / "dagster_home"), "CAR_MAKER_HOME": str(root / "home"),
-            "HF_HUB_OFFLINE": "1", "CAR_MAKER_PROFILE": "demo", "PYTHONUNBUFFERED": "1"}
+            "HF_HUB_OFFLINE": "1", "CAR_MAKER_PROFILE": "demo", "PYTHONUNBUFFERED": "1",
+            "HF_TOKEN": FAKE_HF_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_HF_TOKEN}
 
 
 def materialize(env, select, partition=None, config=None, timeout=900):
@@ -40,6 +44,7 @@ def materialize(env, select, partition=None, config=None, timeout=900):
     if config:
         command += ["--config-json", json.dumps(config)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    OUTPUTS.append(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "RUN_SUCCESS" in result.stdout + result.stderr
     return result
@@ -139,12 +144,14 @@ def test_checkpoint_accuracy_registers_a_model_and_classify_uses_it(env):
     (home / "broken.jpg").write_bytes(b"not a jpeg")
     result = subprocess.run([sys.executable, "-m", "car_maker_pipeline.classify", str(image_path)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
+    OUTPUTS.append(result.stdout + result.stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     path, maker, score = result.stdout.strip().split("\t")
     assert path == str(image_path) and maker in makers["test"].features["maker_id"].names and 0 < float(score) <= 1
 
     from_test = subprocess.run([sys.executable, "-m", "car_maker_pipeline.classify", "--from-test", "3"], cwd=REPO, env=env,
                                capture_output=True, text=True, timeout=300)
+    OUTPUTS.append(from_test.stdout + from_test.stderr)
     assert from_test.returncode == 0, from_test.stderr[-3000:]
     lines = [line.split("\t") for line in from_test.stdout.strip().splitlines()]
     truth = [makers["test"].features["maker_id"].names[makers["test"][i]["maker_id"]] for i in range(3)]
@@ -154,3 +161,16 @@ def test_checkpoint_accuracy_registers_a_model_and_classify_uses_it(env):
     broken = subprocess.run([sys.executable, "-m", "car_maker_pipeline.classify", str(home / "broken.jpg")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert broken.returncode == 2 and "broken.jpg" in broken.stderr and "not a readable image" in broken.stderr
+
+
+def test_the_hugging_face_token_is_stored_nowhere(env):
+    """After every stage ran with HF_TOKEN set: not in MLflow (params, tags, artifacts, pickled training
+    arguments), not in the Dagster event log or compute logs, not in checkpoints, not in any output."""
+    roots = [Path(env["CAR_MAKER_HOME"]), Path(env["DAGSTER_HOME"])]
+    files = [path for root in roots for path in root.rglob("*") if path.is_file()]
+    assert any(path.name == "mlflow.db" for path in files) and any(path.suffix == ".db" and "runs" in path.name for path in files)
+    assert any(path.name == "training_args.bin" for path in files)  # the pickle the Trainer writes is searched too
+    needle = FAKE_HF_TOKEN.encode()
+    leaks = [str(path) for path in files if needle in path.read_bytes()]
+    assert leaks == [], f"the token was written to {leaks}"
+    assert OUTPUTS and not any(FAKE_HF_TOKEN in output for output in OUTPUTS)

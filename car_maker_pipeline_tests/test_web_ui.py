@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from car_maker_pipeline_tests.dagster_dev import DagsterDev, chromium_binary
+from car_maker_pipeline_tests.dagster_dev import DagsterDev, chromium_binary, listening_addresses
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,10 @@ def data_run(server):
     status = server.wait_for_run(run_id, timeout=300)
     assert status == "SUCCESS", server.log_tail()
     return run_id
+
+
+def test_the_web_ui_listens_on_loopback_only(server):
+    assert listening_addresses(server.port) == {"127.0.0.1"}
 
 
 def _asset_nodes(server) -> dict[str, dict]:
@@ -157,3 +161,48 @@ def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
     for (start_a, end_a, step_a, run_a), (start_b, end_b, step_b, run_b) in itertools.pairwise(intervals):
         assert end_a <= start_b, (f"{step_a} of run {run_a} ({start_a:.1f}-{end_a:.1f}) overlaps "
                                   f"{step_b} of run {run_b} ({start_b:.1f}-{end_b:.1f})")
+
+
+def test_twenty_runs_at_once_all_complete_and_the_ui_stays_responsive(server, data_run):
+    """Twenty baseline runs requested together: the queue (4 at a time) and the gpu pool (1 step at a
+    time) work through them while GraphQL keeps answering within a second."""
+    import statistics
+    import threading
+
+    client = server.graphql_client()
+    config = {"ops": {"baseline_evaluation": {"config": {"max_images": 4, "batch_size": 4}}},
+              "resources": SMALL_SOURCE, "execution": {"config": {"in_process": {}}}}
+    latencies: list[tuple[float, float]] = []  # (seconds since the first request, seconds to answer)
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def probe():
+        while not stop.is_set():
+            sent = time.monotonic()
+            server.graphql('{ runsOrError(limit: 5) { ... on Runs { results { runId status } } } }', timeout=30)
+            latencies.append((sent - started, time.monotonic() - sent))
+            stop.wait(0.5)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        partitions = itertools.islice(itertools.cycle(["tiny-s", "tiny-m", "tiny-l"]), 20)
+        run_ids = [client.submit_job_execution("baseline_job", run_config=config, tags={"dagster/partition": p, "load": "20"})
+                   for p in partitions]
+        statuses = {run_id: server.wait_for_run(run_id, timeout=1200) for run_id in run_ids}
+    finally:
+        stop.set()
+        prober.join(timeout=60)
+    wall = time.monotonic() - started
+    assert list(statuses.values()) == ["SUCCESS"] * 20, f"{statuses}\n{server.log_tail()}"
+
+    intervals = sorted(_pool_intervals(server, run_ids, {"baseline_evaluation"}))
+    assert len(intervals) == 20
+    for (start_a, end_a, _, run_a), (start_b, _, _, run_b) in itertools.pairwise(intervals):
+        assert end_a <= start_b, f"gpu steps of runs {run_a} and {run_b} overlap"
+
+    answers = [seconds for _, seconds in latencies]
+    print(f"\n20 runs in {wall:.0f}s; {len(answers)} GraphQL probes: first answered after {answers[0]:.3f}s, "
+          f"median {statistics.median(answers):.3f}s, max {max(answers):.3f}s")
+    assert len(answers) >= wall / 2, "the probe stalled"  # one probe per ~0.5-1 s for the whole load
+    assert max(answers) < 1.0, f"GraphQL took {max(answers):.2f}s under load"

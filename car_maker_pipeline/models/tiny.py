@@ -40,6 +40,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from car_maker_pipeline.storage import remove_stale_temporaries
 
 # --------------------------------------------------------------------------------------------
 # Model sizes
@@ -330,7 +331,8 @@ def build_tiny_model(out_dir: str | os.PathLike, name: str = "tiny-s", seed: int
                 f"{out} exists, is not empty and holds no complete tiny model; remove it or choose another directory."
             )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out.parent, out.name)  # a build killed mid-write leaves its folder behind
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         _write_model(tmp, name, spec, seed)
         try:

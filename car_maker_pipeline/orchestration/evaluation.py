@@ -71,7 +71,7 @@ def evaluate_model(context, *, store: PipelineStore, uri: str, loaded, model_key
         "device": loaded.device, "dtype": loaded.dtype, "split": split, "sample_cap": max_images, **(extra_params or {}),
     }
     tags = {"dagster_run_id": context.run_id, "model_key": model_key, "stage": stage}
-    with mlflow_run(uri, store.root, run_name=f"{stage}-{model_key}", tags=tags) as run:
+    with mlflow_run(uri, store.root, run_name=f"{stage}-{model_key}", tags=tags, orphans_of=context.instance) as run:
         log_report(report, params)
     store.write_manifest(manifest[0], {**report.to_json(), "mlflow_run_id": run.info.run_id, "params": params}, partition=manifest[1])
     context.log.info(

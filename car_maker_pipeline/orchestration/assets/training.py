@@ -195,7 +195,7 @@ def checkpoint_accuracy(context: dg.AssetExecutionContext, config: CheckpointEva
 
     with mlflow_run(uri, store.root, run_name=f"checkpoints-{key}",
                     tags={"dagster_run_id": context.run_id, "model_key": key, "stage": "checkpoint_accuracy",
-                          "training_run_id": training["mlflow_run_id"]}) as run:
+                          "training_run_id": training["mlflow_run_id"]}, orphans_of=context.instance) as run:
         mlflow.log_params({"model_key": key, "base_model": training["base_model"], "base_model_revision": loaded.revision,
                            "prompt_hash": prompt.fingerprint(dataset_record.makers), "num_checkpoints": len(checkpoints),
                            "best_step": scores.best_step, "selection": "validation accuracy"})
