@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -27,18 +28,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(parent: Path, name: str) -> list[Path]:
-    """Delete `.{name}.tmp-<pid>-*` leftovers of writers that died (SIGKILL, OOM) before their rename.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-")
 
-    Temporary names carry the writer's pid, so a live writer's folder (another run on this machine)
-    is never touched.
+
+def remove_stale_temporaries(parent: Path, name: str | None = None) -> list[Path]:
+    """Delete `.{name}.tmp-<pid>-*` leftovers (any name when None) of writers that died before their rename.
+
+    A SIGKILL or OOM between "write to a temporary name" and "rename" leaves the temporary behind.
+    Temporary names carry the writer's pid, so a live writer's (another run on this machine) is never
+    touched.
     """
     removed = []
-    for leftover in parent.glob(f".{name}.tmp-*"):
-        try:
-            pid = int(leftover.name[len(f".{name}.tmp-"):].split("-", 1)[0])
-        except ValueError:
+    if not parent.is_dir():
+        return removed
+    for leftover in parent.iterdir():
+        match = _TEMPORARY.match(leftover.name)
+        if not match or (name is not None and match["name"] != name):
             continue
+        pid = int(match["pid"])
         if pid != os.getpid() and not _pid_alive(pid):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)

@@ -20,8 +20,41 @@ def default_tracking_uri(home: Path) -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
+def initialize_sqlite_store(uri: str) -> None:
+    """Create a local sqlite store whole or not at all.
+
+    MLflow builds a new sqlite store by running its schema migrations in place; a process killed
+    during them leaves a half-migrated file that every later run fails on. Here the migrations run
+    on a temporary file, which is then linked into place only if no store exists yet.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if path.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from car_maker_pipeline.storage import remove_stale_temporaries
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-init")
+    tmp.unlink(missing_ok=True)
+    store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlflow-artifacts").as_uri())
+    store.engine.dispose()
+    try:
+        os.link(tmp, path)  # atomic, and never over a store another process created meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any model is loaded, when a remote tracking server does not answer."""
+    """Fail fast, before any model is loaded, when a remote tracking server does not answer
+    (and create a local sqlite store safely before anything writes to it)."""
+    if uri.startswith("sqlite:///"):
+        initialize_sqlite_store(uri)
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -38,6 +71,7 @@ def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
 def experiment_id(uri: str, home: Path, name: str = EXPERIMENT) -> str:
     import mlflow
 
+    initialize_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     existing = client.get_experiment_by_name(name)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from car_maker_pipeline_tests.cli import DAGSTER, REPO, cli_env
+from car_maker_pipeline_tests.cli import materialize as run_materialize
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-DAGSTER = str(Path(sys.executable).with_name("dagster"))
 SMALL_SOURCE = {"resources": {"source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": ["contrast"]}}}}
 # A recognisable Hugging Face token in the environment of every command: it must end up nowhere.
 FAKE_HF_TOKEN = "hf_FAKEcliTOKENthatMUSTneverBEstored987654"
@@ -27,27 +28,11 @@ SHORT_TRAINING = {"max_steps": 24, "checkpoint_every_n_steps": 4, "per_device_tr
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    (root / "dagster_home").mkdir()
-    # mlflow.set_tracking_uri() in earlier in-process tests exports MLFLOW_TRACKING_URI; the CLI
-    # runs here must use their own store under CAR_MAKER_HOME.
-    inherited = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    return {**inherited, "DAGSTER_HOME": str(root / "dagster_home"), "CAR_MAKER_HOME": str(root / "home"),
-            "HF_HUB_OFFLINE": "1", "CAR_MAKER_PROFILE": "demo", "PYTHONUNBUFFERED": "1",
-            "HF_TOKEN": FAKE_HF_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_HF_TOKEN}
+    return cli_env(tmp_path_factory.mktemp("cli"), HF_TOKEN=FAKE_HF_TOKEN, HUGGING_FACE_HUB_TOKEN=FAKE_HF_TOKEN)
 
 
 def materialize(env, select, partition=None, config=None, timeout=900):
-    command = [DAGSTER, "asset", "materialize", "-m", "car_maker_pipeline", "--select", select]
-    if partition:
-        command += ["--partition", partition]
-    if config:
-        command += ["--config-json", json.dumps(config)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    OUTPUTS.append(result.stdout + result.stderr)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "RUN_SUCCESS" in result.stdout + result.stderr
-    return result
+    return run_materialize(env, select, partition, config, timeout, outputs=OUTPUTS)
 
 
 def latest_metadata(env, asset, partition=None) -> dict:

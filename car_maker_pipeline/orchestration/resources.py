@@ -117,6 +117,10 @@ class MlflowTracking(dg.ConfigurableResource):
 
     tracking_uri: str | None = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or None)
     experiment_name: str = "car_maker_pipeline"
+    # MLflow's own defaults retry a dead server for minutes per call; a pipeline step should notice
+    # within seconds (training buffers its metrics meanwhile). Environment variables still win.
+    http_request_max_retries: int = Field(default=2, ge=0, description="MLFLOW_HTTP_REQUEST_MAX_RETRIES unless set.")
+    http_request_timeout_s: int = Field(default=20, gt=0, description="MLFLOW_HTTP_REQUEST_TIMEOUT unless set.")
 
     def uri(self, home: Path) -> str:
         from car_maker_pipeline.tracking import default_tracking_uri
@@ -127,5 +131,7 @@ class MlflowTracking(dg.ConfigurableResource):
         from car_maker_pipeline.tracking import ensure_reachable
 
         uri = self.uri(home)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(self.http_request_max_retries))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.http_request_timeout_s))
         ensure_reachable(uri)
         return uri

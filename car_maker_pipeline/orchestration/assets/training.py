@@ -15,7 +15,7 @@ from car_maker_pipeline.orchestration.evaluation import image_markdown
 from car_maker_pipeline.orchestration.partitions import model_partitions
 from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, VisionLanguageModels
 from car_maker_pipeline.storage import write_json_atomic
-from car_maker_pipeline.tracking import REGISTERED_MODEL_PREFIX, experiment_id, mlflow_run, register_adapter, scrub_secrets
+from car_maker_pipeline.tracking import REGISTERED_MODEL_PREFIX, TrackingUnavailableError, experiment_id, find_run, mlflow_run, register_adapter, scrub_secrets
 
 TRAINING = "lora_checkpoints"
 CHECKPOINT_ACCURACY = "checkpoint_accuracy"
@@ -75,8 +75,13 @@ def _training_run_id(out_dir: Path, uri: str, home: Path, key: str, context, par
     if marker.exists():
         return json.loads(marker.read_text())["run_id"]
     exp = experiment_id(uri, home)
-    run = mlflow.MlflowClient(uri).create_run(exp, run_name=f"lora-{key}", tags={
-        "dagster_run_id": context.run_id, "model_key": key, "stage": "training"})
+    tags = {"model_key": key, "stage": "training", "training_dir": out_dir.name}
+    # Killed between creating the run and writing the marker: find the run by its folder instead.
+    existing = find_run(uri, exp, tags)
+    if existing is not None:
+        write_json_atomic(marker, {"run_id": existing})
+        return existing
+    run = mlflow.MlflowClient(uri).create_run(exp, run_name=f"lora-{key}", tags={"dagster_run_id": context.run_id, **tags})
     for name, value in scrub_secrets(params).items():
         mlflow.MlflowClient(uri).log_param(run.info.run_id, name, value)
     write_json_atomic(marker, {"run_id": run.info.run_id})
@@ -100,7 +105,7 @@ def _training_run_id(out_dir: Path, uri: str, home: Path, key: str, context, par
 def lora_checkpoints(context: dg.AssetExecutionContext, config: LoraConfig, store: PipelineStore,
                      models: VisionLanguageModels, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     from car_maker_pipeline.training.lora import train_lora
-    from car_maker_pipeline.training.mlflow_callback import MlflowLossCallback
+    from car_maker_pipeline.training.mlflow_callback import PENDING_FILE, MlflowLossCallback
 
     key = context.partition_key
     training_config = config.to_training_config()  # invalid hyperparameters fail before anything loads
@@ -113,10 +118,22 @@ def lora_checkpoints(context: dg.AssetExecutionContext, config: LoraConfig, stor
     params = {**training_config.to_json(), "target_modules": ",".join(config.target_modules), "model_key": key,
               "base_model": base, "dataset_revision": dataset_record.source_revision, "train_images": dataset["train"].num_rows}
     run_id = _training_run_id(out_dir, uri, store.root, key, context, params)
+    losses = MlflowLossCallback(run_id, uri, pending_path=out_dir / PENDING_FILE)
     started = time.perf_counter()
     result = train_lora(base, dataset["train"], dataset["validation"], dataset_record.makers, out_dir, training_config,
-                        callbacks=[MlflowLossCallback(run_id, uri)])
+                        callbacks=[losses])
     seconds = time.perf_counter() - started
+    try:
+        sent = losses.flush()  # what a tracking outage (in this run or a killed one) left buffered
+    except Exception as error:
+        raise TrackingUnavailableError(
+            f"MLflow at {uri} stopped answering during training ({type(error).__name__}). Training finished and "
+            f"its checkpoints are kept; {len(losses.pending_points())} loss points wait in {losses.pending_path}. "
+            f"Bring the tracking server back and materialize lora_checkpoints for {key} again: it resumes at once "
+            "and completes the MLflow record."
+        ) from error
+    if sent:
+        context.log.warning(f"Sent {sent} loss points buffered while MLflow was unreachable.")
     with mlflow_run(uri, store.root, run_name=f"lora-{key}", tags={"dagster_run_id": context.run_id}, run_id=run_id):
         import mlflow
 

@@ -1,0 +1,257 @@
+"""SIGKILL during each heavy step, at random points, over several seeds: the rerun ends where an
+uninterrupted run ends, with one MLflow record per step and no leftovers a later run would read.
+
+Every step is a real `dagster asset materialize` process group, killed with SIGKILL at a moment drawn
+uniformly from the step's own execution window (STEP_START to STEP_SUCCESS) in the uninterrupted run,
+measured from the command's start; the event log of the killed run then confirms the step had begun.
+Then the step is materialized again:
+
+| step                | compared with the uninterrupted run                                       |
+|---------------------|----------------------------------------------------------------------------|
+| car_maker_dataset   | makers, and per split the rows' pixel hashes and makers, in order: identical |
+| baseline_evaluation | the predictions table (maker per image): identical; scores within 1e-5     |
+| lora_checkpoints    | optimizer steps: equal; validation loss at every checkpoint within 1e-3    |
+| checkpoint_accuracy | steps, validation and test accuracy of every checkpoint, best step: equal  |
+
+After all steps: one MLflow run per (stage, model) and one registered version, no `.tmp-` folder,
+no incomplete `checkpoint-*` where training resumes from.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import datasets
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from car_maker_pipeline_tests.cli import REPO, cli_env, materialize, materialize_command
+
+pytestmark = pytest.mark.slow
+
+SOURCE = {"resources": {"source": {"config": {"demo_train_per_maker": 40, "demo_test_per_maker": 10, "demo_corruptions": ["contrast"]}}}}
+TRAINING = {"ops": {"lora_checkpoints": {"config": {"max_steps": 12, "checkpoint_every_n_steps": 4, "per_device_train_batch_size": 8}}}}
+STEPS = [  # (asset, partition, run config)
+    ("car_maker_dataset", None, SOURCE),
+    ("baseline_evaluation", "tiny-s", SOURCE),
+    ("lora_checkpoints", "tiny-s", {**SOURCE, **TRAINING}),
+    ("checkpoint_accuracy", "tiny-s", SOURCE),
+]
+SEEDS = [0, 1, 2]
+
+
+def _prepare(root: Path) -> dict:
+    env = cli_env(root)
+    materialize(env, "raw_stanford_cars", config=SOURCE)
+    return env
+
+
+_LATEST_STEP_EVENTS = """
+import json, dagster as dg
+instance = dg.DagsterInstance.get()
+run = instance.get_runs(limit=1)[0]
+events = {}
+for record in instance.all_logs(run.run_id):
+    if record.is_dagster_event and record.step_key == %r:
+        events.setdefault(record.dagster_event.event_type_value, record.timestamp)
+print(json.dumps(events))
+"""
+
+
+def _latest_step_events(env, asset) -> dict[str, float]:
+    """Timestamps of the latest run's events for `asset`'s step: STEP_START, STEP_SUCCESS, ..."""
+    import json
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _LATEST_STEP_EVENTS % asset], cwd=REPO, env=env, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Every step once, uninterrupted: its outputs, and when its step ran, in seconds after the command started."""
+    env = _prepare(tmp_path_factory.mktemp("reference"))
+    windows = {}
+    for asset, partition, config in STEPS:
+        started = time.time()
+        materialize(env, asset, partition, config)
+        events = _latest_step_events(env, asset)
+        windows[asset] = (events["STEP_START"] - started, events["STEP_SUCCESS"] - started)
+    return env, windows
+
+
+def _kill_at(env, asset, partition, config, delay) -> dict:
+    process = subprocess.Popen(materialize_command(asset, partition, config), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        process.wait(timeout=delay)
+        finished = True  # it ended before the kill: the point is then "after the last write"
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the CLI, its run worker and its step process
+        process.wait()
+        finished = False
+    events = _latest_step_events(env, asset)
+    return {"asset": asset, "delay": round(delay, 1), "finished_first": finished,
+            "in_step": "STEP_START" in events and "STEP_SUCCESS" not in events}
+
+
+def _manifest(env, asset, partition=None) -> dict:
+    import json
+
+    folder = Path(env["CAR_MAKER_HOME"]) / asset
+    return json.loads(((folder / partition) if partition else folder).joinpath("current.json").read_text())
+
+
+def _dataset_view(env) -> dict:
+    manifest = _manifest(env, "car_maker_dataset")
+    stored = datasets.load_from_disk(manifest["path"])
+    view = {"makers": manifest["makers"]}
+    for split, part in stored.items():
+        table = part.with_format("arrow")[:]  # Arrow columns: no image decoding
+        view[split] = (table["content_hash"].to_pylist(), table["maker"].to_pylist())
+    return view
+
+
+def _predictions(env) -> pd.DataFrame:
+    return pd.read_parquet(Path(_manifest(env, "baseline_evaluation", "tiny-s")["out_dir"]) / "predictions.parquet")
+
+
+def _mlflow_runs(env) -> dict[tuple[str, str], int]:
+    client = mlflow.MlflowClient(f"sqlite:///{Path(env['CAR_MAKER_HOME']) / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("car_maker_pipeline")
+    counts: dict[tuple[str, str], int] = {}
+    for run in client.search_runs([experiment.experiment_id], max_results=1000):  # deleted runs are not listed
+        key = (run.data.tags.get("stage"), run.data.tags.get("model_key"))
+        counts[key] = counts.get(key, 0) + 1
+    versions = client.search_model_versions("name = 'car-maker-tiny-s'")
+    return {**counts, ("registered", "tiny-s"): len(versions)}
+
+
+def _leftovers(env) -> list[str]:
+    from car_maker_pipeline.training.lora import is_complete_checkpoint
+
+    home = Path(env["CAR_MAKER_HOME"])
+    temporaries = [str(p) for p in home.rglob("*") if ".tmp-" in p.name or p.name.startswith("tmp-checkpoint")]
+    incomplete = [str(p) for p in home.glob("lora_checkpoints/*/*/checkpoint-*") if not is_complete_checkpoint(p)]
+    return temporaries + incomplete
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sigkill_at_random_points_then_rerun_ends_like_an_uninterrupted_run(tmp_path, reference, seed):
+    reference_env, windows = reference
+    env = _prepare(tmp_path)
+    rng = random.Random(seed)
+    kills = []
+    for asset, partition, config in STEPS:
+        kills.append(_kill_at(env, asset, partition, config, rng.uniform(*windows[asset])))
+        materialize(env, asset, partition, config)
+    print(f"\nseed {seed}: step windows {windows}; kills {kills}")
+    # Process start-up varies from run to run, so a kill may miss its window; most must land inside the step.
+    assert sum(kill["in_step"] for kill in kills) >= 3, f"too few kills landed inside the step: {kills}"
+
+    assert _dataset_view(env) == _dataset_view(reference_env)
+
+    ours, theirs = _predictions(env), _predictions(reference_env)
+    assert ours["predicted_maker"].tolist() == theirs["predicted_maker"].tolist()
+    assert np.allclose(ours["score"], theirs["score"], atol=1e-5)
+
+    trained, trained_ref = _manifest(env, "lora_checkpoints", "tiny-s"), _manifest(reference_env, "lora_checkpoints", "tiny-s")
+    assert trained["global_step"] == trained_ref["global_step"] == 12
+    assert [step for step, _ in trained["val_loss"]] == [step for step, _ in trained_ref["val_loss"]] == [4, 8, 12]
+    assert np.allclose([loss for _, loss in trained["val_loss"]], [loss for _, loss in trained_ref["val_loss"]], atol=1e-3)
+
+    columns = ["step", "val_accuracy", "accuracy"]
+    table = pd.read_parquet(_manifest(env, "checkpoint_accuracy", "tiny-s")["table"])[columns]
+    table_ref = pd.read_parquet(_manifest(reference_env, "checkpoint_accuracy", "tiny-s")["table"])[columns]
+    pd.testing.assert_frame_equal(table, table_ref)
+    assert _manifest(env, "checkpoint_accuracy", "tiny-s")["best_step"] == _manifest(reference_env, "checkpoint_accuracy", "tiny-s")["best_step"]
+
+    assert _mlflow_runs(env) == _mlflow_runs(reference_env) == {
+        ("baseline", "tiny-s"): 1, ("training", "tiny-s"): 1, ("checkpoint_accuracy", "tiny-s"): 1, ("registered", "tiny-s"): 1}
+    assert _leftovers(env) == []
+
+
+class MlflowServer:
+    """`mlflow server` on a loopback port over a sqlite store that outlives the server process."""
+
+    def __init__(self, root: Path):
+        from car_maker_pipeline_tests.dagster_dev import free_loopback_port
+
+        self.root, self.port = root, free_loopback_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self, timeout: float = 120.0) -> "MlflowServer":
+        import sys
+        import urllib.request
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "server.log", "a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", (self.root / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError((self.root / "server.log").read_text()[-3000:])
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+
+def test_mlflow_down_mid_training_fails_clearly_and_the_rerun_completes_the_record(tmp_path):
+    from car_maker_pipeline.training.lora import complete_checkpoints
+
+    server = MlflowServer(tmp_path / "mlflow").start()
+    # No retries: the dead server is noticed at once (the resource's own default is 2 retries).
+    env = cli_env(tmp_path, MLFLOW_TRACKING_URI=server.uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    config = {**SOURCE, "ops": {"lora_checkpoints": {"config": {"max_steps": 24, "checkpoint_every_n_steps": 4,
+                                                                 "per_device_train_batch_size": 4}}}}
+    try:
+        materialize(env, "raw_stanford_cars,car_maker_dataset", config=SOURCE)
+        process = subprocess.Popen(materialize_command("lora_checkpoints", "tiny-s", config), cwd=REPO, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        home = Path(env["CAR_MAKER_HOME"])
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None and not any(
+                complete_checkpoints(folder) for folder in home.glob("lora_checkpoints/tiny-s/*")):
+            time.sleep(0.2)
+        server.kill()  # the tracking server dies with training at its first checkpoint
+        output, _ = process.communicate(timeout=900)
+        assert process.returncode != 0, "the step succeeded although its MLflow record is incomplete"
+        assert "stopped answering during training" in output and "materialize lora_checkpoints for tiny-s again" in output
+        [training_dir] = list(home.glob("lora_checkpoints/tiny-s/*"))
+        assert max(complete_checkpoints(training_dir)) == 24  # training itself finished: nothing to redo
+        assert (training_dir / "mlflow_pending.jsonl").exists()
+
+        server.start()
+        rerun = materialize(env, "lora_checkpoints", "tiny-s", config)
+        assert "Sent" in rerun.stdout + rerun.stderr and "buffered while MLflow was unreachable" in rerun.stdout + rerun.stderr
+        assert not (training_dir / "mlflow_pending.jsonl").exists()
+
+        client = mlflow.MlflowClient(server.uri)
+        experiment = client.get_experiment_by_name("car_maker_pipeline")
+        runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'training'")
+        assert len(runs) == 1
+        val_steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss"))
+        train_steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")})
+        assert val_steps == [4, 8, 12, 16, 20, 24]
+        assert {1, 10, 20} <= set(train_steps)  # logged every 10 steps, before and after the outage
+    finally:
+        server.kill()
