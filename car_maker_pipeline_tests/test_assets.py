@@ -5,25 +5,19 @@ import mlflow
 import pytest
 
 from car_maker_pipeline.orchestration.assets.baseline import baseline_evaluation
-from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, data_checks, raw_stanford_cars
-from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, StanfordCarsSource, VisionLanguageModels
+from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, raw_stanford_cars
+from car_maker_pipeline.orchestration.resources import MlflowTracking
 from car_maker_pipeline.tracking import TrackingUnavailableError
+from car_maker_pipeline_tests.pipeline import demo_resources, materialize_data
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Materialize the data assets once on a small generated demo source."""
     home = tmp_path_factory.mktemp("pipeline")
-    resources = {
-        "store": PipelineStore(home=str(home)),
-        "source": StanfordCarsSource(profile="demo", demo_train_per_maker=12, demo_test_per_maker=5, demo_corruptions=["pixelate"]),
-        "models": VisionLanguageModels(profile="demo"),
-        "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{home / 'mlflow.db'}"),
-    }
+    resources = demo_resources(home, train_per_maker=12, test_per_maker=5, corruptions=["pixelate"])
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize([raw_stanford_cars, car_maker_dataset, *data_checks], resources=resources, instance=instance)
-    assert result.success
-    return home, resources, instance, result
+    return home, resources, instance, materialize_data(resources, instance, with_checks=True)
 
 
 def test_data_assets_carry_their_metadata(pipeline):

@@ -232,18 +232,12 @@ def test_small_sources_keep_one_validation_image_per_maker(tmp_path):
 @pytest.fixture(scope="module")
 def materialized(tmp_path_factory):
     """A store holding a materialized maker dataset, which the rejected runs below must leave alone."""
-    from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, raw_stanford_cars
-    from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, StanfordCarsSource, VisionLanguageModels
+    from car_maker_pipeline_tests.pipeline import demo_resources, materialize_data
 
     home = tmp_path_factory.mktemp("bad_config")
-    resources = {
-        "store": PipelineStore(home=str(home)),
-        "source": StanfordCarsSource(profile="demo", demo_train_per_maker=6, demo_test_per_maker=2, demo_corruptions=[]),
-        "models": VisionLanguageModels(profile="demo"),
-        "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{home / 'mlflow.db'}"),
-    }
+    resources = demo_resources(home, train_per_maker=6, test_per_maker=2, corruptions=[])
     instance = dg.DagsterInstance.ephemeral()
-    assert dg.materialize([raw_stanford_cars, car_maker_dataset], resources=resources, instance=instance).success
+    materialize_data(resources, instance)
     return home, resources, instance
 
 

@@ -1,7 +1,6 @@
 import json
 import shutil
 
-import datasets
 import pandas as pd
 import pytest
 from PIL import Image

@@ -145,6 +145,26 @@ class LoraTrainingResult:
     resumed_from: Path | None
     train_seconds: float
 
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> "LoraTrainingResult":
+        """The result another process reported (distributed training): everything but the full log history."""
+        return cls(
+            output_dir=Path(payload["output_dir"]),
+            checkpoints={int(step): Path(path) for step, path in payload["checkpoints"].items()},
+            final_checkpoint=Path(payload["final_checkpoint"]),
+            global_step=int(payload["global_step"]),
+            max_steps=int(payload["max_steps"]),
+            train_loss=[(int(step), float(loss)) for step, loss in payload["train_loss"]],
+            val_loss=[(int(step), float(loss)) for step, loss in payload["val_loss"]],
+            log_history=[],
+            adapted_layers=dict(payload["adapted_layers"]),
+            adapted_layers_by_target=dict(payload["adapted_layers_by_target"]),
+            trainable_parameters=int(payload["trainable_parameters"]),
+            total_parameters=int(payload["total_parameters"]),
+            resumed_from=Path(payload["resumed_from"]) if payload["resumed_from"] else None,
+            train_seconds=float(payload["train_seconds"]),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "output_dir": str(self.output_dir),
@@ -344,6 +364,10 @@ def _completion_callback():
         """Runs after the Trainer has written a checkpoint (trainer_state.json last): mark it complete."""
 
         def on_save(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # under DDP every rank writes its rng_state_<rank>.pth: all done before the marker
             if state.is_world_process_zero:
                 path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if path.is_dir():
@@ -469,6 +493,7 @@ def build_trainer(
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         dataloader_num_workers=config.dataloader_num_workers,
+        ddp_find_unused_parameters=False,  # under DDP every LoRA weight takes part in every forward pass
         report_to="none",
         push_to_hub=False,
         hub_token=None,
@@ -495,6 +520,11 @@ def build_trainer(
     )
     trainer.vision_lr_scale = config.vision_lr_scale
     return trainer, matched
+
+
+def _rank() -> int:
+    """This process's global rank under accelerate/torchrun; 0 when training in one process."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _cuda_available() -> bool:
@@ -552,7 +582,8 @@ def train_lora(
         check_training_data(eval_dataset, makers)
 
     _check_same_config(out, config, makers, model_dir)
-    quarantine_incomplete_checkpoints(out)
+    if _rank() == 0:  # under accelerate/torchrun every process gets here; one moves folders
+        quarantine_incomplete_checkpoints(out)
     done = complete_checkpoints(out)
     resume = done[max(done)] if done else None
 
@@ -586,6 +617,8 @@ def _result(out, trainer, matched, log_history, global_step, max_steps, resumed_
     total = sum(p.numel() for p in trainer.model.parameters())
     checkpoints = complete_checkpoints(out)
     final = checkpoints.get(global_step)
+    if final is None and not trainer.is_world_process_zero():
+        final = out / f"checkpoint-{global_step}"  # rank 0 writes the completion marker, maybe a moment later
     if final is None:
         raise RuntimeError(f"Training ended at step {global_step} but {out} holds no complete checkpoint for it.")
     train_loss = [(int(e["step"]), float(e["loss"])) for e in log_history if "loss" in e]

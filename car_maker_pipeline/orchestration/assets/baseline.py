@@ -5,6 +5,7 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field, model_validator
 
+from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
 from car_maker_pipeline.evaluation.prompts import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
 from car_maker_pipeline.orchestration.assets.data import MAKERS
 from car_maker_pipeline.orchestration.evaluation import evaluate_model
@@ -38,6 +39,7 @@ class EvaluationConfig(dg.Config):
     partitions_def=model_partitions,
     kinds={"pytorch", "huggingface", "mlflow"},
     pool="gpu",
+    op_tags=GPU_OP_TAGS,
     description=(
         "Each base model (one partition per model) classifies every test image. Answers are constrained "
         "to the maker list, so every image gets a valid maker; accuracy comes with a 95% Wilson interval. "

@@ -3,11 +3,12 @@
 import json
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import dagster as dg
 from pydantic import Field, model_validator
 
+from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
 from car_maker_pipeline.data.maker_dataset import MakerDataset
 from car_maker_pipeline.orchestration.assets.baseline import BASELINE, EvaluationConfig
 from car_maker_pipeline.orchestration.assets.data import MAKERS
@@ -40,6 +41,11 @@ class LoraConfig(dg.Config):
     seed: int = 0
     vision_lr_scale: float = Field(default=1.0, ge=0, description="Learning-rate multiplier for the vision tower's LoRA weights (Liquid: 0.1).")
     gradient_checkpointing: bool = False
+    num_processes: int = Field(
+        default=1, ge=1,
+        description="Training processes. Above 1: `accelerate launch` (DDP; gloo on CPU, NCCL on GPUs) through Dagster "
+                    "Pipes; the batch size is per process.",
+    )
 
     @model_validator(mode="after")
     def _checkpoints_fit_in_the_run(self):
@@ -54,7 +60,7 @@ class LoraConfig(dg.Config):
     def to_training_config(self):
         from car_maker_pipeline.training.lora import LoraTrainingConfig
 
-        return LoraTrainingConfig(**self.model_dump())
+        return LoraTrainingConfig(**self.model_dump(exclude={"num_processes"}))
 
     def fingerprint(self) -> str:
         import hashlib
@@ -65,6 +71,36 @@ class LoraConfig(dg.Config):
 def _training_dir(store: PipelineStore, key: str, config: LoraConfig, dataset: MakerDataset) -> Path:
     """Same model, data and hyperparameters -> same folder, so a rerun resumes instead of starting over."""
     return store.root / TRAINING / key / f"{Path(dataset.path).name}-{config.fingerprint()}"
+
+
+def _train_distributed(context, num_processes: int, base: str, dataset_record: MakerDataset, out_dir: Path,
+                       training_config, run_id: str, uri: str):
+    """`accelerate launch` over `num_processes` processes, through Dagster Pipes; rank 0 reports back."""
+    import socket
+    import sys
+
+    from car_maker_pipeline.training.distributed import write_request
+    from car_maker_pipeline.training.lora import LoraTrainingError, LoraTrainingResult
+    from car_maker_pipeline.training.mlflow_callback import PENDING_FILE
+
+    request = write_request(out_dir / "distributed_request.json", model_dir=base, dataset_path=dataset_record.path,
+                            makers=dataset_record.makers, output_dir=str(out_dir), config=training_config.to_json(),
+                            mlflow_run_id=run_id, tracking_uri=uri, pending_path=str(out_dir / PENDING_FILE))
+    with socket.socket() as sock:  # a free loopback port for the process group's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "--dynamo_backend", "no", "--mixed_precision", "no",
+               # accelerate's torchrun-based launcher; without CUDA the processes meet over gloo on the CPU
+               # (its `--cpu` flag would instead need mpirun for more than one process).
+               "--multi_gpu",
+               "-m", "car_maker_pipeline.training.distributed", str(request)]
+    invocation = dg.PipesSubprocessClient().run(command=command, context=context)
+    reports = [message for message in invocation.get_custom_messages() if isinstance(message, dict) and "result" in message]
+    if not reports:
+        raise LoraTrainingError(f"The {num_processes}-process training ended without a result from rank 0; see the logs above.")
+    return LoraTrainingResult.from_json(reports[-1]["result"]), int(reports[-1]["world_size"])
 
 
 def _training_run_id(out_dir: Path, uri: str, home: Path, key: str, context, params: dict) -> str:
@@ -96,6 +132,7 @@ def _training_run_id(out_dir: Path, uri: str, home: Path, key: str, context, par
     partitions_def=model_partitions,
     kinds={"pytorch", "huggingface", "mlflow"},
     pool="gpu",
+    op_tags=GPU_OP_TAGS,
     description=(
         "LoRA fine-tuning with TRL's SFTTrainer (one partition per model): loss on the answer tokens only, "
         "adapters on LFM2-VL's real projection layers, a checkpoint (adapter + processor) every N steps. "
@@ -116,12 +153,17 @@ def lora_checkpoints(context: dg.AssetExecutionContext, config: LoraConfig, stor
     out_dir = _training_dir(store, key, config, dataset_record)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {**training_config.to_json(), "target_modules": ",".join(config.target_modules), "model_key": key,
-              "base_model": base, "dataset_revision": dataset_record.source_revision, "train_images": dataset["train"].num_rows}
+              "base_model": base, "dataset_revision": dataset_record.source_revision, "train_images": dataset["train"].num_rows,
+              "num_processes": config.num_processes}
     run_id = _training_run_id(out_dir, uri, store.root, key, context, params)
     losses = MlflowLossCallback(run_id, uri, pending_path=out_dir / PENDING_FILE)
     started = time.perf_counter()
-    result = train_lora(base, dataset["train"], dataset["validation"], dataset_record.makers, out_dir, training_config,
-                        callbacks=[losses])
+    if config.num_processes > 1:
+        result, world_size = _train_distributed(context, config.num_processes, base, dataset_record, out_dir,
+                                                training_config, run_id, uri)
+    else:
+        result, world_size = train_lora(base, dataset["train"], dataset["validation"], dataset_record.makers, out_dir,
+                                        training_config, callbacks=[losses]), 1
     seconds = time.perf_counter() - started
     try:
         sent = losses.flush()  # what a tracking outage (in this run or a killed one) left buffered
@@ -143,10 +185,11 @@ def lora_checkpoints(context: dg.AssetExecutionContext, config: LoraConfig, stor
                 "dataset_path": dataset_record.path}
     store.write_manifest(TRAINING, manifest, partition=key)
     samples = (result.global_step - (int(result.resumed_from.name.split("-")[-1]) if result.resumed_from else 0)) \
-        * config.per_device_train_batch_size * config.gradient_accumulation_steps
+        * config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
     context.log.info(f"{key}: {result.global_step} steps, adapted layers {result.adapted_layers}, resumed from {result.resumed_from}")
     return dg.MaterializeResult(metadata={
         "global_step": result.global_step,
+        "training_processes": world_size,
         "checkpoints": dg.MetadataValue.json(sorted(result.checkpoints)),
         "adapted_layers": dg.MetadataValue.json(result.adapted_layers),
         "trainable_parameters": result.trainable_parameters,
@@ -173,6 +216,7 @@ class CheckpointEvaluationConfig(EvaluationConfig):
     partitions_def=model_partitions,
     kinds={"pytorch", "mlflow"},
     pool="gpu",
+    op_tags=GPU_OP_TAGS,
     check_specs=[dg.AssetCheckSpec("best_checkpoint_beats_baseline", asset=CHECKPOINT_ACCURACY,
                                    description="The checkpoint chosen on validation beats its base model on test.")],
     description=(
