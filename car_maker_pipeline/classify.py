@@ -39,21 +39,19 @@ def read_images(paths: list[str]) -> list[Image.Image]:
 
 def test_split_images(count: int) -> tuple[list[str], list[Image.Image], list[str]]:
     """The first `count` images of the materialized car_maker_dataset's test split: names, images, true makers."""
-    import datasets
-
+    from car_maker_pipeline.data.maker_dataset import column
+    from car_maker_pipeline.orchestration.assets.data import stored_maker_dataset
     from car_maker_pipeline.orchestration.resources import PipelineStore
     from car_maker_pipeline.storage import MissingUpstreamError
 
     try:
-        manifest = PipelineStore().read_manifest("car_maker_dataset")
+        record = stored_maker_dataset(PipelineStore())
     except MissingUpstreamError as error:
         raise ClassifyError(str(error)) from error
-    test = datasets.load_from_disk(manifest["path"])["test"]
-    rows = test.select(range(min(count, test.num_rows))).flatten_indices()
-    names = rows.features["maker_id"].names
-    makers = [names[i] for i in rows.data.column("maker_id").to_pylist()]
-    images = [image.convert("RGB") for image in rows["image"]]
-    return [f"test[{i}]" for i in range(len(images))], images, makers
+    test = record.load()["test"]
+    rows = test.select(range(min(count, test.num_rows)))
+    images = list(rows["image"])  # the classifier makes them model-ready (RGB, not too elongated)
+    return [f"test[{i}]" for i in range(len(images))], images, column(rows, "maker")
 
 
 def pick_version(uri: str, name: str | None, version: str | None):

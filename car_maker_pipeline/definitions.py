@@ -5,8 +5,8 @@ import dagster as dg
 from car_maker_pipeline.orchestration.assets.baseline import baseline_assets
 from car_maker_pipeline.orchestration.assets.data import data_assets, data_checks
 from car_maker_pipeline.orchestration.assets.training import training_assets
-from car_maker_pipeline.orchestration.deployment import executor
 from car_maker_pipeline.orchestration.automation import automation_jobs, schedules, sensors
+from car_maker_pipeline.orchestration.deployment import executor
 from car_maker_pipeline.orchestration.jobs import jobs
 from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, StanfordCarsSource, VisionLanguageModels
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,22 +29,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-")
+# `.{name}.tmp-{pid}@{host}@<random>`: the writer's pid and host, so a leftover can be told apart
+# from a live writer's file. Pids only mean something on their own host (a Kubernetes pod sharing
+# the volume has its own), so only this host's leftovers are ever removed.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)@(?P<host>.*)@")
 
 
-def remove_stale_temporaries(parent: Path, name: str | None = None) -> list[Path]:
-    """Delete `.{name}.tmp-<pid>-*` leftovers (any name when None) of writers that died before their rename.
+def temporary_prefix(name: str) -> str:
+    """The prefix of every temporary file or folder written next to `name` before its rename."""
+    return f".{name}.tmp-{os.getpid()}@{socket.gethostname()}@"
+
+
+def remove_stale_temporaries(parent: Path) -> list[Path]:
+    """Delete the temporaries in `parent` whose writer, on this host, died before its rename.
 
     A SIGKILL or OOM between "write to a temporary name" and "rename" leaves the temporary behind.
-    Temporary names carry the writer's pid, so a live writer's (another run on this machine) is never
-    touched.
+    Every atomic write here calls this first, so leftovers go the next time anything is written
+    beside them; a live writer's temporaries (another run on this machine) are never touched.
     """
     removed = []
     if not parent.is_dir():
         return removed
+    host = socket.gethostname()
     for leftover in parent.iterdir():
         match = _TEMPORARY.match(leftover.name)
-        if not match or (name is not None and match["name"] != name):
+        if not match or match["host"] != host:
             continue
         pid = int(match["pid"])
         if pid != os.getpid() and not _pid_alive(pid):
@@ -57,8 +67,8 @@ def remove_stale_temporaries(parent: Path, name: str | None = None) -> list[Path
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=".json")
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix=".json")
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=True, default=str)
@@ -78,8 +88,8 @@ def read_json(path: Path) -> Any:
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it is renamed to `final` (replacing it)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final.parent, final.name)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{os.getpid()}-"))
+    remove_stale_temporaries(final.parent)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name)))
     try:
         yield tmp
         if final.exists():

@@ -34,11 +34,11 @@ def initialize_sqlite_store(uri: str) -> None:
         return
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    from car_maker_pipeline.storage import remove_stale_temporaries
+    from car_maker_pipeline.storage import remove_stale_temporaries, temporary_prefix
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent, path.name)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-init")
+    remove_stale_temporaries(path.parent)
+    tmp = path.with_name(temporary_prefix(path.name) + "init")
     tmp.unlink(missing_ok=True)
     store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlflow-artifacts").as_uri())
     store.engine.dispose()
@@ -53,8 +53,7 @@ def initialize_sqlite_store(uri: str) -> None:
 def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, before any model is loaded, when a remote tracking server does not answer
     (and create a local sqlite store safely before anything writes to it)."""
-    if uri.startswith("sqlite:///"):
-        initialize_sqlite_store(uri)
+    initialize_sqlite_store(uri)
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -81,12 +80,16 @@ def experiment_id(uri: str, home: Path, name: str = EXPERIMENT) -> str:
     return client.create_experiment(name, artifact_location=artifacts)
 
 
+def _tag_filter(tags: dict[str, str], *more: str) -> str:
+    return " and ".join([f"tags.{key} = '{value}'" for key, value in tags.items()] + list(more))
+
+
 def find_run(uri: str, exp_id: str, tags: dict[str, str]) -> str | None:
     """The newest run whose tags all match, so a rerun continues a record instead of duplicating it."""
     import mlflow
 
-    query = " and ".join(f"tags.{key} = '{value}'" for key, value in tags.items())
-    runs = mlflow.MlflowClient(uri).search_runs([exp_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
+    runs = mlflow.MlflowClient(uri).search_runs([exp_id], filter_string=_tag_filter(tags), max_results=1,
+                                                order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
 
 
@@ -100,9 +103,8 @@ def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], is_alive) 
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    query = " and ".join([f"tags.{key} = '{value}'" for key, value in tags.items()] + ["attributes.status = 'RUNNING'"])
     deleted = []
-    for run in client.search_runs([exp_id], filter_string=query, max_results=100):
+    for run in client.search_runs([exp_id], filter_string=_tag_filter(tags, "attributes.status = 'RUNNING'"), max_results=100):
         if is_alive(run.data.tags.get("dagster_run_id")):
             continue
         for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):

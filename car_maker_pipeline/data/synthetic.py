@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw
 
 from car_maker_pipeline.data.classes import stanford_cars_class_names
 from car_maker_pipeline.data.makers import maker_of
-from car_maker_pipeline.storage import remove_stale_temporaries
+from car_maker_pipeline.storage import remove_stale_temporaries, temporary_prefix
 
 # Six makers with very different looks and 1 to 13 classes each (AM General has a single class,
 # BMW thirteen), so maker-level class imbalance inside a maker is exercised too.
@@ -646,8 +646,8 @@ def generate_demo_source(
         "makers": makers, "train_per_maker": train_per_maker, "test_per_maker": test_per_maker,
         "corruptions": corruptions, "image_size": list(image_size), "seed": seed,
     }
-    remove_stale_temporaries(out_dir.parent, out_dir.name)  # a generation killed mid-write leaves its folder behind
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-{os.getpid()}-"))
+    remove_stale_temporaries(out_dir.parent)  # a generation killed mid-write leaves its folder behind
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=temporary_prefix(out_dir.name)))
     try:
         (tmp / "data").mkdir()
         unique = _Uniqueness()

@@ -40,7 +40,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from car_maker_pipeline.storage import remove_stale_temporaries
+from car_maker_pipeline.storage import remove_stale_temporaries, temporary_prefix
 
 # --------------------------------------------------------------------------------------------
 # Model sizes
@@ -331,8 +331,8 @@ def build_tiny_model(out_dir: str | os.PathLike, name: str = "tiny-s", seed: int
                 f"{out} exists, is not empty and holds no complete tiny model; remove it or choose another directory."
             )
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out.parent, out.name)  # a build killed mid-write leaves its folder behind
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    remove_stale_temporaries(out.parent)  # a build killed mid-write leaves its folder behind
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out.name), dir=out.parent))
     try:
         _write_model(tmp, name, spec, seed)
         try:

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from car_maker_pipeline.data.maker_dataset import MakerDataset
 from car_maker_pipeline.evaluation.prompts import PromptTemplate
+from car_maker_pipeline.orchestration.assets.data import stored_maker_dataset
 from car_maker_pipeline.orchestration.resources import PipelineStore
-from car_maker_pipeline.storage import remove_stale_temporaries
 from car_maker_pipeline.tracking import mlflow_run, scrub_secrets
 
 
@@ -59,12 +58,11 @@ def evaluate_model(context, *, store: PipelineStore, uri: str, loaded, model_key
     from car_maker_pipeline.evaluation.classifier import MakerClassifier
     from car_maker_pipeline.evaluation.runner import evaluate_to_dir
 
-    makers_record = MakerDataset(**store.read_manifest("car_maker_dataset"))
+    makers_record = stored_maker_dataset(store)
     dataset = makers_record.load()
     if split not in dataset:
         raise ValueError(f"car_maker_dataset has no split {split!r}; it has {list(dataset)}.")
     classifier = MakerClassifier(loaded.model, loaded.processor, makers_record.makers, prompt=prompt, batch_size=batch_size)
-    remove_stale_temporaries(out_dir)  # what an evaluation killed before its rename left behind
     report = evaluate_to_dir(classifier, dataset, split, out_dir / context.run_id, title=f"{model_key} {stage}", max_images=max_images)
     params = {
         "model_key": model_key, "model_id": loaded.path_or_id, "model_revision": loaded.revision,

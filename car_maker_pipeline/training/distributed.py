@@ -1,6 +1,8 @@
 """LoRA training in several processes (torch.distributed), launched by `accelerate launch`.
 
-    accelerate launch --num_processes 2 --cpu -m car_maker_pipeline.training.distributed REQUEST.json
+    accelerate launch --multi_gpu --num_processes 2 -m car_maker_pipeline.training.distributed REQUEST.json
+
+(`--multi_gpu` is accelerate's torchrun launcher; without CUDA the processes use gloo on the CPU.)
 
 The `lora_checkpoints` asset writes REQUEST.json (model, stored maker dataset, makers, output folder,
 hyperparameters, MLflow run) and starts this module through Dagster Pipes (`PipesSubprocessClient`) when

@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from car_maker_pipeline.storage import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
@@ -293,14 +295,6 @@ def _rgb_images(batch: dict[str, list]) -> dict[str, list]:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """A checkpoint is complete when its marker exists and every file it lists has the recorded size."""
     path = Path(path)
@@ -354,7 +348,7 @@ def _mark_checkpoint_complete(path: Path, global_step: int) -> None:
     for name in files:  # make the data durable before the marker says it is there
         with open(path / name, "rb") as handle:
             os.fsync(handle.fileno())
-    _write_json_atomic(path / CHECKPOINT_MARKER, {"global_step": global_step, "files": files})
+    write_json_atomic(path / CHECKPOINT_MARKER, {"global_step": global_step, "files": files})
 
 
 def _completion_callback():
@@ -553,7 +547,7 @@ def _check_same_config(output_dir: Path, config: LoraTrainingConfig, makers: Seq
                 "Resume with the same settings, or use a new output_dir."
             )
     output_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, wanted)
+    write_json_atomic(path, wanted)
 
 
 def train_lora(

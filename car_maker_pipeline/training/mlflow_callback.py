@@ -50,8 +50,13 @@ class MlflowLossCallback(TrainerCallback):
     def pending_points(self) -> list[tuple[str, float, int, int]]:
         if self.pending_path is None or not self.pending_path.exists():
             return []
-        lines = self.pending_path.read_text().splitlines()
-        return [tuple(json.loads(line)) for line in lines if line.strip()]  # a line cut by a kill is skipped
+        points = []
+        for line in self.pending_path.read_text().splitlines():
+            try:
+                points.append(tuple(json.loads(line)))
+            except ValueError:  # the last line of a process killed mid-write: that one point is lost
+                continue
+        return points
 
     def flush(self) -> int:
         """Send every buffered point; raises when the server is still unreachable. Returns how many."""

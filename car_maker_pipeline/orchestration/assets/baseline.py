@@ -5,9 +5,9 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field, model_validator
 
-from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
 from car_maker_pipeline.evaluation.prompts import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
 from car_maker_pipeline.orchestration.assets.data import MAKERS
+from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
 from car_maker_pipeline.orchestration.evaluation import evaluate_model
 from car_maker_pipeline.orchestration.partitions import model_partitions
 from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, VisionLanguageModels

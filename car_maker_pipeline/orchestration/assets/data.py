@@ -54,7 +54,8 @@ def raw_stanford_cars(context: dg.AssetExecutionContext, source: StanfordCarsSou
     )
 
 
-def _load_maker_dataset(store: PipelineStore) -> MakerDataset:
+def stored_maker_dataset(store: PipelineStore) -> MakerDataset:
+    """The record of the current car_maker_dataset (MissingUpstreamError when it was never materialized)."""
     return MakerDataset(**store.read_manifest(MAKERS))
 
 
@@ -108,7 +109,7 @@ MAKER_DATASET_CHECKS = {
 )
 def maker_dataset_checks(store: PipelineStore):
     """All four checks in one step: the dataset is opened once and one process is spawned, not four."""
-    dataset = _load_maker_dataset(store).load()
+    dataset = stored_maker_dataset(store).load()
     for name, (check, _) in MAKER_DATASET_CHECKS.items():
         passed, details = check(dataset)
         yield dg.AssetCheckResult(

@@ -8,10 +8,10 @@ from typing import List
 import dagster as dg
 from pydantic import Field, model_validator
 
-from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
 from car_maker_pipeline.data.maker_dataset import MakerDataset
 from car_maker_pipeline.orchestration.assets.baseline import BASELINE, EvaluationConfig
-from car_maker_pipeline.orchestration.assets.data import MAKERS
+from car_maker_pipeline.orchestration.assets.data import MAKERS, stored_maker_dataset
+from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
 from car_maker_pipeline.orchestration.evaluation import image_markdown
 from car_maker_pipeline.orchestration.partitions import model_partitions
 from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, VisionLanguageModels
@@ -147,7 +147,7 @@ def lora_checkpoints(context: dg.AssetExecutionContext, config: LoraConfig, stor
     key = context.partition_key
     training_config = config.to_training_config()  # invalid hyperparameters fail before anything loads
     uri = mlflow_tracking.ensure_reachable(store.root)
-    dataset_record = MakerDataset(**store.read_manifest(MAKERS))
+    dataset_record = stored_maker_dataset(store)
     dataset = dataset_record.load()
     base = models.path_or_id(key, store.root)
     out_dir = _training_dir(store, key, config, dataset_record)
@@ -238,7 +238,7 @@ def checkpoint_accuracy(context: dg.AssetExecutionContext, config: CheckpointEva
     training = store.read_manifest(TRAINING, key)
     baseline = store.read_manifest(BASELINE, key)
     baseline_accuracy = baseline["summary"]["accuracy"]
-    dataset_record = MakerDataset(**store.read_manifest(MAKERS))
+    dataset_record = stored_maker_dataset(store)
     dataset = dataset_record.load()
     checkpoints = {int(step): Path(path) for step, path in training["checkpoints"].items()}
     loaded = models.load(key, store.root)
