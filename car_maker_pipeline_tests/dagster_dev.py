@@ -1,5 +1,8 @@
 """A real `dagster dev` (webserver + daemon + code server) for tests, on a free loopback port.
 
+The command is the one `make ui` runs (read with `make -n ui`), with only the port changed, so the
+tests exercise the project's own server settings (host, workspace), not a copy of them.
+
     with DagsterDev(tmp_path) as server:
         client = server.graphql_client()
         ...
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -25,6 +29,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
+
+
+def project_ui_command(port: int) -> list[str]:
+    """`make ui`'s `dagster dev` command line, on `port`, run by this interpreter's dagster."""
+    printed = subprocess.run(["make", "-s", "-n", "ui"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    argv = shlex.split(next(line for line in printed.splitlines() if "dagster dev" in line))
+    argv[0] = DAGSTER  # the Makefile's .venv/bin/dagster, or whichever environment runs the tests
+    argv[argv.index("-p") + 1] = str(port)
+    return argv
 
 
 def free_loopback_port() -> int:
@@ -59,7 +72,7 @@ class DagsterDev:
         (self.home / "dagster.yaml").write_text(instance_yaml)
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [DAGSTER, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port)],
+            project_ui_command(self.port),
             cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + self.startup_timeout

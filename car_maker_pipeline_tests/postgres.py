@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from car_maker_pipeline_tests.dagster_dev import free_loopback_port
@@ -89,12 +88,3 @@ class ThrowawayPostgres:
 
         with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, password=PASSWORD, dbname=database) as conn:
             return conn.execute(sql).fetchall()
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-                              capture_output=True).returncode == 0:
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"PostgreSQL on port {self.port} is not ready")

@@ -8,16 +8,14 @@ from car_maker_pipeline.orchestration.assets.baseline import baseline_evaluation
 from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, raw_stanford_cars
 from car_maker_pipeline.orchestration.resources import MlflowTracking
 from car_maker_pipeline.tracking import TrackingUnavailableError
-from car_maker_pipeline_tests.pipeline import demo_resources, materialize_data
+from car_maker_pipeline_tests.pipeline import materialized_demo_data
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Materialize the data assets once on a small generated demo source."""
     home = tmp_path_factory.mktemp("pipeline")
-    resources = demo_resources(home, train_per_maker=12, test_per_maker=5, corruptions=["pixelate"])
-    instance = dg.DagsterInstance.ephemeral()
-    return home, resources, instance, materialize_data(resources, instance, with_checks=True)
+    return (home, *materialized_demo_data(home, train_per_maker=12, test_per_maker=5, corruptions=["pixelate"], with_checks=True))
 
 
 def test_data_assets_carry_their_metadata(pipeline):

@@ -42,7 +42,7 @@ import pytest
 from PIL import Image
 
 from car_maker_pipeline.data.classes import stanford_cars_class_names
-from car_maker_pipeline.data.maker_dataset import MakerDatasetError, build_maker_dataset
+from car_maker_pipeline.data.maker_dataset import MakerDatasetError, MakerDatasetParams, build_maker_dataset
 
 NAMES = list(stanford_cars_class_names())
 BMW = NAMES.index(next(n for n in NAMES if n.startswith("BMW ")))
@@ -70,13 +70,7 @@ def raw_source(train: list[tuple[bytes, int]], test: list[tuple[bytes, int]] | N
 
 
 def build(tmp_path, raw):
-    return build_maker_dataset(raw, tmp_path / "built", datasets_params())
-
-
-def datasets_params():
-    from car_maker_pipeline.data.maker_dataset import MakerDatasetParams
-
-    return MakerDatasetParams(validation_fraction=0.25, num_proc=1)
+    return build_maker_dataset(raw, tmp_path / "built", MakerDatasetParams(validation_fraction=0.25, num_proc=1))
 
 
 def stored_image(record, split: str, index: int) -> Image.Image:
@@ -215,8 +209,6 @@ def test_unknown_class_names_are_all_reported(tmp_path):
 
 
 def test_small_sources_keep_one_validation_image_per_maker(tmp_path):
-    from car_maker_pipeline.data.maker_dataset import MakerDatasetParams
-
     raw = raw_source([])  # 6 train images of 2 makers: 10% would be 0.6 of a row
     record = build_maker_dataset(raw, tmp_path / "ok", MakerDatasetParams(validation_fraction=0.1, num_proc=1))
     assert record.images_per_maker["validation"] == {"BMW": 1, "Land Rover": 1}
@@ -232,12 +224,10 @@ def test_small_sources_keep_one_validation_image_per_maker(tmp_path):
 @pytest.fixture(scope="module")
 def materialized(tmp_path_factory):
     """A store holding a materialized maker dataset, which the rejected runs below must leave alone."""
-    from car_maker_pipeline_tests.pipeline import demo_resources, materialize_data
+    from car_maker_pipeline_tests.pipeline import materialized_demo_data
 
     home = tmp_path_factory.mktemp("bad_config")
-    resources = demo_resources(home, train_per_maker=6, test_per_maker=2, corruptions=[])
-    instance = dg.DagsterInstance.ephemeral()
-    materialize_data(resources, instance)
+    resources, instance, _ = materialized_demo_data(home, train_per_maker=6, test_per_maker=2, corruptions=[])
     return home, resources, instance
 
 

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from car_maker_pipeline.orchestration.assets.training import lora_checkpoints
-from car_maker_pipeline_tests.pipeline import demo_resources, materialize_data
+from car_maker_pipeline_tests.pipeline import materialized_demo_data
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +20,7 @@ TRAINING = {"max_steps": 8, "checkpoint_every_n_steps": 4, "per_device_train_bat
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     home = tmp_path_factory.mktemp("distributed")
-    resources = demo_resources(home, train_per_maker=10, test_per_maker=3, corruptions=[])
-    instance = dg.DagsterInstance.ephemeral()
-    materialize_data(resources, instance)
+    resources, instance, _ = materialized_demo_data(home, train_per_maker=10, test_per_maker=3, corruptions=[])
     return home, resources, instance
 
 

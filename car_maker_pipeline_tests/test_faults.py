@@ -18,11 +18,15 @@ After all steps: one MLflow run per (stage, model) and one registered version, n
 no incomplete `checkpoint-*` where training resumes from.
 """
 
+import json
 import os
 import random
 import signal
 import subprocess
+import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import datasets
@@ -66,9 +70,6 @@ print(json.dumps(events))
 
 def _latest_step_events(env, asset) -> dict[str, float]:
     """Timestamps of the latest run's events for `asset`'s step: STEP_START, STEP_SUCCESS, ..."""
-    import json
-    import sys
-
     out = subprocess.run([sys.executable, "-c", _LATEST_STEP_EVENTS % asset], cwd=REPO, env=env, capture_output=True,
                          text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -88,8 +89,6 @@ def reference(tmp_path_factory):
 
 def _kill_during_step(env, asset, partition, config, delay) -> dict:
     """Start the command, wait for its STEP_START line for `asset`, wait `delay` more seconds, SIGKILL."""
-    import threading
-
     process = subprocess.Popen(materialize_command(asset, partition, config), cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     step_started = threading.Event()
@@ -116,8 +115,6 @@ def _kill_during_step(env, asset, partition, config, delay) -> dict:
 
 
 def _manifest(env, asset, partition=None) -> dict:
-    import json
-
     folder = Path(env["CAR_MAKER_HOME"]) / asset
     return json.loads(((folder / partition) if partition else folder).joinpath("current.json").read_text())
 
@@ -204,9 +201,6 @@ class MlflowServer:
         self.process = None
 
     def start(self, timeout: float = 120.0) -> "MlflowServer":
-        import sys
-        import urllib.request
-
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "server.log", "a")
         self.process = subprocess.Popen(
