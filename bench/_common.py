@@ -91,3 +91,45 @@ def write_json(path: Path, payload: Any) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def quiet_libraries() -> None:
+    """No progress bars or info logs from datasets/transformers: they would bury the tables."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        import transformers
+    except ImportError:
+        return
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cached_maker_dataset(work: Path, prefix: str, train_per_maker: int, test_per_maker: int):
+    """A demo source (6 makers, no corruptions) and its maker dataset, built once under `work` and reused."""
+    from car_maker_pipeline.data.maker_dataset import build_maker_dataset, load_stored_maker_dataset
+    from car_maker_pipeline.data.source import materialize_raw
+    from car_maker_pipeline.data.synthetic import MARKER_FILE, generate_demo_source
+
+    source = work / f"{prefix}-source-train{train_per_maker}-test{test_per_maker}-seed0"
+    if not (source / MARKER_FILE).exists():
+        generate_demo_source(source, train_per_maker=train_per_maker, test_per_maker=test_per_maker, corruptions=())
+    out = work / f"{prefix}-maker-dataset-train{train_per_maker}-test{test_per_maker}"
+    record = load_stored_maker_dataset(out)
+    if record is None:
+        record = build_maker_dataset(materialize_raw(str(source), work / "home").load(), out)
+    return record
+
+
+def save_results(out: Path, name: str, machine: dict[str, Any], versions: dict[str, str], started: float,
+                 **fields: Any) -> Path:
+    """Write the run's JSON (benchmark name, machine, library versions, the fields, total time) and say where."""
+    import time
+
+    payload = {"benchmark": name, "machine": machine, "versions": versions, **fields,
+               "total_seconds": time.perf_counter() - started}
+    path = write_json(out, payload)
+    print(f"\nresults: {path}   (total {payload['total_seconds']:.0f}s)")
+    return path

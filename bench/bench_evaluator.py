@@ -48,14 +48,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, format_table, library_versions, machine_info, median, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR, cached_maker_dataset, format_table, library_versions, machine_info, median, quiet_libraries, save_results,
+)
 
-import datasets  # noqa: E402
 import torch  # noqa: E402
 
-from car_maker_pipeline.data.maker_dataset import build_maker_dataset, load_stored_maker_dataset  # noqa: E402
-from car_maker_pipeline.data.source import materialize_raw  # noqa: E402
-from car_maker_pipeline.data.synthetic import MARKER_FILE, generate_demo_source  # noqa: E402
 from car_maker_pipeline.evaluation.classifier import MakerClassifier  # noqa: E402
 from car_maker_pipeline.evaluation.prompts import PromptTemplate  # noqa: E402
 from car_maker_pipeline.models.loading import load_model_and_processor  # noqa: E402
@@ -70,18 +68,6 @@ MAX_NEW_TOKENS = 64
 # --------------------------------------------------------------------------------------------------
 # Data and models
 # --------------------------------------------------------------------------------------------------
-
-
-def maker_dataset(work: Path):
-    source = work / f"eval-source-train{TRAIN_PER_MAKER}-test{TEST_PER_MAKER}-seed0"
-    if not (source / MARKER_FILE).exists():
-        generate_demo_source(source, train_per_maker=TRAIN_PER_MAKER, test_per_maker=TEST_PER_MAKER, corruptions=())
-    out = work / f"eval-maker-dataset-train{TRAIN_PER_MAKER}-test{TEST_PER_MAKER}"
-    record = load_stored_maker_dataset(out)
-    if record is None:
-        raw = materialize_raw(str(source), work / "home").load()
-        record = build_maker_dataset(raw, out)
-    return record
 
 
 def load_base(model_dir: Path):
@@ -241,18 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.small else 3)
     train_steps = args.train_steps or ([20] if args.small else [80, 300])
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     work = args.work.expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     started_all = time.perf_counter()
     machine = machine_info()  # before the work starts: load average of the neighbours
 
-    record = maker_dataset(work)
+    record = cached_maker_dataset(work, "eval", TRAIN_PER_MAKER, TEST_PER_MAKER)
     test = record.load()["test"]
     if test.num_rows < n_images:
         raise SystemExit(f"the test split has only {test.num_rows} images, fewer than --images {n_images}")
@@ -294,22 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"  {r['model']}: naive answers e.g. {r['naive_answer_examples'][:3]}")
 
-    payload = {
-        "benchmark": NAME,
-        "mode": "small" if args.small else "full",
-        "machine": machine,
-        "versions": library_versions("torch", "transformers", "peft", "trl", "datasets"),
-        "torch_threads": torch.get_num_threads(),
-        "data": {"maker_dataset": record.path, "makers": makers, "images": n_images, "split": "test (first N rows)"},
-        "batch_size": BATCH_SIZE,
-        "naive_max_new_tokens": MAX_NEW_TOKENS,
-        "repeats": repeats,
-        "training": training,
-        "results": results,
-        "total_seconds": time.perf_counter() - started_all,
-    }
-    path = write_json(args.out, payload)
-    print(f"\nresults: {path}   (total {payload['total_seconds']:.0f}s)")
+    save_results(args.out, NAME, machine, library_versions("torch", "transformers", "peft", "trl", "datasets"), started_all,
+                 mode="small" if args.small else "full", torch_threads=torch.get_num_threads(),
+                 data={"maker_dataset": record.path, "makers": makers, "images": n_images, "split": "test (first N rows)"},
+                 batch_size=BATCH_SIZE, naive_max_new_tokens=MAX_NEW_TOKENS, repeats=repeats, training=training,
+                 results=results)
     return 0
 
 

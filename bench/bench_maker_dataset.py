@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, format_table, library_versions, machine_info, median, write_json  # noqa: E402
+from _common import RESULTS_DIR, format_table, library_versions, machine_info, median, quiet_libraries, save_results  # noqa: E402
 
 import datasets  # noqa: E402
 import PIL.Image  # noqa: E402
@@ -181,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-single-process", action="store_true", help="skip the ours-1p variant (saves time)")
     args = parser.parse_args(argv)
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    quiet_libraries()
     sizes = SMALL if args.small else FULL
     work = args.work.expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -241,25 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{images} images, {args.repeats} repetitions, medians (ratio = median of per-repetition ratios vs naive):")
     print(format_table(["builder", "seconds", "images/s", "ratio vs naive", "output MB", "makers produced"], rows))
 
-    payload = {
-        "benchmark": NAME,
-        "mode": "small" if args.small else "full",
-        "machine": machine,
-        "versions": library_versions("datasets", "PIL", "pyarrow"),
-        "source": {"path": str(source), "images": images, "rows_per_split": raw_record.rows_per_split, **sizes,
-                   "makers": list(DEMO_MAKERS), "generate_seconds": gen_seconds},
-        "decode_check": check,
-        "repeats": args.repeats,
-        "seconds": seconds,
-        "images_per_second": ips,
-        "median_images_per_second": {n: median(v) for n, v in ips.items()},
-        "ratio_vs_naive": ratios,
-        "median_ratio_vs_naive": {n: median(v) for n, v in ratios.items()},
-        "outputs": info,
-        "total_seconds": time.perf_counter() - started_all,
-    }
-    path = write_json(args.out, payload)
-    print(f"\nresults: {path}   (total {payload['total_seconds']:.0f}s)")
+    save_results(args.out, NAME, machine, library_versions("datasets", "PIL", "pyarrow"), started_all,
+                 mode="small" if args.small else "full",
+                 source={"path": str(source), "images": images, "rows_per_split": raw_record.rows_per_split, **sizes,
+                         "makers": list(DEMO_MAKERS), "generate_seconds": gen_seconds},
+                 decode_check=check, repeats=args.repeats, seconds=seconds, images_per_second=ips,
+                 median_images_per_second={n: median(v) for n, v in ips.items()}, ratio_vs_naive=ratios,
+                 median_ratio_vs_naive={n: median(v) for n, v in ratios.items()}, outputs=info)
     return 0
 
 

@@ -39,14 +39,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, format_table, library_versions, machine_info, median, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR, cached_maker_dataset, format_table, library_versions, machine_info, median, quiet_libraries, save_results,
+)
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
 
-from car_maker_pipeline.data.maker_dataset import build_maker_dataset, load_stored_maker_dataset  # noqa: E402
-from car_maker_pipeline.data.source import materialize_raw  # noqa: E402
-from car_maker_pipeline.data.synthetic import MARKER_FILE, generate_demo_source  # noqa: E402
 from car_maker_pipeline.models.tiny import build_tiny_model  # noqa: E402
 from car_maker_pipeline.training.lora import LoraTrainingConfig, build_sft_dataset, build_trainer  # noqa: E402
 
@@ -57,18 +56,6 @@ VARIANTS = {
     "ours": {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1, "gradient_checkpointing": False},
     "tutorial": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": True},
 }
-
-
-def maker_dataset(work: Path):
-    source = work / f"train-source-train{TRAIN_PER_MAKER}-test{TEST_PER_MAKER}-seed0"
-    if not (source / MARKER_FILE).exists():
-        generate_demo_source(source, train_per_maker=TRAIN_PER_MAKER, test_per_maker=TEST_PER_MAKER, corruptions=())
-    out = work / f"train-maker-dataset-train{TRAIN_PER_MAKER}-test{TEST_PER_MAKER}"
-    record = load_stored_maker_dataset(out)
-    if record is None:
-        raw = materialize_raw(str(source), work / "home").load()
-        record = build_maker_dataset(raw, out)
-    return record
 
 
 def _timing_callback():
@@ -143,18 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--samples must be at least 32")
     repeats = args.repeats or (2 if args.small else 3)
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     work = args.work.expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     started_all = time.perf_counter()
     machine = machine_info()
 
-    record = maker_dataset(work)
+    record = cached_maker_dataset(work, "train", TRAIN_PER_MAKER, TEST_PER_MAKER)
     data = record.load()
     train, val = data["train"], data["validation"]
     if train.num_rows < samples:  # repeat rows so both variants see exactly `samples` samples in one epoch
@@ -194,23 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio ours/tutorial samples/s (median of per-repetition ratios): {headline:.2f}x  "
           f"(each: {', '.join(f'{r:.2f}' for r in ratios)})")
 
-    payload = {
-        "benchmark": NAME,
-        "machine": machine,
-        "versions": library_versions("torch", "transformers", "peft", "trl", "datasets"),
-        "torch_threads": torch.get_num_threads(),
-        "model": args.model,
-        "samples": samples,
-        "learning_rate": args.learning_rate,
-        "validation_rows": val.num_rows,
-        "variants": VARIANTS,
-        "runs": runs,
-        "ratios": ratios,
-        "median_ratio": headline,
-        "total_seconds": time.perf_counter() - started_all,
-    }
-    path = write_json(args.out, payload)
-    print(f"\nresults: {path}   (total {payload['total_seconds']:.0f}s)")
+    save_results(args.out, NAME, machine, library_versions("torch", "transformers", "peft", "trl", "datasets"), started_all,
+                 torch_threads=torch.get_num_threads(), model=args.model, samples=samples, learning_rate=args.learning_rate,
+                 validation_rows=val.num_rows, variants=VARIANTS, runs=runs, ratios=ratios, median_ratio=headline)
     return 0
 
 
