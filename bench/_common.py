@@ -6,14 +6,16 @@ variants interleaved and repeated, because the machine is shared and absolute nu
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -47,10 +49,8 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    try:
+    with contextlib.suppress(OSError):
         info["load_average_at_start"] = os.getloadavg()
-    except OSError:
-        pass
     return info
 
 
@@ -70,8 +70,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-markdown table, readable in a terminal too."""
     cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells[1:]]
     return "\n".join(lines)
 
@@ -123,13 +125,19 @@ def cached_maker_dataset(work: Path, prefix: str, train_per_maker: int, test_per
     return record
 
 
-def save_results(out: Path, name: str, machine: dict[str, Any], versions: dict[str, str], started: float,
-                 **fields: Any) -> Path:
+def save_results(
+    out: Path, name: str, machine: dict[str, Any], versions: dict[str, str], started: float, **fields: Any
+) -> Path:
     """Write the run's JSON (benchmark name, machine, library versions, the fields, total time) and say where."""
     import time
 
-    payload = {"benchmark": name, "machine": machine, "versions": versions, **fields,
-               "total_seconds": time.perf_counter() - started}
+    payload = {
+        "benchmark": name,
+        "machine": machine,
+        "versions": versions,
+        **fields,
+        "total_seconds": time.perf_counter() - started,
+    }
     path = write_json(out, payload)
     print(f"\nresults: {path}   (total {payload['total_seconds']:.0f}s)")
     return path

@@ -48,11 +48,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    RESULTS_DIR, cached_maker_dataset, format_table, library_versions, machine_info, median, quiet_libraries, save_results,
-)
-
 import torch  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    cached_maker_dataset,
+    format_table,
+    library_versions,
+    machine_info,
+    median,
+    quiet_libraries,
+    save_results,
+)
 
 from car_maker_pipeline.evaluation.classifier import MakerClassifier  # noqa: E402
 from car_maker_pipeline.evaluation.prompts import PromptTemplate  # noqa: E402
@@ -98,16 +104,19 @@ class NaiveFreeText:
     def __init__(self, model, processor, makers: list[str], prompt: PromptTemplate | None = None):
         self.model, self.processor, self.makers = model, processor, list(makers)
         prompt = prompt or PromptTemplate()
-        self.text = processor.apply_chat_template(prompt.messages(self.makers), add_generation_prompt=True, tokenize=False)
+        self.text = processor.apply_chat_template(
+            prompt.messages(self.makers), add_generation_prompt=True, tokenize=False
+        )
         self.tokenizer = processor.tokenizer
         self.generated_tokens: list[int] = []
 
     @torch.inference_mode()
     def answer(self, image) -> str:
         inputs = self.processor(images=[[image]], text=[self.text], return_tensors="pt")
-        out = self.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id)
-        new = out[0, inputs["input_ids"].shape[1]:]
+        out = self.model.generate(
+            **inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+        )
+        new = out[0, inputs["input_ids"].shape[1] :]
         self.generated_tokens.append(int(new.numel()))
         return self.tokenizer.decode(new, skip_special_tokens=True)
 
@@ -137,14 +146,17 @@ def compare(label: str, model, processor, makers: list[str], images: list, truth
     answers: dict[str, list[str]] = {}
     tokens: list[float] = []
     for rep in range(repeats):
-        for name in (("ours", "naive") if rep % 2 == 0 else ("naive", "ours")):
+        for name in ("ours", "naive") if rep % 2 == 0 else ("naive", "ours"):
             t0 = time.perf_counter()
             answers[name] = run_ours(classifier, images) if name == "ours" else naive.run(images)
             seconds[name].append(time.perf_counter() - t0)
             if name == "naive":
                 tokens.append(sum(naive.generated_tokens) / len(images))
-            print(f"  [{label}] rep {rep + 1}/{repeats} {name:5s} {seconds[name][-1]:7.2f}s "
-                  f"{len(images) / seconds[name][-1]:7.1f} images/s", flush=True)
+            print(
+                f"  [{label}] rep {rep + 1}/{repeats} {name:5s} {seconds[name][-1]:7.2f}s "
+                f"{len(images) / seconds[name][-1]:7.1f} images/s",
+                flush=True,
+            )
     n = len(images)
     ips = {k: [n / s for s in v] for k, v in seconds.items()}
     ratios = [o / f for o, f in zip(ips["ours"], ips["naive"])]
@@ -158,7 +170,10 @@ def compare(label: str, model, processor, makers: list[str], images: list, truth
         "median_ratio": median(ratios),
         "ours": score(answers["ours"], truth, makers),
         "naive": score(answers["naive"], truth, makers),
-        "same_answer_fraction": sum(o.strip().lower() == f.strip().lower() for o, f in zip(answers["ours"], answers["naive"])) / n,
+        "same_answer_fraction": sum(
+            o.strip().lower() == f.strip().lower() for o, f in zip(answers["ours"], answers["naive"])
+        )
+        / n,
         "naive_mean_generated_tokens": median(tokens),
         "naive_answer_examples": sorted({a.strip() for a in answers["naive"]}, key=len)[:8],
         "ours_predicted_makers": {m: answers["ours"].count(m) for m in makers},
@@ -207,19 +222,38 @@ def train_adapter(model_dir: Path, record, work: Path, max_steps: int) -> tuple[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="64 images, 2 repetitions, one 20-step LoRA run")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "car_maker_bench",
-                        help="where the source, maker dataset, tiny model and LoRA runs are cached")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "car_maker_bench",
+        help="where the source, maker dataset, tiny model and LoRA runs are cached",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{NAME}.json", help="JSON results path")
-    parser.add_argument("--images", type=int, default=None, help="test images to classify (default 200; 64 with --small)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per method (default 3; 2 with --small)")
-    parser.add_argument("--adapter", type=Path, action="append", default=[], help="PEFT adapter dir to evaluate too (repeatable)")
+    parser.add_argument(
+        "--images", type=int, default=None, help="test images to classify (default 200; 64 with --small)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repetitions per method (default 3; 2 with --small)"
+    )
+    parser.add_argument(
+        "--adapter", type=Path, action="append", default=[], help="PEFT adapter dir to evaluate too (repeatable)"
+    )
     parser.add_argument("--no-train", action="store_true", help="do not run a short train_lora")
-    parser.add_argument("--train-steps", type=int, action="append", default=None,
-                        help="LoRA run length in steps, repeatable (default: 80, LoraTrainingConfig's default, and 300; "
-                             "20 with --small); every other setting is LoraTrainingConfig's default")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: on this shared 2-core machine 2 threads collapse "
-                             "20-50x as soon as another process competes for the cores; 0 = torch's default)")
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        action="append",
+        default=None,
+        help="LoRA run length in steps, repeatable (default: 80, LoraTrainingConfig's default, and 300; "
+        "20 with --small); every other setting is LoraTrainingConfig's default",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on this shared 2-core machine 2 threads collapse "
+        "20-50x as soon as another process competes for the cores; 0 = torch's default)",
+    )
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -241,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     images, truth = list(part["image"]), list(part["maker"])
     makers = list(record.makers)
     model_dir = build_tiny_model(work / "tiny-s", "tiny-s")
-    print(f"{n_images} test images of {len(makers)} makers ({', '.join(makers)}); model {model_dir}; "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{n_images} test images of {len(makers)} makers ({', '.join(makers)}); model {model_dir}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     results = []
     model, processor = load_base(model_dir)
@@ -251,13 +287,19 @@ def main(argv: list[str] | None = None) -> int:
 
     adapters: list[tuple[str, Path]] = [(f"tiny-s + adapter {p}", p) for p in args.adapter]
     training: dict = {"skipped": "--no-train"} if args.no_train else {}
-    for steps in ([] if args.no_train else train_steps):
-        print(f"training a {steps}-step LoRA adapter (train_lora, LoraTrainingConfig defaults otherwise)...", flush=True)
+    for steps in [] if args.no_train else train_steps:
+        print(
+            f"training a {steps}-step LoRA adapter (train_lora, LoraTrainingConfig defaults otherwise)...", flush=True
+        )
         checkpoint, info = train_adapter(model_dir, record, work, steps)
         training[f"{steps}_steps"] = info
         if checkpoint is not None:
-            print(f"  trained in {info['train_seconds']:.0f}s" + (" (finished run reused)" if info["reused_finished_run"] else "")
-                  + f"; final val loss {info['val_loss'][-1][1] if info['val_loss'] else float('nan'):.3f}", flush=True)
+            print(
+                f"  trained in {info['train_seconds']:.0f}s"
+                + (" (finished run reused)" if info["reused_finished_run"] else "")
+                + f"; final val loss {info['val_loss'][-1][1] if info['val_loss'] else float('nan'):.3f}",
+                flush=True,
+            )
             adapters.append((f"tiny-s + LoRA {steps} steps", checkpoint))
         else:
             print(f"  skipped: {info['skipped']}")
@@ -266,20 +308,57 @@ def main(argv: list[str] | None = None) -> int:
         results.append(compare(label, model, processor, makers, images, truth, repeats))
         del model
 
-    rows = [[r["model"], r["median_images_per_second"]["ours"], r["median_images_per_second"]["naive"], r["median_ratio"],
-             f"{r['ours']['accuracy']:.1%}", f"{r['naive']['accuracy']:.1%}", r["ours"]["invalid"], r["naive"]["invalid"],
-             f"{r['same_answer_fraction']:.1%}", r["naive_mean_generated_tokens"]] for r in results]
+    rows = [
+        [
+            r["model"],
+            r["median_images_per_second"]["ours"],
+            r["median_images_per_second"]["naive"],
+            r["median_ratio"],
+            f"{r['ours']['accuracy']:.1%}",
+            f"{r['naive']['accuracy']:.1%}",
+            r["ours"]["invalid"],
+            r["naive"]["invalid"],
+            f"{r['same_answer_fraction']:.1%}",
+            r["naive_mean_generated_tokens"],
+        ]
+        for r in results
+    ]
     print(f"\n{n_images} images, {repeats} repetitions, medians (ratio = median of per-repetition ours/naive):")
-    print(format_table(["model", "ours images/s", "naive images/s", "ratio ours/naive", "ours acc", "naive acc",
-                        "ours invalid", "naive invalid", "same answer", "naive tokens/answer"], rows))
+    print(
+        format_table(
+            [
+                "model",
+                "ours images/s",
+                "naive images/s",
+                "ratio ours/naive",
+                "ours acc",
+                "naive acc",
+                "ours invalid",
+                "naive invalid",
+                "same answer",
+                "naive tokens/answer",
+            ],
+            rows,
+        )
+    )
     for r in results:
         print(f"  {r['model']}: naive answers e.g. {r['naive_answer_examples'][:3]}")
 
-    save_results(args.out, NAME, machine, library_versions("torch", "transformers", "peft", "trl", "datasets"), started_all,
-                 mode="small" if args.small else "full", torch_threads=torch.get_num_threads(),
-                 data={"maker_dataset": record.path, "makers": makers, "images": n_images, "split": "test (first N rows)"},
-                 batch_size=BATCH_SIZE, naive_max_new_tokens=MAX_NEW_TOKENS, repeats=repeats, training=training,
-                 results=results)
+    save_results(
+        args.out,
+        NAME,
+        machine,
+        library_versions("torch", "transformers", "peft", "trl", "datasets"),
+        started_all,
+        mode="small" if args.small else "full",
+        torch_threads=torch.get_num_threads(),
+        data={"maker_dataset": record.path, "makers": makers, "images": n_images, "split": "test (first N rows)"},
+        batch_size=BATCH_SIZE,
+        naive_max_new_tokens=MAX_NEW_TOKENS,
+        repeats=repeats,
+        training=training,
+        results=results,
+    )
     return 0
 
 

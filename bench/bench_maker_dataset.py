@@ -42,11 +42,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, format_table, library_versions, machine_info, median, quiet_libraries, save_results  # noqa: E402
-
 import datasets  # noqa: E402
 import PIL.Image  # noqa: E402
 import PIL.ImageFile  # noqa: E402
+from _common import RESULTS_DIR, format_table, library_versions, machine_info, median, quiet_libraries, save_results  # noqa: E402
 
 from car_maker_pipeline.data.maker_dataset import MakerDatasetParams, build_maker_dataset  # noqa: E402
 from car_maker_pipeline.data.source import materialize_raw  # noqa: E402
@@ -89,7 +88,9 @@ def naive_build(raw: datasets.DatasetDict, out_dir: Path, validation_fraction: f
         image = example["image"]  # decoded by datasets again
         return {"image": image.convert("RGB"), "maker": class_names[example["label"]].split()[0]}
 
-    features = datasets.Features({"image": datasets.Image(), "label": raw["train"].features["label"], "maker": datasets.Value("string")})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": raw["train"].features["label"], "maker": datasets.Value("string")}
+    )
     out = {}
     for split, part in raw.items():
         part = part.cast_column("image", datasets.Image(decode=True))
@@ -97,10 +98,14 @@ def naive_build(raw: datasets.DatasetDict, out_dir: Path, validation_fraction: f
         out[split] = kept.map(convert, features=features, load_from_cache_file=False, desc=f"naive: convert {split}")
     train = out["train"].class_encode_column("maker")
     carved = train.train_test_split(test_size=validation_fraction, stratify_by_column="maker", seed=seed)
-    result = datasets.DatasetDict({"train": carved["train"], "validation": carved["test"],
-                                   **{k: v for k, v in out.items() if k != "train"}})
+    result = datasets.DatasetDict(
+        {"train": carved["train"], "validation": carved["test"], **{k: v for k, v in out.items() if k != "train"}}
+    )
     result.save_to_disk(str(out_dir))
-    return {"makers": sorted(set(train.features["maker"].names)), "rows_per_split": {k: v.num_rows for k, v in result.items()}}
+    return {
+        "makers": sorted(set(train.features["maker"].names)),
+        "rows_per_split": {k: v.num_rows for k, v in result.items()},
+    }
 
 
 def ours_build(raw: datasets.DatasetDict, out_dir: Path, num_proc: int | None) -> dict:
@@ -143,7 +148,10 @@ def decode_check(raw: datasets.DatasetDict, work: Path, rows_per_split: int) -> 
     small = subset(raw, rows_per_split)
     images = sum(part.num_rows for part in small.values())
     result = {"images": images}
-    for name, build in (("ours", lambda out: ours_build(small, out, num_proc=1)), ("naive", lambda out: naive_build(small, out))):
+    for name, build in (
+        ("ours", lambda out: ours_build(small, out, num_proc=1)),
+        ("naive", lambda out: naive_build(small, out)),
+    ):
         out = Path(tempfile.mkdtemp(dir=work, prefix=f"decode-check-{name}-"))
         shutil.rmtree(out)
         try:
@@ -173,8 +181,12 @@ def clean_map_caches(raw: datasets.DatasetDict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="~1,200 images instead of ~16,000")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "car_maker_bench",
-                        help="where the synthetic source (cached across runs) and temporary outputs go")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "car_maker_bench",
+        help="where the synthetic source (cached across runs) and temporary outputs go",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{NAME}.json", help="JSON results path")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions of each builder (median reported)")
     parser.add_argument("--check-rows", type=int, default=100, help="rows per split for the decode-count check")
@@ -192,18 +204,26 @@ def main(argv: list[str] | None = None) -> int:
     raw_record = materialize_raw(str(source), work / "home")
     raw = raw_record.load()
     images = sum(part.num_rows for part in raw.values())
-    print(f"source: {source} ({images} images: {raw_record.rows_per_split}); "
-          f"generated in {gen_seconds:.1f}s" if gen_seconds else f"source: {source} ({images} images, cached)")
+    print(
+        f"source: {source} ({images} images: {raw_record.rows_per_split}); generated in {gen_seconds:.1f}s"
+        if gen_seconds
+        else f"source: {source} ({images} images, cached)"
+    )
 
     # 1. Decode counts (untimed, in-process).
     check = decode_check(raw, work, args.check_rows)
     clean_map_caches(raw)
     ours_ok = check["ours"]["decode"] == check["images"] and check["ours"]["open"] == check["images"]
     print(f"\ndecode check on {check['images']} images (in-process, num_proc=1):")
-    print(format_table(
-        ["builder", "PIL.Image.open calls", "pixel decodes", "decodes per image"],
-        [[name, check[name]["open"], check[name]["decode"], check[name]["decode"] / check["images"]] for name in ("ours", "naive")],
-    ))
+    print(
+        format_table(
+            ["builder", "PIL.Image.open calls", "pixel decodes", "decodes per image"],
+            [
+                [name, check[name]["open"], check[name]["decode"], check[name]["decode"] / check["images"]]
+                for name in ("ours", "naive")
+            ],
+        )
+    )
     assert ours_ok, f"ours should open and decode each image exactly once: {check}"
     print("OK: ours decodes each image exactly once.")
 
@@ -217,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     out_root = work / "outputs"
     out_root.mkdir(exist_ok=True)
     for rep in range(args.repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             out = out_root / f"{name}-{rep}"
             shutil.rmtree(out, ignore_errors=True)
@@ -229,24 +249,52 @@ def main(argv: list[str] | None = None) -> int:
             info[name] = summary
             shutil.rmtree(out, ignore_errors=True)
             clean_map_caches(raw)
-            print(f"  rep {rep + 1}/{args.repeats} {name:8s} {seconds[name][-1]:7.2f}s  {images / seconds[name][-1]:7.0f} images/s", flush=True)
+            print(
+                f"  rep {rep + 1}/{args.repeats} {name:8s} {seconds[name][-1]:7.2f}s  {images / seconds[name][-1]:7.0f} images/s",
+                flush=True,
+            )
 
     ips = {n: [images / s for s in seconds[n]] for n in names}
     ratios = {n: [ips[n][r] / ips["naive"][r] for r in range(args.repeats)] for n in names if n != "naive"}
     rows = []
     for n in names:
-        rows.append([n, median(seconds[n]), median(ips[n]), median(ratios[n]) if n in ratios else 1.0,
-                     f"{info[n]['output_bytes'] / 1e6:.1f}", ", ".join(info[n]["makers"])])
+        rows.append(
+            [
+                n,
+                median(seconds[n]),
+                median(ips[n]),
+                median(ratios[n]) if n in ratios else 1.0,
+                f"{info[n]['output_bytes'] / 1e6:.1f}",
+                ", ".join(info[n]["makers"]),
+            ]
+        )
     print(f"\n{images} images, {args.repeats} repetitions, medians (ratio = median of per-repetition ratios vs naive):")
     print(format_table(["builder", "seconds", "images/s", "ratio vs naive", "output MB", "makers produced"], rows))
 
-    save_results(args.out, NAME, machine, library_versions("datasets", "PIL", "pyarrow"), started_all,
-                 mode="small" if args.small else "full",
-                 source={"path": str(source), "images": images, "rows_per_split": raw_record.rows_per_split, **sizes,
-                         "makers": list(DEMO_MAKERS), "generate_seconds": gen_seconds},
-                 decode_check=check, repeats=args.repeats, seconds=seconds, images_per_second=ips,
-                 median_images_per_second={n: median(v) for n, v in ips.items()}, ratio_vs_naive=ratios,
-                 median_ratio_vs_naive={n: median(v) for n, v in ratios.items()}, outputs=info)
+    save_results(
+        args.out,
+        NAME,
+        machine,
+        library_versions("datasets", "PIL", "pyarrow"),
+        started_all,
+        mode="small" if args.small else "full",
+        source={
+            "path": str(source),
+            "images": images,
+            "rows_per_split": raw_record.rows_per_split,
+            **sizes,
+            "makers": list(DEMO_MAKERS),
+            "generate_seconds": gen_seconds,
+        },
+        decode_check=check,
+        repeats=args.repeats,
+        seconds=seconds,
+        images_per_second=ips,
+        median_images_per_second={n: median(v) for n, v in ips.items()},
+        ratio_vs_naive=ratios,
+        median_ratio_vs_naive={n: median(v) for n, v in ratios.items()},
+        outputs=info,
+    )
     return 0
 
 

@@ -39,12 +39,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    RESULTS_DIR, cached_maker_dataset, format_table, library_versions, machine_info, median, quiet_libraries, save_results,
-)
-
 import datasets  # noqa: E402
 import torch  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    cached_maker_dataset,
+    format_table,
+    library_versions,
+    machine_info,
+    median,
+    quiet_libraries,
+    save_results,
+)
 
 from car_maker_pipeline.models.tiny import build_tiny_model  # noqa: E402
 from car_maker_pipeline.training.lora import LoraTrainingConfig, build_sft_dataset, build_trainer  # noqa: E402
@@ -80,13 +86,21 @@ def _timing_callback():
     return StepClock()
 
 
-def train_once(variant: str, model_dir: Path, train, val, makers, samples: int, work: Path, learning_rate: float,
-               bf16: bool | None) -> dict:
+def train_once(
+    variant: str, model_dir: Path, train, val, makers, samples: int, work: Path, learning_rate: float, bf16: bool | None
+) -> dict:
     knobs = VARIANTS[variant]
     per_step = knobs["per_device_train_batch_size"] * knobs["gradient_accumulation_steps"]
     steps = samples // per_step
-    config = LoraTrainingConfig(learning_rate=learning_rate, max_steps=steps, checkpoint_every_n_steps=steps,
-                                logging_steps=1, warmup_steps=0, bf16=bf16, **knobs)
+    config = LoraTrainingConfig(
+        learning_rate=learning_rate,
+        max_steps=steps,
+        checkpoint_every_n_steps=steps,
+        logging_steps=1,
+        warmup_steps=0,
+        bf16=bf16,
+        **knobs,
+    )
     out = work / f"run-{variant}"
     shutil.rmtree(out, ignore_errors=True)
     clock = _timing_callback()
@@ -105,22 +119,35 @@ def train_once(variant: str, model_dir: Path, train, val, makers, samples: int, 
     shutil.rmtree(out, ignore_errors=True)
     del trainer
     return {
-        "variant": variant, **knobs, "optimizer_steps": steps, "samples": steps * per_step, "seconds": seconds,
-        "samples_per_second": steps * per_step / seconds, "final_train_loss": sum(losses[-tail:]) / tail,
-        "first_train_loss": losses[0] if losses else float("nan"), "val_loss": val_loss, "peak_gpu_gib": peak,
+        "variant": variant,
+        **knobs,
+        "optimizer_steps": steps,
+        "samples": steps * per_step,
+        "seconds": seconds,
+        "samples_per_second": steps * per_step / seconds,
+        "final_train_loss": sum(losses[-tail:]) / tail,
+        "first_train_loss": losses[0] if losses else float("nan"),
+        "val_loss": val_loss,
+        "peak_gpu_gib": peak,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="128 samples, 2 repetitions")
-    parser.add_argument("--samples", type=int, default=None, help="training samples per run (default 1280; 128 with --small)")
-    parser.add_argument("--repeats", type=int, default=None, help="repetitions of each variant (default 3; 2 with --small)")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="training samples per run (default 1280; 128 with --small)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="repetitions of each variant (default 3; 2 with --small)"
+    )
     parser.add_argument("--model", default="tiny-s", help="tiny demo model to train (tiny-s, tiny-m, tiny-l)")
     parser.add_argument("--learning-rate", type=float, default=LoraTrainingConfig.learning_rate)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "car_maker_bench")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{NAME}.json", help="JSON results path")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 = torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 = torch's default)"
+    )
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -144,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     train = train.select(range(samples))
     makers = list(record.makers)
     model_dir = build_tiny_model(work / args.model, args.model)
-    print(f"{samples} training samples of {len(makers)} makers; model {args.model}; torch threads {torch.get_num_threads()}",
-          flush=True)
+    print(
+        f"{samples} training samples of {len(makers)} makers; model {args.model}; torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
 
     runs: list[dict] = []
     ratios = []
@@ -157,28 +186,68 @@ def main(argv: list[str] | None = None) -> int:
             result["repetition"] = rep
             runs.append(result)
             by_variant[variant] = result
-            print(f"  rep {rep} {variant:8s}: {result['samples_per_second']:.2f} samples/s, "
-                  f"train loss {result['first_train_loss']:.3f} -> {result['final_train_loss']:.3f}, "
-                  f"val loss {result['val_loss']:.3f}", flush=True)
+            print(
+                f"  rep {rep} {variant:8s}: {result['samples_per_second']:.2f} samples/s, "
+                f"train loss {result['first_train_loss']:.3f} -> {result['final_train_loss']:.3f}, "
+                f"val loss {result['val_loss']:.3f}",
+                flush=True,
+            )
         ratios.append(by_variant["ours"]["samples_per_second"] / by_variant["tutorial"]["samples_per_second"])
 
     def med(variant: str, key: str) -> float:
         return median([r[key] for r in runs if r["variant"] == variant])
 
-    rows = [[v, VARIANTS[v]["per_device_train_batch_size"], VARIANTS[v]["gradient_accumulation_steps"],
-             VARIANTS[v]["gradient_checkpointing"], samples // (VARIANTS[v]["per_device_train_batch_size"]
-                                                                * VARIANTS[v]["gradient_accumulation_steps"]),
-             med(v, "samples_per_second"), med(v, "final_train_loss"), med(v, "val_loss")] for v in VARIANTS]
+    rows = [
+        [
+            v,
+            VARIANTS[v]["per_device_train_batch_size"],
+            VARIANTS[v]["gradient_accumulation_steps"],
+            VARIANTS[v]["gradient_checkpointing"],
+            samples // (VARIANTS[v]["per_device_train_batch_size"] * VARIANTS[v]["gradient_accumulation_steps"]),
+            med(v, "samples_per_second"),
+            med(v, "final_train_loss"),
+            med(v, "val_loss"),
+        ]
+        for v in VARIANTS
+    ]
     print(f"\n{samples} samples, {repeats} repetitions, medians:")
-    print(format_table(["variant", "batch", "grad accum", "grad ckpt", "optimizer steps", "samples/s",
-                        "final train loss", "val loss"], rows))
+    print(
+        format_table(
+            [
+                "variant",
+                "batch",
+                "grad accum",
+                "grad ckpt",
+                "optimizer steps",
+                "samples/s",
+                "final train loss",
+                "val loss",
+            ],
+            rows,
+        )
+    )
     headline = median(ratios)
-    print(f"ratio ours/tutorial samples/s (median of per-repetition ratios): {headline:.2f}x  "
-          f"(each: {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(
+        f"ratio ours/tutorial samples/s (median of per-repetition ratios): {headline:.2f}x  "
+        f"(each: {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
 
-    save_results(args.out, NAME, machine, library_versions("torch", "transformers", "peft", "trl", "datasets"), started_all,
-                 torch_threads=torch.get_num_threads(), model=args.model, samples=samples, learning_rate=args.learning_rate,
-                 validation_rows=val.num_rows, variants=VARIANTS, runs=runs, ratios=ratios, median_ratio=headline)
+    save_results(
+        args.out,
+        NAME,
+        machine,
+        library_versions("torch", "transformers", "peft", "trl", "datasets"),
+        started_all,
+        torch_threads=torch.get_num_threads(),
+        model=args.model,
+        samples=samples,
+        learning_rate=args.learning_rate,
+        validation_rows=val.num_rows,
+        variants=VARIANTS,
+        runs=runs,
+        ratios=ratios,
+        median_ratio=headline,
+    )
     return 0
 
 

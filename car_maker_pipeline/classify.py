@@ -33,7 +33,9 @@ def read_images(paths: list[str]) -> list[Image.Image]:
         except FileNotFoundError as error:
             raise ClassifyError(f"{path}: no such file.") from error
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise ClassifyError(f"{path}: not a readable image ({error}). Pass a JPEG, PNG or other image Pillow can open.") from error
+            raise ClassifyError(
+                f"{path}: not a readable image ({error}). Pass a JPEG, PNG or other image Pillow can open."
+            ) from error
     return images
 
 
@@ -62,7 +64,9 @@ def pick_version(uri: str, name: str | None, version: str | None):
         versions = [v for v in versions if str(v.version) == str(version)]
     if not versions:
         wanted = f"{name or 'car-maker-*'}" + (f" version {version}" if version else "")
-        raise ClassifyError(f"No registered model {wanted} in {uri}. Materialize checkpoint_accuracy first, or pass --adapter.")
+        raise ClassifyError(
+            f"No registered model {wanted} in {uri}. Materialize checkpoint_accuracy first, or pass --adapter."
+        )
     if version is not None or name is not None:
         return max(versions, key=lambda v: int(v.version))
     # The best across models, by the validation accuracy it was selected on.
@@ -88,8 +92,12 @@ def load_classifier(adapter_dir: Path, batch_size: int = 16):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m car_maker_pipeline.classify", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="*", help="image files")
-    parser.add_argument("--from-test", type=int, metavar="N",
-                        help="classify the first N images of the materialized car_maker_dataset's test split instead")
+    parser.add_argument(
+        "--from-test",
+        type=int,
+        metavar="N",
+        help="classify the first N images of the materialized car_maker_dataset's test split instead",
+    )
     parser.add_argument("--model", help="registered model name (default: the best car-maker-* version)")
     parser.add_argument("--version", help="registered version (default: the latest of --model)")
     parser.add_argument("--adapter", type=Path, help="a best_adapter folder instead of the registry")
@@ -113,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             chosen = pick_version(uri, args.model, args.version)
             mlflow.set_tracking_uri(uri)
             adapter_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source))
-            print(f"# {chosen.name} version {chosen.version} (step {chosen.tags.get('step')}, "
-                  f"val accuracy {chosen.tags.get('val_accuracy')})", file=sys.stderr)
+            print(
+                f"# {chosen.name} version {chosen.version} (step {chosen.tags.get('step')}, "
+                f"val accuracy {chosen.tags.get('val_accuracy')})",
+                file=sys.stderr,
+            )
         classifier, _ = load_classifier(adapter_dir)
     except ClassifyError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -8,7 +8,12 @@ from car_maker_pipeline.orchestration.assets.training import training_assets
 from car_maker_pipeline.orchestration.automation import automation_jobs, schedules, sensors
 from car_maker_pipeline.orchestration.deployment import executor
 from car_maker_pipeline.orchestration.jobs import jobs
-from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, StanfordCarsSource, VisionLanguageModels
+from car_maker_pipeline.orchestration.resources import (
+    MlflowTracking,
+    PipelineStore,
+    StanfordCarsSource,
+    VisionLanguageModels,
+)
 
 defs = dg.Definitions(
     assets=[*data_assets, *baseline_assets, *training_assets],

@@ -32,16 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     instance = _instance()
     store = PipelineStore()
     print(f"profile {profile.name}; data under {store.root}; Dagster runs in {os.environ['DAGSTER_HOME']}", flush=True)
-    stages = [("data_job", None)] + [(job, key) for key in VisionLanguageModels().model_keys() for job in PER_MODEL_JOBS]
+    stages = [("data_job", None)] + [
+        (job, key) for key in VisionLanguageModels().model_keys() for job in PER_MODEL_JOBS
+    ]
     for job_name, partition in stages:
         started = time.perf_counter()
         label = job_name + (f" [{partition}]" if partition else "")
         print(f"-> {label} ...", flush=True)
-        result = defs.resolve_job_def(job_name).execute_in_process(instance=instance, partition_key=partition, raise_on_error=False)
+        result = defs.resolve_job_def(job_name).execute_in_process(
+            instance=instance, partition_key=partition, raise_on_error=False
+        )
         status = "ok" if result.success else "FAILED"
         print(f"   {label}: {status} in {time.perf_counter() - started:.0f}s (run {result.run_id})", flush=True)
         if not result.success:
-            print(f"   see `dagster dev -w workspace.yaml` (run {result.run_id}) for the failing step's logs", file=sys.stderr)
+            print(
+                f"   see `dagster dev -w workspace.yaml` (run {result.run_id}) for the failing step's logs",
+                file=sys.stderr,
+            )
             return 1
     print_summary(store)
     return 0
@@ -62,7 +69,9 @@ def print_summary(store) -> None:
         except Exception:
             continue
         summary = report["summary"]
-        print(f"{key:<14}{summary['accuracy']:.1%} [{summary['ci_low']:.1%}, {summary['ci_high']:.1%}]{'':<8}{report['images_per_second']:>10.1f}")
+        print(
+            f"{key:<14}{summary['accuracy']:.1%} [{summary['ci_low']:.1%}, {summary['ci_high']:.1%}]{'':<8}{report['images_per_second']:>10.1f}"
+        )
     for key in VisionLanguageModels().model_keys():
         try:
             scored = store.read_manifest("checkpoint_accuracy", key)
@@ -71,8 +80,14 @@ def print_summary(store) -> None:
         import pandas as pd
 
         table = pd.read_parquet(scored["table"])
-        print(f"\n{key}: best checkpoint step {scored['best_step']} (chosen on validation), registered version {scored['registered_version']}")
-        print(table[["step", "val_accuracy", "accuracy", "ci_low", "ci_high", "change_vs_baseline"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(
+            f"\n{key}: best checkpoint step {scored['best_step']} (chosen on validation), registered version {scored['registered_version']}"
+        )
+        print(
+            table[["step", "val_accuracy", "accuracy", "ci_low", "ci_high", "change_vs_baseline"]].to_string(
+                index=False, float_format=lambda v: f"{v:.3f}"
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 EXPERIMENT = "car_maker_pipeline"
 
@@ -29,7 +29,7 @@ def initialize_sqlite_store(uri: str) -> None:
     """
     if not uri.startswith("sqlite:///"):
         return
-    path = Path(uri[len("sqlite:///"):])
+    path = Path(uri[len("sqlite:///") :])
     if path.exists():
         return
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
@@ -88,8 +88,9 @@ def find_run(uri: str, exp_id: str, tags: dict[str, str]) -> str | None:
     """The newest run whose tags all match, so a rerun continues a record instead of duplicating it."""
     import mlflow
 
-    runs = mlflow.MlflowClient(uri).search_runs([exp_id], filter_string=_tag_filter(tags), max_results=1,
-                                                order_by=["attributes.start_time DESC"])
+    runs = mlflow.MlflowClient(uri).search_runs(
+        [exp_id], filter_string=_tag_filter(tags), max_results=1, order_by=["attributes.start_time DESC"]
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -104,7 +105,9 @@ def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], is_alive) 
 
     client = MlflowClient(uri)
     deleted = []
-    for run in client.search_runs([exp_id], filter_string=_tag_filter(tags, "attributes.status = 'RUNNING'"), max_results=100):
+    for run in client.search_runs(
+        [exp_id], filter_string=_tag_filter(tags, "attributes.status = 'RUNNING'"), max_results=100
+    ):
         if is_alive(run.data.tags.get("dagster_run_id")):
             continue
         for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
@@ -116,6 +119,7 @@ def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], is_alive) 
 
 def dagster_run_is_alive(instance):
     """`is_alive` for `delete_orphaned_runs`: the Dagster run exists and has not finished."""
+
     def is_alive(run_id: str | None) -> bool:
         if not run_id:
             return False
@@ -126,17 +130,22 @@ def dagster_run_is_alive(instance):
 
 
 @contextmanager
-def mlflow_run(uri: str, home: Path, run_name: str, tags: dict[str, str], run_id: str | None = None,
-               orphans_of=None) -> Iterator:
+def mlflow_run(
+    uri: str, home: Path, run_name: str, tags: dict[str, str], run_id: str | None = None, orphans_of=None
+) -> Iterator:
     """An MLflow run in the pipeline's experiment. `orphans_of`: a Dagster instance; runs with the same
     tags (but the Dagster run id) left RUNNING by a killed process are deleted first."""
     import mlflow
 
     exp = experiment_id(uri, home)
     if orphans_of is not None:
-        delete_orphaned_runs(uri, exp, {k: v for k, v in tags.items() if k != "dagster_run_id"}, dagster_run_is_alive(orphans_of))
+        delete_orphaned_runs(
+            uri, exp, {k: v for k, v in tags.items() if k != "dagster_run_id"}, dagster_run_is_alive(orphans_of)
+        )
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp, run_name=None if run_id else run_name, tags=tags) as run:
+    with mlflow.start_run(
+        run_id=run_id, experiment_id=None if run_id else exp, run_name=None if run_id else run_name, tags=tags
+    ) as run:
         yield run
 
 
@@ -147,8 +156,11 @@ def hf_token_env_names() -> tuple[str, ...]:
 def scrub_secrets(values: dict) -> dict:
     """Drop anything that looks like a credential before it is logged as a param or tag."""
     secrets = {os.environ[name] for name in hf_token_env_names() if os.environ.get(name)}
-    return {key: value for key, value in values.items()
-            if not key.lower().endswith(("_token", "token", "password", "secret")) and str(value) not in secrets}
+    return {
+        key: value
+        for key, value in values.items()
+        if not key.lower().endswith(("_token", "token", "password", "secret")) and str(value) not in secrets
+    }
 
 
 REGISTERED_MODEL_PREFIX = "car-maker-"
@@ -161,11 +173,15 @@ def register_adapter(uri: str, run_id: str, artifact_uri: str, name: str, tags: 
 
     client = MlflowClient(uri)
     try:
-        client.create_registered_model(name, description="LoRA adapter for car-maker classification; base model in the version tags.")
+        client.create_registered_model(
+            name, description="LoRA adapter for car-maker classification; base model in the version tags."
+        )
     except MlflowException as error:
         if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code if hasattr(error, "error_code") else error):
             raise
-    version = client.create_model_version(name, source=artifact_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    version = client.create_model_version(
+        name, source=artifact_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+    )
     return str(version.version)
 
 

@@ -18,8 +18,15 @@ def cli_env(root: Path, **extra: str) -> dict[str, str]:
     # mlflow.set_tracking_uri() in earlier in-process tests exports MLFLOW_TRACKING_URI; the CLI
     # runs here must use their own store under CAR_MAKER_HOME.
     inherited = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    return {**inherited, "DAGSTER_HOME": str(root / "dagster_home"), "CAR_MAKER_HOME": str(root / "home"),
-            "HF_HUB_OFFLINE": "1", "CAR_MAKER_PROFILE": "demo", "PYTHONUNBUFFERED": "1", **extra}
+    return {
+        **inherited,
+        "DAGSTER_HOME": str(root / "dagster_home"),
+        "CAR_MAKER_HOME": str(root / "home"),
+        "HF_HUB_OFFLINE": "1",
+        "CAR_MAKER_PROFILE": "demo",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
 
 
 def materialize_command(select: str, partition: str | None = None, config: dict | None = None) -> list[str]:
@@ -32,8 +39,14 @@ def materialize_command(select: str, partition: str | None = None, config: dict 
 
 
 def materialize(env, select, partition=None, config=None, timeout=900, outputs: list[str] | None = None):
-    result = subprocess.run(materialize_command(select, partition, config), cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        materialize_command(select, partition, config),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if outputs is not None:
         outputs.append(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -27,8 +27,13 @@ def _isolated_stores(tmp_path, monkeypatch):
 def demo_source(tmp_path_factory):
     from car_maker_pipeline.data.synthetic import generate_demo_source
 
-    return generate_demo_source(tmp_path_factory.mktemp("source") / "stanford_cars", train_per_maker=14,
-                                test_per_maker=6, corruptions=("contrast",), seed=3)
+    return generate_demo_source(
+        tmp_path_factory.mktemp("source") / "stanford_cars",
+        train_per_maker=14,
+        test_per_maker=6,
+        corruptions=("contrast",),
+        seed=3,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +47,9 @@ def raw_dataset(demo_source, tmp_path_factory):
 def maker_dataset(raw_dataset, tmp_path_factory):
     from car_maker_pipeline.data.maker_dataset import build_maker_dataset
 
-    record = build_maker_dataset(raw_dataset.load(), tmp_path_factory.mktemp("makers") / "dataset",
-                                 source_revision=raw_dataset.revision)
+    record = build_maker_dataset(
+        raw_dataset.load(), tmp_path_factory.mktemp("makers") / "dataset", source_revision=raw_dataset.revision
+    )
     return record
 
 

@@ -14,6 +14,7 @@ store, and stops the whole process group it started on exit, whatever the test d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -62,18 +63,29 @@ class DagsterDev:
 
     def env(self) -> dict[str, str]:
         inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DAGSTER_HOME")}
-        return {**inherited, "DAGSTER_HOME": str(self.home), "CAR_MAKER_HOME": str(self.car_maker_home),
-                "CAR_MAKER_PROFILE": "demo", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "PYTHONUNBUFFERED": "1", "DAGSTER_DISABLE_TELEMETRY": "1"}
+        return {
+            **inherited,
+            "DAGSTER_HOME": str(self.home),
+            "CAR_MAKER_HOME": str(self.car_maker_home),
+            "CAR_MAKER_PROFILE": "demo",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "DAGSTER_DISABLE_TELEMETRY": "1",
+        }
 
-    def start(self) -> "DagsterDev":
+    def start(self) -> DagsterDev:
         self.home.mkdir(parents=True, exist_ok=True)
         instance_yaml = (REPO / "dagster.yaml").read_text() + "\n" + self.extra_instance_yaml
         (self.home / "dagster.yaml").write_text(instance_yaml)
-        log = open(self.log_path, "w")
+        log = open(self.log_path, "w")  # noqa: SIM115 (the server writes to it after this returns)
         self.process = subprocess.Popen(
             project_ui_command(self.port),
-            cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -83,7 +95,9 @@ class DagsterDev:
                 return self
             time.sleep(1.0)
         self.stop()
-        raise TimeoutError(f"dagster dev did not serve the code location within {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"dagster dev did not serve the code location within {self.startup_timeout:.0f}s:\n{self.log_tail()}"
+        )
 
     def stop(self) -> None:
         if self.process is None:
@@ -96,13 +110,11 @@ class DagsterDev:
                 self.process.wait(timeout=60)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process = None
 
-    def __enter__(self) -> "DagsterDev":
+    def __enter__(self) -> DagsterDev:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -134,13 +146,16 @@ class DagsterDev:
         try:
             data = self.graphql(
                 "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
-                "locationOrLoadError { __typename } } } } }", timeout=5)
+                "locationOrLoadError { __typename } } } } }",
+                timeout=5,
+            )
         except (urllib.error.URLError, ConnectionError, OSError, AssertionError, ValueError):
             return False
         entries = data["workspaceOrError"].get("locationEntries", [])
         return bool(entries) and all(
             e["loadStatus"] == "LOADED" and e["locationOrLoadError"]["__typename"] == "RepositoryLocation"
-            for e in entries)
+            for e in entries
+        )
 
     def wait_for_run(self, run_id: str, timeout: float = 600.0) -> str:
         """Poll until the run ends; returns its final status name."""
@@ -171,7 +186,7 @@ def listening_addresses(port: int) -> set[str]:
                 found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]))
             else:
                 words = bytes.fromhex(address)
-                found.add(socket.inet_ntop(socket.AF_INET6, b"".join(words[i:i + 4][::-1] for i in range(0, 16, 4))))
+                found.add(socket.inet_ntop(socket.AF_INET6, b"".join(words[i : i + 4][::-1] for i in range(0, 16, 4))))
     return found
 
 

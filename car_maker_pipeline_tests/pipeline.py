@@ -7,21 +7,34 @@ from pathlib import Path
 import dagster as dg
 
 
-def materialized_demo_data(home: Path, train_per_maker: int, test_per_maker: int, corruptions: list[str],
-                           with_checks: bool = False):
+def materialized_demo_data(
+    home: Path, train_per_maker: int, test_per_maker: int, corruptions: list[str], with_checks: bool = False
+):
     """(resources, instance, result) after materializing raw_stanford_cars and car_maker_dataset in `home`."""
     from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, data_checks, raw_stanford_cars
-    from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, StanfordCarsSource, VisionLanguageModels
+    from car_maker_pipeline.orchestration.resources import (
+        MlflowTracking,
+        PipelineStore,
+        StanfordCarsSource,
+        VisionLanguageModels,
+    )
 
     resources = {
         "store": PipelineStore(home=str(home)),
-        "source": StanfordCarsSource(profile="demo", demo_train_per_maker=train_per_maker,
-                                     demo_test_per_maker=test_per_maker, demo_corruptions=corruptions),
+        "source": StanfordCarsSource(
+            profile="demo",
+            demo_train_per_maker=train_per_maker,
+            demo_test_per_maker=test_per_maker,
+            demo_corruptions=corruptions,
+        ),
         "models": VisionLanguageModels(profile="demo"),
         "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{home / 'mlflow.db'}"),
     }
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize([raw_stanford_cars, car_maker_dataset, *(data_checks if with_checks else [])],
-                            resources=resources, instance=instance)
+    result = dg.materialize(
+        [raw_stanford_cars, car_maker_dataset, *(data_checks if with_checks else [])],
+        resources=resources,
+        instance=instance,
+    )
     assert result.success
     return resources, instance, result

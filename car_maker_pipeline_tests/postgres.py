@@ -10,6 +10,7 @@ Debian package creates it). The data directory is a fresh temporary folder, dele
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -46,7 +47,7 @@ class ThrowawayPostgres:
             command = ["runuser", "-u", "postgres", "--", *command]
         return subprocess.run(command, check=True, capture_output=True, text=True, **kwargs)
 
-    def start(self) -> "ThrowawayPostgres":
+    def start(self) -> ThrowawayPostgres:
         os.chmod(self.root, 0o755)
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
@@ -54,20 +55,39 @@ class ThrowawayPostgres:
         password_file.write_text(PASSWORD + "\n")
         if os.geteuid() == 0:
             shutil.chown(password_file, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=scram-sha-256", f"--pwfile={password_file}",
-                  "-E", "UTF8", "--no-sync")
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-t", "60",
-                  "-o", f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off", "start")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            self.user,
+            "--auth=scram-sha-256",
+            f"--pwfile={password_file}",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off",
+            "start",
+        )
         return self
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
-        except subprocess.CalledProcessError:
-            pass
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "ThrowawayPostgres":
+    def __enter__(self) -> ThrowawayPostgres:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -77,8 +97,13 @@ class ThrowawayPostgres:
         return {"PGHOST": "127.0.0.1", "PGPORT": str(self.port), "PGUSER": self.user, "PGPASSWORD": PASSWORD}
 
     def create_database(self, name: str) -> None:
-        subprocess.run([str(self.bin / "createdb"), name], check=True, capture_output=True, text=True,
-                       env={**os.environ, **self.env()})
+        subprocess.run(
+            [str(self.bin / "createdb"), name],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.env()},
+        )
 
     def url(self, database: str) -> str:
         return f"postgresql://{self.user}:{PASSWORD}@127.0.0.1:{self.port}/{database}"
@@ -86,5 +111,7 @@ class ThrowawayPostgres:
     def query(self, database: str, sql: str) -> list[tuple]:
         import psycopg
 
-        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, password=PASSWORD, dbname=database) as conn:
+        with psycopg.connect(
+            host="127.0.0.1", port=self.port, user=self.user, password=PASSWORD, dbname=database
+        ) as conn:
             return conn.execute(sql).fetchall()

@@ -15,7 +15,10 @@ from car_maker_pipeline_tests.pipeline import materialized_demo_data
 def pipeline(tmp_path_factory):
     """Materialize the data assets once on a small generated demo source."""
     home = tmp_path_factory.mktemp("pipeline")
-    return (home, *materialized_demo_data(home, train_per_maker=12, test_per_maker=5, corruptions=["pixelate"], with_checks=True))
+    return (
+        home,
+        *materialized_demo_data(home, train_per_maker=12, test_per_maker=5, corruptions=["pixelate"], with_checks=True),
+    )
 
 
 def test_data_assets_carry_their_metadata(pipeline):
@@ -40,16 +43,32 @@ def test_rematerializing_an_unchanged_source_reuses_the_stored_copy(pipeline):
     again = dg.materialize([raw_stanford_cars, car_maker_dataset], resources=resources, instance=instance)
     raw = again.asset_materializations_for_node("raw_stanford_cars")[0].metadata
     assert raw["cache_hit"].value is True
-    assert raw["revision"].value == first.asset_materializations_for_node("raw_stanford_cars")[0].metadata["revision"].value
+    assert (
+        raw["revision"].value
+        == first.asset_materializations_for_node("raw_stanford_cars")[0].metadata["revision"].value
+    )
     assert again.asset_materializations_for_node("car_maker_dataset")[0].metadata["cache_hit"].value is True
 
 
 def test_baseline_partition_reports_metrics_and_an_mlflow_run(pipeline):
     home, resources, instance, _ = pipeline
-    result = dg.materialize([baseline_evaluation], resources=resources, instance=instance, partition_key="tiny-s",
-                            run_config={"ops": {"baseline_evaluation": {"config": {"batch_size": 8}}}})
+    result = dg.materialize(
+        [baseline_evaluation],
+        resources=resources,
+        instance=instance,
+        partition_key="tiny-s",
+        run_config={"ops": {"baseline_evaluation": {"config": {"batch_size": 8}}}},
+    )
     metadata = result.asset_materializations_for_node("baseline_evaluation")[0].metadata
-    for key in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_images", "images_per_second", "per_maker_accuracy", "confusion_matrix"):
+    for key in (
+        "accuracy",
+        "accuracy_ci_low",
+        "accuracy_ci_high",
+        "num_images",
+        "images_per_second",
+        "per_maker_accuracy",
+        "confusion_matrix",
+    ):
         assert key in metadata, key
     assert metadata["num_images"].value == 30
     assert metadata["accuracy_ci_low"].value <= metadata["accuracy"].value <= metadata["accuracy_ci_high"].value
@@ -62,7 +81,15 @@ def test_baseline_partition_reports_metrics_and_an_mlflow_run(pipeline):
     run = runs[0]
     assert run.data.metrics["accuracy"] == pytest.approx(metadata["accuracy"].value)
     assert {"accuracy_ci_low", "accuracy_ci_high", "macro_accuracy", "images_per_second"} <= set(run.data.metrics)
-    assert {"model_id", "model_revision", "dataset_revision", "prompt_hash", "num_images", "batch_size", "device"} <= set(run.data.params)
+    assert {
+        "model_id",
+        "model_revision",
+        "dataset_revision",
+        "prompt_hash",
+        "num_images",
+        "batch_size",
+        "device",
+    } <= set(run.data.params)
     assert run.data.params["batch_size"] == "8" and run.data.params["device"] == "cpu"
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"predictions.parquet", "per_maker.parquet", "confusion_matrix.png", "misclassified.png"} <= artifacts
@@ -80,5 +107,7 @@ def test_a_prompt_without_the_maker_list_is_rejected_before_model_work(pipeline)
     home, resources, instance, _ = pipeline
     config = {"ops": {"baseline_evaluation": {"config": {"user_prompt": "Which maker?"}}}}
     with pytest.raises(Exception, match=r"\{makers\}"):
-        dg.materialize([baseline_evaluation], resources=resources, instance=instance, partition_key="tiny-l", run_config=config)
+        dg.materialize(
+            [baseline_evaluation], resources=resources, instance=instance, partition_key="tiny-l", run_config=config
+        )
     assert not any((home / "demo_models").glob("tiny-l*"))

@@ -13,19 +13,26 @@ from car_maker_pipeline.orchestration.resources import PipelineStore, StanfordCa
 def test_schedule_ships_stopped_and_requests_one_retrain_per_model():
     assert retrain_weekly.default_status == dg.DefaultScheduleStatus.STOPPED
     assert retrain_weekly.cron_schedule == "0 3 * * 1"
-    when = datetime.datetime(2026, 11, 30, 3, 0, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2026, 11, 30, 3, 0, tzinfo=datetime.UTC)
     requests = retrain_weekly(dg.build_schedule_context(scheduled_execution_time=when))
     assert [r.partition_key for r in requests] == ["tiny-s", "tiny-m", "tiny-l"]
     assert all(r.tags["trigger"] == "schedule" for r in requests)
     job = defs.resolve_job_def("retrain_job")
     assert {key.to_user_string() for key in job.asset_layer.executable_asset_keys} >= {
-        "raw_stanford_cars", "car_maker_dataset", "lora_checkpoints", "checkpoint_accuracy"}
+        "raw_stanford_cars",
+        "car_maker_dataset",
+        "lora_checkpoints",
+        "checkpoint_accuracy",
+    }
 
 
 def test_sensor_fires_once_per_new_source_revision(demo_source, tmp_path):
     source_dir = tmp_path / "source"
     shutil.copytree(demo_source, source_dir)
-    resources = {"source": StanfordCarsSource(path_or_id=str(source_dir)), "store": PipelineStore(home=str(tmp_path / "home"))}
+    resources = {
+        "source": StanfordCarsSource(path_or_id=str(source_dir)),
+        "store": PipelineStore(home=str(tmp_path / "home")),
+    }
     assert source_revision_sensor.default_status == dg.DefaultSensorStatus.STOPPED
 
     with dg.build_sensor_context(resources=resources) as context:
@@ -39,7 +46,8 @@ def test_sensor_fires_once_per_new_source_revision(demo_source, tmp_path):
     assert not again.run_requests  # same revision: no second retrain
 
     (source_dir / "data" / "train-00000-of-00001.parquet").write_bytes(
-        (source_dir / "data" / "train-00000-of-00001.parquet").read_bytes() + b"\0")
+        (source_dir / "data" / "train-00000-of-00001.parquet").read_bytes() + b"\0"
+    )
     with dg.build_sensor_context(cursor=revision, resources=resources) as context:
         changed = source_revision_sensor(context)
     assert len(changed.run_requests) == 3 and changed.cursor != revision
@@ -51,7 +59,9 @@ def test_sensor_does_not_retrain_on_data_already_materialized(demo_source, tmp_p
     store = PipelineStore(home=str(tmp_path / "home"))
     raw = materialize_raw(str(demo_source), store.root)
     store.write_manifest("raw_stanford_cars", raw.to_json())
-    with dg.build_sensor_context(resources={"source": StanfordCarsSource(path_or_id=str(demo_source)), "store": store}) as context:
+    with dg.build_sensor_context(
+        resources={"source": StanfordCarsSource(path_or_id=str(demo_source)), "store": store}
+    ) as context:
         result = source_revision_sensor(context)
     assert not result.run_requests and result.cursor == raw.revision
 
@@ -66,7 +76,9 @@ def test_project_instance_settings(tmp_path):
     shutil.copy(Path(__file__).resolve().parents[1] / "dagster.yaml", tmp_path / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
-        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 4  # what the queue daemon reads
+        assert (
+            instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 4
+        )  # what the queue daemon reads
         assert instance.run_monitoring_enabled
         assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 30
         assert instance.run_retries_enabled and instance.run_retries_max_retries == 1

@@ -35,8 +35,8 @@ import io
 import re
 import shutil
 
-import datasets
 import dagster as dg
+import datasets
 import numpy as np
 import pytest
 from PIL import Image
@@ -57,16 +57,22 @@ def photo(seed: int, size=(48, 32), fmt="JPEG", mode="RGB") -> bytes:
     return buffer.getvalue()
 
 
-def raw_source(train: list[tuple[bytes, int]], test: list[tuple[bytes, int]] | None = None, names=NAMES) -> datasets.DatasetDict:
+def raw_source(
+    train: list[tuple[bytes, int]], test: list[tuple[bytes, int]] | None = None, names=NAMES
+) -> datasets.DatasetDict:
     """A Stanford-Cars-shaped DatasetDict; train gets 3 ordinary images per maker so a split can be carved."""
     base = [(photo(100 + i), label) for i, label in enumerate([BMW, BMW, BMW, LAND_ROVER, LAND_ROVER, LAND_ROVER])]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
 
     def split(rows):
-        return datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b, _ in rows],
-                                           "label": [label for _, label in rows]}, features=features)
+        return datasets.Dataset.from_dict(
+            {"image": [{"bytes": b, "path": None} for b, _ in rows], "label": [label for _, label in rows]},
+            features=features,
+        )
 
-    return datasets.DatasetDict({"train": split(base + train), "test": split(test or [(photo(200), BMW), (photo(201), LAND_ROVER)])})
+    return datasets.DatasetDict(
+        {"train": split(base + train), "test": split(test or [(photo(200), BMW), (photo(201), LAND_ROVER)])}
+    )
 
 
 def build(tmp_path, raw):
@@ -146,7 +152,9 @@ def test_extreme_strip_and_photo_classify_in_one_batch(tiny_model):
 
     strip, picture = Image.new("RGB", (5000, 10), (9, 9, 9)), Image.new("RGB", (64, 48))
     assert model_ready(strip).size == (5000, 625) and model_ready(picture) is picture
-    predictions = MakerClassifier(tiny_model.model, tiny_model.processor, ["BMW", "Land Rover"], batch_size=4).classify([strip, picture])
+    predictions = MakerClassifier(tiny_model.model, tiny_model.processor, ["BMW", "Land Rover"], batch_size=4).classify(
+        [strip, picture]
+    )
     assert [p.maker in ("BMW", "Land Rover") for p in predictions] == [True, True]
 
 
@@ -156,8 +164,10 @@ def test_extreme_strip_and_photo_classify_in_one_batch(tiny_model):
 def test_labels_outside_the_class_range_are_counted(tmp_path):
     raw = raw_source([])
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    extra = datasets.Dataset.from_dict({"image": [{"bytes": photo(30), "path": None}, {"bytes": photo(31), "path": None}],
-                                        "label": [-1, 196]}, features=features)
+    extra = datasets.Dataset.from_dict(
+        {"image": [{"bytes": photo(30), "path": None}, {"bytes": photo(31), "path": None}], "label": [-1, 196]},
+        features=features,
+    )
     # Arrow stores any int64; only the ClassLabel's range says which are valid.
     train = datasets.concatenate_datasets([raw["train"].cast_column("label", datasets.Value("int64")), extra])
     raw["train"] = _force_class_label(train)
@@ -175,7 +185,9 @@ def _force_class_label(part: datasets.Dataset) -> datasets.Dataset:
 
 def test_label_column_of_the_wrong_type_is_rejected(tmp_path):
     raw = raw_source([])
-    raw["train"] = raw["train"].cast_column("label", datasets.Value("int64")).cast_column("label", datasets.Value("string"))
+    raw["train"] = (
+        raw["train"].cast_column("label", datasets.Value("int64")).cast_column("label", datasets.Value("string"))
+    )
     with pytest.raises(MakerDatasetError, match=r"'label' column of type .*string.* must be a ClassLabel"):
         build(tmp_path, raw)
     assert not (tmp_path / "built").exists()
@@ -183,8 +195,12 @@ def test_label_column_of_the_wrong_type_is_rejected(tmp_path):
 
 def test_duplicated_rows_are_counted_and_kept_once(tmp_path):
     same = photo(40)
-    record = build(tmp_path, raw_source([(same, BMW), (same, BMW), (same, BMW)],
-                                        test=[(photo(41), BMW), (photo(41), BMW), (photo(42), LAND_ROVER)]))
+    record = build(
+        tmp_path,
+        raw_source(
+            [(same, BMW), (same, BMW), (same, BMW)], test=[(photo(41), BMW), (photo(41), BMW), (photo(42), LAND_ROVER)]
+        ),
+    )
     assert record.dropped_duplicate == {"train": 2, "test": 1}
     assert record.rows_per_split["test"] == 2
     assert record.rows_per_split["train"] + record.rows_per_split["validation"] == 7
@@ -239,8 +255,14 @@ def _store_snapshot(home):
 def _rejected(materialized, asset, config: dict, partition="tiny-s") -> str:
     home, resources, instance = materialized
     before = _store_snapshot(home)
-    result = dg.materialize([asset], resources=resources, instance=instance, partition_key=partition,
-                            run_config={"ops": {asset.key.path[-1]: {"config": config}}}, raise_on_error=False)
+    result = dg.materialize(
+        [asset],
+        resources=resources,
+        instance=instance,
+        partition_key=partition,
+        run_config={"ops": {asset.key.path[-1]: {"config": config}}},
+        raise_on_error=False,
+    )
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
     message = failure.step_failure_data.error.to_string()
@@ -250,12 +272,15 @@ def _rejected(materialized, asset, config: dict, partition="tiny-s") -> str:
     return message
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("learning_rate", -1e-3, r"learning_rate\s+Input should be greater than 0"),
-    ("lora_r", 0, r"lora_r\s+Input should be greater than 0"),
-    ("per_device_train_batch_size", 0, r"per_device_train_batch_size\s+Input should be greater than 0"),
-    ("checkpoint_every_n_steps", 500, r"checkpoint_every_n_steps \(500\) is larger than max_steps \(400\)"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("learning_rate", -1e-3, r"learning_rate\s+Input should be greater than 0"),
+        ("lora_r", 0, r"lora_r\s+Input should be greater than 0"),
+        ("per_device_train_batch_size", 0, r"per_device_train_batch_size\s+Input should be greater than 0"),
+        ("checkpoint_every_n_steps", 500, r"checkpoint_every_n_steps \(500\) is larger than max_steps \(400\)"),
+    ],
+)
 def test_out_of_range_hyperparameters_are_rejected_before_training(materialized, field, value, expected):
     from car_maker_pipeline.orchestration.assets.training import LoraConfig, lora_checkpoints
     from car_maker_pipeline.training.lora import LoraTrainingConfig, LoraTrainingError
@@ -281,9 +306,10 @@ def test_prompt_without_the_maker_list_is_rejected(materialized):
 
 
 def test_checkpoint_from_another_base_model_is_rejected(tmp_path, tiny_model_dir, maker_dataset):
+    from peft import LoraConfig, get_peft_model
+
     from car_maker_pipeline.models.loading import AdapterMismatchError, attach_adapter, load_model_and_processor
     from car_maker_pipeline.models.tiny import build_tiny_model
-    from peft import LoraConfig, get_peft_model
 
     other_dir = build_tiny_model(tmp_path / "tiny-m", "tiny-m", seed=0)
     other = load_model_and_processor(str(other_dir)).model

@@ -23,10 +23,12 @@ def test_wilson_interval_matches_known_values():
 
 
 def test_summary_macro_accuracy_weights_makers_equally():
-    predictions = pd.DataFrame({
-        "true_maker": ["BMW"] * 8 + ["Rolls-Royce"] * 2,
-        "predicted_maker": ["BMW"] * 8 + ["BMW"] * 2,
-    })
+    predictions = pd.DataFrame(
+        {
+            "true_maker": ["BMW"] * 8 + ["Rolls-Royce"] * 2,
+            "predicted_maker": ["BMW"] * 8 + ["BMW"] * 2,
+        }
+    )
     summary = summarize(predictions, ["BMW", "Rolls-Royce"])
     assert summary.accuracy == 0.8 and summary.macro_accuracy == 0.5
     table = per_maker_table(predictions, ["BMW", "Rolls-Royce"]).set_index("maker")
@@ -53,8 +55,12 @@ def test_every_image_gets_a_valid_maker(tiny_model, maker_dataset):
 
 def test_batched_left_padded_answers_equal_one_at_a_time(tiny_model, maker_dataset):
     """Different image sizes give different numbers of image tokens, so rows really are padded."""
-    images = [image.resize(size) for image, size in zip(
-        maker_dataset.load()["test"].select(range(4))["image"], [(128, 96), (64, 48), (200, 90), (96, 128)])]
+    images = [
+        image.resize(size)
+        for image, size in zip(
+            maker_dataset.load()["test"].select(range(4))["image"], [(128, 96), (64, 48), (200, 90), (96, 128)]
+        )
+    ]
     classifier = MakerClassifier(tiny_model.model, tiny_model.processor, MAKERS, batch_size=4)
     batched = classifier.classify_batch(images)
     single = [classifier.classify_batch([image])[0] for image in images]

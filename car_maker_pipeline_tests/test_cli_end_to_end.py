@@ -19,7 +19,11 @@ from car_maker_pipeline_tests.cli import materialize as run_materialize
 
 pytestmark = pytest.mark.slow
 
-SMALL_SOURCE = {"resources": {"source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": ["contrast"]}}}}
+SMALL_SOURCE = {
+    "resources": {
+        "source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": ["contrast"]}}
+    }
+}
 # A recognisable Hugging Face token in the environment of every command: it must end up nowhere.
 FAKE_HF_TOKEN = "hf_FAKEcliTOKENthatMUSTneverBEstored987654"
 OUTPUTS: list[str] = []  # stdout + stderr of every command run here, searched for the token at the end
@@ -55,8 +59,14 @@ def latest_metadata(env, asset, partition=None) -> dict:
 
 
 def test_definitions_validate(env):
-    result = subprocess.run([DAGSTER, "definitions", "validate", "-w", "workspace.yaml"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [DAGSTER, "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -78,15 +88,31 @@ def test_baseline_partition_from_the_cli(env, partition):
 
 
 def _complete_checkpoints(home: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("-")[1]) for p in home.glob("lora_checkpoints/tiny-s/*/checkpoint-*/checkpoint_complete.json"))
+    return sorted(
+        int(p.parent.name.split("-")[1])
+        for p in home.glob("lora_checkpoints/tiny-s/*/checkpoint-*/checkpoint_complete.json")
+    )
 
 
 def test_training_killed_with_sigkill_resumes_in_the_same_mlflow_run(env):
     home = Path(env["CAR_MAKER_HOME"])
     config = {"ops": {"lora_checkpoints": {"config": SHORT_TRAINING}}}
-    command = [DAGSTER, "asset", "materialize", "-m", "car_maker_pipeline", "--select", "lora_checkpoints",
-               "--partition", "tiny-s", "--config-json", json.dumps(config)]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [
+        DAGSTER,
+        "asset",
+        "materialize",
+        "-m",
+        "car_maker_pipeline",
+        "--select",
+        "lora_checkpoints",
+        "--partition",
+        "tiny-s",
+        "--config-json",
+        json.dumps(config),
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 600
     while not _complete_checkpoints(home) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)
@@ -105,7 +131,9 @@ def test_training_killed_with_sigkill_resumes_in_the_same_mlflow_run(env):
 
     client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("car_maker_pipeline")
-    runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'training' and tags.model_key = 'tiny-s'")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.stage = 'training' and tags.model_key = 'tiny-s'"
+    )
     assert len(runs) == 1, "the resumed training opened a second MLflow run"
     assert runs[0].info.run_id == metadata["mlflow_run_id"]
     history = client.get_metric_history(runs[0].info.run_id, "train_loss")
@@ -127,15 +155,27 @@ def test_checkpoint_accuracy_registers_a_model_and_classify_uses_it(env):
     image_path = home / "test_image.png"
     makers["test"][0]["image"].save(image_path)
     (home / "broken.jpg").write_bytes(b"not a jpeg")
-    result = subprocess.run([sys.executable, "-m", "car_maker_pipeline.classify", str(image_path)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "car_maker_pipeline.classify", str(image_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     OUTPUTS.append(result.stdout + result.stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     path, maker, score = result.stdout.strip().split("\t")
     assert path == str(image_path) and maker in makers["test"].features["maker_id"].names and 0 < float(score) <= 1
 
-    from_test = subprocess.run([sys.executable, "-m", "car_maker_pipeline.classify", "--from-test", "3"], cwd=REPO, env=env,
-                               capture_output=True, text=True, timeout=300)
+    from_test = subprocess.run(
+        [sys.executable, "-m", "car_maker_pipeline.classify", "--from-test", "3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     OUTPUTS.append(from_test.stdout + from_test.stderr)
     assert from_test.returncode == 0, from_test.stderr[-3000:]
     lines = [line.split("\t") for line in from_test.stdout.strip().splitlines()]
@@ -143,8 +183,14 @@ def test_checkpoint_accuracy_registers_a_model_and_classify_uses_it(env):
     assert [line[0] for line in lines] == ["test[0]", "test[1]", "test[2]"]
     assert [line[3] for line in lines] == [f"true: {maker}" for maker in truth]
 
-    broken = subprocess.run([sys.executable, "-m", "car_maker_pipeline.classify", str(home / "broken.jpg")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    broken = subprocess.run(
+        [sys.executable, "-m", "car_maker_pipeline.classify", str(home / "broken.jpg")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert broken.returncode == 2 and "broken.jpg" in broken.stderr and "not a readable image" in broken.stderr
 
 
@@ -153,7 +199,9 @@ def test_the_hugging_face_token_is_stored_nowhere(env):
     arguments), not in the Dagster event log or compute logs, not in checkpoints, not in any output."""
     roots = [Path(env["CAR_MAKER_HOME"]), Path(env["DAGSTER_HOME"])]
     files = [path for root in roots for path in root.rglob("*") if path.is_file()]
-    assert any(path.name == "mlflow.db" for path in files) and any(path.suffix == ".db" and "runs" in path.name for path in files)
+    assert any(path.name == "mlflow.db" for path in files) and any(
+        path.suffix == ".db" and "runs" in path.name for path in files
+    )
     assert any(path.name == "training_args.bin" for path in files)  # the pickle the Trainer writes is searched too
     needle = FAKE_HF_TOKEN.encode()
     leaks = [str(path) for path in files if needle in path.read_bytes()]

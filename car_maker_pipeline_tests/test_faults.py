@@ -39,8 +39,18 @@ from car_maker_pipeline_tests.cli import REPO, cli_env, materialize, materialize
 
 pytestmark = pytest.mark.slow
 
-SOURCE = {"resources": {"source": {"config": {"demo_train_per_maker": 40, "demo_test_per_maker": 10, "demo_corruptions": ["contrast"]}}}}
-TRAINING = {"ops": {"lora_checkpoints": {"config": {"max_steps": 12, "checkpoint_every_n_steps": 4, "per_device_train_batch_size": 8}}}}
+SOURCE = {
+    "resources": {
+        "source": {"config": {"demo_train_per_maker": 40, "demo_test_per_maker": 10, "demo_corruptions": ["contrast"]}}
+    }
+}
+TRAINING = {
+    "ops": {
+        "lora_checkpoints": {
+            "config": {"max_steps": 12, "checkpoint_every_n_steps": 4, "per_device_train_batch_size": 8}
+        }
+    }
+}
 STEPS = [  # (asset, partition, run config)
     ("car_maker_dataset", None, SOURCE),
     ("baseline_evaluation", "tiny-s", SOURCE),
@@ -70,8 +80,14 @@ print(json.dumps(events))
 
 def _latest_step_events(env, asset) -> dict[str, float]:
     """Timestamps of the latest run's events for `asset`'s step: STEP_START, STEP_SUCCESS, ..."""
-    out = subprocess.run([sys.executable, "-c", _LATEST_STEP_EVENTS % asset], cwd=REPO, env=env, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _LATEST_STEP_EVENTS % asset],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -89,8 +105,15 @@ def reference(tmp_path_factory):
 
 def _kill_during_step(env, asset, partition, config, delay) -> dict:
     """Start the command, wait for its STEP_START line for `asset`, wait `delay` more seconds, SIGKILL."""
-    process = subprocess.Popen(materialize_command(asset, partition, config), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        materialize_command(asset, partition, config),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     step_started = threading.Event()
 
     def watch():
@@ -109,9 +132,13 @@ def _kill_during_step(env, asset, partition, config, delay) -> dict:
     process.wait()
     watcher.join(timeout=10)
     events = _latest_step_events(env, asset)
-    return {"asset": asset, "delay_after_step_start": round(delay, 2), "finished_first": finished,
-            "in_step": "STEP_START" in events and "STEP_SUCCESS" not in events,
-            "step_succeeded": "STEP_SUCCESS" in events}
+    return {
+        "asset": asset,
+        "delay_after_step_start": round(delay, 2),
+        "finished_first": finished,
+        "in_step": "STEP_START" in events and "STEP_SUCCESS" not in events,
+        "step_succeeded": "STEP_SUCCESS" in events,
+    }
 
 
 def _manifest(env, asset, partition=None) -> dict:
@@ -174,19 +201,35 @@ def test_sigkill_at_random_points_then_rerun_ends_like_an_uninterrupted_run(tmp_
     assert ours["predicted_maker"].tolist() == theirs["predicted_maker"].tolist()
     assert np.allclose(ours["score"], theirs["score"], atol=1e-5)
 
-    trained, trained_ref = _manifest(env, "lora_checkpoints", "tiny-s"), _manifest(reference_env, "lora_checkpoints", "tiny-s")
+    trained, trained_ref = (
+        _manifest(env, "lora_checkpoints", "tiny-s"),
+        _manifest(reference_env, "lora_checkpoints", "tiny-s"),
+    )
     assert trained["global_step"] == trained_ref["global_step"] == 12
     assert [step for step, _ in trained["val_loss"]] == [step for step, _ in trained_ref["val_loss"]] == [4, 8, 12]
-    assert np.allclose([loss for _, loss in trained["val_loss"]], [loss for _, loss in trained_ref["val_loss"]], atol=1e-3)
+    assert np.allclose(
+        [loss for _, loss in trained["val_loss"]], [loss for _, loss in trained_ref["val_loss"]], atol=1e-3
+    )
 
     columns = ["step", "val_accuracy", "accuracy"]
     table = pd.read_parquet(_manifest(env, "checkpoint_accuracy", "tiny-s")["table"])[columns]
     table_ref = pd.read_parquet(_manifest(reference_env, "checkpoint_accuracy", "tiny-s")["table"])[columns]
     pd.testing.assert_frame_equal(table, table_ref)
-    assert _manifest(env, "checkpoint_accuracy", "tiny-s")["best_step"] == _manifest(reference_env, "checkpoint_accuracy", "tiny-s")["best_step"]
+    assert (
+        _manifest(env, "checkpoint_accuracy", "tiny-s")["best_step"]
+        == _manifest(reference_env, "checkpoint_accuracy", "tiny-s")["best_step"]
+    )
 
-    assert _mlflow_runs(env) == _mlflow_runs(reference_env) == {
-        ("baseline", "tiny-s"): 1, ("training", "tiny-s"): 1, ("checkpoint_accuracy", "tiny-s"): 1, ("registered", "tiny-s"): 1}
+    assert (
+        _mlflow_runs(env)
+        == _mlflow_runs(reference_env)
+        == {
+            ("baseline", "tiny-s"): 1,
+            ("training", "tiny-s"): 1,
+            ("checkpoint_accuracy", "tiny-s"): 1,
+            ("registered", "tiny-s"): 1,
+        }
+    )
     assert _leftovers(env) == []
 
 
@@ -202,12 +245,28 @@ class MlflowServer:
 
     def start(self, timeout: float = 120.0) -> "MlflowServer":
         self.root.mkdir(parents=True, exist_ok=True)
-        log = open(self.root / "server.log", "a")
+        log = open(self.root / "server.log", "a")  # noqa: SIM115 (the server writes to it after this returns)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", (self.root / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                (self.root / "artifacts").as_uri(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -231,28 +290,49 @@ def test_mlflow_down_mid_training_fails_clearly_and_the_rerun_completes_the_reco
     server = MlflowServer(tmp_path / "mlflow").start()
     # No retries: the dead server is noticed at once (the resource's own default is 2 retries).
     env = cli_env(tmp_path, MLFLOW_TRACKING_URI=server.uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
-    config = {**SOURCE, "ops": {"lora_checkpoints": {"config": {"max_steps": 24, "checkpoint_every_n_steps": 4,
-                                                                 "per_device_train_batch_size": 4}}}}
+    config = {
+        **SOURCE,
+        "ops": {
+            "lora_checkpoints": {
+                "config": {"max_steps": 24, "checkpoint_every_n_steps": 4, "per_device_train_batch_size": 4}
+            }
+        },
+    }
     try:
         materialize(env, "raw_stanford_cars,car_maker_dataset", config=SOURCE)
-        process = subprocess.Popen(materialize_command("lora_checkpoints", "tiny-s", config), cwd=REPO, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        process = subprocess.Popen(
+            materialize_command("lora_checkpoints", "tiny-s", config),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         home = Path(env["CAR_MAKER_HOME"])
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and process.poll() is None and not any(
-                complete_checkpoints(folder) for folder in home.glob("lora_checkpoints/tiny-s/*")):
+        while (
+            time.monotonic() < deadline
+            and process.poll() is None
+            and not any(complete_checkpoints(folder) for folder in home.glob("lora_checkpoints/tiny-s/*"))
+        ):
             time.sleep(0.2)
         server.kill()  # the tracking server dies with training at its first checkpoint
         output, _ = process.communicate(timeout=900)
         assert process.returncode != 0, "the step succeeded although its MLflow record is incomplete"
-        assert "stopped answering during training" in output and "materialize lora_checkpoints for tiny-s again" in output
+        assert (
+            "stopped answering during training" in output and "materialize lora_checkpoints for tiny-s again" in output
+        )
         [training_dir] = list(home.glob("lora_checkpoints/tiny-s/*"))
         assert max(complete_checkpoints(training_dir)) == 24  # training itself finished: nothing to redo
         assert (training_dir / "mlflow_pending.jsonl").exists()
 
         server.start()
         rerun = materialize(env, "lora_checkpoints", "tiny-s", config)
-        assert "Sent" in rerun.stdout + rerun.stderr and "buffered while MLflow was unreachable" in rerun.stdout + rerun.stderr
+        assert (
+            "Sent" in rerun.stdout + rerun.stderr
+            and "buffered while MLflow was unreachable" in rerun.stdout + rerun.stderr
+        )
         assert not (training_dir / "mlflow_pending.jsonl").exists()
 
         client = mlflow.MlflowClient(server.uri)

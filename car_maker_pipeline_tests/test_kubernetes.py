@@ -41,19 +41,28 @@ def test_gpu_steps_render_into_jobs_that_request_a_gpu():
 
     jobs = _job_with_k8s_executor()
     steps = {**jobs["training_job"]["tags"], **jobs["baseline_job"]["tags"], **jobs["data_job"]["tags"]}
-    config = DagsterK8sJobConfig(job_image="registry.example.com/car-maker-pipeline:0.1.0", dagster_home="/opt/dagster/home",
-                                 instance_config_map="car-maker-instance")
+    config = DagsterK8sJobConfig(
+        job_image="registry.example.com/car-maker-pipeline:0.1.0",
+        dagster_home="/opt/dagster/home",
+        instance_config_map="car-maker-instance",
+    )
 
     def render(step: str):
         tags = {key: value if isinstance(value, str) else json.dumps(value) for key, value in steps[step].items()}
-        return construct_dagster_k8s_job(config, ["dagster", "api", "execute_step"], f"step-{step.replace('_', '-')}",
-                                         get_user_defined_k8s_config(tags)).to_dict()
+        return construct_dagster_k8s_job(
+            config,
+            ["dagster", "api", "execute_step"],
+            f"step-{step.replace('_', '-')}",
+            get_user_defined_k8s_config(tags),
+        ).to_dict()
 
     for step in ("baseline_evaluation", "lora_checkpoints", "checkpoint_accuracy"):
         pod = render(step)["spec"]["template"]["spec"]
         limits = pod["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == "1", step
-        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu" and pod["node_selector"] == {"car-maker/accelerator": "nvidia-gpu"}
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu" and pod["node_selector"] == {
+            "car-maker/accelerator": "nvidia-gpu"
+        }
     for step in ("raw_stanford_cars", "car_maker_dataset"):
         resources = render(step)["spec"]["template"]["spec"]["containers"][0]["resources"] or {}
         assert "nvidia.com/gpu" not in json.dumps(resources), step

@@ -91,11 +91,15 @@ def test_labels_cover_only_the_answer_and_end_of_turn(model_dir, task, tmp_path)
     for row in range(len(rows)):
         # The answer as the evaluator sees it: cut from the tokenization of the whole conversation.
         messages = template.messages(makers)
-        prompt_ids = tokenizer(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-                               add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer(processor.apply_chat_template(messages + template.answer_messages(expected_makers[row]),
-                                                           tokenize=False), add_special_tokens=False)["input_ids"]
-        answer_ids = full_ids[len(prompt_ids):]
+        prompt_ids = tokenizer(
+            processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        full_ids = tokenizer(
+            processor.apply_chat_template(messages + template.answer_messages(expected_makers[row]), tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        answer_ids = full_ids[len(prompt_ids) :]
         assert answer_ids[: answer_ids.index(end_id) + 1] == (
             tokenizer(expected_makers[row], add_special_tokens=False)["input_ids"] + [end_id]
         )
@@ -113,7 +117,7 @@ def test_labels_cover_only_the_answer_and_end_of_turn(model_dir, task, tmp_path)
         expanded_prompt = processor(images=[[image]], text=[prompt_text])["input_ids"][0]
         real = input_ids[row][attention[row] == 1].tolist()
         assert real == list(expanded_prompt) + answer_ids
-        assert tokenizer.decode(labels[row][trained][: -2]) == expected_makers[row]
+        assert tokenizer.decode(labels[row][trained][:-2]) == expected_makers[row]
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +127,9 @@ def test_labels_cover_only_the_answer_and_end_of_turn(model_dir, task, tmp_path)
 
 def test_unknown_target_module_fails_before_anything_is_written(model_dir, task, tmp_path):
     train, validation, makers, _ = task
-    config = LoraTrainingConfig(target_modules=("q_proj", "o_proj", "gate_proj"), max_steps=2, checkpoint_every_n_steps=2)
+    config = LoraTrainingConfig(
+        target_modules=("q_proj", "o_proj", "gate_proj"), max_steps=2, checkpoint_every_n_steps=2
+    )
     with pytest.raises(LoraTrainingError) as error:
         train_lora(model_dir, train, validation, makers, tmp_path / "run", config)
     message = str(error.value)
@@ -136,7 +142,14 @@ def test_unknown_target_module_fails_before_anything_is_written(model_dir, task,
 def test_maker_outside_the_list_is_rejected(model_dir, task, tmp_path):
     train, validation, makers, _ = task
     with pytest.raises(LoraTrainingError, match="not in the maker list"):
-        train_lora(model_dir, train, validation, makers[:5], tmp_path / "run", LoraTrainingConfig(max_steps=2, checkpoint_every_n_steps=2))
+        train_lora(
+            model_dir,
+            train,
+            validation,
+            makers[:5],
+            tmp_path / "run",
+            LoraTrainingConfig(max_steps=2, checkpoint_every_n_steps=2),
+        )
 
 
 def test_default_targets_follow_liquids_recipe_and_vision_lr_is_scaled(model_dir, task, tmp_path):
@@ -202,8 +215,15 @@ def test_training_lowers_validation_loss_and_checkpoints_every_n_steps(model_dir
 
     for step, path in result.checkpoints.items():
         assert is_complete_checkpoint(path)
-        for name in ("adapter_model.safetensors", "adapter_config.json", "processor_config.json",
-                     "tokenizer.json", "chat_template.jinja", "trainer_state.json", CHECKPOINT_MARKER):
+        for name in (
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "processor_config.json",
+            "tokenizer.json",
+            "chat_template.jinja",
+            "trainer_state.json",
+            CHECKPOINT_MARKER,
+        ):
             assert (path / name).is_file(), (step, name)
         assert not list(path.glob("*.bin")) or [p.name for p in path.glob("*.bin")] == ["training_args.bin"]
     # The adapter and processor load back like any PEFT checkpoint.
@@ -254,15 +274,22 @@ _RUNNER = textwrap.dedent(
 
 def _run(args, env_extra=None, **popen):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-c", _RUNNER, *map(str, args)], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-c", _RUNNER, *map(str, args)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def _result_of(process, timeout=180):
     output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output[-4000:]
     line = [line for line in output.splitlines() if line.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def _adapter(path):

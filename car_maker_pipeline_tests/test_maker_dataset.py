@@ -29,31 +29,44 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 def solid(color, size=(24, 16), mode="RGB") -> Image.Image:
     rng = np.random.default_rng(sum(color) + size[0])
-    pixels = np.clip(np.array(color, dtype=np.int16) + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    pixels = np.clip(np.array(color, dtype=np.int16) + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255).astype(
+        np.uint8
+    )
     return Image.fromarray(pixels, "RGB").convert(mode) if mode != "RGB" else Image.fromarray(pixels, "RGB")
 
 
 def raw_from_rows(splits: dict[str, list[tuple[bytes, int]]], names=NAMES) -> datasets.DatasetDict:
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    return datasets.DatasetDict({
-        split: datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b, _ in rows], "label": [l for _, l in rows]}, features=features)
-        for split, rows in splits.items()
-    })
+    return datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {"image": [{"bytes": b, "path": None} for b, _ in rows], "label": [label for _, label in rows]},
+                features=features,
+            )
+            for split, rows in splits.items()
+        }
+    )
 
 
 def small_raw(extra_train=(), extra_test=()) -> datasets.DatasetDict:
     train = [(encode(solid((200, 30 + i, 30)), "JPEG"), ASTON) for i in range(6)]
     train += [(encode(solid((30, 200, 30 + i)), "PNG"), LAND_ROVER) for i in range(6)]
-    test = [(encode(solid((210, 40 + i, 40)), "JPEG"), ASTON) for i in range(2)] + [(encode(solid((40, 210, 60 + i)), "PNG"), LAND_ROVER) for i in range(2)]
+    test = [(encode(solid((210, 40 + i, 40)), "JPEG"), ASTON) for i in range(2)] + [
+        (encode(solid((40, 210, 60 + i)), "PNG"), LAND_ROVER) for i in range(2)
+    ]
     return raw_from_rows({"train": train + list(extra_train), "test": test + list(extra_test)})
 
 
 def test_demo_source_becomes_a_maker_dataset(maker_dataset, raw_dataset):
     assert maker_dataset.makers == sorted(maker_dataset.makers)
-    assert {"AM General", "Aston Martin", "Land Rover", "Mercedes-Benz", "Rolls-Royce", "BMW"} == set(maker_dataset.makers)
+    assert {"AM General", "Aston Martin", "Land Rover", "Mercedes-Benz", "Rolls-Royce", "BMW"} == set(
+        maker_dataset.makers
+    )
     data = maker_dataset.load()
     assert list(data) == ["train", "validation", "test", "contrast"]
-    assert {"image", "maker", "maker_id", "source_class", "model", "year", "content_hash"} <= set(data["train"].column_names)
+    assert {"image", "maker", "maker_id", "source_class", "model", "year", "content_hash"} <= set(
+        data["train"].column_names
+    )
     assert data["train"].features["maker_id"].names == maker_dataset.makers
     # The validation split is carved from train, stratified: every maker is in it.
     assert set(data["validation"]["maker"]) == set(maker_dataset.makers)
@@ -71,14 +84,21 @@ def test_demo_source_becomes_a_maker_dataset(maker_dataset, raw_dataset):
 
 def test_quality_checks_pass_on_a_clean_build(maker_dataset):
     data = maker_dataset.load()
-    for check in (quality.test_overlap, quality.test_makers_in_train, quality.no_empty_split, quality.maker_list_matches_data):
+    for check in (
+        quality.test_overlap,
+        quality.test_makers_in_train,
+        quality.no_empty_split,
+        quality.maker_list_matches_data,
+    ):
         passed, details = check(data)
         assert passed, (check.__name__, details)
 
 
 def test_leakage_check_finds_a_test_image_that_is_also_in_train(tmp_path):
     shared = encode(solid((10, 10, 250)), "PNG")
-    built = build_maker_dataset(small_raw(extra_train=[(shared, ASTON)] * 2, extra_test=[(shared, ASTON)]), tmp_path / "out")
+    built = build_maker_dataset(
+        small_raw(extra_train=[(shared, ASTON)] * 2, extra_test=[(shared, ASTON)]), tmp_path / "out"
+    )
     passed, details = quality.test_overlap(built.load())
     assert not passed and details["shared_images"] == 1
 
@@ -95,7 +115,10 @@ def test_corrupt_and_truncated_images_are_counted_and_skipped(tmp_path):
 
 def test_unknown_class_name_stops_the_build_and_names_it(tmp_path):
     names = NAMES[:-1] + ["Trabant 601 Limousine 1985"]
-    raw = raw_from_rows({"train": [(encode(solid((1, 2, 3)), "PNG"), 0)] * 2, "test": [(encode(solid((3, 2, 1)), "PNG"), 0)]}, names=names)
+    raw = raw_from_rows(
+        {"train": [(encode(solid((1, 2, 3)), "PNG"), 0)] * 2, "test": [(encode(solid((3, 2, 1)), "PNG"), 0)]},
+        names=names,
+    )
     with pytest.raises(UnknownClassNameError, match="Trabant 601 Limousine 1985"):
         build_maker_dataset(raw, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -165,9 +188,12 @@ def test_a_complete_build_is_found_again_and_a_half_written_one_is_not(tmp_path)
 
 
 def test_maker_with_a_single_training_image_cannot_be_stratified(tmp_path):
-    raw = raw_from_rows({
-        "train": [(encode(solid((200, 30 + i, 30)), "JPEG"), ASTON) for i in range(4)] + [(encode(solid((20, 200, 30)), "PNG"), LAND_ROVER)],
-        "test": [(encode(solid((20, 30, 200)), "PNG"), ASTON)],
-    })
+    raw = raw_from_rows(
+        {
+            "train": [(encode(solid((200, 30 + i, 30)), "JPEG"), ASTON) for i in range(4)]
+            + [(encode(solid((20, 200, 30)), "PNG"), LAND_ROVER)],
+            "test": [(encode(solid((20, 30, 200)), "PNG"), ASTON)],
+        }
+    )
     with pytest.raises(MakerDatasetError, match="Land Rover"):
         build_maker_dataset(raw, tmp_path / "out")

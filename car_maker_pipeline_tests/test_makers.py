@@ -26,7 +26,12 @@ def test_every_real_class_name_maps_to_a_known_maker():
         ("Aston Martin V8 Vantage Coupe 2012", "Aston Martin", "V8 Vantage Coupe", 2012),
         ("Land Rover Range Rover SUV 2012", "Land Rover", "Range Rover SUV", 2012),
         ("Mercedes-Benz C-Class Sedan 2012", "Mercedes-Benz", "C-Class Sedan", 2012),
-        ("Rolls-Royce Phantom Drophead Coupe Convertible 2012", "Rolls-Royce", "Phantom Drophead Coupe Convertible", 2012),
+        (
+            "Rolls-Royce Phantom Drophead Coupe Convertible 2012",
+            "Rolls-Royce",
+            "Phantom Drophead Coupe Convertible",
+            2012,
+        ),
         ("HUMMER H2 SUT Crew Cab 2009", "HUMMER", "H2 SUT Crew Cab", 2009),
         ("Ram C/V Cargo Van Minivan 2012", "Ram", "C/V Cargo Van Minivan", 2012),
         ("smart fortwo Convertible 2012", "smart", "fortwo Convertible", 2012),

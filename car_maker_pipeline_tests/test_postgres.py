@@ -22,7 +22,9 @@ from car_maker_pipeline_tests.postgres import PASSWORD, ThrowawayPostgres, postg
 
 pytestmark = pytest.mark.slow
 
-SMALL_SOURCE = {"resources": {"source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": []}}}}
+SMALL_SOURCE = {
+    "resources": {"source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": []}}}
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +44,26 @@ def postgres():
 def mlflow_server(postgres, tmp_path):
     """deploy/mlflow-server.sh, as a team would start it, with a PostgreSQL backend store."""
     port = free_loopback_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "MLFLOW_PG_HOST": "127.0.0.1", "MLFLOW_PG_PORT": str(postgres.port), "MLFLOW_PG_USER": postgres.user,
-           "MLFLOW_PG_PASSWORD": PASSWORD, "MLFLOW_PG_DB": "mlflow", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
-           "MLFLOW_ARTIFACTS": (tmp_path / "mlflow-artifacts").as_uri()}
-    log = open(tmp_path / "mlflow-server.log", "w")
-    process = subprocess.Popen(["bash", str(REPO / "deploy" / "mlflow-server.sh")], env=env, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "MLFLOW_PG_HOST": "127.0.0.1",
+        "MLFLOW_PG_PORT": str(postgres.port),
+        "MLFLOW_PG_USER": postgres.user,
+        "MLFLOW_PG_PASSWORD": PASSWORD,
+        "MLFLOW_PG_DB": "mlflow",
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_WORKERS": "1",
+        "MLFLOW_ARTIFACTS": (tmp_path / "mlflow-artifacts").as_uri(),
+    }
+    log = open(tmp_path / "mlflow-server.log", "w")  # noqa: SIM115 (the server writes to it after this returns)
+    process = subprocess.Popen(
+        ["bash", str(REPO / "deploy" / "mlflow-server.sh")],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -59,7 +74,7 @@ def mlflow_server(postgres, tmp_path):
                         break
             except OSError:
                 if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError((tmp_path / "mlflow-server.log").read_text()[-3000:])
+                    raise RuntimeError((tmp_path / "mlflow-server.log").read_text()[-3000:]) from None
                 time.sleep(0.5)
         yield uri
     finally:
@@ -69,28 +84,46 @@ def mlflow_server(postgres, tmp_path):
 
 
 def test_dagster_and_mlflow_on_postgres_record_the_runs(postgres, mlflow_server, tmp_path):
-    env = cli_env(tmp_path, DAGSTER_PG_HOST="127.0.0.1", DAGSTER_PG_PORT=str(postgres.port),
-                  DAGSTER_PG_USERNAME=postgres.user, DAGSTER_PG_PASSWORD=PASSWORD, DAGSTER_PG_DB="dagster",
-                  MLFLOW_TRACKING_URI=mlflow_server)
+    env = cli_env(
+        tmp_path,
+        DAGSTER_PG_HOST="127.0.0.1",
+        DAGSTER_PG_PORT=str(postgres.port),
+        DAGSTER_PG_USERNAME=postgres.user,
+        DAGSTER_PG_PASSWORD=PASSWORD,
+        DAGSTER_PG_DB="dagster",
+        MLFLOW_TRACKING_URI=mlflow_server,
+    )
     shutil.copy(REPO / "deploy" / "dagster.yaml", Path(env["DAGSTER_HOME"]) / "dagster.yaml")
 
     materialize(env, "raw_stanford_cars,car_maker_dataset", config=SMALL_SOURCE)
-    materialize(env, "baseline_evaluation", partition="tiny-s",
-                config={**SMALL_SOURCE, "ops": {"baseline_evaluation": {"config": {"max_images": 12}}}})
+    materialize(
+        env,
+        "baseline_evaluation",
+        partition="tiny-s",
+        config={**SMALL_SOURCE, "ops": {"baseline_evaluation": {"config": {"max_images": 12}}}},
+    )
 
     # Dagster: the two runs and their materializations are rows in PostgreSQL, none in sqlite.
     assert not list(Path(env["DAGSTER_HOME"]).rglob("*.db"))
     runs = postgres.query("dagster", "select status from runs")
     assert sorted(status for (status,) in runs) == ["SUCCESS", "SUCCESS"]
-    materialized = postgres.query("dagster", "select asset_key, partition from event_logs "
-                                             "where dagster_event_type = 'ASSET_MATERIALIZATION' order by id")
+    materialized = postgres.query(
+        "dagster",
+        "select asset_key, partition from event_logs where dagster_event_type = 'ASSET_MATERIALIZATION' order by id",
+    )
     assert [(key, partition) for key, partition in materialized] == [
-        ('["raw_stanford_cars"]', None), ('["car_maker_dataset"]', None), ('["baseline_evaluation"]', "tiny-s")]
+        ('["raw_stanford_cars"]', None),
+        ('["car_maker_dataset"]', None),
+        ('["baseline_evaluation"]', "tiny-s"),
+    ]
 
     # MLflow: the baseline run, its parameters and metrics, in the server's PostgreSQL store.
-    rows = postgres.query("mlflow", "select r.run_uuid, m.value from runs r join metrics m on m.run_uuid = r.run_uuid "
-                                    "join tags t on t.run_uuid = r.run_uuid "
-                                    "where m.key = 'accuracy' and t.key = 'stage' and t.value = 'baseline'")
+    rows = postgres.query(
+        "mlflow",
+        "select r.run_uuid, m.value from runs r join metrics m on m.run_uuid = r.run_uuid "
+        "join tags t on t.run_uuid = r.run_uuid "
+        "where m.key = 'accuracy' and t.key = 'stage' and t.value = 'baseline'",
+    )
     assert len(rows) == 1
     run_id, accuracy = rows[0]
     assert 0.0 <= accuracy <= 1.0

@@ -23,12 +23,16 @@ def write_source(folder: Path, splits: dict[str, dict], features: datasets.Featu
     """A Stanford-Cars-shaped parquet folder with hand-made rows."""
     (folder / "data").mkdir(parents=True)
     for split, columns in splits.items():
-        datasets.Dataset.from_dict(columns, features=features).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(
+            str(folder / "data" / f"{split}-00000-of-00001.parquet")
+        )
     return folder
 
 
 def stanford_features() -> datasets.Features:
-    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(stanford_cars_class_names()))})
+    return datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(stanford_cars_class_names()))}
+    )
 
 
 def test_materialize_stores_every_split_and_reuses_the_cache(demo_source, tmp_path):
@@ -46,7 +50,9 @@ def test_materialize_stores_every_split_and_reuses_the_cache(demo_source, tmp_pa
 
 
 def test_fingerprint_follows_content(tmp_path):
-    folder = write_source(tmp_path / "src", {"train": {"image": [{"bytes": _png(), "path": None}], "label": [0]}}, stanford_features())
+    folder = write_source(
+        tmp_path / "src", {"train": {"image": [{"bytes": _png(), "path": None}], "label": [0]}}, stanford_features()
+    )
     before = local_fingerprint(folder)
     assert local_fingerprint(folder) == before
     (folder / "data" / "extra.txt").write_text("changed")
@@ -97,12 +103,17 @@ def test_hub_source_offline_fails_fast_with_advice(tmp_path):
 
 def test_real_profile_without_network_fails_within_seconds(tmp_path):
     """Not offline mode: the Hub endpoint simply does not answer (a closed loopback port)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "CAR_MAKER_PROFILE": "real",
-           "CAR_MAKER_HOME": str(tmp_path)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "CAR_MAKER_PROFILE": "real",
+        "CAR_MAKER_HOME": str(tmp_path),
+    }
     code = (
         "from car_maker_pipeline.orchestration.resources import StanfordCarsSource\n"
         "from pathlib import Path\n"
-        "StanfordCarsSource().materialize(Path(r'%s'))\n" % tmp_path
+        f"StanfordCarsSource().materialize(Path(r'{tmp_path}'))\n"
     )
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

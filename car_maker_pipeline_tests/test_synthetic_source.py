@@ -51,7 +51,12 @@ def _file_hashes(path: Path) -> dict[str, str]:
 def source(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "stanford_cars_demo"
     returned = generate_demo_source(
-        out, train_per_maker=TRAIN_PER_MAKER, test_per_maker=TEST_PER_MAKER, corruptions=ALL_CORRUPTIONS, image_size=SIZE, seed=0
+        out,
+        train_per_maker=TRAIN_PER_MAKER,
+        test_per_maker=TEST_PER_MAKER,
+        corruptions=ALL_CORRUPTIONS,
+        image_size=SIZE,
+        seed=0,
     )
     assert returned == out
     return out
@@ -73,7 +78,9 @@ def test_layout_is_the_hub_layout(source):
     names = meta["dataset_info"]["features"][1]["dtype"]["class_label"]["names"]
     assert [names[str(i)] for i in range(196)] == list(stanford_cars_class_names())
     assert {s["name"]: s["num_examples"] for s in meta["dataset_info"]["splits"]} == {
-        "train": 6 * TRAIN_PER_MAKER, "test": 6 * TEST_PER_MAKER, **{c: 6 * TEST_PER_MAKER for c in ALL_CORRUPTIONS}
+        "train": 6 * TRAIN_PER_MAKER,
+        "test": 6 * TEST_PER_MAKER,
+        **{c: 6 * TEST_PER_MAKER for c in ALL_CORRUPTIONS},
     }
     assert meta["configs"][0]["data_files"][0] == {"split": "train", "path": "data/train-*"}
     # Nothing half-written or temporary is left next to the source.
@@ -115,7 +122,9 @@ def test_labels_are_real_class_ids_of_the_chosen_makers_only(loaded):
 
 
 def test_custom_makers(tmp_path):
-    out = generate_demo_source(tmp_path / "src", makers=("Audi", "Tesla"), train_per_maker=3, test_per_maker=2, corruptions=(), image_size=SIZE)
+    out = generate_demo_source(
+        tmp_path / "src", makers=("Audi", "Tesla"), train_per_maker=3, test_per_maker=2, corruptions=(), image_size=SIZE
+    )
     part = _load(out, tmp_path / "cache")
     assert set(part) == {"train", "test"}
     names = stanford_cars_class_names()
@@ -131,7 +140,9 @@ def test_images_are_encoded_bytes_that_decode_to_the_requested_size(source, load
 
 
 def test_format_mix_like_the_real_data(tmp_path):
-    out = generate_demo_source(tmp_path / "src", train_per_maker=60, test_per_maker=1, corruptions=(), image_size=SIZE, seed=0)
+    out = generate_demo_source(
+        tmp_path / "src", train_per_maker=60, test_per_maker=1, corruptions=(), image_size=SIZE, seed=0
+    )
     kinds = collections.Counter()
     for data in _raw_image_bytes(out, "train"):
         with Image.open(io.BytesIO(data)) as image:
@@ -147,11 +158,21 @@ def test_format_mix_like_the_real_data(tmp_path):
 
 def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(source, tmp_path):
     again = generate_demo_source(
-        tmp_path / "again", train_per_maker=TRAIN_PER_MAKER, test_per_maker=TEST_PER_MAKER, corruptions=ALL_CORRUPTIONS, image_size=SIZE, seed=0
+        tmp_path / "again",
+        train_per_maker=TRAIN_PER_MAKER,
+        test_per_maker=TEST_PER_MAKER,
+        corruptions=ALL_CORRUPTIONS,
+        image_size=SIZE,
+        seed=0,
     )
     assert _file_hashes(again) == _file_hashes(source)
     other = generate_demo_source(
-        tmp_path / "other", train_per_maker=TRAIN_PER_MAKER, test_per_maker=TEST_PER_MAKER, corruptions=ALL_CORRUPTIONS, image_size=SIZE, seed=1
+        tmp_path / "other",
+        train_per_maker=TRAIN_PER_MAKER,
+        test_per_maker=TEST_PER_MAKER,
+        corruptions=ALL_CORRUPTIONS,
+        image_size=SIZE,
+        seed=1,
     )
     other_hashes, hashes = _file_hashes(other), _file_hashes(source)
     for name in hashes:
@@ -223,7 +244,9 @@ def test_regenerating_replaces_its_own_folder_but_never_a_foreign_one(tmp_path):
     generate_demo_source(out, train_per_maker=2, test_per_maker=1, corruptions=("pixelate",), image_size=SIZE, seed=3)
     assert _file_hashes(out) != first
     assert sorted(p.name for p in (out / "data").iterdir()) == [
-        "pixelate-00000-of-00001.parquet", "test-00000-of-00001.parquet", "train-00000-of-00001.parquet"
+        "pixelate-00000-of-00001.parquet",
+        "test-00000-of-00001.parquet",
+        "train-00000-of-00001.parquet",
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no temporary or old copies left behind
 
@@ -256,7 +279,9 @@ def test_maker_cue_is_stronger_than_the_nuisance():
     for maker in DEMO_MAKERS:
         classes = [name for name in names if maker_of(name) == maker]
         stack = [
-            np.asarray(render_car(maker, classes[i % len(classes)], np.random.default_rng([1, i]), (64, 48)), dtype=np.float32)
+            np.asarray(
+                render_car(maker, classes[i % len(classes)], np.random.default_rng([1, i]), (64, 48)), dtype=np.float32
+            )
             for i in range(40)
         ]
         means[maker] = np.mean(stack, axis=0)

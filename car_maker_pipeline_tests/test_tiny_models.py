@@ -46,8 +46,16 @@ def _picture(colour, size=(128, 96)) -> Image.Image:
 
 def test_directory_looks_like_a_real_lfm2_vl_checkpoint(built_models):
     path = built_models["tiny-s"]
-    for name in ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
-                 "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", MARKER_FILE):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        MARKER_FILE,
+    ):
         assert (path / name).is_file(), name
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "lfm2_vl"
@@ -93,7 +101,9 @@ def test_chat_template_renders_every_role_and_content_shape(built_models):
     text = processor.apply_chat_template(messages, tokenize=False)
     assert text.endswith("<|im_start|>assistant\nBMW<|im_end|>\n")
     assert "<|im_start|>user\n<image>What is the car maker" in text
-    plain = processor.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False)
+    plain = processor.apply_chat_template(
+        [{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False
+    )
     assert plain == "<|startoftext|><|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -125,12 +135,12 @@ def test_batched_left_padded_generation_matches_single_prompts(built_models):
 
     with torch.no_grad():
         batched_logits = model(**batch).logits[:, -1]
-        batched = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        batched = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, batch["input_ids"].shape[1] :]
         for row, (text, image) in enumerate(zip(texts, images)):
             single = processor(images=[[image]], text=[text], return_tensors="pt")
             single_logits = model(**single).logits[0, -1]
             torch.testing.assert_close(batched_logits[row], single_logits, atol=1e-4, rtol=1e-4)
-            alone = model.generate(**single, max_new_tokens=5, do_sample=False)[0, single["input_ids"].shape[1]:]
+            alone = model.generate(**single, max_new_tokens=5, do_sample=False)[0, single["input_ids"].shape[1] :]
             assert batched[row].tolist() == alone.tolist()
 
 
@@ -171,8 +181,17 @@ def test_sizes_increase_and_lfm2_linear_layers_exist(built_models):
         language = {n for n in linear if ".language_model." in n}
         vision = {n for n in linear if ".vision_tower." in n}
         projector = {n for n in linear if ".multi_modal_projector." in n}
-        for suffix in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                       "conv.in_proj", "conv.out_proj", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+        for suffix in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.out_proj",
+            "conv.in_proj",
+            "conv.out_proj",
+            "feed_forward.w1",
+            "feed_forward.w2",
+            "feed_forward.w3",
+        ):
             assert any(n.endswith(suffix) for n in language), (name, suffix)
         for suffix in ("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"):
             assert any(n.endswith(suffix) for n in vision), (name, suffix)

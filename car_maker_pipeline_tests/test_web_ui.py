@@ -67,7 +67,10 @@ def _asset_nodes(server) -> dict[str, dict]:
 def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
     run = server.graphql(RUN_QUERY, {"runId": data_run})["runOrError"]
     assert run["status"] == "SUCCESS"
-    assert {s["stepKey"] for s in run["stepStats"] if s["status"] == "SUCCESS"} >= {"raw_stanford_cars", "car_maker_dataset"}
+    assert {s["stepKey"] for s in run["stepStats"] if s["status"] == "SUCCESS"} >= {
+        "raw_stanford_cars",
+        "car_maker_dataset",
+    }
 
     nodes = _asset_nodes(server)
     assert set(nodes) == set(ASSETS)
@@ -75,8 +78,13 @@ def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
     assert edges == LINEAGE
 
     groups = {key: node["groupName"] for key, node in nodes.items()}
-    assert groups == {"raw_stanford_cars": "data", "car_maker_dataset": "data", "baseline_evaluation": "baseline",
-                      "lora_checkpoints": "training", "checkpoint_accuracy": "evaluation"}
+    assert groups == {
+        "raw_stanford_cars": "data",
+        "car_maker_dataset": "data",
+        "baseline_evaluation": "baseline",
+        "lora_checkpoints": "training",
+        "checkpoint_accuracy": "evaluation",
+    }
     for key, node in nodes.items():
         assert len(node["description"] or "") > 80, f"{key} needs a description a newcomer understands"
         assert node["owners"], f"{key} has no owner"
@@ -91,8 +99,10 @@ def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
     assert "best_checkpoint_beats_baseline" in checks["checkpoint_accuracy"]
 
     # The materialization is visible to the UI: the maker dataset has a latest event with its makers.
-    data = server.graphql('{ assetOrError(assetKey: {path: ["car_maker_dataset"]}) { ... on Asset { '
-                          'assetMaterializations(limit: 1) { runId metadataEntries { label } } } } }')
+    data = server.graphql(
+        '{ assetOrError(assetKey: {path: ["car_maker_dataset"]}) { ... on Asset { '
+        "assetMaterializations(limit: 1) { runId metadataEntries { label } } } } }"
+    )
     materialization = data["assetOrError"]["assetMaterializations"][0]
     assert materialization["runId"] == data_run
     assert "makers" in {entry["label"] for entry in materialization["metadataEntries"]}
@@ -112,8 +122,15 @@ def test_asset_graph_renders_in_headless_chromium(server, data_run, tmp_path):
             executable_path=browser_path,
             headless=True,
             # As root, with no display and no network but loopback (see the machine notes).
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1200})
@@ -145,13 +162,24 @@ def _pool_intervals(server, run_ids: list[str], steps: set[str]) -> list[tuple[f
 def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
     """Four partitions launched at once (three fine-tunings, one baseline): their steps take turns."""
     client = server.graphql_client()
-    training = {"ops": {"lora_checkpoints": {"config": {"max_steps": 4, "checkpoint_every_n_steps": 2,
-                                                         "per_device_train_batch_size": 4}}},
-                "resources": SMALL_SOURCE}
+    training = {
+        "ops": {
+            "lora_checkpoints": {
+                "config": {"max_steps": 4, "checkpoint_every_n_steps": 2, "per_device_train_batch_size": 4}
+            }
+        },
+        "resources": SMALL_SOURCE,
+    }
     baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 8}}}, "resources": SMALL_SOURCE}
-    run_ids = [client.submit_job_execution("training_job", run_config=training, asset_selection=["lora_checkpoints"],
-                                           tags={"dagster/partition": model}) for model in ("tiny-s", "tiny-m", "tiny-l")]
-    run_ids.append(client.submit_job_execution("baseline_job", run_config=baseline, tags={"dagster/partition": "tiny-s"}))
+    run_ids = [
+        client.submit_job_execution(
+            "training_job", run_config=training, asset_selection=["lora_checkpoints"], tags={"dagster/partition": model}
+        )
+        for model in ("tiny-s", "tiny-m", "tiny-l")
+    ]
+    run_ids.append(
+        client.submit_job_execution("baseline_job", run_config=baseline, tags={"dagster/partition": "tiny-s"})
+    )
 
     statuses = {run_id: server.wait_for_run(run_id, timeout=900) for run_id in run_ids}
     assert set(statuses.values()) == {"SUCCESS"}, f"{statuses}\n{server.log_tail()}"
@@ -159,8 +187,10 @@ def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
     intervals = sorted(_pool_intervals(server, run_ids, {"lora_checkpoints", "baseline_evaluation"}))
     assert len(intervals) == 4
     for (start_a, end_a, step_a, run_a), (start_b, end_b, step_b, run_b) in itertools.pairwise(intervals):
-        assert end_a <= start_b, (f"{step_a} of run {run_a} ({start_a:.1f}-{end_a:.1f}) overlaps "
-                                  f"{step_b} of run {run_b} ({start_b:.1f}-{end_b:.1f})")
+        assert end_a <= start_b, (
+            f"{step_a} of run {run_a} ({start_a:.1f}-{end_a:.1f}) overlaps "
+            f"{step_b} of run {run_b} ({start_b:.1f}-{end_b:.1f})"
+        )
 
 
 def test_twenty_runs_at_once_all_complete_and_the_ui_stays_responsive(server, data_run):
@@ -170,8 +200,11 @@ def test_twenty_runs_at_once_all_complete_and_the_ui_stays_responsive(server, da
     import threading
 
     client = server.graphql_client()
-    config = {"ops": {"baseline_evaluation": {"config": {"max_images": 4, "batch_size": 4}}},
-              "resources": SMALL_SOURCE, "execution": {"config": {"in_process": {}}}}
+    config = {
+        "ops": {"baseline_evaluation": {"config": {"max_images": 4, "batch_size": 4}}},
+        "resources": SMALL_SOURCE,
+        "execution": {"config": {"in_process": {}}},
+    }
     latencies: list[tuple[float, float]] = []  # (seconds since the first request, seconds to answer)
     stop = threading.Event()
     started = time.monotonic()
@@ -179,7 +212,7 @@ def test_twenty_runs_at_once_all_complete_and_the_ui_stays_responsive(server, da
     def probe():
         while not stop.is_set():
             sent = time.monotonic()
-            server.graphql('{ runsOrError(limit: 5) { ... on Runs { results { runId status } } } }', timeout=30)
+            server.graphql("{ runsOrError(limit: 5) { ... on Runs { results { runId status } } } }", timeout=30)
             latencies.append((sent - started, time.monotonic() - sent))
             stop.wait(0.5)
 
@@ -187,8 +220,10 @@ def test_twenty_runs_at_once_all_complete_and_the_ui_stays_responsive(server, da
     prober.start()
     try:
         partitions = itertools.islice(itertools.cycle(["tiny-s", "tiny-m", "tiny-l"]), 20)
-        run_ids = [client.submit_job_execution("baseline_job", run_config=config, tags={"dagster/partition": p, "load": "20"})
-                   for p in partitions]
+        run_ids = [
+            client.submit_job_execution("baseline_job", run_config=config, tags={"dagster/partition": p, "load": "20"})
+            for p in partitions
+        ]
         statuses = {run_id: server.wait_for_run(run_id, timeout=1200) for run_id in run_ids}
     finally:
         stop.set()
@@ -198,11 +233,13 @@ def test_twenty_runs_at_once_all_complete_and_the_ui_stays_responsive(server, da
 
     intervals = sorted(_pool_intervals(server, run_ids, {"baseline_evaluation"}))
     assert len(intervals) == 20
-    for (start_a, end_a, _, run_a), (start_b, _, _, run_b) in itertools.pairwise(intervals):
+    for (_start_a, end_a, _, run_a), (start_b, _, _, run_b) in itertools.pairwise(intervals):
         assert end_a <= start_b, f"gpu steps of runs {run_a} and {run_b} overlap"
 
     answers = [seconds for _, seconds in latencies]
-    print(f"\n20 runs in {wall:.0f}s; {len(answers)} GraphQL probes: first answered after {answers[0]:.3f}s, "
-          f"median {statistics.median(answers):.3f}s, max {max(answers):.3f}s")
+    print(
+        f"\n20 runs in {wall:.0f}s; {len(answers)} GraphQL probes: first answered after {answers[0]:.3f}s, "
+        f"median {statistics.median(answers):.3f}s, max {max(answers):.3f}s"
+    )
     assert len(answers) >= wall / 2, "the probe stalled"  # one probe per ~0.5-1 s for the whole load
     assert max(answers) < 1.0, f"GraphQL took {max(answers):.2f}s under load"

@@ -9,7 +9,5 @@ from importlib import resources
 
 @cache
 def stanford_cars_class_names() -> tuple[str, ...]:
-    payload = json.loads(
-        resources.files("car_maker_pipeline.data").joinpath("stanford_cars_classes.json").read_text()
-    )
+    payload = json.loads(resources.files("car_maker_pipeline.data").joinpath("stanford_cars_classes.json").read_text())
     return tuple(payload["class_names"])

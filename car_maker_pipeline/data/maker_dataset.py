@@ -71,8 +71,11 @@ class MakerDataset:
 
     @property
     def dropped_total(self) -> int:
-        return (sum(self.dropped_undecodable.values()) + sum(self.dropped_bad_label.values())
-                + sum(self.dropped_duplicate.values()))
+        return (
+            sum(self.dropped_undecodable.values())
+            + sum(self.dropped_bad_label.values())
+            + sum(self.dropped_duplicate.values())
+        )
 
     def counts_markdown(self) -> str:
         frame = pd.DataFrame(self.images_per_maker).fillna(0).astype(int)
@@ -113,8 +116,11 @@ def model_ready(image: Image.Image) -> Image.Image:
     width, height = image.size
     if max(width, height) <= MAX_ASPECT_RATIO * min(width, height):
         return image
-    size = (width, max(height, int(np.ceil(width / MAX_ASPECT_RATIO)))) if width > height else \
-        (max(width, int(np.ceil(height / MAX_ASPECT_RATIO))), height)
+    size = (
+        (width, max(height, int(np.ceil(width / MAX_ASPECT_RATIO))))
+        if width > height
+        else (max(width, int(np.ceil(height / MAX_ASPECT_RATIO))), height)
+    )
     canvas = Image.new("RGB", size, (255, 255, 255))
     canvas.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
     return canvas
@@ -143,8 +149,17 @@ def decode_once(data: bytes) -> tuple[bytes, str] | None:
 
 
 def _process_batch(batch: dict, parsed: list) -> dict:
-    out = {"image": [], "maker": [], "source_class": [], "source_label": [], "model": [], "year": [],
-           "content_hash": [], "keep": [], "bad_label": []}
+    out = {
+        "image": [],
+        "maker": [],
+        "source_class": [],
+        "source_label": [],
+        "model": [],
+        "year": [],
+        "content_hash": [],
+        "keep": [],
+        "bad_label": [],
+    }
     for raw, label in zip(batch["image"], batch["label"]):
         bad_label = label is None or not 0 <= int(label) < len(parsed)
         decoded = None
@@ -166,17 +181,29 @@ def _process_batch(batch: dict, parsed: list) -> dict:
 
 def _clean_split(part: datasets.Dataset, parsed: list, num_proc: int | None) -> tuple[datasets.Dataset, int, int, int]:
     part = part.cast_column("image", datasets.Image(decode=False))
-    features = datasets.Features({
-        "image": datasets.Image(decode=False), "maker": datasets.Value("string"),
-        "source_class": datasets.Value("string"), "source_label": datasets.Value("int32"),
-        "model": datasets.Value("string"), "year": datasets.Value("int32"),
-        "content_hash": datasets.Value("string"), "keep": datasets.Value("bool"), "bad_label": datasets.Value("bool"),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(decode=False),
+            "maker": datasets.Value("string"),
+            "source_class": datasets.Value("string"),
+            "source_label": datasets.Value("int32"),
+            "model": datasets.Value("string"),
+            "year": datasets.Value("int32"),
+            "content_hash": datasets.Value("string"),
+            "keep": datasets.Value("bool"),
+            "bad_label": datasets.Value("bool"),
+        }
+    )
     procs = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 4) if part.num_rows >= 4000 else None)
     processed = part.map(
-        _process_batch, fn_kwargs={"parsed": parsed}, batched=True, batch_size=256,
+        _process_batch,
+        fn_kwargs={"parsed": parsed},
+        batched=True,
+        batch_size=256,
         # num_proc=1 would still start a worker process; None keeps the work in this one.
-        remove_columns=part.column_names, features=features, num_proc=procs if procs and procs > 1 else None,
+        remove_columns=part.column_names,
+        features=features,
+        num_proc=procs if procs and procs > 1 else None,
         load_from_cache_file=False,
         desc="decode images",
     )
@@ -196,17 +223,25 @@ def _clean_split(part: datasets.Dataset, parsed: list, num_proc: int | None) -> 
     return cleaned, dropped_undecodable, dropped_bad_label, int(duplicate.sum())
 
 
-def build_maker_dataset(raw: datasets.DatasetDict, out_dir: Path, params: MakerDatasetParams = MakerDatasetParams(),
-                        source_revision: str = "unknown") -> MakerDataset:
+def build_maker_dataset(
+    raw: datasets.DatasetDict,
+    out_dir: Path,
+    params: MakerDatasetParams = MakerDatasetParams(),
+    source_revision: str = "unknown",
+) -> MakerDataset:
     """Collapse classes to makers, drop unreadable images, carve a stratified validation split."""
     started = time.perf_counter()
     for required in (TRAIN, TEST):
         if required not in raw:
-            raise MakerDatasetError(f"The source has no {required!r} split (it has {list(raw)}); both train and test are required.")
+            raise MakerDatasetError(
+                f"The source has no {required!r} split (it has {list(raw)}); both train and test are required."
+            )
     for split, part in raw.items():
         for required_column in ("image", "label"):
             if required_column not in part.column_names:
-                raise MakerDatasetError(f"Split {split!r} lacks the {required_column!r} column (it has {part.column_names}).")
+                raise MakerDatasetError(
+                    f"Split {split!r} lacks the {required_column!r} column (it has {part.column_names})."
+                )
         if part.num_rows == 0:
             raise MakerDatasetError(f"Split {split!r} is empty; every split of the source needs rows.")
         if not isinstance(part.features["label"], datasets.ClassLabel):
@@ -222,7 +257,8 @@ def build_maker_dataset(raw: datasets.DatasetDict, out_dir: Path, params: MakerD
     cleaned, dropped_undecodable, dropped_bad_label, dropped_duplicate = {}, {}, {}, {}
     for split, part in raw.items():
         cleaned[split], dropped_undecodable[split], dropped_bad_label[split], dropped_duplicate[split] = _clean_split(
-            part, parsed, params.num_proc)
+            part, parsed, params.num_proc
+        )
         if cleaned[split].num_rows == 0:
             raise MakerDatasetError(
                 f"Split {split!r} has no readable image left ({dropped_undecodable[split]} undecodable, "

@@ -13,12 +13,55 @@ from dataclasses import dataclass
 # Every maker in Stanford Cars, spelled as the dataset spells it. Multi-word makers are why a
 # prefix match is needed at all.
 KNOWN_MAKERS: tuple[str, ...] = (
-    "AM General", "Acura", "Aston Martin", "Audi", "BMW", "Bentley", "Bugatti", "Buick",
-    "Cadillac", "Chevrolet", "Chrysler", "Daewoo", "Dodge", "Eagle", "FIAT", "Ferrari", "Fisker",
-    "Ford", "GMC", "Geo", "HUMMER", "Honda", "Hyundai", "Infiniti", "Isuzu", "Jaguar", "Jeep",
-    "Lamborghini", "Land Rover", "Lincoln", "MINI", "Maybach", "Mazda", "McLaren",
-    "Mercedes-Benz", "Mitsubishi", "Nissan", "Plymouth", "Porsche", "Ram", "Rolls-Royce",
-    "Scion", "Spyker", "Suzuki", "Tesla", "Toyota", "Volkswagen", "Volvo", "smart",
+    "AM General",
+    "Acura",
+    "Aston Martin",
+    "Audi",
+    "BMW",
+    "Bentley",
+    "Bugatti",
+    "Buick",
+    "Cadillac",
+    "Chevrolet",
+    "Chrysler",
+    "Daewoo",
+    "Dodge",
+    "Eagle",
+    "FIAT",
+    "Ferrari",
+    "Fisker",
+    "Ford",
+    "GMC",
+    "Geo",
+    "HUMMER",
+    "Honda",
+    "Hyundai",
+    "Infiniti",
+    "Isuzu",
+    "Jaguar",
+    "Jeep",
+    "Lamborghini",
+    "Land Rover",
+    "Lincoln",
+    "MINI",
+    "Maybach",
+    "Mazda",
+    "McLaren",
+    "Mercedes-Benz",
+    "Mitsubishi",
+    "Nissan",
+    "Plymouth",
+    "Porsche",
+    "Ram",
+    "Rolls-Royce",
+    "Scion",
+    "Spyker",
+    "Suzuki",
+    "Tesla",
+    "Toyota",
+    "Volkswagen",
+    "Volvo",
+    "smart",
 )
 
 # Longest first, so "Land Rover" wins over a hypothetical "Land".
@@ -55,7 +98,7 @@ def parse_class_name(name: str) -> ParsedClass:
     for maker in _MAKERS_BY_LENGTH:
         key = maker.casefold()
         if folded == key or folded.startswith(key + " "):
-            rest = clean[len(maker):].strip()
+            rest = clean[len(maker) :].strip()
             tokens = rest.split()
             year = int(tokens[-1]) if tokens and _YEAR.match(tokens[-1]) else None
             model = " ".join(tokens[:-1] if year is not None else tokens)

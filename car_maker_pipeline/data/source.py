@@ -49,9 +49,15 @@ def _looks_local(path_or_id: str) -> bool:
 def local_fingerprint(folder: Path) -> str:
     """sha256 over every non-hidden file's relative path and bytes: changes when any data changes."""
     digest = hashlib.sha256()
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     if not files:
-        raise SourceError(f"The source folder {folder} holds no files. Point the source at a Stanford-Cars-shaped folder (data/<split>-*.parquet).")
+        raise SourceError(
+            f"The source folder {folder} holds no files. Point the source at a Stanford-Cars-shaped folder (data/<split>-*.parquet)."
+        )
     for path in files:
         digest.update(str(path.relative_to(folder)).encode())
         with path.open("rb") as handle:
@@ -114,7 +120,12 @@ def materialize_raw(path_or_id: str, home: Path, revision: str | None = None, to
     """Load every split of the source and store it under its revision; reuse the stored copy if present."""
     started = time.perf_counter()
     resolved = resolve_revision(path_or_id, revision)
-    target = home / "raw_stanford_cars" / _safe(path_or_id if not _looks_local(path_or_id) else Path(path_or_id).name) / _safe(resolved)
+    target = (
+        home
+        / "raw_stanford_cars"
+        / _safe(path_or_id if not _looks_local(path_or_id) else Path(path_or_id).name)
+        / _safe(resolved)
+    )
     if (target / _COMPLETE).exists():
         record = read_json(target / _COMPLETE)
         record.update(cache_hit=True, seconds=time.perf_counter() - started)
@@ -124,11 +135,15 @@ def materialize_raw(path_or_id: str, home: Path, revision: str | None = None, to
     if not _looks_local(path_or_id):
         load_kwargs.update(revision=resolved, token=token)
     try:
-        dataset = datasets.load_dataset(str(Path(path_or_id).expanduser()) if _looks_local(path_or_id) else path_or_id, **load_kwargs)
+        dataset = datasets.load_dataset(
+            str(Path(path_or_id).expanduser()) if _looks_local(path_or_id) else path_or_id, **load_kwargs
+        )
     except (FileNotFoundError, ValueError) as error:
         empty = re.search(r'Instruction "([^"]+)" corresponds to no data', str(error))
         if empty:  # how `datasets` reports a split file with no rows
-            raise SourceError(f"Split {empty.group(1)!r} of source {path_or_id!r} is empty; every split needs rows.") from error
+            raise SourceError(
+                f"Split {empty.group(1)!r} of source {path_or_id!r} is empty; every split needs rows."
+            ) from error
         raise SourceError(f"Could not load source {path_or_id!r}: {error}") from error
     validate_source(dataset, path_or_id)
 

@@ -58,7 +58,13 @@ DEMO_MAKERS: tuple[str, ...] = ("AM General", "Aston Martin", "BMW", "Land Rover
 
 # The corrupted test splits of `tanganke/stanford_cars`, in the order the Hub lists them.
 ALL_CORRUPTIONS: tuple[str, ...] = (
-    "contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter",
+    "contrast",
+    "gaussian_noise",
+    "impulse_noise",
+    "jpeg_compression",
+    "motion_blur",
+    "pixelate",
+    "spatter",
 )
 
 # Written (hidden, so content fingerprints of the folder ignore it) to recognise a folder this module
@@ -70,7 +76,11 @@ _SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges at almost no c
 # File formats with their share of images, roughly as in the real data: mostly JPEG, some PNG,
 # a few grayscale JPEG, CMYK JPEG and RGBA PNG files.
 _FORMATS: tuple[tuple[str, float], ...] = (
-    ("jpeg", 0.80), ("png", 0.12), ("jpeg_l", 0.03), ("jpeg_cmyk", 0.025), ("png_rgba", 0.025),
+    ("jpeg", 0.80),
+    ("png", 0.12),
+    ("jpeg_l", 0.03),
+    ("jpeg_cmyk", 0.025),
+    ("png_rgba", 0.025),
 )
 _FORMAT_CUMULATIVE = np.cumsum([share for _, share in _FORMATS])
 
@@ -99,7 +109,9 @@ class MakerStyle:
 
 _MAKER_STYLES: dict[str, MakerStyle] = {
     # Tall box on huge wheels, olive/khaki, flat roof, spare wheel on the tail.
-    "AM General": MakerStyle(72, (0.35, 0.6), (0.35, 0.6), 0.26, 0.13, 0.14, "box", 0.19, 0.0, "spare_wheel", (60, 60, 50)),
+    "AM General": MakerStyle(
+        72, (0.35, 0.6), (0.35, 0.6), 0.26, 0.13, 0.14, "box", 0.19, 0.0, "spare_wheel", (60, 60, 50)
+    ),
     # Low wedge with a long fastback, racing green, light side stripe and a side vent.
     "Aston Martin": MakerStyle(150, (0.55, 0.85), (0.3, 0.55), 0.13, 0.035, 0.085, "fastback", 0.13, 1.0, "stripe"),
     # Mid-height notchback sedan, saturated blue, twin dark kidney grille and a dark sill.
@@ -208,7 +220,9 @@ def _window_outline(cabin: list[tuple[float, float]], top: float, style: MakerSt
     return [(cx + (x - cx) * 0.84, top + 0.12 * h + (y - top) * 0.7) for x, y in cabin]
 
 
-def render_car(maker: str, source_class: str, rng: np.random.Generator, image_size: tuple[int, int] = (128, 96)) -> Image.Image:
+def render_car(
+    maker: str, source_class: str, rng: np.random.Generator, image_size: tuple[int, int] = (128, 96)
+) -> Image.Image:
     """Draw one synthetic side view of a `source_class` car by `maker` as an RGB image of `image_size` (w, h).
 
     Maker cues (hue family, silhouette, wheels, accent) are strong; per-class changes are small; the
@@ -235,7 +249,9 @@ def render_car(maker: str, source_class: str, rng: np.random.Generator, image_si
     draw = ImageDraw.Draw(image)
 
     # Placement: the car's length in pixels, limited so its full height fits above the ground line.
-    total_height = style.clearance + style.body_height + style.roof_height + (0.06 if style.accent == "coachline" else 0.0)
+    total_height = (
+        style.clearance + style.body_height + style.roof_height + (0.06 if style.accent == "coachline" else 0.0)
+    )
     ground_y = ground_frac * H + rng.uniform(-0.02, 0.03) * H
     length = min(W * rng.uniform(0.62, 0.88), (ground_y - 0.05 * H) / total_height)
     cx = W / 2 + rng.uniform(-0.08, 0.08) * W
@@ -271,7 +287,10 @@ def render_car(maker: str, source_class: str, rng: np.random.Generator, image_si
     # Shadow on the ground under the car.
     sx0, sy0 = pt(0.02, 0.0)
     sx1, sy1 = pt(0.98, 0.0)
-    draw.ellipse((min(sx0, sx1), min(sy0, sy1) - 0.02 * length, max(sx0, sx1), max(sy0, sy1) + 0.02 * length), fill=_shade(tuple(int(c) for c in road), 0.55))
+    draw.ellipse(
+        (min(sx0, sx1), min(sy0, sy1) - 0.02 * length, max(sx0, sx1), max(sy0, sy1) + 0.02 * length),
+        fill=_shade(tuple(int(c) for c in road), 0.55),
+    )
 
     # Cabin (drawn first; the body overlaps its bottom edge). Convertibles get a lower dark soft top.
     roof_style = replace(style, roof_height=style.roof_height * (0.8 if convertible else 1.0))
@@ -298,8 +317,17 @@ def render_car(maker: str, source_class: str, rng: np.random.Generator, image_si
     # Lower body: rear corner rounded, front top dropped by `nose` (a wedge for sports cars).
     front_top = belt - 0.5 * bh * style.nose
     poly(
-        [(0.0, clr + 0.15 * bh), (0.0, belt - 0.1 * bh), (0.03, belt), (0.7, belt),
-         (0.97, front_top), (1.0, front_top - 0.1 * bh), (1.0, clr + 0.15 * bh), (0.97, clr), (0.03, clr)],
+        [
+            (0.0, clr + 0.15 * bh),
+            (0.0, belt - 0.1 * bh),
+            (0.03, belt),
+            (0.7, belt),
+            (0.97, front_top),
+            (1.0, front_top - 0.1 * bh),
+            (1.0, clr + 0.15 * bh),
+            (0.97, clr),
+            (0.03, clr),
+        ],
         body,
     )
 
@@ -456,7 +484,9 @@ def corrupt_image(image: Image.Image, corruption: str, rng: np.random.Generator)
 
 
 def _features() -> datasets.Features:
-    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(stanford_cars_class_names()))})
+    return datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(stanford_cars_class_names()))}
+    )
 
 
 def _stream_id(name: str) -> int:
@@ -493,7 +523,9 @@ class _Uniqueness:
         return True
 
 
-def _render_split(split: str, plan: list[tuple[str, int, str]], image_size: tuple[int, int], seed: int, unique: _Uniqueness) -> tuple[list[bytes], list[tuple[str, int]]]:
+def _render_split(
+    split: str, plan: list[tuple[str, int, str]], image_size: tuple[int, int], seed: int, unique: _Uniqueness
+) -> tuple[list[bytes], list[tuple[str, int]]]:
     images: list[bytes] = []
     encodings: list[tuple[str, int]] = []
     for index, (maker, _label, name) in enumerate(plan):
@@ -511,7 +543,9 @@ def _render_split(split: str, plan: list[tuple[str, int, str]], image_size: tupl
     return images, encodings
 
 
-def _corrupt_split(corruption: str, test_images: list[bytes], encodings: list[tuple[str, int]], seed: int, unique: _Uniqueness) -> list[bytes]:
+def _corrupt_split(
+    corruption: str, test_images: list[bytes], encodings: list[tuple[str, int]], seed: int, unique: _Uniqueness
+) -> list[bytes]:
     """The test images, decoded as stored, corrupted, and re-encoded in their original format and mode."""
     images: list[bytes] = []
     for index, (data, (kind, quality)) in enumerate(zip(test_images, encodings)):
@@ -556,7 +590,9 @@ def _dataset_card(class_names: Sequence[str], splits: dict[str, tuple[int, int]]
                 {"name": "image", "dtype": "image"},
                 {"name": "label", "dtype": {"class_label": {"names": {str(i): n for i, n in enumerate(class_names)}}}},
             ],
-            "splits": [{"name": name, "num_bytes": nbytes, "num_examples": rows} for name, (rows, nbytes) in splits.items()],
+            "splits": [
+                {"name": name, "num_bytes": nbytes, "num_examples": rows} for name, (rows, nbytes) in splits.items()
+            ],
             "dataset_size": sum(nbytes for _, nbytes in splits.values()),
         },
         "configs": [
@@ -579,7 +615,13 @@ def _dataset_card(class_names: Sequence[str], splits: dict[str, tuple[int, int]]
     return f"---\n{front}---\n\n{body}"
 
 
-def _validated(makers: Sequence[str], corruptions: Sequence[str], train_per_maker: int, test_per_maker: int, image_size: tuple[int, int]) -> tuple[list[str], list[str]]:
+def _validated(
+    makers: Sequence[str],
+    corruptions: Sequence[str],
+    train_per_maker: int,
+    test_per_maker: int,
+    image_size: tuple[int, int],
+) -> tuple[list[str], list[str]]:
     if isinstance(makers, str) or isinstance(corruptions, str):
         raise ValueError("makers and corruptions must be sequences of names, not a single string.")
     known = _classes_by_maker()
@@ -596,11 +638,15 @@ def _validated(makers: Sequence[str], corruptions: Sequence[str], train_per_make
         raise ValueError(f"makers lists a maker twice: {makers}.")
     bad_corruptions = [c for c in corruptions if c not in ALL_CORRUPTIONS]
     if bad_corruptions:
-        raise ValueError(f"Unknown corruption(s) {bad_corruptions}; valid corruptions are: {', '.join(ALL_CORRUPTIONS)}.")
+        raise ValueError(
+            f"Unknown corruption(s) {bad_corruptions}; valid corruptions are: {', '.join(ALL_CORRUPTIONS)}."
+        )
     if len(set(corruptions)) != len(corruptions):
         raise ValueError(f"corruptions lists a corruption twice: {corruptions}.")
     if train_per_maker < 1 or test_per_maker < 1:
-        raise ValueError(f"train_per_maker and test_per_maker must be at least 1 (got {train_per_maker}, {test_per_maker}).")
+        raise ValueError(
+            f"train_per_maker and test_per_maker must be at least 1 (got {train_per_maker}, {test_per_maker})."
+        )
     if len(image_size) != 2 or min(image_size) < 16:
         raise ValueError(f"image_size must be (width, height) of at least 16 pixels each, got {image_size!r}.")
     return makers, corruptions
@@ -643,8 +689,12 @@ def generate_demo_source(
 
     features = _features()
     settings = {
-        "makers": makers, "train_per_maker": train_per_maker, "test_per_maker": test_per_maker,
-        "corruptions": corruptions, "image_size": list(image_size), "seed": seed,
+        "makers": makers,
+        "train_per_maker": train_per_maker,
+        "test_per_maker": test_per_maker,
+        "corruptions": corruptions,
+        "image_size": list(image_size),
+        "seed": seed,
     }
     remove_stale_temporaries(out_dir.parent)  # a generation killed mid-write leaves its folder behind
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=temporary_prefix(out_dir.name)))

@@ -52,12 +52,23 @@ def attach_adapters(base_model, checkpoints: dict[int, Path]):
     return model
 
 
-def score_checkpoints(base_model, processor, checkpoints: dict[int, Path], dataset, makers: list[str], out_root: Path,
-                      baseline_accuracy: float | None, val_loss: dict[int, float] | None = None,
-                      prompt: PromptTemplate | None = None, batch_size: int = 16,
-                      corrupted_splits: list[str] | None = None) -> CheckpointScores:
+def score_checkpoints(
+    base_model,
+    processor,
+    checkpoints: dict[int, Path],
+    dataset,
+    makers: list[str],
+    out_root: Path,
+    baseline_accuracy: float | None,
+    val_loss: dict[int, float] | None = None,
+    prompt: PromptTemplate | None = None,
+    batch_size: int = 16,
+    corrupted_splits: list[str] | None = None,
+) -> CheckpointScores:
     if not checkpoints:
-        raise CheckpointEvaluationError("There are no complete checkpoints to evaluate; materialize lora_checkpoints first.")
+        raise CheckpointEvaluationError(
+            "There are no complete checkpoints to evaluate; materialize lora_checkpoints first."
+        )
     model = attach_adapters(base_model, checkpoints)
     classifier = MakerClassifier(model, processor, makers, prompt=prompt, batch_size=batch_size)
     reports: dict[tuple[int | str, str], EvaluationReport] = {}
@@ -65,32 +76,65 @@ def score_checkpoints(base_model, processor, checkpoints: dict[int, Path], datas
     for step in sorted(checkpoints):
         model.set_adapter(f"step-{step}")
         for split in (VALIDATION, TEST):
-            reports[(step, split)] = _cached_or_evaluate(classifier, dataset, split, out_root / f"step-{step}" / split,
-                                                         f"step {step} {split}", figures=split == TEST)
+            reports[(step, split)] = _cached_or_evaluate(
+                classifier,
+                dataset,
+                split,
+                out_root / f"step-{step}" / split,
+                f"step {step} {split}",
+                figures=split == TEST,
+            )
         val, test = reports[(step, VALIDATION)].summary, reports[(step, TEST)].summary
-        rows.append({
-            "step": step, "val_accuracy": val.accuracy, "accuracy": test.accuracy, "ci_low": test.ci_low,
-            "ci_high": test.ci_high, "macro_accuracy": test.macro_accuracy,
-            "change_vs_baseline": test.accuracy - baseline_accuracy if baseline_accuracy is not None else float("nan"),
-            "val_loss": (val_loss or {}).get(step, float("nan")),
-        })
+        rows.append(
+            {
+                "step": step,
+                "val_accuracy": val.accuracy,
+                "accuracy": test.accuracy,
+                "ci_low": test.ci_low,
+                "ci_high": test.ci_high,
+                "macro_accuracy": test.macro_accuracy,
+                "change_vs_baseline": test.accuracy - baseline_accuracy
+                if baseline_accuracy is not None
+                else float("nan"),
+                "val_loss": (val_loss or {}).get(step, float("nan")),
+            }
+        )
     table = pd.DataFrame(rows)
     # Chosen on validation, never on test; ties go to the lower validation loss, then the later step.
     ranked = table.assign(_loss=table["val_loss"].fillna(float("inf"))).sort_values(
-        ["val_accuracy", "_loss", "step"], ascending=[False, True, False])
+        ["val_accuracy", "_loss", "step"], ascending=[False, True, False]
+    )
     best_step = int(ranked.iloc[0]["step"])
 
     robustness_rows = []
     for split in corrupted_splits or []:
         with model.disable_adapter():
-            base = _cached_or_evaluate(classifier, dataset, split, out_root / "base" / split, f"base {split}", figures=False)
+            base = _cached_or_evaluate(
+                classifier, dataset, split, out_root / "base" / split, f"base {split}", figures=False
+            )
         model.set_adapter(f"step-{best_step}")
-        tuned = _cached_or_evaluate(classifier, dataset, split, out_root / f"step-{best_step}" / split, f"step {best_step} {split}", figures=False)
+        tuned = _cached_or_evaluate(
+            classifier,
+            dataset,
+            split,
+            out_root / f"step-{best_step}" / split,
+            f"step {best_step} {split}",
+            figures=False,
+        )
         reports[("base", split)], reports[(best_step, split)] = base, tuned
-        robustness_rows.append({"corruption": split, "baseline_accuracy": base.summary.accuracy,
-                                "best_checkpoint_accuracy": tuned.summary.accuracy,
-                                "best_ci_low": tuned.summary.ci_low, "best_ci_high": tuned.summary.ci_high})
-    robustness = pd.DataFrame(robustness_rows, columns=["corruption", "baseline_accuracy", "best_checkpoint_accuracy", "best_ci_low", "best_ci_high"])
+        robustness_rows.append(
+            {
+                "corruption": split,
+                "baseline_accuracy": base.summary.accuracy,
+                "best_checkpoint_accuracy": tuned.summary.accuracy,
+                "best_ci_low": tuned.summary.ci_low,
+                "best_ci_high": tuned.summary.ci_high,
+            }
+        )
+    robustness = pd.DataFrame(
+        robustness_rows,
+        columns=["corruption", "baseline_accuracy", "best_checkpoint_accuracy", "best_ci_low", "best_ci_high"],
+    )
     return CheckpointScores(table, best_step, checkpoints[best_step], robustness, reports)
 
 

@@ -9,8 +9,8 @@ takes only as many decoding steps as its longest tokenization.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -53,7 +53,7 @@ def answer_token_ids(processor, prompt: PromptTemplate, makers: Sequence[str]) -
         full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
         if full_ids[: len(prompt_ids)] != prompt_ids:
             raise ClassifierError("The chat template renders the prompt differently with and without the answer.")
-        rest = full_ids[len(prompt_ids):]
+        rest = full_ids[len(prompt_ids) :]
         if end_id not in rest:
             raise ClassifierError(f"The chat template does not close the answer {maker!r} with {END_OF_TURN!r}.")
         ids = rest[: rest.index(end_id)]
@@ -84,7 +84,7 @@ class _TrieConstraint(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         mask = torch.full_like(scores, float("-inf"))
-        for row, ids in enumerate(input_ids[:, self.prompt_length:].tolist()):
+        for row, ids in enumerate(input_ids[:, self.prompt_length :].tolist()):
             allowed = self.trie.children.get(tuple(ids))
             mask[row, list(allowed) if allowed else [self.pad_id]] = 0.0
         return scores + mask
@@ -93,7 +93,9 @@ class _TrieConstraint(LogitsProcessor):
 class MakerClassifier:
     """Constrained, batched maker classification with one model and one prompt."""
 
-    def __init__(self, model, processor, makers: Sequence[str], prompt: PromptTemplate | None = None, batch_size: int = 16):
+    def __init__(
+        self, model, processor, makers: Sequence[str], prompt: PromptTemplate | None = None, batch_size: int = 16
+    ):
         if not makers:
             raise ClassifierError("The maker list is empty; there is nothing to classify into.")
         self.model, self.processor, self.makers = model, processor, list(makers)
@@ -102,7 +104,11 @@ class MakerClassifier:
         tokenizer = processor.tokenizer
         image_token = getattr(processor, "image_token", "<image>")
         image_id = tokenizer.convert_tokens_to_ids(image_token)
-        if image_id is None or image_id == tokenizer.unk_token_id or image_id != getattr(model.config, "image_token_id", image_id):
+        if (
+            image_id is None
+            or image_id == tokenizer.unk_token_id
+            or image_id != getattr(model.config, "image_token_id", image_id)
+        ):
             raise ClassifierError(
                 f"The tokenizer has no image token {image_token!r} matching the model's image_token_id "
                 f"({getattr(model.config, 'image_token_id', None)}); the processor does not belong to this model."
@@ -110,7 +116,11 @@ class MakerClassifier:
         self.prompt_text, self.answers = answer_token_ids(processor, self.prompt, self.makers)
         self.trie = _Trie(self.answers)
         self.end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        self.pad_id = (
+            tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        )
         tokenizer.padding_side = "left"  # generation continues from the right edge of every row
         self.device = next(model.parameters()).device
 
@@ -122,8 +132,10 @@ class MakerClassifier:
     def classify_batch(self, images: Sequence) -> list[Prediction]:
         images = [model_ready(image) for image in images]
         inputs = self.processor(
-            images=[[image] for image in images], text=[self.prompt_text] * len(images),
-            padding=True, return_tensors="pt",
+            images=[[image] for image in images],
+            text=[self.prompt_text] * len(images),
+            padding=True,
+            return_tensors="pt",
         ).to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -159,7 +171,7 @@ class MakerClassifier:
         images = list(images)
         predictions: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
-            predictions.extend(self.classify_batch(images[start:start + self.batch_size]))
+            predictions.extend(self.classify_batch(images[start : start + self.batch_size]))
         return predictions
 
 
@@ -176,7 +188,9 @@ class EvaluationRun:
 def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = None) -> EvaluationRun:
     """Classify every image of a maker-dataset split (or the first `max_images`)."""
     if split.num_rows == 0:
-        raise ClassifierError("The split to evaluate is empty; materialize car_maker_dataset with a non-empty test split.")
+        raise ClassifierError(
+            "The split to evaluate is empty; materialize car_maker_dataset with a non-empty test split."
+        )
     if max_images is not None:
         split = split.select(range(min(max_images, split.num_rows)))
     # One untimed batch first: the first forward pass pays one-off kernel and allocator set-up,
@@ -185,7 +199,14 @@ def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = 
     started = time.perf_counter()
     rows = []
     for start in range(0, split.num_rows, classifier.batch_size):
-        batch = split[start:start + classifier.batch_size]
+        batch = split[start : start + classifier.batch_size]
         for offset, (maker, prediction) in enumerate(zip(batch["maker"], classifier.classify_batch(batch["image"]))):
-            rows.append({"index": start + offset, "true_maker": maker, "predicted_maker": prediction.maker, "score": prediction.score})
+            rows.append(
+                {
+                    "index": start + offset,
+                    "true_maker": maker,
+                    "predicted_maker": prediction.maker,
+                    "score": prediction.score,
+                }
+            )
     return EvaluationRun(pd.DataFrame(rows), time.perf_counter() - started)

@@ -46,8 +46,16 @@ def per_maker_table(predictions: pd.DataFrame, makers: list[str]) -> pd.DataFram
         subset = predictions[predictions["true_maker"] == maker]
         correct = int((subset["predicted_maker"] == maker).sum())
         low, high = wilson_interval(correct, len(subset))
-        rows.append({"maker": maker, "images": len(subset), "correct": correct,
-                     "accuracy": correct / len(subset) if len(subset) else float("nan"), "ci_low": low, "ci_high": high})
+        rows.append(
+            {
+                "maker": maker,
+                "images": len(subset),
+                "correct": correct,
+                "accuracy": correct / len(subset) if len(subset) else float("nan"),
+                "ci_low": low,
+                "ci_high": high,
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -27,8 +27,15 @@ def confusion_figure(predictions: pd.DataFrame, makers: list[str], title: str):
     if len(makers) <= 15:
         for (row, col), value in np.ndenumerate(matrix):
             if value:
-                axis.text(col, row, str(value), ha="center", va="center", fontsize=7,
-                          color="white" if value > matrix.max() / 2 else "black")
+                axis.text(
+                    col,
+                    row,
+                    str(value),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value > matrix.max() / 2 else "black",
+                )
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
     return figure

@@ -50,7 +50,7 @@ class EvaluationReport:
         return payload
 
     @classmethod
-    def from_json(cls, payload: dict) -> "EvaluationReport":
+    def from_json(cls, payload: dict) -> EvaluationReport:
         payload = dict(payload)
         payload["summary"] = AccuracySummary(**payload["summary"])
         return cls(**payload)
@@ -59,8 +59,15 @@ class EvaluationReport:
         return {**self.summary.as_metrics(prefix), f"{prefix}images_per_second": self.images_per_second}
 
 
-def evaluate_to_dir(classifier: MakerClassifier, dataset, split: str, out_dir: Path, title: str,
-                    max_images: int | None = None, figures: bool = True) -> EvaluationReport:
+def evaluate_to_dir(
+    classifier: MakerClassifier,
+    dataset,
+    split: str,
+    out_dir: Path,
+    title: str,
+    max_images: int | None = None,
+    figures: bool = True,
+) -> EvaluationReport:
     """Classify a split and write predictions, per-maker table, figures and a summary atomically."""
     part = dataset[split]
     run = evaluate_split(classifier, part, max_images=max_images)
@@ -69,8 +76,14 @@ def evaluate_to_dir(classifier: MakerClassifier, dataset, split: str, out_dir: P
         run.predictions.to_parquet(tmp / "predictions.parquet", index=False)
         per_maker_table(run.predictions, classifier.makers).to_parquet(tmp / "per_maker.parquet", index=False)
         if figures:
-            save_figure(confusion_figure(run.predictions, classifier.makers, f"{title}: {summary.accuracy:.1%}"), tmp / "confusion_matrix.png")
-            save_figure(misclassified_figure(run.predictions, _LazyImages(part), f"{title}: misclassified"), tmp / "misclassified.png")
+            save_figure(
+                confusion_figure(run.predictions, classifier.makers, f"{title}: {summary.accuracy:.1%}"),
+                tmp / "confusion_matrix.png",
+            )
+            save_figure(
+                misclassified_figure(run.predictions, _LazyImages(part), f"{title}: misclassified"),
+                tmp / "misclassified.png",
+            )
         report = EvaluationReport(str(out_dir), split, summary, run.images_per_second, max_images)
         (tmp / "summary.json").write_text(json.dumps(report.to_json(), indent=2))
     return report

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import torch
 
-REQUIRED_LOCAL_FILES = ("config.json", "processor_config.json|preprocessor_config.json", "tokenizer.json", "*.safetensors")
+REQUIRED_LOCAL_FILES = (
+    "config.json",
+    "processor_config.json|preprocessor_config.json",
+    "tokenizer.json",
+    "*.safetensors",
+)
 
 
 class ModelLoadError(ValueError):
@@ -88,7 +93,9 @@ def is_local(path_or_id: str) -> bool:
     return path_or_id.startswith(("/", "./", "../", "~")) or Path(path_or_id).exists()
 
 
-def load_model_and_processor(path_or_id: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model_and_processor(
+    path_or_id: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto"
+) -> LoadedModel:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device = choose_device(device)
@@ -98,7 +105,11 @@ def load_model_and_processor(path_or_id: str, *, revision: str | None = None, de
     try:
         processor = AutoProcessor.from_pretrained(path_or_id, revision=revision, trust_remote_code=False)
         model = AutoModelForImageTextToText.from_pretrained(
-            path_or_id, revision=revision, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False,
+            path_or_id,
+            revision=revision,
+            dtype=torch_dtype,
+            use_safetensors=True,
+            trust_remote_code=False,
         )
     except OSError as error:
         raise ModelLoadError(
@@ -144,8 +155,10 @@ def attach_adapter(model, adapter_dir: str | Path, adapter_name: str = "default"
         text = str(error)
         if not any(marker in text for marker in ("size mismatch", "Target module", "not found in the base model")):
             raise
-        detail = next((line.strip() for line in text.splitlines() if "size mismatch" in line or "Target module" in line),
-                      text.strip().splitlines()[0])
+        detail = next(
+            (line.strip() for line in text.splitlines() if "size mismatch" in line or "Target module" in line),
+            text.strip().splitlines()[0],
+        )
         raise AdapterMismatchError(
             f"The adapter in {adapter_dir} was trained on {trained_on!r} and does not fit {target!r} "
             f"(first difference: {detail}). Use a checkpoint from this model's own "

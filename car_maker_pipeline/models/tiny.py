@@ -40,6 +40,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 from car_maker_pipeline.storage import remove_stale_temporaries, temporary_prefix
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +94,14 @@ TINY_MODEL_SPECS: dict[str, TinyModelSpec] = {
         text_hidden_size=128,
         text_intermediate_size=256,
         text_layer_types=(
-            "conv", "full_attention", "full_attention", "conv", "full_attention", "full_attention", "conv", "full_attention",
+            "conv",
+            "full_attention",
+            "full_attention",
+            "conv",
+            "full_attention",
+            "full_attention",
+            "conv",
+            "full_attention",
         ),
         text_num_attention_heads=4,
         text_num_key_value_heads=2,
@@ -133,8 +141,15 @@ IMAGE_THUMBNAIL_TOKEN = "<|img_thumbnail|>"
 MAX_TILE_GRID = 10  # LFM2-VL's processor names tiles up to a 10x10 grid: <|img_row_R_col_C|>
 
 SPECIAL_TOKENS: tuple[str, ...] = (
-    PAD_TOKEN, BOS_TOKEN, EOT_TOKEN, IM_START_TOKEN, IM_END_TOKEN,
-    IMAGE_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_THUMBNAIL_TOKEN,
+    PAD_TOKEN,
+    BOS_TOKEN,
+    EOT_TOKEN,
+    IM_START_TOKEN,
+    IM_END_TOKEN,
+    IMAGE_TOKEN,
+    IMAGE_START_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_THUMBNAIL_TOKEN,
     *(f"<|img_row_{r}_col_{c}|>" for r in range(1, MAX_TILE_GRID + 1) for c in range(1, MAX_TILE_GRID + 1)),
 )
 
@@ -245,7 +260,9 @@ def build_processor(vocab_size: int = DEFAULT_VOCAB_SIZE):
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    return Lfm2VlProcessor(image_processor=image_processor, tokenizer=build_tokenizer(vocab_size), chat_template=CHAT_TEMPLATE)
+    return Lfm2VlProcessor(
+        image_processor=image_processor, tokenizer=build_tokenizer(vocab_size), chat_template=CHAT_TEMPLATE
+    )
 
 
 def build_config(name: str, tokenizer):

@@ -24,8 +24,10 @@ retrain_job = dg.define_asset_job(
 
 
 def _retrain_requests(tags: dict[str, str], key_suffix: str) -> list[dg.RunRequest]:
-    return [dg.RunRequest(run_key=f"{key_suffix}:{model}", partition_key=model, tags=tags)
-            for model in model_partitions.get_partition_keys()]
+    return [
+        dg.RunRequest(run_key=f"{key_suffix}:{model}", partition_key=model, tags=tags)
+        for model in model_partitions.get_partition_keys()
+    ]
 
 
 @dg.schedule(
@@ -60,7 +62,9 @@ def source_revision_sensor(context: dg.SensorEvaluationContext, source: Stanford
     if revision == known:
         return dg.SensorResult(skip_reason=f"Source unchanged at {revision}.", cursor=revision)
     return dg.SensorResult(
-        run_requests=_retrain_requests({"trigger": "source_revision", "source_revision": revision}, key_suffix=revision),
+        run_requests=_retrain_requests(
+            {"trigger": "source_revision", "source_revision": revision}, key_suffix=revision
+        ),
         cursor=revision,
     )
 

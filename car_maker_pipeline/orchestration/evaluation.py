@@ -50,9 +50,22 @@ def log_report(report, params: dict, artifact_dir: str | None = None) -> None:
             mlflow.log_artifact(str(path), artifact_path=artifact_dir)
 
 
-def evaluate_model(context, *, store: PipelineStore, uri: str, loaded, model_key: str, stage: str, out_dir: Path,
-                   prompt: PromptTemplate, batch_size: int, max_images: int | None, split: str,
-                   manifest: tuple[str, str], extra_params: dict | None = None) -> dg.MaterializeResult:
+def evaluate_model(
+    context,
+    *,
+    store: PipelineStore,
+    uri: str,
+    loaded,
+    model_key: str,
+    stage: str,
+    out_dir: Path,
+    prompt: PromptTemplate,
+    batch_size: int,
+    max_images: int | None,
+    split: str,
+    manifest: tuple[str, str],
+    extra_params: dict | None = None,
+) -> dg.MaterializeResult:
     # torch and transformers are imported here, not at module load: every Dagster step process
     # imports the definitions, and most steps never touch a model.
     from car_maker_pipeline.evaluation.classifier import MakerClassifier
@@ -62,20 +75,37 @@ def evaluate_model(context, *, store: PipelineStore, uri: str, loaded, model_key
     dataset = makers_record.load()
     if split not in dataset:
         raise ValueError(f"car_maker_dataset has no split {split!r}; it has {list(dataset)}.")
-    classifier = MakerClassifier(loaded.model, loaded.processor, makers_record.makers, prompt=prompt, batch_size=batch_size)
-    report = evaluate_to_dir(classifier, dataset, split, out_dir / context.run_id, title=f"{model_key} {stage}", max_images=max_images)
+    classifier = MakerClassifier(
+        loaded.model, loaded.processor, makers_record.makers, prompt=prompt, batch_size=batch_size
+    )
+    report = evaluate_to_dir(
+        classifier, dataset, split, out_dir / context.run_id, title=f"{model_key} {stage}", max_images=max_images
+    )
     params = {
-        "model_key": model_key, "model_id": loaded.path_or_id, "model_revision": loaded.revision,
-        "dataset_revision": makers_record.source_revision, "dataset_path": Path(makers_record.path).name,
-        "prompt_hash": classifier.prompt_hash, "num_images": report.summary.num_images, "batch_size": batch_size,
-        "device": loaded.device, "dtype": loaded.dtype, "split": split, "sample_cap": max_images, **(extra_params or {}),
+        "model_key": model_key,
+        "model_id": loaded.path_or_id,
+        "model_revision": loaded.revision,
+        "dataset_revision": makers_record.source_revision,
+        "dataset_path": Path(makers_record.path).name,
+        "prompt_hash": classifier.prompt_hash,
+        "num_images": report.summary.num_images,
+        "batch_size": batch_size,
+        "device": loaded.device,
+        "dtype": loaded.dtype,
+        "split": split,
+        "sample_cap": max_images,
+        **(extra_params or {}),
     }
     tags = {"dagster_run_id": context.run_id, "model_key": model_key, "stage": stage}
     with mlflow_run(uri, store.root, run_name=f"{stage}-{model_key}", tags=tags, orphans_of=context.instance) as run:
         log_report(report, params)
-    store.write_manifest(manifest[0], {**report.to_json(), "mlflow_run_id": run.info.run_id, "params": params}, partition=manifest[1])
+    store.write_manifest(
+        manifest[0], {**report.to_json(), "mlflow_run_id": run.info.run_id, "params": params}, partition=manifest[1]
+    )
     context.log.info(
         f"{model_key} {stage}: {report.summary.accuracy:.1%} [{report.summary.ci_low:.1%}, {report.summary.ci_high:.1%}] "
         f"on {report.summary.num_images} images at {report.images_per_second:.1f} images/s"
     )
-    return dg.MaterializeResult(metadata={**report_metadata(report), "mlflow_run_id": run.info.run_id, "model_revision": loaded.revision})
+    return dg.MaterializeResult(
+        metadata={**report_metadata(report), "mlflow_run_id": run.info.run_id, "model_revision": loaded.revision}
+    )

@@ -74,7 +74,9 @@ class StanfordCarsSource(dg.ConfigurableResource):
         return str(folder)
 
     def materialize(self, home: Path) -> RawDataset:
-        return materialize_raw(self.resolve(home), home, revision=self.revision, token=os.environ.get(self.token_env) or None)
+        return materialize_raw(
+            self.resolve(home), home, revision=self.revision, token=os.environ.get(self.token_env) or None
+        )
 
 
 class VisionLanguageModels(dg.ConfigurableResource):

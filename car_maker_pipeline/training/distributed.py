@@ -22,13 +22,33 @@ from contextlib import nullcontext
 from pathlib import Path
 
 
-def write_request(path: Path, *, model_dir: str, dataset_path: str, makers: list[str], output_dir: str,
-                  config: dict, mlflow_run_id: str, tracking_uri: str, pending_path: str) -> Path:
+def write_request(
+    path: Path,
+    *,
+    model_dir: str,
+    dataset_path: str,
+    makers: list[str],
+    output_dir: str,
+    config: dict,
+    mlflow_run_id: str,
+    tracking_uri: str,
+    pending_path: str,
+) -> Path:
     from car_maker_pipeline.storage import write_json_atomic
 
-    write_json_atomic(path, {"model_dir": model_dir, "dataset_path": dataset_path, "makers": makers,
-                             "output_dir": output_dir, "config": config, "mlflow_run_id": mlflow_run_id,
-                             "tracking_uri": tracking_uri, "pending_path": pending_path})
+    write_json_atomic(
+        path,
+        {
+            "model_dir": model_dir,
+            "dataset_path": dataset_path,
+            "makers": makers,
+            "output_dir": output_dir,
+            "config": config,
+            "mlflow_run_id": mlflow_run_id,
+            "tracking_uri": tracking_uri,
+            "pending_path": pending_path,
+        },
+    )
     return path
 
 
@@ -48,12 +68,23 @@ def main(argv: list[str] | None = None) -> int:
             context.log.info(f"rank 0 of {world} processes: training {request['model_dir']}")
         data = datasets.load_from_disk(request["dataset_path"])
         config = LoraTrainingConfig(**request["config"])
-        losses = MlflowLossCallback(request["mlflow_run_id"], request["tracking_uri"], pending_path=request["pending_path"])
-        result = train_lora(request["model_dir"], data["train"], data["validation"], request["makers"],
-                            request["output_dir"], config, callbacks=[losses])
+        losses = MlflowLossCallback(
+            request["mlflow_run_id"], request["tracking_uri"], pending_path=request["pending_path"]
+        )
+        result = train_lora(
+            request["model_dir"],
+            data["train"],
+            data["validation"],
+            request["makers"],
+            request["output_dir"],
+            config,
+            callbacks=[losses],
+        )
         if context is not None:
             context.report_custom_message({"result": result.to_json(), "world_size": world})
-            context.log.info(f"trained to step {result.global_step} in {result.train_seconds:.0f}s on {world} processes")
+            context.log.info(
+                f"trained to step {result.global_step} in {result.train_seconds:.0f}s on {world} processes"
+            )
     return 0
 
 

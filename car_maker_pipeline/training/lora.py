@@ -50,7 +50,15 @@ from car_maker_pipeline.storage import write_json_atomic
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
-    "q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "fc1", "fc2", "linear_1", "linear_2",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "in_proj",
+    "fc1",
+    "fc2",
+    "linear_1",
+    "linear_2",
 )
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
@@ -108,13 +116,21 @@ class LoraTrainingConfig:
             problems.append(f"learning_rate must be > 0 (got {self.learning_rate})")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             problems.append("set max_steps > 0 or num_train_epochs > 0")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "lora_r", "checkpoint_every_n_steps", "logging_steps"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "lora_r",
+            "checkpoint_every_n_steps",
+            "logging_steps",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.max_steps > 0 and self.checkpoint_every_n_steps > self.max_steps:
-            problems.append(f"checkpoint_every_n_steps ({self.checkpoint_every_n_steps}) is larger than max_steps "
-                            f"({self.max_steps}), so no intermediate checkpoint would be written")
+            problems.append(
+                f"checkpoint_every_n_steps ({self.checkpoint_every_n_steps}) is larger than max_steps "
+                f"({self.max_steps}), so no intermediate checkpoint would be written"
+            )
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.vision_lr_scale < 0:
@@ -148,7 +164,7 @@ class LoraTrainingResult:
     train_seconds: float
 
     @classmethod
-    def from_json(cls, payload: dict[str, Any]) -> "LoraTrainingResult":
+    def from_json(cls, payload: dict[str, Any]) -> LoraTrainingResult:
         """The result another process reported (distributed training): everything but the full log history."""
         return cls(
             output_dir=Path(payload["output_dir"]),
@@ -328,7 +344,7 @@ def quarantine_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Pat
     """Move every incomplete `checkpoint-*` folder to `output_dir/incomplete/`; returns the new paths."""
     out = Path(output_dir)
     moved = []
-    for step, path in list_checkpoints(out).items():
+    for _step, path in list_checkpoints(out).items():
         if is_complete_checkpoint(path):
             continue
         target = out / INCOMPLETE_DIR / f"{path.name}-{int(time.time() * 1000)}"
@@ -407,7 +423,9 @@ def _trainer_class():
                     "weight_decay": self.args.weight_decay if decayed else 0.0,
                     "lr": self.args.learning_rate * (self.vision_lr_scale if vision else 1.0),
                 }
-                for (vision, decayed), params in sorted(groups.items())  # fixed order: optimizer state resumes by position
+                for (vision, decayed), params in sorted(
+                    groups.items()
+                )  # fixed order: optimizer state resumes by position
             ]
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
@@ -421,7 +439,9 @@ def load_base_model(model_dir: str | os.PathLike, config: LoraTrainingConfig):
     # The pipeline's one loader: safetensors only, never remote code, image token checked.
     from car_maker_pipeline.models.loading import load_model_and_processor
 
-    loaded = load_model_and_processor(str(model_dir), device="cpu", dtype="bfloat16" if _use_bf16(config) else "float32")
+    loaded = load_model_and_processor(
+        str(model_dir), device="cpu", dtype="bfloat16" if _use_bf16(config) else "float32"
+    )
     return loaded.model.train(), loaded.processor
 
 
@@ -535,7 +555,8 @@ def _check_same_config(output_dir: Path, config: LoraTrainingConfig, makers: Seq
         stored = json.loads(path.read_text())
         if stored != wanted:
             changed = sorted(
-                k for k in set(stored.get("config", {})) | set(wanted["config"])
+                k
+                for k in set(stored.get("config", {})) | set(wanted["config"])
                 if stored.get("config", {}).get(k) != wanted["config"].get(k)
             )
             if stored.get("makers") != wanted["makers"]:
@@ -588,7 +609,9 @@ def train_lora(
             trainer, matched = build_trainer(
                 model_dir, train_dataset, eval_dataset, makers, out, config, callbacks, prompt, model, processor
             )
-            return _result(out, trainer, matched, state["log_history"], state["global_step"], state["max_steps"], resume, 0.0)
+            return _result(
+                out, trainer, matched, state["log_history"], state["global_step"], state["max_steps"], resume, 0.0
+            )
 
     trainer, matched = build_trainer(
         model_dir, train_dataset, eval_dataset, makers, out, config, callbacks, prompt, model, processor
@@ -601,7 +624,14 @@ def train_lora(
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     seconds = time.perf_counter() - started
     return _result(
-        out, trainer, matched, trainer.state.log_history, trainer.state.global_step, trainer.state.max_steps, resume, seconds
+        out,
+        trainer,
+        matched,
+        trainer.state.log_history,
+        trainer.state.global_step,
+        trainer.state.max_steps,
+        resume,
+        seconds,
     )
 
 

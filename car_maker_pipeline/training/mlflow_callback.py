@@ -37,7 +37,7 @@ class MlflowLossCallback(TrainerCallback):
 
         metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in points]
         for start in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
-            MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=metrics[start:start + 900])
+            MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=metrics[start : start + 900])
 
     def _buffer(self, points) -> None:
         if self.pending_path is None:
@@ -71,8 +71,11 @@ class MlflowLossCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         now = int(time.time() * 1000)
-        points = [(_RENAMED[key], float(value), now, state.global_step)
-                  for key, value in logs.items() if key in _RENAMED and isinstance(value, (int, float))]
+        points = [
+            (_RENAMED[key], float(value), now, state.global_step)
+            for key, value in logs.items()
+            if key in _RENAMED and isinstance(value, (int, float))
+        ]
         if not points:
             return
         if self.offline or self.pending_points():
@@ -84,8 +87,13 @@ class MlflowLossCallback(TrainerCallback):
             if self.pending_path is None:
                 raise
             self.offline = True
-            logger.warning("MLflow %s did not take the metrics at step %d (%s); buffering them in %s",
-                           self.tracking_uri, state.global_step, type(error).__name__, self.pending_path)
+            logger.warning(
+                "MLflow %s did not take the metrics at step %d (%s); buffering them in %s",
+                self.tracking_uri,
+                state.global_step,
+                type(error).__name__,
+                self.pending_path,
+            )
             self._buffer(points)
 
     def on_save(self, args, state, control, **kwargs):

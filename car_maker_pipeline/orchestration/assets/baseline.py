@@ -1,7 +1,5 @@
 """Baseline: every base model classifies the test split, constrained to the maker list."""
 
-from typing import Optional
-
 import dagster as dg
 from pydantic import Field, model_validator
 
@@ -17,7 +15,9 @@ BASELINE = "baseline_evaluation"
 
 class EvaluationConfig(dg.Config):
     batch_size: int = Field(default=16, gt=0, description="Images per forward pass.")
-    max_images: Optional[int] = Field(default=None, gt=0, description="Evaluate only the first N images (recorded when used).")
+    max_images: int | None = Field(
+        default=None, gt=0, description="Evaluate only the first N images (recorded when used)."
+    )
     split: str = Field(default="test", description="Split of car_maker_dataset to score.")
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     user_prompt: str = Field(default=DEFAULT_USER_PROMPT, description="Must contain {makers}.")
@@ -47,17 +47,29 @@ class EvaluationConfig(dg.Config):
     ),
 )
 def baseline_evaluation(
-    context: dg.AssetExecutionContext, config: EvaluationConfig, store: PipelineStore,
-    models: VisionLanguageModels, mlflow_tracking: MlflowTracking,
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    store: PipelineStore,
+    models: VisionLanguageModels,
+    mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
     key = context.partition_key
     prompt = config.prompt()  # a bad prompt fails here, before any model work
     uri = mlflow_tracking.ensure_reachable(store.root)
     loaded = models.load(key, store.root)
     return evaluate_model(
-        context, store=store, uri=uri, loaded=loaded, model_key=key, stage="baseline",
-        out_dir=store.root / BASELINE / key, prompt=prompt, batch_size=config.batch_size,
-        max_images=config.max_images, split=config.split, manifest=(BASELINE, key),
+        context,
+        store=store,
+        uri=uri,
+        loaded=loaded,
+        model_key=key,
+        stage="baseline",
+        out_dir=store.root / BASELINE / key,
+        prompt=prompt,
+        batch_size=config.batch_size,
+        max_images=config.max_images,
+        split=config.split,
+        manifest=(BASELINE, key),
     )
 
 

@@ -1,6 +1,5 @@
 """Data assets: the raw Stanford Cars source and the maker-level dataset, with their checks."""
 
-
 from pathlib import Path
 
 import dagster as dg
@@ -21,7 +20,9 @@ MAKERS = "car_maker_dataset"
 
 
 class MakerDatasetConfig(dg.Config):
-    validation_fraction: float = Field(default=0.1, gt=0.0, lt=0.5, description="Share of train carved out as validation, stratified by maker.")
+    validation_fraction: float = Field(
+        default=0.1, gt=0.0, lt=0.5, description="Share of train carved out as validation, stratified by maker."
+    )
     seed: int = Field(default=0, description="Seed of the validation split.")
 
 
@@ -36,10 +37,14 @@ class MakerDatasetConfig(dg.Config):
         "Re-materializing an unchanged source reuses the stored copy."
     ),
 )
-def raw_stanford_cars(context: dg.AssetExecutionContext, source: StanfordCarsSource, store: PipelineStore) -> dg.MaterializeResult:
+def raw_stanford_cars(
+    context: dg.AssetExecutionContext, source: StanfordCarsSource, store: PipelineStore
+) -> dg.MaterializeResult:
     raw = source.materialize(store.root)
     store.write_manifest(RAW, raw.to_json())
-    context.log.info(f"{raw.source} at {raw.revision}: {raw.rows_per_split} ({'cache hit' if raw.cache_hit else 'stored'})")
+    context.log.info(
+        f"{raw.source} at {raw.revision}: {raw.rows_per_split} ({'cache hit' if raw.cache_hit else 'stored'})"
+    )
     return dg.MaterializeResult(
         metadata={
             "source": raw.source,
@@ -71,11 +76,15 @@ def stored_maker_dataset(store: PipelineStore) -> MakerDataset:
         "and a stratified validation split carved out of train. Test and corrupted splits are untouched."
     ),
 )
-def car_maker_dataset(context: dg.AssetExecutionContext, config: MakerDatasetConfig, store: PipelineStore) -> dg.MaterializeResult:
+def car_maker_dataset(
+    context: dg.AssetExecutionContext, config: MakerDatasetConfig, store: PipelineStore
+) -> dg.MaterializeResult:
     raw = RawDataset(**store.read_manifest(RAW))
     params = MakerDatasetParams(validation_fraction=config.validation_fraction, seed=config.seed)
     out_dir = store.root / MAKERS / f"{raw.revision}-{params.fingerprint()}"
-    built = load_stored_maker_dataset(out_dir) or build_maker_dataset(raw.load(), out_dir, params, source_revision=raw.revision)
+    built = load_stored_maker_dataset(out_dir) or build_maker_dataset(
+        raw.load(), out_dir, params, source_revision=raw.revision
+    )
     store.write_manifest(MAKERS, built.to_json())
     context.log.info(f"{built.num_makers} makers, rows {built.rows_per_split}, dropped {built.dropped_total}")
     metadata = {
@@ -99,13 +108,18 @@ MAKER_DATASET_CHECKS = {
     "no_test_leakage": (quality.test_overlap, "No test image (by decoded-pixel hash) is also in train or validation."),
     "test_makers_seen_in_train": (quality.test_makers_in_train, "Every maker in test has training images."),
     "no_empty_split": (quality.no_empty_split, "No split is empty."),
-    "maker_list_matches_data": (quality.maker_list_matches_data, "The maker label list is exactly the set of makers in the data."),
+    "maker_list_matches_data": (
+        quality.maker_list_matches_data,
+        "The maker label list is exactly the set of makers in the data.",
+    ),
 }
 
 
 @dg.multi_asset_check(
-    specs=[dg.AssetCheckSpec(name, asset=MAKERS, blocking=True, description=description)
-           for name, (_, description) in MAKER_DATASET_CHECKS.items()],
+    specs=[
+        dg.AssetCheckSpec(name, asset=MAKERS, blocking=True, description=description)
+        for name, (_, description) in MAKER_DATASET_CHECKS.items()
+    ],
 )
 def maker_dataset_checks(store: PipelineStore):
     """All four checks in one step: the dataset is opened once and one process is spawned, not four."""
@@ -113,8 +127,13 @@ def maker_dataset_checks(store: PipelineStore):
     for name, (check, _) in MAKER_DATASET_CHECKS.items():
         passed, details = check(dataset)
         yield dg.AssetCheckResult(
-            check_name=name, asset_key=dg.AssetKey(MAKERS), passed=passed,
-            metadata={key: dg.MetadataValue.json(value) if isinstance(value, (list, dict)) else value for key, value in details.items()},
+            check_name=name,
+            asset_key=dg.AssetKey(MAKERS),
+            passed=passed,
+            metadata={
+                key: dg.MetadataValue.json(value) if isinstance(value, (list, dict)) else value
+                for key, value in details.items()
+            },
         )
 
 

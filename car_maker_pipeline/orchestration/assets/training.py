@@ -3,7 +3,6 @@
 import json
 import time
 from pathlib import Path
-from typing import List
 
 import dagster as dg
 from pydantic import Field, model_validator
@@ -16,7 +15,15 @@ from car_maker_pipeline.orchestration.evaluation import image_markdown
 from car_maker_pipeline.orchestration.partitions import model_partitions
 from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, VisionLanguageModels
 from car_maker_pipeline.storage import write_json_atomic
-from car_maker_pipeline.tracking import REGISTERED_MODEL_PREFIX, TrackingUnavailableError, experiment_id, find_run, mlflow_run, register_adapter, scrub_secrets
+from car_maker_pipeline.tracking import (
+    REGISTERED_MODEL_PREFIX,
+    TrackingUnavailableError,
+    experiment_id,
+    find_run,
+    mlflow_run,
+    register_adapter,
+    scrub_secrets,
+)
 
 TRAINING = "lora_checkpoints"
 CHECKPOINT_ACCURACY = "checkpoint_accuracy"
@@ -33,18 +40,23 @@ class LoraConfig(dg.Config):
     lora_r: int = Field(default=8, gt=0)
     lora_alpha: int = Field(default=16, gt=0)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: List[str] = Field(
+    target_modules: list[str] = Field(
         default=["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "fc1", "fc2", "linear_1", "linear_2"],
         description="Module-name suffixes to adapt (Liquid's LFM2-VL recipe by default). One that matches nothing is an error.",
     )
-    checkpoint_every_n_steps: int = Field(default=50, gt=0, description="Save a checkpoint and compute validation loss every N steps.")
+    checkpoint_every_n_steps: int = Field(
+        default=50, gt=0, description="Save a checkpoint and compute validation loss every N steps."
+    )
     seed: int = 0
-    vision_lr_scale: float = Field(default=1.0, ge=0, description="Learning-rate multiplier for the vision tower's LoRA weights (Liquid: 0.1).")
+    vision_lr_scale: float = Field(
+        default=1.0, ge=0, description="Learning-rate multiplier for the vision tower's LoRA weights (Liquid: 0.1)."
+    )
     gradient_checkpointing: bool = False
     num_processes: int = Field(
-        default=1, ge=1,
+        default=1,
+        ge=1,
         description="Training processes. Above 1: `accelerate launch` (DDP; gloo on CPU, NCCL on GPUs) through Dagster "
-                    "Pipes; the batch size is per process.",
+        "Pipes; the batch size is per process.",
     )
 
     @model_validator(mode="after")
@@ -73,8 +85,16 @@ def _training_dir(store: PipelineStore, key: str, config: LoraConfig, dataset: M
     return store.root / TRAINING / key / f"{Path(dataset.path).name}-{config.fingerprint()}"
 
 
-def _train_distributed(context, num_processes: int, base: str, dataset_record: MakerDataset, out_dir: Path,
-                       training_config, run_id: str, uri: str):
+def _train_distributed(
+    context,
+    num_processes: int,
+    base: str,
+    dataset_record: MakerDataset,
+    out_dir: Path,
+    training_config,
+    run_id: str,
+    uri: str,
+):
     """`accelerate launch` over `num_processes` processes, through Dagster Pipes; rank 0 reports back."""
     import socket
     import sys
@@ -83,23 +103,50 @@ def _train_distributed(context, num_processes: int, base: str, dataset_record: M
     from car_maker_pipeline.training.lora import LoraTrainingError, LoraTrainingResult
     from car_maker_pipeline.training.mlflow_callback import PENDING_FILE
 
-    request = write_request(out_dir / "distributed_request.json", model_dir=base, dataset_path=dataset_record.path,
-                            makers=dataset_record.makers, output_dir=str(out_dir), config=training_config.to_json(),
-                            mlflow_run_id=run_id, tracking_uri=uri, pending_path=str(out_dir / PENDING_FILE))
+    request = write_request(
+        out_dir / "distributed_request.json",
+        model_dir=base,
+        dataset_path=dataset_record.path,
+        makers=dataset_record.makers,
+        output_dir=str(out_dir),
+        config=training_config.to_json(),
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        pending_path=str(out_dir / PENDING_FILE),
+    )
     with socket.socket() as sock:  # a free loopback port for the process group's rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", str(num_processes),
-               "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               "--dynamo_backend", "no", "--mixed_precision", "no",
-               # accelerate's torchrun-based launcher; without CUDA the processes meet over gloo on the CPU
-               # (its `--cpu` flag would instead need mpirun for more than one process).
-               "--multi_gpu",
-               "-m", "car_maker_pipeline.training.distributed", str(request)]
+    command = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--dynamo_backend",
+        "no",
+        "--mixed_precision",
+        "no",
+        # accelerate's torchrun-based launcher; without CUDA the processes meet over gloo on the CPU
+        # (its `--cpu` flag would instead need mpirun for more than one process).
+        "--multi_gpu",
+        "-m",
+        "car_maker_pipeline.training.distributed",
+        str(request),
+    ]
     invocation = dg.PipesSubprocessClient().run(command=command, context=context)
-    reports = [message for message in invocation.get_custom_messages() if isinstance(message, dict) and "result" in message]
+    reports = [
+        message for message in invocation.get_custom_messages() if isinstance(message, dict) and "result" in message
+    ]
     if not reports:
-        raise LoraTrainingError(f"The {num_processes}-process training ended without a result from rank 0; see the logs above.")
+        raise LoraTrainingError(
+            f"The {num_processes}-process training ended without a result from rank 0; see the logs above."
+        )
     return LoraTrainingResult.from_json(reports[-1]["result"]), int(reports[-1]["world_size"])
 
 
@@ -117,7 +164,9 @@ def _training_run_id(out_dir: Path, uri: str, home: Path, key: str, context, par
     if existing is not None:
         write_json_atomic(marker, {"run_id": existing})
         return existing
-    run = mlflow.MlflowClient(uri).create_run(exp, run_name=f"lora-{key}", tags={"dagster_run_id": context.run_id, **tags})
+    run = mlflow.MlflowClient(uri).create_run(
+        exp, run_name=f"lora-{key}", tags={"dagster_run_id": context.run_id, **tags}
+    )
     for name, value in scrub_secrets(params).items():
         mlflow.MlflowClient(uri).log_param(run.info.run_id, name, value)
     write_json_atomic(marker, {"run_id": run.info.run_id})
@@ -139,8 +188,13 @@ def _training_run_id(out_dir: Path, uri: str, home: Path, key: str, context, par
         "Killed mid-run, the next materialization resumes from the last complete checkpoint in the same MLflow run."
     ),
 )
-def lora_checkpoints(context: dg.AssetExecutionContext, config: LoraConfig, store: PipelineStore,
-                     models: VisionLanguageModels, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+def lora_checkpoints(
+    context: dg.AssetExecutionContext,
+    config: LoraConfig,
+    store: PipelineStore,
+    models: VisionLanguageModels,
+    mlflow_tracking: MlflowTracking,
+) -> dg.MaterializeResult:
     from car_maker_pipeline.training.lora import train_lora
     from car_maker_pipeline.training.mlflow_callback import PENDING_FILE, MlflowLossCallback
 
@@ -152,18 +206,35 @@ def lora_checkpoints(context: dg.AssetExecutionContext, config: LoraConfig, stor
     base = models.path_or_id(key, store.root)
     out_dir = _training_dir(store, key, config, dataset_record)
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = {**training_config.to_json(), "target_modules": ",".join(config.target_modules), "model_key": key,
-              "base_model": base, "dataset_revision": dataset_record.source_revision, "train_images": dataset["train"].num_rows,
-              "num_processes": config.num_processes}
+    params = {
+        **training_config.to_json(),
+        "target_modules": ",".join(config.target_modules),
+        "model_key": key,
+        "base_model": base,
+        "dataset_revision": dataset_record.source_revision,
+        "train_images": dataset["train"].num_rows,
+        "num_processes": config.num_processes,
+    }
     run_id = _training_run_id(out_dir, uri, store.root, key, context, params)
     losses = MlflowLossCallback(run_id, uri, pending_path=out_dir / PENDING_FILE)
     started = time.perf_counter()
     if config.num_processes > 1:
-        result, world_size = _train_distributed(context, config.num_processes, base, dataset_record, out_dir,
-                                                training_config, run_id, uri)
+        result, world_size = _train_distributed(
+            context, config.num_processes, base, dataset_record, out_dir, training_config, run_id, uri
+        )
     else:
-        result, world_size = train_lora(base, dataset["train"], dataset["validation"], dataset_record.makers, out_dir,
-                                        training_config, callbacks=[losses]), 1
+        result, world_size = (
+            train_lora(
+                base,
+                dataset["train"],
+                dataset["validation"],
+                dataset_record.makers,
+                out_dir,
+                training_config,
+                callbacks=[losses],
+            ),
+            1,
+        )
     seconds = time.perf_counter() - started
     try:
         sent = losses.flush()  # what a tracking outage (in this run or a killed one) left buffered
@@ -181,31 +252,46 @@ def lora_checkpoints(context: dg.AssetExecutionContext, config: LoraConfig, stor
 
         mlflow.log_metrics({f"adapted_layers_{name}": count for name, count in result.adapted_layers.items()})
         mlflow.log_metric("global_step", result.global_step)
-    manifest = {**result.to_json(), "mlflow_run_id": run_id, "base_model": base, "makers": dataset_record.makers,
-                "dataset_path": dataset_record.path}
-    store.write_manifest(TRAINING, manifest, partition=key)
-    samples = (result.global_step - (int(result.resumed_from.name.split("-")[-1]) if result.resumed_from else 0)) \
-        * config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
-    context.log.info(f"{key}: {result.global_step} steps, adapted layers {result.adapted_layers}, resumed from {result.resumed_from}")
-    return dg.MaterializeResult(metadata={
-        "global_step": result.global_step,
-        "training_processes": world_size,
-        "checkpoints": dg.MetadataValue.json(sorted(result.checkpoints)),
-        "adapted_layers": dg.MetadataValue.json(result.adapted_layers),
-        "trainable_parameters": result.trainable_parameters,
-        "final_train_loss": result.train_loss[-1][1] if result.train_loss else float("nan"),
-        "final_val_loss": result.val_loss[-1][1] if result.val_loss else float("nan"),
-        "resumed_from": str(result.resumed_from) if result.resumed_from else "",
-        "train_seconds": result.train_seconds,
-        "samples_per_second": samples / result.train_seconds if result.train_seconds > 0 else 0.0,
+    manifest = {
+        **result.to_json(),
         "mlflow_run_id": run_id,
-        "path": dg.MetadataValue.path(str(out_dir)),
-        "wall_seconds": seconds,
-    })
+        "base_model": base,
+        "makers": dataset_record.makers,
+        "dataset_path": dataset_record.path,
+    }
+    store.write_manifest(TRAINING, manifest, partition=key)
+    samples = (
+        (result.global_step - (int(result.resumed_from.name.split("-")[-1]) if result.resumed_from else 0))
+        * config.per_device_train_batch_size
+        * config.gradient_accumulation_steps
+        * world_size
+    )
+    context.log.info(
+        f"{key}: {result.global_step} steps, adapted layers {result.adapted_layers}, resumed from {result.resumed_from}"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "global_step": result.global_step,
+            "training_processes": world_size,
+            "checkpoints": dg.MetadataValue.json(sorted(result.checkpoints)),
+            "adapted_layers": dg.MetadataValue.json(result.adapted_layers),
+            "trainable_parameters": result.trainable_parameters,
+            "final_train_loss": result.train_loss[-1][1] if result.train_loss else float("nan"),
+            "final_val_loss": result.val_loss[-1][1] if result.val_loss else float("nan"),
+            "resumed_from": str(result.resumed_from) if result.resumed_from else "",
+            "train_seconds": result.train_seconds,
+            "samples_per_second": samples / result.train_seconds if result.train_seconds > 0 else 0.0,
+            "mlflow_run_id": run_id,
+            "path": dg.MetadataValue.path(str(out_dir)),
+            "wall_seconds": seconds,
+        }
+    )
 
 
 class CheckpointEvaluationConfig(EvaluationConfig):
-    robustness: bool = Field(default=True, description="Also score baseline and best checkpoint on each corrupted copy of test.")
+    robustness: bool = Field(
+        default=True, description="Also score baseline and best checkpoint on each corrupted copy of test."
+    )
 
 
 @dg.asset(
@@ -217,16 +303,26 @@ class CheckpointEvaluationConfig(EvaluationConfig):
     kinds={"pytorch", "mlflow"},
     pool="gpu",
     op_tags=GPU_OP_TAGS,
-    check_specs=[dg.AssetCheckSpec("best_checkpoint_beats_baseline", asset=CHECKPOINT_ACCURACY,
-                                   description="The checkpoint chosen on validation beats its base model on test.")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "best_checkpoint_beats_baseline",
+            asset=CHECKPOINT_ACCURACY,
+            description="The checkpoint chosen on validation beats its base model on test.",
+        )
+    ],
     description=(
         "Every checkpoint of a model's LoRA run scored on validation and test with the baseline's evaluator "
         "(new checkpoints only; earlier results are reused). The best checkpoint is chosen on validation "
         "accuracy and registered in the MLflow model registry; corrupted copies of test give a robustness table."
     ),
 )
-def checkpoint_accuracy(context: dg.AssetExecutionContext, config: CheckpointEvaluationConfig, store: PipelineStore,
-                        models: VisionLanguageModels, mlflow_tracking: MlflowTracking):
+def checkpoint_accuracy(
+    context: dg.AssetExecutionContext,
+    config: CheckpointEvaluationConfig,
+    store: PipelineStore,
+    models: VisionLanguageModels,
+    mlflow_tracking: MlflowTracking,
+):
     import mlflow
 
     from car_maker_pipeline.evaluation.checkpoints import accuracy_chart, score_checkpoints
@@ -244,27 +340,67 @@ def checkpoint_accuracy(context: dg.AssetExecutionContext, config: CheckpointEva
     loaded = models.load(key, store.root)
     out_root = store.root / CHECKPOINT_ACCURACY / key / Path(training["output_dir"]).name
     scores = score_checkpoints(
-        loaded.model, loaded.processor, checkpoints, dataset, dataset_record.makers, out_root,
-        baseline_accuracy=baseline_accuracy, val_loss={int(step): loss for step, loss in training["val_loss"]},
-        prompt=prompt, batch_size=config.batch_size,
+        loaded.model,
+        loaded.processor,
+        checkpoints,
+        dataset,
+        dataset_record.makers,
+        out_root,
+        baseline_accuracy=baseline_accuracy,
+        val_loss={int(step): loss for step, loss in training["val_loss"]},
+        prompt=prompt,
+        batch_size=config.batch_size,
         corrupted_splits=dataset_record.corrupted_splits if config.robustness else [],
     )
     table_path = out_root / "checkpoint_accuracy.parquet"
     scores.table.to_parquet(table_path, index=False)
-    chart_path = save_figure(accuracy_chart(scores.table, baseline_accuracy, f"{key}: accuracy by checkpoint"), out_root / "accuracy_by_step.png")
+    chart_path = save_figure(
+        accuracy_chart(scores.table, baseline_accuracy, f"{key}: accuracy by checkpoint"),
+        out_root / "accuracy_by_step.png",
+    )
     best = scores.table.set_index("step").loc[scores.best_step]
 
-    with mlflow_run(uri, store.root, run_name=f"checkpoints-{key}",
-                    tags={"dagster_run_id": context.run_id, "model_key": key, "stage": "checkpoint_accuracy",
-                          "training_run_id": training["mlflow_run_id"]}, orphans_of=context.instance) as run:
-        mlflow.log_params({"model_key": key, "base_model": training["base_model"], "base_model_revision": loaded.revision,
-                           "prompt_hash": prompt.fingerprint(dataset_record.makers), "num_checkpoints": len(checkpoints),
-                           "best_step": scores.best_step, "selection": "validation accuracy"})
+    with mlflow_run(
+        uri,
+        store.root,
+        run_name=f"checkpoints-{key}",
+        tags={
+            "dagster_run_id": context.run_id,
+            "model_key": key,
+            "stage": "checkpoint_accuracy",
+            "training_run_id": training["mlflow_run_id"],
+        },
+        orphans_of=context.instance,
+    ) as run:
+        mlflow.log_params(
+            {
+                "model_key": key,
+                "base_model": training["base_model"],
+                "base_model_revision": loaded.revision,
+                "prompt_hash": prompt.fingerprint(dataset_record.makers),
+                "num_checkpoints": len(checkpoints),
+                "best_step": scores.best_step,
+                "selection": "validation accuracy",
+            }
+        )
         for row in scores.table.itertuples():
-            mlflow.log_metrics({"val_accuracy": row.val_accuracy, "test_accuracy": row.accuracy, "test_ci_low": row.ci_low,
-                                "test_ci_high": row.ci_high, "test_macro_accuracy": row.macro_accuracy}, step=int(row.step))
-        mlflow.log_metrics({"best_test_accuracy": float(best["accuracy"]), "best_val_accuracy": float(best["val_accuracy"]),
-                            "baseline_test_accuracy": baseline_accuracy})
+            mlflow.log_metrics(
+                {
+                    "val_accuracy": row.val_accuracy,
+                    "test_accuracy": row.accuracy,
+                    "test_ci_low": row.ci_low,
+                    "test_ci_high": row.ci_high,
+                    "test_macro_accuracy": row.macro_accuracy,
+                },
+                step=int(row.step),
+            )
+        mlflow.log_metrics(
+            {
+                "best_test_accuracy": float(best["accuracy"]),
+                "best_val_accuracy": float(best["val_accuracy"]),
+                "baseline_test_accuracy": baseline_accuracy,
+            }
+        )
         mlflow.log_table(scores.table, artifact_file=f"checkpoint_accuracy_{key}.json")
         if not scores.robustness.empty:
             mlflow.log_table(scores.robustness, artifact_file=f"robustness_{key}.json")
@@ -272,22 +408,54 @@ def checkpoint_accuracy(context: dg.AssetExecutionContext, config: CheckpointEva
         mlflow.log_artifact(str(table_path))
         # What the classify command needs besides the adapter: the maker list and the base model.
         card = out_root / "car_maker.json"
-        write_json_atomic(card, {"makers": dataset_record.makers, "base_model": training["base_model"],
-                                 "base_model_revision": loaded.revision, "step": scores.best_step})
-        for path in (scores.best_checkpoint / "adapter_model.safetensors", scores.best_checkpoint / "adapter_config.json", card):
+        write_json_atomic(
+            card,
+            {
+                "makers": dataset_record.makers,
+                "base_model": training["base_model"],
+                "base_model_revision": loaded.revision,
+                "step": scores.best_step,
+            },
+        )
+        for path in (
+            scores.best_checkpoint / "adapter_model.safetensors",
+            scores.best_checkpoint / "adapter_config.json",
+            card,
+        ):
             mlflow.log_artifact(str(path), artifact_path="best_adapter")
-        version = register_adapter(uri, run.info.run_id, mlflow.get_artifact_uri("best_adapter"), f"{REGISTERED_MODEL_PREFIX}{key}", {
-            "base_model_id": training["base_model"], "base_model_revision": loaded.revision, "step": scores.best_step,
-            "val_accuracy": f"{best['val_accuracy']:.4f}", "test_accuracy": f"{best['accuracy']:.4f}", "dagster_run_id": context.run_id,
-        })
+        version = register_adapter(
+            uri,
+            run.info.run_id,
+            mlflow.get_artifact_uri("best_adapter"),
+            f"{REGISTERED_MODEL_PREFIX}{key}",
+            {
+                "base_model_id": training["base_model"],
+                "base_model_revision": loaded.revision,
+                "step": scores.best_step,
+                "val_accuracy": f"{best['val_accuracy']:.4f}",
+                "test_accuracy": f"{best['accuracy']:.4f}",
+                "dagster_run_id": context.run_id,
+            },
+        )
 
-    store.write_manifest(CHECKPOINT_ACCURACY, {"table": str(table_path), "best_step": scores.best_step,
-                                               "best_checkpoint": str(scores.best_checkpoint), "registered_version": version,
-                                               "mlflow_run_id": run.info.run_id, "robustness": scores.robustness.to_dict("records"),
-                                               "baseline_accuracy": baseline_accuracy}, partition=key)
+    store.write_manifest(
+        CHECKPOINT_ACCURACY,
+        {
+            "table": str(table_path),
+            "best_step": scores.best_step,
+            "best_checkpoint": str(scores.best_checkpoint),
+            "registered_version": version,
+            "mlflow_run_id": run.info.run_id,
+            "robustness": scores.robustness.to_dict("records"),
+            "baseline_accuracy": baseline_accuracy,
+        },
+        partition=key,
+    )
     shown = scores.table.copy()
     for column in ("val_accuracy", "accuracy", "ci_low", "ci_high", "macro_accuracy", "change_vs_baseline"):
-        shown[column] = shown[column].map(lambda value: f"{value:+.1%}" if column == "change_vs_baseline" else f"{value:.1%}")
+        shown[column] = shown[column].map(
+            lambda value, column=column: f"{value:+.1%}" if column == "change_vs_baseline" else f"{value:.1%}"
+        )
     metadata = {
         "accuracy_by_step": dg.MetadataValue.md(shown.to_markdown(index=False)),
         "accuracy_chart": image_markdown(chart_path, "accuracy by step"),
@@ -300,15 +468,32 @@ def checkpoint_accuracy(context: dg.AssetExecutionContext, config: CheckpointEva
         "table": dg.MetadataValue.path(str(table_path)),
     }
     if not scores.robustness.empty:
-        metadata["accuracy_by_corruption"] = dg.MetadataValue.md(scores.robustness.to_markdown(index=False, floatfmt=".3f"))
+        metadata["accuracy_by_corruption"] = dg.MetadataValue.md(
+            scores.robustness.to_markdown(index=False, floatfmt=".3f")
+        )
     for row in scores.table.itertuples():
-        context.log_event(dg.AssetObservation(asset_key=CHECKPOINT_ACCURACY, partition=key, metadata={
-            "step": int(row.step), "test_accuracy": float(row.accuracy), "val_accuracy": float(row.val_accuracy)}))
+        context.log_event(
+            dg.AssetObservation(
+                asset_key=CHECKPOINT_ACCURACY,
+                partition=key,
+                metadata={
+                    "step": int(row.step),
+                    "test_accuracy": float(row.accuracy),
+                    "val_accuracy": float(row.val_accuracy),
+                },
+            )
+        )
     yield dg.MaterializeResult(metadata=metadata)
     beats = float(best["accuracy"]) > baseline_accuracy
     yield dg.AssetCheckResult(
-        check_name="best_checkpoint_beats_baseline", passed=beats, severity=dg.AssetCheckSeverity.WARN,
-        metadata={"best_test_accuracy": float(best["accuracy"]), "baseline_accuracy": baseline_accuracy, "best_step": scores.best_step},
+        check_name="best_checkpoint_beats_baseline",
+        passed=beats,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "best_test_accuracy": float(best["accuracy"]),
+            "baseline_accuracy": baseline_accuracy,
+            "best_step": scores.best_step,
+        },
     )
 
 
