@@ -113,7 +113,7 @@ def cached_maker_dataset(work: Path, prefix: str, train_per_maker: int, test_per
     """A demo source (6 makers, no corruptions) and its maker dataset, built once under `work` and reused."""
     from car_maker_pipeline.data.maker_dataset import build_maker_dataset, load_stored_maker_dataset
     from car_maker_pipeline.data.source import materialize_raw
-    from car_maker_pipeline.data.synthetic import MARKER_FILE, generate_demo_source
+    from car_maker_pipeline.offline.demo_source import MARKER_FILE, generate_demo_source
 
     source = work / f"{prefix}-source-train{train_per_maker}-test{test_per_maker}-seed0"
     if not (source / MARKER_FILE).exists():

@@ -61,9 +61,9 @@ from _common import (  # noqa: E402
 )
 
 from car_maker_pipeline.evaluation.classifier import MakerClassifier  # noqa: E402
-from car_maker_pipeline.evaluation.prompts import PromptTemplate  # noqa: E402
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate  # noqa: E402
 from car_maker_pipeline.models.loading import load_model_and_processor  # noqa: E402
-from car_maker_pipeline.models.tiny import build_tiny_model  # noqa: E402
+from car_maker_pipeline.offline.tiny_models import build_tiny_model  # noqa: E402
 
 NAME = "bench_evaluator"
 TRAIN_PER_MAKER, TEST_PER_MAKER = 60, 34  # 6 makers -> 360 train (324 + 36 validation), 204 test

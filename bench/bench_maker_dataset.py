@@ -49,7 +49,7 @@ from _common import RESULTS_DIR, format_table, library_versions, machine_info, m
 
 from car_maker_pipeline.data.maker_dataset import MakerDatasetParams, build_maker_dataset  # noqa: E402
 from car_maker_pipeline.data.source import materialize_raw  # noqa: E402
-from car_maker_pipeline.data.synthetic import DEMO_MAKERS, MARKER_FILE, generate_demo_source  # noqa: E402
+from car_maker_pipeline.offline.demo_source import DEMO_MAKERS, MARKER_FILE, generate_demo_source  # noqa: E402
 
 NAME = "bench_maker_dataset"
 FULL = {"train_per_maker": 1350, "test_per_maker": 1340}  # 6 x 2690 = 16,140 images (real: 16,185)

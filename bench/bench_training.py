@@ -52,7 +52,7 @@ from _common import (  # noqa: E402
     save_results,
 )
 
-from car_maker_pipeline.models.tiny import build_tiny_model  # noqa: E402
+from car_maker_pipeline.offline.tiny_models import build_tiny_model  # noqa: E402
 from car_maker_pipeline.training.lora import LoraTrainingConfig, build_sft_dataset, build_trainer  # noqa: E402
 
 NAME = "bench_training"

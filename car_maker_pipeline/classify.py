@@ -42,12 +42,10 @@ def read_images(paths: list[str]) -> list[Image.Image]:
 def test_split_images(count: int) -> tuple[list[str], list[Image.Image], list[str]]:
     """The first `count` images of the materialized car_maker_dataset's test split: names, images, true makers."""
     from car_maker_pipeline.data.maker_dataset import column
-    from car_maker_pipeline.orchestration.assets.data import stored_maker_dataset
-    from car_maker_pipeline.orchestration.resources import PipelineStore
-    from car_maker_pipeline.storage import MissingUpstreamError
+    from car_maker_pipeline.store import MissingUpstreamError, PipelineStore
 
     try:
-        record = stored_maker_dataset(PipelineStore())
+        record = PipelineStore.from_env().maker_dataset()
     except MissingUpstreamError as error:
         raise ClassifyError(str(error)) from error
     test = record.load()["test"]
@@ -115,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         if adapter_dir is None:
             import mlflow
 
-            from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore
+            from car_maker_pipeline.store import PipelineStore
+            from car_maker_pipeline.tracking import configured_tracking_uri
 
-            uri = args.tracking_uri or MlflowTracking().uri(PipelineStore().root)
+            uri = args.tracking_uri or configured_tracking_uri(PipelineStore.from_env().root)
             chosen = pick_version(uri, args.model, args.version)
             mlflow.set_tracking_uri(uri)
             adapter_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source))

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from car_maker_pipeline.store import BASELINE_EVALUATION, CAR_MAKER_DATASET, CHECKPOINT_ACCURACY
+
 
 def _instance():
     import dagster as dg
@@ -25,16 +27,14 @@ def _instance():
 
 def main(argv: list[str] | None = None) -> int:
     from car_maker_pipeline.definitions import defs
-    from car_maker_pipeline.orchestration.resources import PipelineStore, VisionLanguageModels
     from car_maker_pipeline.settings import get_profile
+    from car_maker_pipeline.store import PipelineStore
 
     profile = get_profile()
     instance = _instance()
-    store = PipelineStore()
+    store = PipelineStore.from_env()
     print(f"profile {profile.name}; data under {store.root}; Dagster runs in {os.environ['DAGSTER_HOME']}", flush=True)
-    stages = [("data_job", None)] + [
-        (job, key) for key in VisionLanguageModels().model_keys() for job in PER_MODEL_JOBS
-    ]
+    stages = [("data_job", None)] + [(job, key) for key in profile.model_keys for job in PER_MODEL_JOBS]
     for job_name, partition in stages:
         started = time.perf_counter()
         label = job_name + (f" [{partition}]" if partition else "")
@@ -50,31 +50,29 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-    print_summary(store)
+    print_summary(store, profile.model_keys)
     return 0
 
 
 PER_MODEL_JOBS = ["baseline_job", "training_job"]
 
 
-def print_summary(store) -> None:
-    from car_maker_pipeline.orchestration.resources import VisionLanguageModels
-
-    makers = store.read_manifest("car_maker_dataset")
+def print_summary(store, model_keys: list[str]) -> None:
+    makers = store.read_manifest(CAR_MAKER_DATASET)
     print(f"\ncar_maker_dataset: {len(makers['makers'])} makers, rows {makers['rows_per_split']}")
     print(f"{'model':<14}{'baseline accuracy (95% CI)':<34}{'images/s':>10}")
-    for key in VisionLanguageModels().model_keys():
+    for key in model_keys:
         try:
-            report = store.read_manifest("baseline_evaluation", key)
+            report = store.read_manifest(BASELINE_EVALUATION, key)
         except Exception:
             continue
         summary = report["summary"]
         print(
             f"{key:<14}{summary['accuracy']:.1%} [{summary['ci_low']:.1%}, {summary['ci_high']:.1%}]{'':<8}{report['images_per_second']:>10.1f}"
         )
-    for key in VisionLanguageModels().model_keys():
+    for key in model_keys:
         try:
-            scored = store.read_manifest("checkpoint_accuracy", key)
+            scored = store.read_manifest(CHECKPOINT_ACCURACY, key)
         except Exception:
             continue
         import pandas as pd

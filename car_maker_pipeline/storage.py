@@ -99,16 +99,3 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-class MissingUpstreamError(RuntimeError):
-    """An asset's input has not been materialized yet."""
-
-
-def read_manifest(path: Path, produced_by: str) -> dict:
-    if not path.exists():
-        raise MissingUpstreamError(
-            f"{path} does not exist: materialize `{produced_by}` first "
-            f"(for example `dagster asset materialize -m car_maker_pipeline --select {produced_by}`)."
-        )
-    return read_json(path)

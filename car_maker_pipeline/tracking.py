@@ -20,6 +20,11 @@ def default_tracking_uri(home: Path) -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
+def configured_tracking_uri(home: Path) -> str:
+    """MLFLOW_TRACKING_URI when set, else the local sqlite store under the pipeline's home."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(home)
+
+
 def initialize_sqlite_store(uri: str) -> None:
     """Create a local sqlite store whole or not at all.
 
@@ -63,7 +68,7 @@ def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as error:
         raise TrackingUnavailableError(
             f"MLflow tracking server {uri} is unreachable ({error}). Start it, fix the tracking_uri of the "
-            "`mlflow` resource (or MLFLOW_TRACKING_URI), or leave it unset for the local sqlite store."
+            "`mlflow_tracking` resource (or MLFLOW_TRACKING_URI), or leave it unset for the local sqlite store."
         ) from error
 
 

@@ -25,7 +25,7 @@ def _isolated_stores(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def demo_source(tmp_path_factory):
-    from car_maker_pipeline.data.synthetic import generate_demo_source
+    from car_maker_pipeline.offline.demo_source import generate_demo_source
 
     return generate_demo_source(
         tmp_path_factory.mktemp("source") / "stanford_cars",
@@ -55,7 +55,7 @@ def maker_dataset(raw_dataset, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from car_maker_pipeline.models.tiny import build_tiny_model
+    from car_maker_pipeline.offline.tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-s", "tiny-s", seed=0)
 

@@ -8,7 +8,7 @@ from car_maker_pipeline.orchestration.assets.baseline import baseline_evaluation
 from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, raw_stanford_cars
 from car_maker_pipeline.orchestration.resources import MlflowTracking
 from car_maker_pipeline.tracking import TrackingUnavailableError
-from car_maker_pipeline_tests.pipeline import materialized_demo_data
+from car_maker_pipeline_tests.support.pipeline import materialized_demo_data
 
 
 @pytest.fixture(scope="module")

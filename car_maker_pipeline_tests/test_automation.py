@@ -7,7 +7,8 @@ import dagster as dg
 
 from car_maker_pipeline.definitions import defs
 from car_maker_pipeline.orchestration.automation import retrain_weekly, source_revision_sensor
-from car_maker_pipeline.orchestration.resources import PipelineStore, StanfordCarsSource
+from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
+from car_maker_pipeline.store import RAW_STANFORD_CARS
 
 
 def test_schedule_ships_stopped_and_requests_one_retrain_per_model():
@@ -31,7 +32,7 @@ def test_sensor_fires_once_per_new_source_revision(demo_source, tmp_path):
     shutil.copytree(demo_source, source_dir)
     resources = {
         "source": StanfordCarsSource(path_or_id=str(source_dir)),
-        "store": PipelineStore(home=str(tmp_path / "home")),
+        "store": StoreResource(home=str(tmp_path / "home")),
     }
     assert source_revision_sensor.default_status == dg.DefaultSensorStatus.STOPPED
 
@@ -56,9 +57,9 @@ def test_sensor_fires_once_per_new_source_revision(demo_source, tmp_path):
 def test_sensor_does_not_retrain_on_data_already_materialized(demo_source, tmp_path):
     from car_maker_pipeline.data.source import materialize_raw
 
-    store = PipelineStore(home=str(tmp_path / "home"))
-    raw = materialize_raw(str(demo_source), store.root)
-    store.write_manifest("raw_stanford_cars", raw.to_json())
+    store = StoreResource(home=str(tmp_path / "home"))
+    raw = materialize_raw(str(demo_source), store.get().root)
+    store.get().write_manifest(RAW_STANFORD_CARS, raw.to_json())
     with dg.build_sensor_context(
         resources={"source": StanfordCarsSource(path_or_id=str(demo_source)), "store": store}
     ) as context:

@@ -147,8 +147,8 @@ def test_truncated_image_is_counted_and_skipped(tmp_path):
 
 
 def test_extreme_strip_and_photo_classify_in_one_batch(tiny_model):
-    from car_maker_pipeline.data.maker_dataset import model_ready
     from car_maker_pipeline.evaluation.classifier import MakerClassifier
+    from car_maker_pipeline.model_inputs.images import model_ready
 
     strip, picture = Image.new("RGB", (5000, 10), (9, 9, 9)), Image.new("RGB", (64, 48))
     assert model_ready(strip).size == (5000, 625) and model_ready(picture) is picture
@@ -240,7 +240,7 @@ def test_small_sources_keep_one_validation_image_per_maker(tmp_path):
 @pytest.fixture(scope="module")
 def materialized(tmp_path_factory):
     """A store holding a materialized maker dataset, which the rejected runs below must leave alone."""
-    from car_maker_pipeline_tests.pipeline import materialized_demo_data
+    from car_maker_pipeline_tests.support.pipeline import materialized_demo_data
 
     home = tmp_path_factory.mktemp("bad_config")
     resources, instance, _ = materialized_demo_data(home, train_per_maker=6, test_per_maker=2, corruptions=[])
@@ -293,7 +293,7 @@ def test_out_of_range_hyperparameters_are_rejected_before_training(materialized,
 
 
 def test_prompt_without_the_maker_list_is_rejected(materialized):
-    from car_maker_pipeline.evaluation.prompts import PromptError, PromptTemplate
+    from car_maker_pipeline.model_inputs.prompt import PromptError, PromptTemplate
     from car_maker_pipeline.orchestration.assets.baseline import baseline_evaluation
 
     with pytest.raises(PromptError, match=r"no '\{makers\}' placeholder"):
@@ -309,7 +309,7 @@ def test_checkpoint_from_another_base_model_is_rejected(tmp_path, tiny_model_dir
     from peft import LoraConfig, get_peft_model
 
     from car_maker_pipeline.models.loading import AdapterMismatchError, attach_adapter, load_model_and_processor
-    from car_maker_pipeline.models.tiny import build_tiny_model
+    from car_maker_pipeline.offline.tiny_models import build_tiny_model
 
     other_dir = build_tiny_model(tmp_path / "tiny-m", "tiny-m", seed=0)
     other = load_model_and_processor(str(other_dir)).model

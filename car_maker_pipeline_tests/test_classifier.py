@@ -7,8 +7,8 @@ from PIL import Image
 
 from car_maker_pipeline.evaluation.classifier import ClassifierError, MakerClassifier, answer_token_ids, evaluate_split
 from car_maker_pipeline.evaluation.metrics import per_maker_table, summarize, wilson_interval
-from car_maker_pipeline.evaluation.prompts import PromptError, PromptTemplate
 from car_maker_pipeline.evaluation.runner import evaluate_to_dir
+from car_maker_pipeline.model_inputs.prompt import PromptError, PromptTemplate
 from car_maker_pipeline.models.loading import ModelLoadError, load_model_and_processor
 
 MAKERS = ["AM General", "Aston Martin", "BMW", "Land Rover", "Mercedes-Benz", "Rolls-Royce"]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from car_maker_pipeline_tests.cli import DAGSTER, REPO, cli_env
-from car_maker_pipeline_tests.cli import materialize as run_materialize
+from car_maker_pipeline_tests.support.cli import DAGSTER, REPO, cli_env
+from car_maker_pipeline_tests.support.cli import materialize as run_materialize
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from car_maker_pipeline.orchestration.assets.training import lora_checkpoints
-from car_maker_pipeline_tests.pipeline import materialized_demo_data
+from car_maker_pipeline_tests.support.pipeline import materialized_demo_data
 
 pytestmark = pytest.mark.slow
 

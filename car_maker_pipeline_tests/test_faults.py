@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from car_maker_pipeline_tests.cli import REPO, cli_env, materialize, materialize_command
+from car_maker_pipeline_tests.support.cli import REPO, cli_env, materialize, materialize_command
 
 pytestmark = pytest.mark.slow
 
@@ -237,7 +237,7 @@ class MlflowServer:
     """`mlflow server` on a loopback port over a sqlite store that outlives the server process."""
 
     def __init__(self, root: Path):
-        from car_maker_pipeline_tests.dagster_dev import free_loopback_port
+        from car_maker_pipeline_tests.support.dagster_dev import free_loopback_port
 
         self.root, self.port = root, free_loopback_port()
         self.uri = f"http://127.0.0.1:{self.port}"

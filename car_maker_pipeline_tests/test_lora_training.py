@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from car_maker_pipeline.evaluation.prompts import PromptTemplate
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.training.lora import (
     CHECKPOINT_MARKER,
     INCOMPLETE_DIR,
@@ -37,7 +37,7 @@ FAKE_HF_TOKEN = "hf_FAKEtokenTHATmustNEVERbeSAVED0123456789"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from car_maker_pipeline.models.tiny import build_tiny_model
+    from car_maker_pipeline.offline.tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("lora_model") / "tiny-s", "tiny-s", seed=0)
 
@@ -49,7 +49,7 @@ def task(tmp_path_factory):
 
     from car_maker_pipeline.data.classes import stanford_cars_class_names
     from car_maker_pipeline.data.makers import maker_of
-    from car_maker_pipeline.data.synthetic import generate_demo_source
+    from car_maker_pipeline.offline.demo_source import generate_demo_source
 
     root = tmp_path_factory.mktemp("lora_task")
     source = generate_demo_source(root / "source", train_per_maker=16, test_per_maker=6, corruptions=(), seed=7)

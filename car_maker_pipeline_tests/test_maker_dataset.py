@@ -85,10 +85,10 @@ def test_demo_source_becomes_a_maker_dataset(maker_dataset, raw_dataset):
 def test_quality_checks_pass_on_a_clean_build(maker_dataset):
     data = maker_dataset.load()
     for check in (
-        quality.test_overlap,
-        quality.test_makers_in_train,
-        quality.no_empty_split,
-        quality.maker_list_matches_data,
+        quality.check_no_test_leakage,
+        quality.check_test_makers_seen_in_train,
+        quality.check_no_empty_split,
+        quality.check_maker_list_matches_data,
     ):
         passed, details = check(data)
         assert passed, (check.__name__, details)
@@ -99,7 +99,7 @@ def test_leakage_check_finds_a_test_image_that_is_also_in_train(tmp_path):
     built = build_maker_dataset(
         small_raw(extra_train=[(shared, ASTON)] * 2, extra_test=[(shared, ASTON)]), tmp_path / "out"
     )
-    passed, details = quality.test_overlap(built.load())
+    passed, details = quality.check_no_test_leakage(built.load())
     assert not passed and details["shared_images"] == 1
 
 

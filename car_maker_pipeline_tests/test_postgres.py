@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from car_maker_pipeline_tests.cli import REPO, cli_env, materialize
-from car_maker_pipeline_tests.dagster_dev import free_loopback_port
-from car_maker_pipeline_tests.postgres import PASSWORD, ThrowawayPostgres, postgres_bin_dir
+from car_maker_pipeline_tests.support.cli import REPO, cli_env, materialize
+from car_maker_pipeline_tests.support.dagster_dev import free_loopback_port
+from car_maker_pipeline_tests.support.postgres import PASSWORD, ThrowawayPostgres, postgres_bin_dir
 
 pytestmark = pytest.mark.slow
 

@@ -17,13 +17,9 @@ from PIL import Image
 
 from car_maker_pipeline.data.classes import stanford_cars_class_names
 from car_maker_pipeline.data.makers import maker_of
-from car_maker_pipeline.data.synthetic import (
-    ALL_CORRUPTIONS,
-    DEMO_MAKERS,
-    MARKER_FILE,
-    generate_demo_source,
-    render_car,
-)
+from car_maker_pipeline.offline.corruptions import ALL_CORRUPTIONS
+from car_maker_pipeline.offline.demo_source import DEMO_MAKERS, MARKER_FILE, generate_demo_source
+from car_maker_pipeline.offline.rendering import render_car
 
 TRAIN_PER_MAKER, TEST_PER_MAKER = 6, 4
 SIZE = (64, 48)  # small images keep the tests fast; the layout is what is under test

@@ -9,15 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from car_maker_pipeline.evaluation.prompts import PromptTemplate
-from car_maker_pipeline.models.tiny import (
-    IMAGE_TOKEN,
-    MARKER_FILE,
-    SPECIAL_TOKENS,
-    TINY_MODEL_SPECS,
-    build_tiny_model,
-    build_tokenizer,
-)
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
+from car_maker_pipeline.offline.tiny_models import MARKER_FILE, TINY_MODEL_SPECS, build_tiny_model
+from car_maker_pipeline.offline.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, build_tokenizer
 
 MAKERS = ["AM General", "Aston Martin", "BMW", "Land Rover", "Mercedes-Benz", "Rolls-Royce"]
 

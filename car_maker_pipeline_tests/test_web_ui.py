@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from car_maker_pipeline_tests.dagster_dev import DagsterDev, chromium_binary, listening_addresses
+from car_maker_pipeline_tests.support.dagster_dev import DagsterDev, chromium_binary, listening_addresses
 
 pytestmark = pytest.mark.slow
 

@@ -7,24 +7,24 @@ import datasets
 from car_maker_pipeline.data.maker_dataset import TEST, TRAIN, VALIDATION, column
 
 
-def test_overlap(dataset: datasets.DatasetDict) -> tuple[bool, dict]:
+def check_no_test_leakage(dataset: datasets.DatasetDict) -> tuple[bool, dict]:
     """No test image (by decoded-pixel hash) also appears in train or validation."""
     seen = set(column(dataset[TRAIN], "content_hash")) | set(column(dataset[VALIDATION], "content_hash"))
     shared = sorted(set(column(dataset[TEST], "content_hash")) & seen)
     return not shared, {"shared_images": len(shared), "examples": shared[:5]}
 
 
-def test_makers_in_train(dataset: datasets.DatasetDict) -> tuple[bool, dict]:
+def check_test_makers_seen_in_train(dataset: datasets.DatasetDict) -> tuple[bool, dict]:
     missing = sorted(set(column(dataset[TEST], "maker")) - set(column(dataset[TRAIN], "maker")))
     return not missing, {"test_makers_missing_from_train": missing}
 
 
-def no_empty_split(dataset: datasets.DatasetDict) -> tuple[bool, dict]:
+def check_no_empty_split(dataset: datasets.DatasetDict) -> tuple[bool, dict]:
     empty = sorted(name for name, part in dataset.items() if part.num_rows == 0)
     return not empty, {"empty_splits": empty, "rows": {name: part.num_rows for name, part in dataset.items()}}
 
 
-def maker_list_matches_data(dataset: datasets.DatasetDict) -> tuple[bool, dict]:
+def check_maker_list_matches_data(dataset: datasets.DatasetDict) -> tuple[bool, dict]:
     """The maker label names are exactly the makers that occur in the data."""
     declared = list(dataset[TRAIN].features["maker_id"].names)
     present = sorted(set().union(*(set(column(part, "maker")) for part in dataset.values())))

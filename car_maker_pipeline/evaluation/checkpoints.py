@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from car_maker_pipeline.evaluation.classifier import MakerClassifier
-from car_maker_pipeline.evaluation.prompts import PromptTemplate
 from car_maker_pipeline.evaluation.runner import EvaluationReport, evaluate_to_dir
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 
 VALIDATION, TEST = "validation", "test"
 

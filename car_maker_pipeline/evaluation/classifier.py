@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from car_maker_pipeline.data.maker_dataset import model_ready
-from car_maker_pipeline.evaluation.prompts import PromptTemplate
+from car_maker_pipeline.model_inputs.images import model_ready
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 
 END_OF_TURN = "<|im_end|>"
 

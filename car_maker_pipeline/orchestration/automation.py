@@ -10,7 +10,8 @@ import os
 import dagster as dg
 
 from car_maker_pipeline.orchestration.partitions import model_partitions
-from car_maker_pipeline.orchestration.resources import PipelineStore, StanfordCarsSource
+from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
+from car_maker_pipeline.store import RAW_STANFORD_CARS, PipelineStore
 
 RETRAIN_CRON_ENV = "CAR_MAKER_RETRAIN_CRON"
 DEFAULT_RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
@@ -49,16 +50,16 @@ def retrain_weekly(context: dg.ScheduleEvaluationContext):
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Retrain when the source's revision (Hub commit or local content fingerprint) changes; once per revision.",
 )
-def source_revision_sensor(context: dg.SensorEvaluationContext, source: StanfordCarsSource, store: PipelineStore):
+def source_revision_sensor(context: dg.SensorEvaluationContext, source: StanfordCarsSource, store: StoreResource):
     from car_maker_pipeline.data.source import SourceError, resolve_revision
 
     try:
-        revision = resolve_revision(source.resolve(store.root), source.revision)
+        revision = resolve_revision(source.resolve(store.get()), source.revision)
     except SourceError as error:
         return dg.SkipReason(f"Could not read the source revision: {error}")
     # Before the first tick, what is already materialized counts as seen: starting the sensor
     # must not retrain on data the pipeline already has.
-    known = context.cursor or _materialized_revision(store)
+    known = context.cursor or _materialized_revision(store.get())
     if revision == known:
         return dg.SensorResult(skip_reason=f"Source unchanged at {revision}.", cursor=revision)
     return dg.SensorResult(
@@ -71,7 +72,7 @@ def source_revision_sensor(context: dg.SensorEvaluationContext, source: Stanford
 
 def _materialized_revision(store: PipelineStore) -> str | None:
     try:
-        return store.read_manifest("raw_stanford_cars")["revision"]
+        return store.read_manifest(RAW_STANFORD_CARS)["revision"]
     except Exception:
         return None
 

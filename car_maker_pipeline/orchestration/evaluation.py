@@ -7,9 +7,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from car_maker_pipeline.evaluation.prompts import PromptTemplate
-from car_maker_pipeline.orchestration.assets.data import stored_maker_dataset
-from car_maker_pipeline.orchestration.resources import PipelineStore
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
+from car_maker_pipeline.store import PipelineStore
 from car_maker_pipeline.tracking import mlflow_run, scrub_secrets
 
 
@@ -71,7 +70,7 @@ def evaluate_model(
     from car_maker_pipeline.evaluation.classifier import MakerClassifier
     from car_maker_pipeline.evaluation.runner import evaluate_to_dir
 
-    makers_record = stored_maker_dataset(store)
+    makers_record = store.maker_dataset()
     dataset = makers_record.load()
     if split not in dataset:
         raise ValueError(f"car_maker_dataset has no split {split!r}; it has {list(dataset)}.")

@@ -1,4 +1,4 @@
-"""Partitions: one per model of the active profile, and one per (model, checkpoint)."""
+"""Partitions: one per model of the active profile (the demo's tiny models, or the three LFM2-VL sizes)."""
 
 import dagster as dg
 

@@ -10,27 +10,16 @@ from pydantic import Field
 
 from car_maker_pipeline.data.source import RawDataset, materialize_raw
 from car_maker_pipeline.settings import Profile, get_profile, pipeline_home
-from car_maker_pipeline.storage import read_manifest, write_json_atomic
+from car_maker_pipeline.store import PipelineStore
 
 
-class PipelineStore(dg.ConfigurableResource):
-    """Where the pipeline keeps generated data, models, checkpoints and each asset's manifest."""
+class StoreResource(dg.ConfigurableResource):
+    """The pipeline's store (CAR_MAKER_HOME by default) for assets: `store.get()` is the plain object."""
 
     home: str = Field(default_factory=lambda: str(pipeline_home()), description="Root folder (CAR_MAKER_HOME).")
 
-    @property
-    def root(self) -> Path:
-        return Path(self.home)
-
-    def manifest_path(self, asset: str, partition: str | None = None) -> Path:
-        folder = self.root / asset if partition is None else self.root / asset / partition
-        return folder / "current.json"
-
-    def write_manifest(self, asset: str, payload: dict, partition: str | None = None) -> None:
-        write_json_atomic(self.manifest_path(asset, partition), payload)
-
-    def read_manifest(self, asset: str, partition: str | None = None) -> dict:
-        return read_manifest(self.manifest_path(asset, partition), produced_by=asset)
+    def get(self) -> PipelineStore:
+        return PipelineStore(Path(self.home))
 
 
 class StanfordCarsSource(dg.ConfigurableResource):
@@ -52,31 +41,27 @@ class StanfordCarsSource(dg.ConfigurableResource):
     def _profile(self) -> Profile:
         return get_profile(self.profile)
 
-    def resolve(self, home: Path) -> str:
-        """The path or Hub id that `datasets.load_dataset` will read, generating the demo copy if needed."""
+    def resolve(self, store: PipelineStore) -> str:
+        """The path or Hub id that `datasets.load_dataset` will read (the demo copy is generated on first use)."""
         if self.path_or_id:
             return self.path_or_id
         profile = self._profile()
         if not profile.is_demo:
             return profile.dataset_id
-        from car_maker_pipeline.data.synthetic import generate_demo_source
+        from car_maker_pipeline.offline.demo_source import ensure_demo_source
 
-        name = f"seed{self.demo_seed}-train{self.demo_train_per_maker}-test{self.demo_test_per_maker}-{'_'.join(self.demo_corruptions) or 'none'}"
-        folder = home / "demo_source" / name
-        if not (folder / "data").is_dir():
-            generate_demo_source(
-                folder,
-                train_per_maker=self.demo_train_per_maker,
-                test_per_maker=self.demo_test_per_maker,
-                corruptions=tuple(self.demo_corruptions),
-                seed=self.demo_seed,
-            )
+        folder = ensure_demo_source(
+            store.root / "demo_source",
+            train_per_maker=self.demo_train_per_maker,
+            test_per_maker=self.demo_test_per_maker,
+            corruptions=self.demo_corruptions,
+            seed=self.demo_seed,
+        )
         return str(folder)
 
-    def materialize(self, home: Path) -> RawDataset:
-        return materialize_raw(
-            self.resolve(home), home, revision=self.revision, token=os.environ.get(self.token_env) or None
-        )
+    def materialize(self, store: PipelineStore) -> RawDataset:
+        token = os.environ.get(self.token_env) or None
+        return materialize_raw(self.resolve(store), store.root, revision=self.revision, token=token)
 
 
 class VisionLanguageModels(dg.ConfigurableResource):
@@ -96,7 +81,7 @@ class VisionLanguageModels(dg.ConfigurableResource):
     def model_keys(self) -> list[str]:
         return get_profile(self.profile).model_keys
 
-    def path_or_id(self, key: str, home: Path) -> str:
+    def path_or_id(self, key: str, store: PipelineStore) -> str:
         if key in self.overrides:
             return self.overrides[key]
         models = get_profile(self.profile).models
@@ -104,35 +89,36 @@ class VisionLanguageModels(dg.ConfigurableResource):
             raise ValueError(f"Unknown model {key!r} for profile {self.profile!r}; known: {list(models)}.")
         if models[key] is not None:
             return models[key]
-        from car_maker_pipeline.models.tiny import build_tiny_model
+        from car_maker_pipeline.offline.tiny_models import ensure_demo_model
 
-        return str(build_tiny_model(home / "demo_models" / f"{key}-seed{self.demo_seed}", key, seed=self.demo_seed))
+        return str(ensure_demo_model(store.root / "demo_models", key, seed=self.demo_seed))
 
-    def load(self, key: str, home: Path):
+    def load(self, key: str, store: PipelineStore):
         from car_maker_pipeline.models.loading import load_model_and_processor
 
-        return load_model_and_processor(self.path_or_id(key, home), device=self.device, dtype=self.dtype)
+        return load_model_and_processor(self.path_or_id(key, store), device=self.device, dtype=self.dtype)
 
 
 class MlflowTracking(dg.ConfigurableResource):
     """MLflow tracking: local sqlite under CAR_MAKER_HOME by default, or any URI MLflow accepts."""
 
-    tracking_uri: str | None = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or None)
-    experiment_name: str = "car_maker_pipeline"
+    tracking_uri: str | None = Field(
+        default=None, description="Any URI MLflow accepts; unset: MLFLOW_TRACKING_URI, else local sqlite."
+    )
     # MLflow's own defaults retry a dead server for minutes per call; a pipeline step should notice
     # within seconds (training buffers its metrics meanwhile). Environment variables still win.
     http_request_max_retries: int = Field(default=2, ge=0, description="MLFLOW_HTTP_REQUEST_MAX_RETRIES unless set.")
     http_request_timeout_s: int = Field(default=20, gt=0, description="MLFLOW_HTTP_REQUEST_TIMEOUT unless set.")
 
-    def uri(self, home: Path) -> str:
-        from car_maker_pipeline.tracking import default_tracking_uri
+    def uri(self, store: PipelineStore) -> str:
+        from car_maker_pipeline.tracking import configured_tracking_uri
 
-        return self.tracking_uri or default_tracking_uri(home)
+        return self.tracking_uri or configured_tracking_uri(store.root)
 
-    def ensure_reachable(self, home: Path) -> str:
+    def ensure_reachable(self, store: PipelineStore) -> str:
         from car_maker_pipeline.tracking import ensure_reachable
 
-        uri = self.uri(home)
+        uri = self.uri(store)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(self.http_request_max_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.http_request_timeout_s))
         ensure_reachable(uri)

@@ -283,7 +283,7 @@ def build_sft_dataset(dataset, makers: Sequence[str], prompt=None):
     `images=[image]`). The image column is carried over without being decoded or re-encoded; a
     read-time transform converts each picture to RGB.
     """
-    from car_maker_pipeline.evaluation.prompts import PromptTemplate
+    from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 
     prompt = prompt or PromptTemplate()
     makers = list(makers)
@@ -300,7 +300,7 @@ def build_sft_dataset(dataset, makers: Sequence[str], prompt=None):
 
 
 def _rgb_images(batch: dict[str, list]) -> dict[str, list]:
-    from car_maker_pipeline.data.maker_dataset import model_ready  # the evaluator's image rule, so train = test
+    from car_maker_pipeline.model_inputs.images import model_ready  # the evaluator's image rule, so train = test
 
     batch["image"] = [model_ready(image) for image in batch["image"]]
     return batch

@@ -3,14 +3,12 @@
 import dagster as dg
 from pydantic import Field, model_validator
 
-from car_maker_pipeline.evaluation.prompts import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
-from car_maker_pipeline.orchestration.assets.data import MAKERS
+from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
 from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
 from car_maker_pipeline.orchestration.evaluation import evaluate_model
 from car_maker_pipeline.orchestration.partitions import model_partitions
-from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, VisionLanguageModels
-
-BASELINE = "baseline_evaluation"
+from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
+from car_maker_pipeline.store import BASELINE_EVALUATION, CAR_MAKER_DATASET
 
 
 class EvaluationConfig(dg.Config):
@@ -32,10 +30,10 @@ class EvaluationConfig(dg.Config):
 
 
 @dg.asset(
-    name=BASELINE,
+    name=BASELINE_EVALUATION,
     group_name="baseline",
     owners=["team:ml-platform"],
-    deps=[MAKERS],
+    deps=[CAR_MAKER_DATASET],
     partitions_def=model_partitions,
     kinds={"pytorch", "huggingface", "mlflow"},
     pool="gpu",
@@ -49,27 +47,28 @@ class EvaluationConfig(dg.Config):
 def baseline_evaluation(
     context: dg.AssetExecutionContext,
     config: EvaluationConfig,
-    store: PipelineStore,
+    store: StoreResource,
     models: VisionLanguageModels,
     mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
     key = context.partition_key
     prompt = config.prompt()  # a bad prompt fails here, before any model work
-    uri = mlflow_tracking.ensure_reachable(store.root)
-    loaded = models.load(key, store.root)
+    pipeline_store = store.get()
+    uri = mlflow_tracking.ensure_reachable(pipeline_store)
+    loaded = models.load(key, pipeline_store)
     return evaluate_model(
         context,
-        store=store,
+        store=pipeline_store,
         uri=uri,
         loaded=loaded,
         model_key=key,
         stage="baseline",
-        out_dir=store.root / BASELINE / key,
+        out_dir=pipeline_store.asset_dir(BASELINE_EVALUATION, key),
         prompt=prompt,
         batch_size=config.batch_size,
         max_images=config.max_images,
         split=config.split,
-        manifest=(BASELINE, key),
+        manifest=(BASELINE_EVALUATION, key),
     )
 
 

@@ -6,17 +6,9 @@ import dagster as dg
 from pydantic import Field
 
 from car_maker_pipeline.data import quality
-from car_maker_pipeline.data.maker_dataset import (
-    MakerDataset,
-    MakerDatasetParams,
-    build_maker_dataset,
-    load_stored_maker_dataset,
-)
-from car_maker_pipeline.data.source import RawDataset
-from car_maker_pipeline.orchestration.resources import PipelineStore, StanfordCarsSource
-
-RAW = "raw_stanford_cars"
-MAKERS = "car_maker_dataset"
+from car_maker_pipeline.data.maker_dataset import MakerDatasetParams, build_maker_dataset, load_stored_maker_dataset
+from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
+from car_maker_pipeline.store import CAR_MAKER_DATASET, RAW_STANFORD_CARS
 
 
 class MakerDatasetConfig(dg.Config):
@@ -27,7 +19,7 @@ class MakerDatasetConfig(dg.Config):
 
 
 @dg.asset(
-    name=RAW,
+    name=RAW_STANFORD_CARS,
     group_name="data",
     owners=["team:ml-platform"],
     kinds={"huggingface", "arrow"},
@@ -38,10 +30,11 @@ class MakerDatasetConfig(dg.Config):
     ),
 )
 def raw_stanford_cars(
-    context: dg.AssetExecutionContext, source: StanfordCarsSource, store: PipelineStore
+    context: dg.AssetExecutionContext, source: StanfordCarsSource, store: StoreResource
 ) -> dg.MaterializeResult:
-    raw = source.materialize(store.root)
-    store.write_manifest(RAW, raw.to_json())
+    pipeline_store = store.get()
+    raw = source.materialize(pipeline_store)
+    pipeline_store.write_manifest(RAW_STANFORD_CARS, raw.to_json())
     context.log.info(
         f"{raw.source} at {raw.revision}: {raw.rows_per_split} ({'cache hit' if raw.cache_hit else 'stored'})"
     )
@@ -59,16 +52,11 @@ def raw_stanford_cars(
     )
 
 
-def stored_maker_dataset(store: PipelineStore) -> MakerDataset:
-    """The record of the current car_maker_dataset (MissingUpstreamError when it was never materialized)."""
-    return MakerDataset(**store.read_manifest(MAKERS))
-
-
 @dg.asset(
-    name=MAKERS,
+    name=CAR_MAKER_DATASET,
     group_name="data",
     owners=["team:ml-platform"],
-    deps=[RAW],
+    deps=[RAW_STANFORD_CARS],
     kinds={"huggingface", "arrow"},
     description=(
         "The 196 make/model/year classes collapsed to car makers (multi-word makers such as Aston Martin "
@@ -77,15 +65,16 @@ def stored_maker_dataset(store: PipelineStore) -> MakerDataset:
     ),
 )
 def car_maker_dataset(
-    context: dg.AssetExecutionContext, config: MakerDatasetConfig, store: PipelineStore
+    context: dg.AssetExecutionContext, config: MakerDatasetConfig, store: StoreResource
 ) -> dg.MaterializeResult:
-    raw = RawDataset(**store.read_manifest(RAW))
+    pipeline_store = store.get()
+    raw = pipeline_store.raw_dataset()
     params = MakerDatasetParams(validation_fraction=config.validation_fraction, seed=config.seed)
-    out_dir = store.root / MAKERS / f"{raw.revision}-{params.fingerprint()}"
+    out_dir = pipeline_store.asset_dir(CAR_MAKER_DATASET) / f"{raw.revision}-{params.fingerprint()}"
     built = load_stored_maker_dataset(out_dir) or build_maker_dataset(
         raw.load(), out_dir, params, source_revision=raw.revision
     )
-    store.write_manifest(MAKERS, built.to_json())
+    pipeline_store.write_manifest(CAR_MAKER_DATASET, built.to_json())
     context.log.info(f"{built.num_makers} makers, rows {built.rows_per_split}, dropped {built.dropped_total}")
     metadata = {
         "num_makers": built.num_makers,
@@ -105,11 +94,14 @@ def car_maker_dataset(
 
 
 MAKER_DATASET_CHECKS = {
-    "no_test_leakage": (quality.test_overlap, "No test image (by decoded-pixel hash) is also in train or validation."),
-    "test_makers_seen_in_train": (quality.test_makers_in_train, "Every maker in test has training images."),
-    "no_empty_split": (quality.no_empty_split, "No split is empty."),
+    "no_test_leakage": (
+        quality.check_no_test_leakage,
+        "No test image (by decoded-pixel hash) is also in train or validation.",
+    ),
+    "test_makers_seen_in_train": (quality.check_test_makers_seen_in_train, "Every maker in test has training images."),
+    "no_empty_split": (quality.check_no_empty_split, "No split is empty."),
     "maker_list_matches_data": (
-        quality.maker_list_matches_data,
+        quality.check_maker_list_matches_data,
         "The maker label list is exactly the set of makers in the data.",
     ),
 }
@@ -117,18 +109,18 @@ MAKER_DATASET_CHECKS = {
 
 @dg.multi_asset_check(
     specs=[
-        dg.AssetCheckSpec(name, asset=MAKERS, blocking=True, description=description)
+        dg.AssetCheckSpec(name, asset=CAR_MAKER_DATASET, blocking=True, description=description)
         for name, (_, description) in MAKER_DATASET_CHECKS.items()
     ],
 )
-def maker_dataset_checks(store: PipelineStore):
+def maker_dataset_checks(store: StoreResource):
     """All four checks in one step: the dataset is opened once and one process is spawned, not four."""
-    dataset = stored_maker_dataset(store).load()
+    dataset = store.get().maker_dataset().load()
     for name, (check, _) in MAKER_DATASET_CHECKS.items():
         passed, details = check(dataset)
         yield dg.AssetCheckResult(
             check_name=name,
-            asset_key=dg.AssetKey(MAKERS),
+            asset_key=dg.AssetKey(CAR_MAKER_DATASET),
             passed=passed,
             metadata={
                 key: dg.MetadataValue.json(value) if isinstance(value, (list, dict)) else value

@@ -1,4 +1,4 @@
-"""Training and checkpoint evaluation: LoRA per model, then every checkpoint scored and the best registered."""
+"""Training: LoRA fine-tuning per model, a checkpoint every N steps, resumable after a crash."""
 
 import json
 import time
@@ -8,25 +8,23 @@ import dagster as dg
 from pydantic import Field, model_validator
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset
-from car_maker_pipeline.orchestration.assets.baseline import BASELINE, EvaluationConfig
-from car_maker_pipeline.orchestration.assets.data import MAKERS, stored_maker_dataset
 from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
-from car_maker_pipeline.orchestration.evaluation import image_markdown
 from car_maker_pipeline.orchestration.partitions import model_partitions
-from car_maker_pipeline.orchestration.resources import MlflowTracking, PipelineStore, VisionLanguageModels
+from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
 from car_maker_pipeline.storage import write_json_atomic
+from car_maker_pipeline.store import (
+    CAR_MAKER_DATASET,
+    LORA_CHECKPOINTS,
+    PipelineStore,
+)
 from car_maker_pipeline.tracking import (
-    REGISTERED_MODEL_PREFIX,
     TrackingUnavailableError,
     experiment_id,
     find_run,
     mlflow_run,
-    register_adapter,
     scrub_secrets,
 )
 
-TRAINING = "lora_checkpoints"
-CHECKPOINT_ACCURACY = "checkpoint_accuracy"
 RUN_ID_FILE = "mlflow_run.json"
 
 
@@ -82,7 +80,7 @@ class LoraConfig(dg.Config):
 
 def _training_dir(store: PipelineStore, key: str, config: LoraConfig, dataset: MakerDataset) -> Path:
     """Same model, data and hyperparameters -> same folder, so a rerun resumes instead of starting over."""
-    return store.root / TRAINING / key / f"{Path(dataset.path).name}-{config.fingerprint()}"
+    return store.asset_dir(LORA_CHECKPOINTS, key) / f"{Path(dataset.path).name}-{config.fingerprint()}"
 
 
 def _train_distributed(
@@ -174,10 +172,10 @@ def _training_run_id(out_dir: Path, uri: str, home: Path, key: str, context, par
 
 
 @dg.asset(
-    name=TRAINING,
+    name=LORA_CHECKPOINTS,
     group_name="training",
     owners=["team:ml-platform"],
-    deps=[MAKERS],
+    deps=[CAR_MAKER_DATASET],
     partitions_def=model_partitions,
     kinds={"pytorch", "huggingface", "mlflow"},
     pool="gpu",
@@ -191,20 +189,21 @@ def _training_run_id(out_dir: Path, uri: str, home: Path, key: str, context, par
 def lora_checkpoints(
     context: dg.AssetExecutionContext,
     config: LoraConfig,
-    store: PipelineStore,
+    store: StoreResource,
     models: VisionLanguageModels,
     mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
     from car_maker_pipeline.training.lora import train_lora
     from car_maker_pipeline.training.mlflow_callback import PENDING_FILE, MlflowLossCallback
 
+    pipeline_store = store.get()
     key = context.partition_key
     training_config = config.to_training_config()  # invalid hyperparameters fail before anything loads
-    uri = mlflow_tracking.ensure_reachable(store.root)
-    dataset_record = stored_maker_dataset(store)
+    uri = mlflow_tracking.ensure_reachable(pipeline_store)
+    dataset_record = pipeline_store.maker_dataset()
     dataset = dataset_record.load()
-    base = models.path_or_id(key, store.root)
-    out_dir = _training_dir(store, key, config, dataset_record)
+    base = models.path_or_id(key, pipeline_store)
+    out_dir = _training_dir(pipeline_store, key, config, dataset_record)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {
         **training_config.to_json(),
@@ -215,7 +214,7 @@ def lora_checkpoints(
         "train_images": dataset["train"].num_rows,
         "num_processes": config.num_processes,
     }
-    run_id = _training_run_id(out_dir, uri, store.root, key, context, params)
+    run_id = _training_run_id(out_dir, uri, pipeline_store.root, key, context, params)
     losses = MlflowLossCallback(run_id, uri, pending_path=out_dir / PENDING_FILE)
     started = time.perf_counter()
     if config.num_processes > 1:
@@ -247,7 +246,9 @@ def lora_checkpoints(
         ) from error
     if sent:
         context.log.warning(f"Sent {sent} loss points buffered while MLflow was unreachable.")
-    with mlflow_run(uri, store.root, run_name=f"lora-{key}", tags={"dagster_run_id": context.run_id}, run_id=run_id):
+    with mlflow_run(
+        uri, pipeline_store.root, run_name=f"lora-{key}", tags={"dagster_run_id": context.run_id}, run_id=run_id
+    ):
         import mlflow
 
         mlflow.log_metrics({f"adapted_layers_{name}": count for name, count in result.adapted_layers.items()})
@@ -259,7 +260,7 @@ def lora_checkpoints(
         "makers": dataset_record.makers,
         "dataset_path": dataset_record.path,
     }
-    store.write_manifest(TRAINING, manifest, partition=key)
+    pipeline_store.write_manifest(LORA_CHECKPOINTS, manifest, partition=key)
     samples = (
         (result.global_step - (int(result.resumed_from.name.split("-")[-1]) if result.resumed_from else 0))
         * config.per_device_train_batch_size
@@ -288,213 +289,4 @@ def lora_checkpoints(
     )
 
 
-class CheckpointEvaluationConfig(EvaluationConfig):
-    robustness: bool = Field(
-        default=True, description="Also score baseline and best checkpoint on each corrupted copy of test."
-    )
-
-
-@dg.asset(
-    name=CHECKPOINT_ACCURACY,
-    group_name="evaluation",
-    owners=["team:ml-platform"],
-    deps=[TRAINING, BASELINE],
-    partitions_def=model_partitions,
-    kinds={"pytorch", "mlflow"},
-    pool="gpu",
-    op_tags=GPU_OP_TAGS,
-    check_specs=[
-        dg.AssetCheckSpec(
-            "best_checkpoint_beats_baseline",
-            asset=CHECKPOINT_ACCURACY,
-            description="The checkpoint chosen on validation beats its base model on test.",
-        )
-    ],
-    description=(
-        "Every checkpoint of a model's LoRA run scored on validation and test with the baseline's evaluator "
-        "(new checkpoints only; earlier results are reused). The best checkpoint is chosen on validation "
-        "accuracy and registered in the MLflow model registry; corrupted copies of test give a robustness table."
-    ),
-)
-def checkpoint_accuracy(
-    context: dg.AssetExecutionContext,
-    config: CheckpointEvaluationConfig,
-    store: PipelineStore,
-    models: VisionLanguageModels,
-    mlflow_tracking: MlflowTracking,
-):
-    import mlflow
-
-    from car_maker_pipeline.evaluation.checkpoints import accuracy_chart, score_checkpoints
-    from car_maker_pipeline.evaluation.reports import save_figure
-
-    key = context.partition_key
-    prompt = config.prompt()
-    uri = mlflow_tracking.ensure_reachable(store.root)
-    training = store.read_manifest(TRAINING, key)
-    baseline = store.read_manifest(BASELINE, key)
-    baseline_accuracy = baseline["summary"]["accuracy"]
-    dataset_record = stored_maker_dataset(store)
-    dataset = dataset_record.load()
-    checkpoints = {int(step): Path(path) for step, path in training["checkpoints"].items()}
-    loaded = models.load(key, store.root)
-    out_root = store.root / CHECKPOINT_ACCURACY / key / Path(training["output_dir"]).name
-    scores = score_checkpoints(
-        loaded.model,
-        loaded.processor,
-        checkpoints,
-        dataset,
-        dataset_record.makers,
-        out_root,
-        baseline_accuracy=baseline_accuracy,
-        val_loss={int(step): loss for step, loss in training["val_loss"]},
-        prompt=prompt,
-        batch_size=config.batch_size,
-        corrupted_splits=dataset_record.corrupted_splits if config.robustness else [],
-    )
-    table_path = out_root / "checkpoint_accuracy.parquet"
-    scores.table.to_parquet(table_path, index=False)
-    chart_path = save_figure(
-        accuracy_chart(scores.table, baseline_accuracy, f"{key}: accuracy by checkpoint"),
-        out_root / "accuracy_by_step.png",
-    )
-    best = scores.table.set_index("step").loc[scores.best_step]
-
-    with mlflow_run(
-        uri,
-        store.root,
-        run_name=f"checkpoints-{key}",
-        tags={
-            "dagster_run_id": context.run_id,
-            "model_key": key,
-            "stage": "checkpoint_accuracy",
-            "training_run_id": training["mlflow_run_id"],
-        },
-        orphans_of=context.instance,
-    ) as run:
-        mlflow.log_params(
-            {
-                "model_key": key,
-                "base_model": training["base_model"],
-                "base_model_revision": loaded.revision,
-                "prompt_hash": prompt.fingerprint(dataset_record.makers),
-                "num_checkpoints": len(checkpoints),
-                "best_step": scores.best_step,
-                "selection": "validation accuracy",
-            }
-        )
-        for row in scores.table.itertuples():
-            mlflow.log_metrics(
-                {
-                    "val_accuracy": row.val_accuracy,
-                    "test_accuracy": row.accuracy,
-                    "test_ci_low": row.ci_low,
-                    "test_ci_high": row.ci_high,
-                    "test_macro_accuracy": row.macro_accuracy,
-                },
-                step=int(row.step),
-            )
-        mlflow.log_metrics(
-            {
-                "best_test_accuracy": float(best["accuracy"]),
-                "best_val_accuracy": float(best["val_accuracy"]),
-                "baseline_test_accuracy": baseline_accuracy,
-            }
-        )
-        mlflow.log_table(scores.table, artifact_file=f"checkpoint_accuracy_{key}.json")
-        if not scores.robustness.empty:
-            mlflow.log_table(scores.robustness, artifact_file=f"robustness_{key}.json")
-        mlflow.log_artifact(str(chart_path))
-        mlflow.log_artifact(str(table_path))
-        # What the classify command needs besides the adapter: the maker list and the base model.
-        card = out_root / "car_maker.json"
-        write_json_atomic(
-            card,
-            {
-                "makers": dataset_record.makers,
-                "base_model": training["base_model"],
-                "base_model_revision": loaded.revision,
-                "step": scores.best_step,
-            },
-        )
-        for path in (
-            scores.best_checkpoint / "adapter_model.safetensors",
-            scores.best_checkpoint / "adapter_config.json",
-            card,
-        ):
-            mlflow.log_artifact(str(path), artifact_path="best_adapter")
-        version = register_adapter(
-            uri,
-            run.info.run_id,
-            mlflow.get_artifact_uri("best_adapter"),
-            f"{REGISTERED_MODEL_PREFIX}{key}",
-            {
-                "base_model_id": training["base_model"],
-                "base_model_revision": loaded.revision,
-                "step": scores.best_step,
-                "val_accuracy": f"{best['val_accuracy']:.4f}",
-                "test_accuracy": f"{best['accuracy']:.4f}",
-                "dagster_run_id": context.run_id,
-            },
-        )
-
-    store.write_manifest(
-        CHECKPOINT_ACCURACY,
-        {
-            "table": str(table_path),
-            "best_step": scores.best_step,
-            "best_checkpoint": str(scores.best_checkpoint),
-            "registered_version": version,
-            "mlflow_run_id": run.info.run_id,
-            "robustness": scores.robustness.to_dict("records"),
-            "baseline_accuracy": baseline_accuracy,
-        },
-        partition=key,
-    )
-    shown = scores.table.copy()
-    for column in ("val_accuracy", "accuracy", "ci_low", "ci_high", "macro_accuracy", "change_vs_baseline"):
-        shown[column] = shown[column].map(
-            lambda value, column=column: f"{value:+.1%}" if column == "change_vs_baseline" else f"{value:.1%}"
-        )
-    metadata = {
-        "accuracy_by_step": dg.MetadataValue.md(shown.to_markdown(index=False)),
-        "accuracy_chart": image_markdown(chart_path, "accuracy by step"),
-        "best_step": scores.best_step,
-        "best_test_accuracy": float(best["accuracy"]),
-        "best_val_accuracy": float(best["val_accuracy"]),
-        "baseline_accuracy": baseline_accuracy,
-        "registered_model": f"{REGISTERED_MODEL_PREFIX}{key} v{version}",
-        "mlflow_run_id": run.info.run_id,
-        "table": dg.MetadataValue.path(str(table_path)),
-    }
-    if not scores.robustness.empty:
-        metadata["accuracy_by_corruption"] = dg.MetadataValue.md(
-            scores.robustness.to_markdown(index=False, floatfmt=".3f")
-        )
-    for row in scores.table.itertuples():
-        context.log_event(
-            dg.AssetObservation(
-                asset_key=CHECKPOINT_ACCURACY,
-                partition=key,
-                metadata={
-                    "step": int(row.step),
-                    "test_accuracy": float(row.accuracy),
-                    "val_accuracy": float(row.val_accuracy),
-                },
-            )
-        )
-    yield dg.MaterializeResult(metadata=metadata)
-    beats = float(best["accuracy"]) > baseline_accuracy
-    yield dg.AssetCheckResult(
-        check_name="best_checkpoint_beats_baseline",
-        passed=beats,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={
-            "best_test_accuracy": float(best["accuracy"]),
-            "baseline_accuracy": baseline_accuracy,
-            "best_step": scores.best_step,
-        },
-    )
-
-
-training_assets = [lora_checkpoints, checkpoint_accuracy]
+training_assets = [lora_checkpoints]

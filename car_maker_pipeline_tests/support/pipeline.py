@@ -14,13 +14,13 @@ def materialized_demo_data(
     from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, data_checks, raw_stanford_cars
     from car_maker_pipeline.orchestration.resources import (
         MlflowTracking,
-        PipelineStore,
         StanfordCarsSource,
+        StoreResource,
         VisionLanguageModels,
     )
 
     resources = {
-        "store": PipelineStore(home=str(home)),
+        "store": StoreResource(home=str(home)),
         "source": StanfordCarsSource(
             profile="demo",
             demo_train_per_maker=train_per_maker,

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from car_maker_pipeline_tests.dagster_dev import free_loopback_port
+from car_maker_pipeline_tests.support.dagster_dev import free_loopback_port
 
 PASSWORD = "throwaway-test-password"
 

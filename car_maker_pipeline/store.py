@@ -1,0 +1,68 @@
+"""The pipeline's store: where every asset keeps its data, and the manifests that say which is current.
+
+A plain object (no Dagster): assets, the CLI, the demo runner and the benchmarks all reach
+materialized data through it. Each asset writes its data to a versioned folder under
+`<root>/<asset key>/` and then, atomically and last, a small `current.json` manifest naming that
+folder, so a crash leaves either the old manifest or the new one, never a half-written folder that
+a reader would trust.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from car_maker_pipeline.data.maker_dataset import MakerDataset
+from car_maker_pipeline.data.source import RawDataset
+from car_maker_pipeline.settings import pipeline_home
+from car_maker_pipeline.storage import read_json, write_json_atomic
+
+# One constant per asset key, named after it: the folder, the manifest and the Dagster asset share it.
+RAW_STANFORD_CARS = "raw_stanford_cars"
+CAR_MAKER_DATASET = "car_maker_dataset"
+BASELINE_EVALUATION = "baseline_evaluation"
+LORA_CHECKPOINTS = "lora_checkpoints"
+CHECKPOINT_ACCURACY = "checkpoint_accuracy"
+
+MANIFEST = "current.json"
+
+
+class MissingUpstreamError(RuntimeError):
+    """An asset's input has not been materialized yet."""
+
+
+@dataclass(frozen=True)
+class PipelineStore:
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> PipelineStore:
+        """The store at CAR_MAKER_HOME (default `.car_maker_home` under the working directory)."""
+        return cls(pipeline_home())
+
+    def asset_dir(self, asset: str, partition: str | None = None) -> Path:
+        return self.root / asset if partition is None else self.root / asset / partition
+
+    def manifest_path(self, asset: str, partition: str | None = None) -> Path:
+        return self.asset_dir(asset, partition) / MANIFEST
+
+    def write_manifest(self, asset: str, payload: dict, partition: str | None = None) -> None:
+        write_json_atomic(self.manifest_path(asset, partition), payload)
+
+    def read_manifest(self, asset: str, partition: str | None = None) -> dict:
+        path = self.manifest_path(asset, partition)
+        if not path.exists():
+            selection = asset if partition is None else f"{asset} --partition {partition}"
+            raise MissingUpstreamError(
+                f"{path} does not exist: materialize `{asset}` first "
+                f"(for example `dagster asset materialize -m car_maker_pipeline --select {selection}`)."
+            )
+        return read_json(path)
+
+    def raw_dataset(self) -> RawDataset:
+        """The record of the current raw_stanford_cars (MissingUpstreamError when never materialized)."""
+        return RawDataset(**self.read_manifest(RAW_STANFORD_CARS))
+
+    def maker_dataset(self) -> MakerDataset:
+        """The record of the current car_maker_dataset (MissingUpstreamError when never materialized)."""
+        return MakerDataset(**self.read_manifest(CAR_MAKER_DATASET))
