@@ -11,12 +11,12 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: demo test test-fast ui mlflow-ui venv clean-demo
+.PHONY: demo test test-fast lint format ui mlflow-ui venv clean-demo
 
 venv: $(STAMP)
 
-# torch/torchvision first and pinned: pip takes these exact builds from the machine's disk here,
-# and a bare "torch" elsewhere would pull a multi-GB CUDA build.
+# torch/torchvision first and pinned to the versions the project is tested with: a bare "torch"
+# could resolve to a multi-GB CUDA build on machines that only need the CPU one.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -31,6 +31,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -ra
+
+# ruff (configured in pyproject.toml): `make lint` fails on a lint error or unformatted file; `make format` fixes both.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not slow"
