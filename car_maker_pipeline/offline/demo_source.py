@@ -46,6 +46,12 @@ from PIL import Image
 
 from car_maker_pipeline.data.classes import stanford_cars_class_names
 from car_maker_pipeline.offline.corruptions import ALL_CORRUPTIONS, corrupt_image, encode_image, pick_format
+from car_maker_pipeline.offline.population import (
+    IMAGE_SIZE_MODES,
+    drawing_size,
+    images_per_maker,
+    realistic_image_size,
+)
 from car_maker_pipeline.offline.rendering import classes_by_maker, render_car
 from car_maker_pipeline.storage import remove_stale_temporaries, temporary_prefix
 
@@ -76,14 +82,14 @@ def _image_rng(seed: int, stream: str, index: int, attempt: int = 0) -> np.rando
     return np.random.default_rng([seed, _stream_id(stream), index, attempt])
 
 
-def _split_plan(makers: Sequence[str], per_maker: int, seed: int, split: str) -> list[tuple[str, int, str]]:
+def _split_plan(counts: dict[str, int], seed: int, split: str) -> list[tuple[str, int, str]]:
     """(maker, label, class name) per row: each maker's classes in a shuffled round robin, rows shuffled."""
     rng = np.random.default_rng([seed, _stream_id(split), 0x5EED])
     rows: list[tuple[str, int, str]] = []
-    for maker in makers:
+    for maker, count in counts.items():
         classes = classes_by_maker()[maker]
         order = rng.permutation(len(classes))
-        rows.extend((maker, *classes[order[i % len(classes)]]) for i in range(per_maker))
+        rows.extend((maker, *classes[order[i % len(classes)]]) for i in range(count))
     return [rows[i] for i in rng.permutation(len(rows))]
 
 
@@ -102,14 +108,21 @@ class _Uniqueness:
 
 
 def _render_split(
-    split: str, plan: list[tuple[str, int, str]], image_size: tuple[int, int], seed: int, unique: _Uniqueness
+    split: str, plan: list[tuple[str, int, str]], image_size: tuple[int, int] | None, seed: int, unique: _Uniqueness
 ) -> tuple[list[bytes], list[tuple[str, int]]]:
+    """Encoded images of one split; `image_size` None draws each at a realistic size (see population.py)."""
     images: list[bytes] = []
     encodings: list[tuple[str, int]] = []
     for index, (maker, _label, name) in enumerate(plan):
         for attempt in range(100):
             rng = _image_rng(seed, split, index, attempt)
-            picture = render_car(maker, name, rng, image_size)
+            if image_size is None:
+                final = realistic_image_size(_image_rng(seed, f"{split}/size", index))
+                picture = render_car(maker, name, rng, drawing_size(final))
+                if picture.size != final:
+                    picture = picture.resize(final, Image.Resampling.BILINEAR)
+            else:
+                picture = render_car(maker, name, rng, image_size)
             kind, quality = pick_format(rng)
             data = encode_image(picture, kind, quality)
             if unique.add(data):
@@ -250,17 +263,28 @@ def generate_demo_source(
     test_per_maker: int = 30,
     corruptions: Sequence[str] = ("contrast", "gaussian_noise", "motion_blur"),
     image_size: tuple[int, int] = (128, 96),
+    image_sizes: str = "demo",
+    balance: str = "uniform",
+    train_total: int | None = None,
+    test_total: int | None = None,
     seed: int = 0,
 ) -> Path:
     """Write a synthetic, Stanford-Cars-shaped source to `out_dir` and return `out_dir` as a Path.
 
-    Splits: `train` and `test` with `*_per_maker` rows per maker, plus one corrupted copy of `test`
-    per name in `corruptions` (same rows, labels and order). Labels are the real class ids of the
+    Splits: `train` and `test` with `*_per_maker` rows per maker (`balance="stanford"`: shared in
+    proportion to each maker's real class count; `*_total`: that many rows in all), plus one
+    corrupted copy of `test` per name in `corruptions` (same rows, labels and order). Images are
+    `image_size` (default) or, with `image_sizes="realistic"`, sized like real photos (population.py). Labels are the real class ids of the
     makers' classes. Same arguments give byte-identical parquet files. An existing folder is replaced
     only if an earlier call made it; the new folder appears in one rename, never half-written.
     """
     makers, corruptions = _validated(makers, corruptions, train_per_maker, test_per_maker, image_size)
-    image_size = (int(image_size[0]), int(image_size[1]))
+    if image_sizes not in IMAGE_SIZE_MODES:
+        raise ValueError(f"Unknown image_sizes {image_sizes!r}; use one of {', '.join(IMAGE_SIZE_MODES)}.")
+    class_counts = {maker: len(classes) for maker, classes in classes_by_maker().items()}
+    train_counts = images_per_maker(makers, train_per_maker, balance, class_counts, train_total)
+    test_counts = images_per_maker(makers, test_per_maker, balance, class_counts, test_total)
+    draw_size = (int(image_size[0]), int(image_size[1])) if image_sizes == "demo" else None
     out_dir = Path(out_dir).expanduser().absolute()
     _make_room(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -274,6 +298,13 @@ def generate_demo_source(
         "image_size": list(image_size),
         "seed": seed,
     }
+    # Recorded only when not the default, so default sources keep their settings (and bytes) unchanged.
+    if image_sizes != "demo":
+        settings["image_sizes"] = image_sizes
+    if balance != "uniform":
+        settings["balance"] = balance
+    if train_total is not None or test_total is not None:
+        settings.update(train_total=train_total, test_total=test_total)
     remove_stale_temporaries(out_dir.parent)  # a generation killed mid-write leaves its folder behind
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=temporary_prefix(out_dir.name)))
     try:
@@ -285,14 +316,14 @@ def generate_demo_source(
             nbytes = _write_parquet(tmp / "data" / f"{split}-00000-of-00001.parquet", images, labels, features)
             splits[split] = (len(images), nbytes)
 
-        train_plan = _split_plan(makers, train_per_maker, seed, "train")
-        train_images, _ = _render_split("train", train_plan, image_size, seed, unique)
+        train_plan = _split_plan(train_counts, seed, "train")
+        train_images, _ = _render_split("train", train_plan, draw_size, seed, unique)
         write("train", train_images, [label for _, label, _ in train_plan])
         del train_images
 
-        test_plan = _split_plan(makers, test_per_maker, seed, "test")
+        test_plan = _split_plan(test_counts, seed, "test")
         test_labels = [label for _, label, _ in test_plan]
-        test_images, encodings = _render_split("test", test_plan, image_size, seed, unique)
+        test_images, encodings = _render_split("test", test_plan, draw_size, seed, unique)
         write("test", test_images, test_labels)
         for corruption in corruptions:
             write(corruption, _corrupt_split(corruption, test_images, encodings, seed, unique), test_labels)
@@ -321,23 +352,35 @@ def generate_demo_source(
     return out_dir
 
 
-def ensure_demo_source(
-    parent: Path,
-    *,
-    train_per_maker: int,
-    test_per_maker: int,
-    corruptions: Sequence[str],
-    seed: int,
-) -> Path:
-    """The demo source for these settings under `parent`, generated on first use (one folder per setting)."""
-    name = f"seed{seed}-train{train_per_maker}-test{test_per_maker}-{'_'.join(corruptions) or 'none'}"
+def ensure_demo_source(parent: Path, **settings) -> Path:
+    """The demo source for these `generate_demo_source` settings under `parent`, generated on first use.
+
+    One folder per distinct setting: the name lists the settings that differ from the defaults, so
+    a default source keeps the folder name it always had.
+    """
+    defaults = {
+        "makers": DEMO_MAKERS,
+        "image_sizes": "demo",
+        "balance": "uniform",
+        "train_total": None,
+        "test_total": None,
+    }
+    name = (
+        f"seed{settings.get('seed', 0)}-train{settings['train_per_maker']}-test{settings['test_per_maker']}-"
+        f"{'_'.join(settings.get('corruptions', ())) or 'none'}"
+    )
+    extras = []
+    for key, default in defaults.items():
+        value = settings.get(key, default)
+        if isinstance(value, (list, tuple)):
+            value, default = tuple(value), tuple(default)
+        if value != default:
+            extras.append(f"{key}={len(value) if key == 'makers' else value}")
+    if extras:
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:8]
+        name += "-" + "-".join(extras).replace(" ", "") + f"-{digest}"
     folder = parent / name
     if not (folder / "data").is_dir():
-        generate_demo_source(
-            folder,
-            train_per_maker=train_per_maker,
-            test_per_maker=test_per_maker,
-            corruptions=tuple(corruptions),
-            seed=seed,
-        )
+        settings = {key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()}
+        generate_demo_source(folder, **settings)
     return folder

@@ -37,6 +37,11 @@ class StanfordCarsSource(dg.ConfigurableResource):
     demo_test_per_maker: int = 30
     demo_corruptions: list[str] = ["contrast", "gaussian_noise", "motion_blur"]
     demo_seed: int = 0
+    demo_makers: list[str] = Field(default=[], description="Demo makers (empty: the six default demo makers).")
+    demo_image_sizes: str = Field(default="demo", description="demo (all 128x96) or realistic (real photo sizes).")
+    demo_balance: str = Field(default="uniform", description="uniform, or stanford (real per-maker proportions).")
+    demo_train_total: int | None = Field(default=None, description="Train rows in all (default per-maker x makers).")
+    demo_test_total: int | None = Field(default=None, description="Test rows in all (default per-maker x makers).")
 
     def _profile(self) -> Profile:
         return get_profile(self.profile)
@@ -50,12 +55,18 @@ class StanfordCarsSource(dg.ConfigurableResource):
             return profile.dataset_id
         from car_maker_pipeline.offline.demo_source import ensure_demo_source
 
+        options = {"makers": self.demo_makers} if self.demo_makers else {}
         folder = ensure_demo_source(
             store.root / "demo_source",
             train_per_maker=self.demo_train_per_maker,
             test_per_maker=self.demo_test_per_maker,
             corruptions=self.demo_corruptions,
             seed=self.demo_seed,
+            image_sizes=self.demo_image_sizes,
+            balance=self.demo_balance,
+            train_total=self.demo_train_total,
+            test_total=self.demo_test_total,
+            **options,
         )
         return str(folder)
 
