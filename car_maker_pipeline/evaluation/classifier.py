@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
+from car_maker_pipeline.evaluation.decoding import AnswerTrie, decode
+from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, image_token_count
 from car_maker_pipeline.model_inputs.images import model_ready
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 
@@ -65,36 +67,47 @@ def answer_token_ids(processor, prompt: PromptTemplate, makers: Sequence[str]) -
     return prompt_text, answers
 
 
-class _Trie:
-    def __init__(self, answers: dict[str, list[int]]):
-        self.children: dict[tuple[int, ...], set[int]] = {}
-        self.leaves: dict[tuple[int, ...], str] = {}
-        for maker, ids in answers.items():
-            for depth in range(len(ids)):
-                self.children.setdefault(tuple(ids[:depth]), set()).add(ids[depth])
-            self.leaves[tuple(ids)] = maker
-        self.depth = max(len(ids) for ids in answers.values())
+@dataclass
+class ThroughputStats:
+    """What the evaluator computed, to see waste: prompt tokens real vs. padded, passes, image tokens."""
 
+    images: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    image_passes: int = 0  # per image, the forward passes its batch ran, summed
+    image_tokens: list[int] = field(default_factory=list)
 
-class _TrieConstraint(LogitsProcessor):
-    """Masks every token that does not continue some maker's answer; finished rows emit padding."""
+    def add_batch(self, real_tokens: int, padded_tokens: int, forward_passes: int, image_tokens: list[int]) -> None:
+        self.images += len(image_tokens)
+        self.real_tokens += real_tokens
+        self.padded_tokens += padded_tokens
+        self.image_passes += forward_passes * len(image_tokens)
+        self.image_tokens.extend(image_tokens)
 
-    def __init__(self, trie: _Trie, prompt_length: int, pad_id: int):
-        self.trie, self.prompt_length, self.pad_id = trie, prompt_length, pad_id
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        mask = torch.full_like(scores, float("-inf"))
-        for row, ids in enumerate(input_ids[:, self.prompt_length :].tolist()):
-            allowed = self.trie.children.get(tuple(ids))
-            mask[row, list(allowed) if allowed else [self.pad_id]] = 0.0
-        return scores + mask
+    def summary(self) -> dict[str, float]:
+        tokens = np.asarray(self.image_tokens or [0])
+        return {
+            "image_tokens_mean": float(tokens.mean()),
+            "image_tokens_p95": float(np.percentile(tokens, 95)),
+            "prompt_tokens_real": float(self.real_tokens),
+            "prompt_tokens_computed": float(self.padded_tokens),
+            "padded_to_real_tokens": self.padded_tokens / self.real_tokens if self.real_tokens else float("nan"),
+            "forward_passes_per_image": self.image_passes / self.images if self.images else float("nan"),
+        }
 
 
 class MakerClassifier:
     """Constrained, batched maker classification with one model and one prompt."""
 
     def __init__(
-        self, model, processor, makers: Sequence[str], prompt: PromptTemplate | None = None, batch_size: int = 16
+        self,
+        model,
+        processor,
+        makers: Sequence[str],
+        prompt: PromptTemplate | None = None,
+        batch_size: int = 16,
+        budget: ImageTokenBudget | None = None,
+        sort_window: int = 8,
     ):
         if not makers:
             raise ClassifierError("The maker list is empty; there is nothing to classify into.")
@@ -114,7 +127,11 @@ class MakerClassifier:
                 f"({getattr(model.config, 'image_token_id', None)}); the processor does not belong to this model."
             )
         self.prompt_text, self.answers = answer_token_ids(processor, self.prompt, self.makers)
-        self.trie = _Trie(self.answers)
+        self.trie = AnswerTrie(self.answers)
+        # The budget in force (the processor's own settings where the budget leaves them unset).
+        self.budget = (budget or ImageTokenBudget()).apply(processor)
+        self.sort_window = max(1, sort_window)
+        self.stats = ThroughputStats()
         self.end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         self.pad_id = (
             tokenizer.pad_token_id
@@ -128,9 +145,16 @@ class MakerClassifier:
     def prompt_hash(self) -> str:
         return self.prompt.fingerprint(self.makers)
 
-    @torch.inference_mode()
+    def image_tokens(self, image) -> int:
+        """Image tokens this classifier's processor makes of a model-ready picture (no pixels touched)."""
+        return image_token_count(self.processor.image_processor, *image.size)
+
     def classify_batch(self, images: Sequence) -> list[Prediction]:
-        images = [model_ready(image) for image in images]
+        """One batch, in the order given (no sorting): `classify` is the one to call for many images."""
+        return self._run_batch([model_ready(image) for image in images])
+
+    @torch.inference_mode()
+    def _run_batch(self, images: Sequence) -> list[Prediction]:
         inputs = self.processor(
             images=[[image] for image in images],
             text=[self.prompt_text] * len(images),
@@ -139,39 +163,33 @@ class MakerClassifier:
         ).to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        prompt_length = inputs["input_ids"].shape[1]
-        out = self.model.generate(
-            **inputs,
-            max_new_tokens=self.trie.depth,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([_TrieConstraint(self.trie, prompt_length, self.pad_id)]),
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.end_id,  # finished rows are padded; the batch stops when every row has answered
+        decoded = decode(self.model, dict(inputs), self.trie, self.pad_id)
+        mask = inputs["attention_mask"]
+        self.stats.add_batch(
+            real_tokens=int(mask.sum()),
+            padded_tokens=int(mask.numel()),
+            forward_passes=decoded.forward_passes,
+            image_tokens=[self.image_tokens(image) for image in images],
         )
-        generated = out.sequences[:, prompt_length:]
-        step_logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.scores], dim=1)
-        predictions = []
-        for row, ids in enumerate(generated.tolist()):
-            answer = self._leaf(ids)
-            length = len(self.answers[answer])
-            chosen = step_logprobs[row, torch.arange(length), generated[row, :length]]
-            predictions.append(Prediction(answer, float(chosen.sum().exp())))
-        return predictions
-
-    def _leaf(self, ids: list[int]) -> str:
-        for depth in range(1, len(ids) + 1):
-            maker = self.trie.leaves.get(tuple(ids[:depth]))
-            if maker is not None:
-                return maker
-        raise ClassifierError(f"Constrained decoding produced no complete maker answer: {ids}")  # cannot happen
+        return [Prediction(maker, score) for maker, score in zip(decoded.makers, decoded.scores)]
 
     def classify(self, images: Iterable) -> list[Prediction]:
-        images = list(images)
-        predictions: list[Prediction] = []
-        for start in range(0, len(images), self.batch_size):
-            predictions.extend(self.classify_batch(images[start : start + self.batch_size]))
+        """Predictions in input order; batches are formed from pictures of similar token cost.
+
+        A left-padded batch computes every row at the length of its longest, so pictures are sorted
+        by image tokens (computed from their size) within windows of `sort_window` batches, which
+        bounds how many decoded pictures are held at once, and the answers are put back in order.
+        """
+        images = [model_ready(image) for image in images]
+        predictions: list[Prediction | None] = [None] * len(images)
+        window = self.batch_size * self.sort_window
+        for start in range(0, len(images), window):
+            indices = range(start, min(start + window, len(images)))
+            ordered = sorted(indices, key=lambda i: (self.image_tokens(images[i]), i))
+            for offset in range(0, len(ordered), self.batch_size):
+                chunk = ordered[offset : offset + self.batch_size]
+                for index, prediction in zip(chunk, self._run_batch([images[i] for i in chunk])):
+                    predictions[index] = prediction
         return predictions
 
 
@@ -179,6 +197,7 @@ class MakerClassifier:
 class EvaluationRun:
     predictions: pd.DataFrame  # index, true_maker, predicted_maker, score
     seconds: float
+    throughput: dict[str, float] = field(default_factory=dict)  # ThroughputStats.summary() of the timed pass
 
     @property
     def images_per_second(self) -> float:
@@ -186,7 +205,11 @@ class EvaluationRun:
 
 
 def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = None) -> EvaluationRun:
-    """Classify every image of a maker-dataset split (or the first `max_images`)."""
+    """Classify every image of a maker-dataset split (or the first `max_images`).
+
+    Rows are read one sorting window at a time (`classify` sorts within it), so at most
+    `batch_size x sort_window` decoded pictures are held in memory, whatever the split's size.
+    """
     if split.num_rows == 0:
         raise ClassifierError(
             "The split to evaluate is empty; materialize car_maker_dataset with a non-empty test split."
@@ -196,11 +219,13 @@ def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = 
     # One untimed batch first: the first forward pass pays one-off kernel and allocator set-up,
     # which would otherwise dominate images/s on a small split.
     classifier.classify_batch(split.select(range(min(classifier.batch_size, split.num_rows)))["image"])
+    classifier.stats = ThroughputStats()
     started = time.perf_counter()
     rows = []
-    for start in range(0, split.num_rows, classifier.batch_size):
-        batch = split[start : start + classifier.batch_size]
-        for offset, (maker, prediction) in enumerate(zip(batch["maker"], classifier.classify_batch(batch["image"]))):
+    window = classifier.batch_size * classifier.sort_window
+    for start in range(0, split.num_rows, window):
+        part = split[start : start + window]
+        for offset, (maker, prediction) in enumerate(zip(part["maker"], classifier.classify(part["image"]))):
             rows.append(
                 {
                     "index": start + offset,
@@ -209,4 +234,5 @@ def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = 
                     "score": prediction.score,
                 }
             )
-    return EvaluationRun(pd.DataFrame(rows), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return EvaluationRun(pd.DataFrame(rows), seconds, classifier.stats.summary())

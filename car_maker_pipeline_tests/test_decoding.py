@@ -1,0 +1,158 @@
+"""Decoding that skips forced answer tokens, cost-sorted batching, and the image-token budget.
+
+| case                                              | expected                                                   |
+|---------------------------------------------------|------------------------------------------------------------|
+| demo makers (first token decides)                 | same makers and scores as `generate`; 1 forward pass        |
+| makers sharing prefixes (branch after 1st token)  | same as `generate`; passes <= trie branching depth, some > 1 |
+| mixed picture sizes through `classify`            | input order kept; answers equal one-at-a-time              |
+| sorting vs. no sorting on a mixed-size list       | fewer padded tokens with sorting                           |
+| token count from size vs. the processor           | equal for random sizes, tiny and real processors           |
+| budget min > max, max < 1                          | ImageTokenBudgetError naming the setting                   |
+| budget applied                                    | the processor makes fewer tokens; the budget in force known |
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor, LogitsProcessor, LogitsProcessorList
+
+from car_maker_pipeline.evaluation.classifier import MakerClassifier
+from car_maker_pipeline.evaluation.decoding import AnswerTrie, decode
+from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, ImageTokenBudgetError, image_token_count
+from car_maker_pipeline.offline.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, build_processor, build_tokenizer
+
+DEMO_MAKERS = ["AM General", "Aston Martin", "BMW", "Land Rover", "Mercedes-Benz", "Rolls-Royce"]
+# Names sharing their first tokens, so the answer branches again after the first choice.
+SHARED_PREFIX_MAKERS = ["Aston Martin", "Aston Martinez", "Land Rover", "Land Rovers", "Land Cruiser", "BMW"]
+SIZES = [(128, 96), (64, 48), (200, 90), (96, 128), (40, 40), (160, 120), (90, 200), (128, 64)]
+
+
+class _TrieMask(LogitsProcessor):
+    """The reference: `generate` with every token outside the trie masked (one pass per answer token)."""
+
+    def __init__(self, trie: AnswerTrie, prompt_length: int, pad_id: int):
+        self.trie, self.prompt_length, self.pad_id = trie, prompt_length, pad_id
+
+    def __call__(self, input_ids, scores):
+        mask = torch.full_like(scores, float("-inf"))
+        for row, ids in enumerate(input_ids[:, self.prompt_length :].tolist()):
+            mask[row, self.trie.children.get(tuple(ids)) or [self.pad_id]] = 0.0
+        return scores + mask
+
+
+def _reference(classifier: MakerClassifier, inputs) -> tuple[list[str], list[float]]:
+    length = inputs["input_ids"].shape[1]
+    out = classifier.model.generate(
+        **inputs,
+        max_new_tokens=classifier.trie.depth,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([_TrieMask(classifier.trie, length, classifier.pad_id)]),
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=classifier.pad_id,
+        eos_token_id=classifier.end_id,
+    )
+    generated = out.sequences[:, length:]
+    logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.scores], dim=1)
+    makers, scores = [], []
+    for row, ids in enumerate(generated.tolist()):
+        maker = next(
+            classifier.trie.leaves[tuple(ids[:d])]
+            for d in range(1, len(ids) + 1)
+            if tuple(ids[:d]) in classifier.trie.leaves
+        )
+        n = len(classifier.answers[maker])
+        makers.append(maker)
+        scores.append(float(logprobs[row, torch.arange(n), generated[row, :n]].sum().exp()))
+    return makers, scores
+
+
+def _images(maker_dataset, count=8):
+    pictures = maker_dataset.load()["test"].select(range(count))["image"]
+    return [picture.convert("RGB").resize(size) for picture, size in zip(pictures, SIZES)]
+
+
+@pytest.mark.parametrize("makers", [DEMO_MAKERS, SHARED_PREFIX_MAKERS], ids=["demo", "shared-prefixes"])
+def test_decode_equals_generate_with_fewer_passes(tiny_model, maker_dataset, makers):
+    classifier = MakerClassifier(tiny_model.model, tiny_model.processor, makers, batch_size=8)
+    images = _images(maker_dataset)
+    inputs = dict(
+        tiny_model.processor(
+            images=[[i] for i in images], text=[classifier.prompt_text] * 8, padding=True, return_tensors="pt"
+        )
+    )
+    decoded = decode(tiny_model.model, inputs, classifier.trie, classifier.pad_id)
+    makers_ref, scores_ref = _reference(classifier, inputs)
+    assert decoded.makers == makers_ref
+    assert decoded.scores == pytest.approx(scores_ref, abs=1e-4)
+    assert 1 <= decoded.forward_passes <= 1 + classifier.trie.branching_depth()
+    if makers is DEMO_MAKERS:
+        assert classifier.trie.branching_depth() == 1 and decoded.forward_passes == 1
+    else:
+        assert classifier.trie.branching_depth() >= 2
+
+
+def test_forced_branch_really_runs_a_second_pass(tiny_model):
+    classifier = MakerClassifier(tiny_model.model, tiny_model.processor, SHARED_PREFIX_MAKERS, batch_size=4)
+    pictures = [Image.new("RGB", (128, 96), color) for color in ("red", "green", "blue", "white")]
+    classifier.classify(pictures)
+    assert classifier.stats.summary()["forward_passes_per_image"] > 1
+
+
+def test_classify_keeps_input_order_and_wastes_less(tiny_model, maker_dataset):
+    images = _images(maker_dataset) * 2
+    sorted_classifier = MakerClassifier(tiny_model.model, tiny_model.processor, DEMO_MAKERS, batch_size=4)
+    predictions = sorted_classifier.classify(images)
+    single = [sorted_classifier.classify_batch([image])[0] for image in images]
+    assert [p.maker for p in predictions] == [p.maker for p in single]
+    assert [p.score for p in predictions] == pytest.approx([p.score for p in single], abs=1e-4)
+
+    unsorted = MakerClassifier(tiny_model.model, tiny_model.processor, DEMO_MAKERS, batch_size=4, sort_window=1)
+    unsorted.classify(images)
+    with_sorting = MakerClassifier(tiny_model.model, tiny_model.processor, DEMO_MAKERS, batch_size=4, sort_window=8)
+    with_sorting.classify(images)
+    assert with_sorting.stats.real_tokens == unsorted.stats.real_tokens
+    assert with_sorting.stats.padded_tokens < unsorted.stats.padded_tokens
+    assert with_sorting.stats.summary()["padded_to_real_tokens"] == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "real"])
+def test_token_count_from_size_equals_the_processor(kind):
+    tokenizer = build_tokenizer()
+    processor = (
+        build_processor()
+        if kind == "tiny"
+        else Lfm2VlProcessor(image_processor=Lfm2VlImageProcessor(), tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    )
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    rng = np.random.default_rng(7)
+    for _ in range(25):
+        width, height = int(rng.integers(20, 4500)), int(rng.integers(20, 2500))
+        if max(width, height) > 8 * min(width, height):
+            continue
+        encoded = processor(images=[[Image.new("RGB", (width, height))]], text=[IMAGE_TOKEN], return_tensors="pt")
+        assert image_token_count(processor.image_processor, width, height) == int(
+            (encoded["input_ids"] == image_id).sum()
+        )
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"min_image_tokens": 300, "max_image_tokens": 100}, "min_image_tokens"), ({"max_image_tokens": 0}, "at least 1")],
+)
+def test_bad_budgets_are_refused(settings, message):
+    with pytest.raises(ImageTokenBudgetError, match=message):
+        ImageTokenBudget(**settings)
+
+
+def test_budget_bounds_the_tokens_of_a_large_photo():
+    processor = Lfm2VlProcessor(
+        image_processor=Lfm2VlImageProcessor(), tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE
+    )
+    before = image_token_count(processor.image_processor, 1600, 1200)
+    in_force = ImageTokenBudget(max_image_tokens=64, do_image_splitting=False).apply(processor)
+    assert in_force == ImageTokenBudget(min_image_tokens=64, max_image_tokens=64, do_image_splitting=False)
+    assert before == 1770 and image_token_count(processor.image_processor, 1600, 1200) <= 64
