@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor, LogitsProcessor, LogitsProcessorList
+from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor
 
 from car_maker_pipeline.evaluation.classifier import MakerClassifier
-from car_maker_pipeline.evaluation.decoding import AnswerTrie, decode
+from car_maker_pipeline.evaluation.decoding import decode
+from car_maker_pipeline.evaluation.reference import generate_decode
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, ImageTokenBudgetError, image_token_count
 from car_maker_pipeline.offline.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, build_processor, build_tokenizer
 
@@ -30,44 +30,9 @@ SHARED_PREFIX_MAKERS = ["Aston Martin", "Aston Martinez", "Land Rover", "Land Ro
 SIZES = [(128, 96), (64, 48), (200, 90), (96, 128), (40, 40), (160, 120), (90, 200), (128, 64)]
 
 
-class _TrieMask(LogitsProcessor):
-    """The reference: `generate` with every token outside the trie masked (one pass per answer token)."""
-
-    def __init__(self, trie: AnswerTrie, prompt_length: int, pad_id: int):
-        self.trie, self.prompt_length, self.pad_id = trie, prompt_length, pad_id
-
-    def __call__(self, input_ids, scores):
-        mask = torch.full_like(scores, float("-inf"))
-        for row, ids in enumerate(input_ids[:, self.prompt_length :].tolist()):
-            mask[row, self.trie.children.get(tuple(ids)) or [self.pad_id]] = 0.0
-        return scores + mask
-
-
 def _reference(classifier: MakerClassifier, inputs) -> tuple[list[str], list[float]]:
-    length = inputs["input_ids"].shape[1]
-    out = classifier.model.generate(
-        **inputs,
-        max_new_tokens=classifier.trie.depth,
-        do_sample=False,
-        logits_processor=LogitsProcessorList([_TrieMask(classifier.trie, length, classifier.pad_id)]),
-        output_scores=True,
-        return_dict_in_generate=True,
-        pad_token_id=classifier.pad_id,
-        eos_token_id=classifier.end_id,
-    )
-    generated = out.sequences[:, length:]
-    logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.scores], dim=1)
-    makers, scores = [], []
-    for row, ids in enumerate(generated.tolist()):
-        maker = next(
-            classifier.trie.leaves[tuple(ids[:d])]
-            for d in range(1, len(ids) + 1)
-            if tuple(ids[:d]) in classifier.trie.leaves
-        )
-        n = len(classifier.answers[maker])
-        makers.append(maker)
-        scores.append(float(logprobs[row, torch.arange(n), generated[row, :n]].sum().exp()))
-    return makers, scores
+    decoded = generate_decode(classifier.model, inputs, classifier.trie, classifier.pad_id, classifier.end_id)
+    return decoded.makers, decoded.scores
 
 
 def _images(maker_dataset, count=8):
