@@ -109,16 +109,23 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def cached_maker_dataset(work: Path, prefix: str, train_per_maker: int, test_per_maker: int):
+def cached_maker_dataset(work: Path, prefix: str, train_per_maker: int, test_per_maker: int, image_sizes: str = "demo"):
     """A demo source (6 makers, no corruptions) and its maker dataset, built once under `work` and reused."""
     from car_maker_pipeline.data.maker_dataset import build_maker_dataset, load_stored_maker_dataset
     from car_maker_pipeline.data.source import materialize_raw
     from car_maker_pipeline.offline.demo_source import MARKER_FILE, generate_demo_source
 
-    source = work / f"{prefix}-source-train{train_per_maker}-test{test_per_maker}-seed0"
+    sizes = "" if image_sizes == "demo" else f"-{image_sizes}"
+    source = work / f"{prefix}-source-train{train_per_maker}-test{test_per_maker}-seed0{sizes}"
     if not (source / MARKER_FILE).exists():
-        generate_demo_source(source, train_per_maker=train_per_maker, test_per_maker=test_per_maker, corruptions=())
-    out = work / f"{prefix}-maker-dataset-train{train_per_maker}-test{test_per_maker}"
+        generate_demo_source(
+            source,
+            train_per_maker=train_per_maker,
+            test_per_maker=test_per_maker,
+            corruptions=(),
+            image_sizes=image_sizes,
+        )
+    out = work / f"{prefix}-maker-dataset-train{train_per_maker}-test{test_per_maker}{sizes}"
     record = load_stored_maker_dataset(out)
     if record is None:
         record = build_maker_dataset(materialize_raw(str(source), work / "home").load(), out)

@@ -4,6 +4,8 @@
     python bench/bench_evaluator.py --small            # 64 images, 2 repetitions, one 20-step LoRA run
     python bench/bench_evaluator.py --adapter PATH     # also evaluate this PEFT adapter dir on top of tiny-s
     python bench/bench_evaluator.py --no-train         # skip the LoRA training run
+    python bench/bench_evaluator.py --sizes realistic --no-train     # photos sized like Stanford Cars'
+    python bench/bench_evaluator.py --model-shape 450m --sizes realistic   # LFM2-VL-450M shape, random weights
 
 What is measured
 ----------------
@@ -16,6 +18,9 @@ either method). Both methods use the same prompt (`PromptTemplate()`, the makers
 - ours   `MakerClassifier(model, processor, makers, batch_size=32).classify(images)`: left-padded
          batches of 32, decoding constrained to a trie of the makers' answer tokens, so it stops after
          the longest maker answer and every answer is a valid maker.
+- before the evaluator before forced-token skipping and cost-sorted batching (`evaluation/reference.py`):
+         the same trie through `model.generate` (one forward pass per answer token), batches of 32 in
+         input order. Same answers as ours by construction (checked: `same_answer_before`).
 - naive  the tutorial: one image at a time, chat template + processor, `model.generate(max_new_tokens=64,
          do_sample=False)` free text, decoded with `skip_special_tokens=True`; correct when
          `answer.strip().lower() == true_maker.lower()`; "invalid" when the stripped answer is not
@@ -28,6 +33,15 @@ on an oversubscribed core), which would measure the neighbours, not the evaluato
 Both get one untimed warm-up batch (32 images for ours, 32 single-image calls for naive) first. Each
 repetition then times both over the same images in alternating order; the headline ratio is the
 median over repetitions of (ours images/s) / (naive images/s), computed within each repetition.
+
+Sizes: `--sizes demo` draws every picture at 128x96; `--sizes realistic` uses the demo source's
+realistic size mixture (offline/population.py: thumbnails to 5,616 px, wide strips), where batches
+mix very different image-token counts. For ours and before the table reports prompt tokens computed
+over real (padded/real) and forward passes per image.
+
+Model shape: `--model-shape 450m` builds LFM2-VL-450M's real shape with random weights and LFM2-VL's
+real image processor (offline/real_shape.py): 70 to 2,273 image tokens per picture. It is slow on a
+CPU, so it defaults to 8 images, 1 repetition, batch 8 and no training.
 
 Adapters: a random-weight model is at chance for ours and never says a valid maker in free text, so
 the comparison is repeated on LoRA adapters: `--adapter PATH` (a PEFT adapter dir, loaded with
@@ -60,9 +74,12 @@ from _common import (  # noqa: E402
     save_results,
 )
 
-from car_maker_pipeline.evaluation.classifier import MakerClassifier  # noqa: E402
+from car_maker_pipeline.evaluation.classifier import MakerClassifier, ThroughputStats  # noqa: E402
+from car_maker_pipeline.evaluation.reference import generate_decode  # noqa: E402
+from car_maker_pipeline.model_inputs.images import model_ready  # noqa: E402
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate  # noqa: E402
 from car_maker_pipeline.models.loading import load_model_and_processor  # noqa: E402
+from car_maker_pipeline.offline.real_shape import build_real_shape_model  # noqa: E402
 from car_maker_pipeline.offline.tiny_models import build_tiny_model  # noqa: E402
 
 NAME = "bench_evaluator"
@@ -96,6 +113,32 @@ def load_with_adapter(model_dir: Path, adapter: Path):
 
 def run_ours(classifier: MakerClassifier, images: list) -> list[str]:
     return [p.maker for p in classifier.classify(images)]
+
+
+class PreviousEvaluator:
+    """The evaluator before this change: batches in input order, `generate` with the trie mask."""
+
+    def __init__(self, classifier: MakerClassifier):
+        self.classifier = classifier
+        self.stats = ThroughputStats()
+
+    @torch.inference_mode()
+    def run(self, images: list) -> list[str]:
+        c, answers = self.classifier, []
+        for start in range(0, len(images), c.batch_size):
+            batch = [model_ready(image) for image in images[start : start + c.batch_size]]
+            inputs = c.processor(
+                images=[[image] for image in batch],
+                text=[c.prompt_text] * len(batch),
+                padding=True,
+                return_tensors="pt",
+            )
+            decoded = generate_decode(c.model, dict(inputs), c.trie, c.pad_id, c.end_id)
+            mask = inputs["attention_mask"]
+            tokens = [c.image_tokens(image) for image in batch]
+            self.stats.add_batch(int(mask.sum()), int(mask.numel()), decoded.forward_passes, tokens)
+            answers.extend(decoded.makers)
+        return answers
 
 
 class NaiveFreeText:
@@ -133,22 +176,38 @@ def score(answers: list[str], truth: list[str], makers: list[str]) -> dict:
     return {"accuracy": correct / len(truth), "correct": correct, "invalid": invalid, "n": len(truth)}
 
 
-def compare(label: str, model, processor, makers: list[str], images: list, truth: list[str], repeats: int) -> dict:
-    """Warm up both, then time both `repeats` times in alternating order; accuracy from the last run."""
-    model.eval()
-    classifier = MakerClassifier(model, processor, makers, batch_size=BATCH_SIZE)
-    naive = NaiveFreeText(model, processor, makers)
-    warm = images[:BATCH_SIZE]
-    classifier.classify_batch(warm)
-    naive.run(warm)
+METHODS = ("ours", "before", "naive")
 
-    seconds: dict[str, list[float]] = {"ours": [], "naive": []}
+
+def compare(
+    label: str, model, processor, makers: list[str], images: list, truth: list[str], repeats: int, batch_size: int
+) -> dict:
+    """Warm up all three, then time them `repeats` times in rotating order; accuracy from the last run."""
+    model.eval()
+    classifier = MakerClassifier(model, processor, makers, batch_size=batch_size)
+    before = PreviousEvaluator(MakerClassifier(model, processor, makers, batch_size=batch_size))
+    naive = NaiveFreeText(model, processor, makers)
+    warm = images[: min(batch_size, 4)]
+    classifier.classify_batch(warm)
+    before.run(warm)
+    naive.run(warm[:1])
+    runners = {
+        "ours": lambda: run_ours(classifier, images),
+        "before": lambda: before.run(images),
+        "naive": lambda: naive.run(images),
+    }
+
+    seconds: dict[str, list[float]] = {name: [] for name in METHODS}
     answers: dict[str, list[str]] = {}
     tokens: list[float] = []
     for rep in range(repeats):
-        for name in ("ours", "naive") if rep % 2 == 0 else ("naive", "ours"):
+        for name in METHODS[rep % 3 :] + METHODS[: rep % 3]:
+            if name == "ours":
+                classifier.stats = ThroughputStats()
+            elif name == "before":
+                before.stats = ThroughputStats()
             t0 = time.perf_counter()
-            answers[name] = run_ours(classifier, images) if name == "ours" else naive.run(images)
+            answers[name] = runners[name]()
             seconds[name].append(time.perf_counter() - t0)
             if name == "naive":
                 tokens.append(sum(naive.generated_tokens) / len(images))
@@ -160,7 +219,12 @@ def compare(label: str, model, processor, makers: list[str], images: list, truth
     n = len(images)
     ips = {k: [n / s for s in v] for k, v in seconds.items()}
     ratios = [o / f for o, f in zip(ips["ours"], ips["naive"])]
+    ratios_before = [o / b for o, b in zip(ips["ours"], ips["before"])]
     result = {
+        "ratio_ours_over_before": ratios_before,
+        "median_ratio_before": median(ratios_before),
+        "throughput": {"ours": classifier.stats.summary(), "before": before.stats.summary()},
+        "same_answer_before": sum(o == b for o, b in zip(answers["ours"], answers["before"])) / n,
         "model": label,
         "images": n,
         "seconds": seconds,
@@ -254,7 +318,18 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads (default 1: on this shared 2-core machine 2 threads collapse "
         "20-50x as soon as another process competes for the cores; 0 = torch's default)",
     )
+    parser.add_argument("--sizes", choices=("demo", "realistic"), default="demo", help="picture sizes of the source")
+    parser.add_argument(
+        "--model-shape", choices=("tiny", "450m"), default="tiny", help="tiny-s, or LFM2-VL-450M's shape (random)"
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help=f"default {BATCH_SIZE}; 8 with --model-shape 450m")
     args = parser.parse_args(argv)
+    real_shape = args.model_shape == "450m"
+    batch_size = args.batch_size or (8 if real_shape else BATCH_SIZE)
+    if real_shape:  # minutes per image on a CPU: few images, no training
+        args.no_train = True
+        args.images = args.images or 8
+        args.repeats = args.repeats or 1
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     n_images = args.images or (64 if args.small else 200)
@@ -267,14 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     started_all = time.perf_counter()
     machine = machine_info()  # before the work starts: load average of the neighbours
 
-    record = cached_maker_dataset(work, "eval", TRAIN_PER_MAKER, TEST_PER_MAKER)
+    record = cached_maker_dataset(work, "eval", TRAIN_PER_MAKER, TEST_PER_MAKER, image_sizes=args.sizes)
     test = record.load()["test"]
     if test.num_rows < n_images:
         raise SystemExit(f"the test split has only {test.num_rows} images, fewer than --images {n_images}")
     part = test.select(range(n_images))
     images, truth = list(part["image"]), list(part["maker"])
     makers = list(record.makers)
-    model_dir = build_tiny_model(work / "tiny-s", "tiny-s")
+    if real_shape:
+        model_dir = build_real_shape_model(work / "lfm2-vl-450m-random", "450m")
+    else:
+        model_dir = build_tiny_model(work / "tiny-s", "tiny-s")
+    model_label = "LFM2-VL-450M shape (random weights)" if real_shape else "tiny-s (random weights)"
     print(
         f"{n_images} test images of {len(makers)} makers ({', '.join(makers)}); model {model_dir}; "
         f"torch threads {torch.get_num_threads()}"
@@ -282,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     model, processor = load_base(model_dir)
-    results.append(compare("tiny-s (random weights)", model, processor, makers, images, truth, repeats))
+    results.append(compare(model_label, model, processor, makers, images, truth, repeats, batch_size))
     del model
 
     adapters: list[tuple[str, Path]] = [(f"tiny-s + adapter {p}", p) for p in args.adapter]
@@ -305,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  skipped: {info['skipped']}")
     for label, path in adapters:
         model, processor = load_with_adapter(model_dir, path)
-        results.append(compare(label, model, processor, makers, images, truth, repeats))
+        results.append(compare(label, model, processor, makers, images, truth, repeats, batch_size))
         del model
 
     rows = [
@@ -343,6 +422,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     for r in results:
         print(f"  {r['model']}: naive answers e.g. {r['naive_answer_examples'][:3]}")
+    print("\nours vs. the evaluator before this change (same answers by construction):")
+    print(
+        format_table(
+            ["model", "ours images/s", "before images/s", "ratio ours/before", "same answer", "padded/real ours",
+             "padded/real before", "passes/image ours", "passes/image before", "image tokens mean", "p95"],
+            [
+                [
+                    r["model"],
+                    r["median_images_per_second"]["ours"],
+                    r["median_images_per_second"]["before"],
+                    r["median_ratio_before"],
+                    f"{r['same_answer_before']:.1%}",
+                    r["throughput"]["ours"]["padded_to_real_tokens"],
+                    r["throughput"]["before"]["padded_to_real_tokens"],
+                    r["throughput"]["ours"]["forward_passes_per_image"],
+                    r["throughput"]["before"]["forward_passes_per_image"],
+                    r["throughput"]["ours"]["image_tokens_mean"],
+                    r["throughput"]["ours"]["image_tokens_p95"],
+                ]
+                for r in results
+            ],
+        )
+    )  # fmt: skip
 
     save_results(
         args.out,
@@ -353,7 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         mode="small" if args.small else "full",
         torch_threads=torch.get_num_threads(),
         data={"maker_dataset": record.path, "makers": makers, "images": n_images, "split": "test (first N rows)"},
-        batch_size=BATCH_SIZE,
+        batch_size=batch_size,
+        sizes=args.sizes,
+        model_shape=args.model_shape,
         naive_max_new_tokens=MAX_NEW_TOKENS,
         repeats=repeats,
         training=training,
