@@ -1,0 +1,158 @@
+"""GPU readiness: our evaluator vs. the tutorial loop at LFM2-VL-450M's real shape, bf16, SDPA, on CUDA.
+
+    python bench/gpu_real_shape.py                         # 96 realistic-size pictures, batch 16
+    python bench/gpu_real_shape.py --images 256 --batch-size 32 --shape 1.6b
+    python bench/gpu_real_shape.py --device cpu --images 4 --batch-size 2   # a smoke run without a GPU
+
+Random weights at the published shape (offline/real_shape.py) with LFM2-VL's real image processor,
+so every picture costs what it would with the Hub checkpoint (70 to 2,273 image tokens). Pictures
+come from the demo renderer at the realistic size mixture (offline/population.py), made in memory:
+the script needs torch, transformers, tokenizers, pillow, numpy and pandas, not datasets, trl or
+dagster (so it runs on a bare GPU machine with this repository and those wheels).
+
+Reported per method: images/s, prompt tokens/s (real tokens, and computed including padding),
+the estimated bf16 FLOP rate and its share of the GPU's bf16 dense peak (`--peak-tflops`, default
+989, H100/H200 SXM), and which kernels ran: SDPA attention, and whether `causal_conv1d` (LFM2's
+short convolution; else transformers' slower reference path) and `flash_attn` were importable
+(`pip install 'car_maker_pipeline[gpu]'` installs them). The FLOP estimate is 2 x parameters x
+tokens for the language model (tokens computed, padding included) plus 2 x vision parameters x
+1,024 patches per tile (LFM2-VL pads every tile to 1,024 patches); attention's quadratic term is
+left out, so the share is a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from car_maker_pipeline.evaluation.classifier import MakerClassifier, ThroughputStats  # noqa: E402
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate  # noqa: E402
+from car_maker_pipeline.models.loading import load_model_and_processor  # noqa: E402
+from car_maker_pipeline.offline.demo_source import DEMO_MAKERS  # noqa: E402
+from car_maker_pipeline.offline.population import drawing_size, realistic_image_size  # noqa: E402
+from car_maker_pipeline.offline.real_shape import build_real_shape_model  # noqa: E402
+from car_maker_pipeline.offline.rendering import classes_by_maker, render_car  # noqa: E402
+
+
+def pictures(count: int, seed: int = 0) -> list:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for index in range(count):
+        maker = DEMO_MAKERS[index % len(DEMO_MAKERS)]
+        _, name = classes_by_maker()[maker][0]
+        size = realistic_image_size(rng)
+        out.append(render_car(maker, name, rng, drawing_size(size)).resize(size, Image.Resampling.BILINEAR))
+    return out
+
+
+def tutorial_loop(model, processor, makers: list[str], images: list) -> int:
+    """One picture at a time, free-text greedy generation of up to 64 tokens; returns prompt tokens."""
+    text = processor.apply_chat_template(PromptTemplate().messages(makers), add_generation_prompt=True, tokenize=False)
+    tokens = 0
+    with torch.inference_mode():
+        for image in images:
+            inputs = processor(images=[[image.convert("RGB")]], text=[text], return_tensors="pt").to(model.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            tokens += int(inputs["input_ids"].numel())
+            model.generate(**inputs, max_new_tokens=64, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    return tokens
+
+
+def tiles_of(processor, images: list) -> int:
+    return sum(int(processor.image_processor(images=[[im.convert("RGB")]])["pixel_values"].shape[0]) for im in images)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="450m", choices=("450m", "1.6b", "3b"))
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--tutorial-images", type=int, default=16, help="the tutorial loop is slow: fewer pictures")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/car_maker_gpu_bench"))
+    args = parser.parse_args(argv)
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+
+    kernels = {
+        "attention": "sdpa",
+        "causal_conv1d": importlib.util.find_spec("causal_conv1d") is not None,
+        "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+    }
+    model_dir = build_real_shape_model(args.work / f"lfm2-vl-{args.shape}-random", args.shape)
+    loaded = load_model_and_processor(str(model_dir), device=args.device, dtype=dtype)
+    model, processor = loaded.model, loaded.processor
+    kernels["attention"] = getattr(model.config, "_attn_implementation", "sdpa")
+    vision = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
+    language = sum(
+        p.numel() for n, p in model.named_parameters() if "vision_tower" not in n and "embed_tokens" not in n
+    )
+    makers = list(DEMO_MAKERS)
+    images = pictures(args.images)
+    print(
+        f"{args.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters on {args.device} ({dtype})"
+    )
+    print(f"kernels: {kernels}")
+
+    classifier = MakerClassifier(model, processor, makers, batch_size=args.batch_size)
+    classifier.classify(images[: args.batch_size])  # warm-up: kernels, allocator
+    classifier.stats = ThroughputStats()
+    synchronize(args.device)
+    started = time.perf_counter()
+    classifier.classify(images)
+    synchronize(args.device)
+    ours_seconds = time.perf_counter() - started
+    stats = classifier.stats
+    vision_flops = 2 * vision * 1024 * tiles_of(processor, images)
+
+    subset = images[: args.tutorial_images]
+    tutorial_loop(model, processor, makers, subset[:1])  # warm-up
+    synchronize(args.device)
+    started = time.perf_counter()
+    tutorial_tokens = tutorial_loop(model, processor, makers, subset)
+    synchronize(args.device)
+    tutorial_seconds = time.perf_counter() - started
+
+    def row(name, n, seconds, real, computed, flops):
+        tflops = flops / seconds / 1e12
+        share = tflops / args.peak_tflops if args.device.startswith("cuda") else float("nan")
+        print(
+            f"| {name:<9} | {n:>6} | {n / seconds:>9.2f} | {real / seconds:>13.0f} | {computed / seconds:>16.0f} "
+            f"| {tflops:>9.1f} | {share:>8.1%} |"
+        )
+        return {
+            "images": n,
+            "seconds": seconds,
+            "images_per_second": n / seconds,
+            "tflops": tflops,
+            "share_of_peak": share,
+        }
+
+    print("| method    | images | images/s | real tokens/s | computed tokens/s | TFLOP/s | of peak |")
+    print("|-----------|--------|----------|---------------|-------------------|---------|---------|")
+    ours = row("ours", len(images), ours_seconds, stats.real_tokens, stats.padded_tokens,
+               2 * language * stats.padded_tokens + vision_flops)  # fmt: skip
+    tutorial_vision = 2 * vision * 1024 * tiles_of(processor, subset)
+    tutorial = row("tutorial", len(subset), tutorial_seconds, tutorial_tokens, tutorial_tokens,
+                   2 * language * tutorial_tokens + tutorial_vision)  # fmt: skip
+    print(f"ratio ours/tutorial images/s: {ours['images_per_second'] / tutorial['images_per_second']:.1f}x")
+    print(f"evaluator: {stats.summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
