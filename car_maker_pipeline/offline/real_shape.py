@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from car_maker_pipeline.offline.tokenizer import BOS_TOKEN, CHAT_TEMPLATE, IM_END_TOKEN, IMAGE_TOKEN, PAD_TOKEN
-from car_maker_pipeline.storage import remove_stale_temporaries, temporary_prefix
+from car_maker_pipeline.storage import atomic_directory
 
 # Published shapes (LFM2 language models behind each LFM2-VL size, SigLIP2 NaFlex vision towers).
 REAL_SHAPES: dict[str, dict] = {
@@ -89,10 +87,7 @@ def build_real_shape_model(out_dir: str | os.PathLike, shape: str = "450m", seed
     out = Path(out_dir)
     if (out / MARKER_FILE).exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out.name), dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         tokenizer = build_tokenizer()
         # The image processor's defaults are LFM2-VL's own (tiles, thumbnail, 64..256 tokens per tile).
         processor = Lfm2VlProcessor(
@@ -105,10 +100,4 @@ def build_real_shape_model(out_dir: str | os.PathLike, shape: str = "450m", seed
         processor.save_pretrained(tmp)
         parameters = sum(p.numel() for p in model.parameters())
         (tmp / MARKER_FILE).write_text(json.dumps({"shape": shape, "seed": seed, "parameters": parameters}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
