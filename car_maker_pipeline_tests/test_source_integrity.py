@@ -15,6 +15,7 @@ fail clearly and leave nothing behind.
 | parquet of 0 bytes / only "PAR1" / cut in half / middle cut out / a JPEG named .parquet | SourceError naming split, file, damage and fix; nothing stored | test_damaged_parquet_names_split_file_and_fix |
 | labels: unknown class-name strings / fractional floats / NaN / booleans | SourceError naming split, file and the bad values  | test_bad_label_values_name_split_file_and_values |
 | labels: known class-name strings / whole floats              | read as the class ids they name                            | test_class_name_strings_and_whole_floats_are_read_as_ids |
+| card pattern matching no file / a CSV among the data files / a file in two splits / an image stored as a path outside the folder / shards of a split with different columns | SourceError saying which and what to do; nothing stored | test_layouts_that_cannot_be_read_whole_are_refused_clearly |
 | through Dagster: a damaged file                              | the step fails with SourceError naming split and file      | test_raw_asset_failure_names_the_damaged_file |
 | disk full while saving a split / writing the completion mark | OSError ENOSPC naming the folder; no temporary left; rerun stores whole | test_disk_full_leaves_no_temporary_and_the_rerun_succeeds |
 | disk full and the cleanup fails too                          | the next successful run in the same process removes it     | test_a_temporary_that_could_not_be_removed_goes_with_the_next_run |
@@ -274,6 +275,59 @@ def test_raw_asset_failure_names_the_damaged_file(tmp_path):
     error = failure.step_failure_data.error
     assert error.cause.cls_name == "SourceError" and "DatasetGenerationError" not in error.to_string()
     assert f"Split 'train', file {split_path(folder, 'train')}" in error.cause.message
+
+
+def _card_naming(folder: Path, patterns: dict[str, str]) -> None:
+    data_files = "".join(f"    - split: {split}\n      path: {path}\n" for split, path in patterns.items())
+    (folder / "README.md").write_text(f"---\nconfigs:\n  - config_name: default\n    data_files:\n{data_files}---\n")
+
+
+@pytest.mark.parametrize(
+    ("layout", "says"),
+    [
+        (
+            "pattern_matches_nothing",
+            r"No parquet file of source .* matches split 'test' \(patterns \['data/tset-\*'\]\)",
+        ),
+        (
+            "csv_data_file",
+            r"Split 'train' of source .* has data files that are not parquet: \['data/train-extra.csv'\]",
+        ),
+        (
+            "file_in_two_splits",
+            r"data/test-00000-of-00001.parquet in source .* matches both split 'test' and split 'all'",
+        ),
+        ("image_as_a_path_only", r"1 image\(s\) stored as a file path without their bytes"),
+        ("shards_with_other_columns", r"The files of split 'train' of source .* disagree on their columns"),
+    ],
+)
+def test_layouts_that_cannot_be_read_whole_are_refused_clearly(tmp_path, layout, says):
+    folder = make_source(tmp_path / "stanford_cars", seed=1)
+    if layout == "pattern_matches_nothing":
+        _card_naming(folder, {"train": "data/train-*", "test": "data/tset-*"})
+    elif layout == "csv_data_file":
+        (folder / "data" / "train-extra.csv").write_text("image,label\n")
+        _card_naming(folder, {"train": "data/train-*", "test": "data/test-*"})
+    elif layout == "file_in_two_splits":
+        _card_naming(folder, {"train": "data/train-*", "test": "data/test-*", "all": "data/*"})
+    elif layout == "image_as_a_path_only":
+        outside = tmp_path / "outside.png"
+        outside.write_bytes(photo(5))
+        table = pq.read_table(split_path(folder, "test"))
+        cells = table["image"].to_pylist()
+        cells[1] = {"bytes": None, "path": str(outside)}
+        pq.write_table(
+            table.set_column(0, "image", pa.array(cells, table.schema.field("image").type)), split_path(folder, "test")
+        )
+    else:
+        write_parquet(split_path(folder, "train", 0, 2), [photo(7)], [AUDI], NAMES)
+        table = pq.read_table(split_path(folder, "train")).append_column("extra", pa.array(["x"] * 4))
+        pq.write_table(table, split_path(folder, "train", 1, 2))
+        split_path(folder, "train").unlink()
+    home = tmp_path / "home"
+    with pytest.raises(SourceError, match=says):
+        materialize_raw(str(folder), home)
+    assert not temporaries(home) and not list(home.rglob("_SOURCE_COMPLETE.json"))
 
 
 # ---------------------------------------------------------------------------------------------- full disk

@@ -187,7 +187,10 @@ def _label_ids(column: pa.ChunkedArray, names: list[str], where: str) -> pa.Arra
     """The label column as int64 ids of the file's own class names: from ids, whole floats or class names."""
     kind = column.type
     if pa.types.is_integer(kind):
-        return column.cast(pa.int64())
+        try:
+            return column.cast(pa.int64())
+        except pa.ArrowInvalid as error:  # an unsigned id beyond int64
+            raise SourceError(f"{where} has label ids no class list can hold ({error}).") from error
     if pa.types.is_floating(kind):
         values = column.to_numpy().astype(float)  # nulls read as NaN
         valid = column.is_valid().to_numpy()
@@ -263,7 +266,11 @@ def _assemble(split: str, staged: list[_Staged], label: datasets.ClassLabel, sou
             )
         features = own
         tables.append(table.set_column(table.column_names.index("label"), "label", ids).cast(own.arrow_schema))
-    return datasets.Dataset(InMemoryTable(pa.concat_tables(tables)), info=datasets.DatasetInfo(features=features))
+    return datasets.Dataset(
+        InMemoryTable(pa.concat_tables(tables)),
+        info=datasets.DatasetInfo(features=features),
+        split=datasets.NamedSplit(split),
+    )
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,9 @@ class MakerDataset:
         heading = f"{self.dropped_total} row(s) dropped" + (
             f"; the first {shown} shown" if shown < self.dropped_total else ""
         )
-        table = pd.DataFrame(self.dropped_rows, columns=["split", "index", "reason", "detail"]).to_markdown(index=False)
+        frame = pd.DataFrame(self.dropped_rows, columns=["split", "index", "reason", "detail"])
+        frame["detail"] = frame["detail"].str.replace("|", "\\|")  # a pipe would end the markdown cell
+        table = frame.to_markdown(index=False)
         return f"{heading} (all in {Path(self.path) / DROPPED_ROWS_FILE}):\n\n{table}"
 
 
