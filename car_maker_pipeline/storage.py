@@ -8,6 +8,7 @@ half-written folder that a reader would trust.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -35,6 +36,11 @@ def _pid_alive(pid: int) -> bool:
 # the volume has its own), so only this host's leftovers are ever removed.
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)@(?P<host>.*)@")
 
+# This process's own temporaries whose removal failed after a failed write (a disk so full that even
+# deleting fails, as on copy-on-write filesystems): no write of ours is using them any more, so the
+# next write beside them removes them, although their pid (ours) is alive.
+_ABANDONED: set[Path] = set()
+
 
 def temporary_prefix(name: str) -> str:
     """The prefix of every temporary file or folder written next to `name` before its rename."""
@@ -57,12 +63,14 @@ def remove_stale_temporaries(parent: Path) -> list[Path]:
         if not match or match["host"] != host:
             continue
         pid = int(match["pid"])
-        if pid != os.getpid() and not _pid_alive(pid):
+        if leftover in _ABANDONED or (pid != os.getpid() and not _pid_alive(pid)):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
-            removed.append(leftover)
+            if not leftover.exists():
+                _ABANDONED.discard(leftover)
+                removed.append(leftover)
     return removed
 
 
@@ -85,9 +93,24 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def _no_space_hint(error: OSError, final: Path) -> OSError:
+    """ENOSPC/EDQUOT with what was being written and what to do; other errors unchanged."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    return OSError(
+        error.errno,
+        f"{os.strerror(error.errno)} while writing {final} (the partial copy was removed). Free space on that "
+        "disk, or point CAR_MAKER_HOME at a larger one, then materialize again",
+    )
+
+
 @contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it is renamed to `final` (replacing it)."""
+    """Yield a temporary sibling folder; on success it is renamed to `final` (replacing it).
+
+    On any failure (a full disk included) the temporary is removed; if even that fails, the next
+    atomic write beside it removes it.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final.parent)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name)))
@@ -96,6 +119,13 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as error:
+        hinted = _no_space_hint(error, final)
+        if hinted is error:
+            raise
+        raise hinted from error
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            _ABANDONED.add(tmp)

@@ -1,16 +1,18 @@
 """Build the maker-level dataset from the raw Stanford Cars source.
 
-Each image is decoded exactly once: that decode proves it is readable, yields its RGB pixels for a
-content hash, and, when the stored bytes are not already an RGB JPEG/PNG, the RGB re-encoding.
-Undecodable images are dropped and counted, never fatal.
+Each image is decoded exactly once (`decoding`). Unusable images, rows with bad labels and
+duplicates are dropped, never fatal: counted per split, and listed row by row with their reason in
+a small table stored with the dataset. Each split's labels are read through its own class names
+(`labels`), and the build's intermediate Arrow files live in its own temporary folder, never beside
+the raw store it reads (which `datasets` would otherwise fill with cache files).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -19,16 +21,17 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
 
+from car_maker_pipeline.data.decoding import BAD_LABEL, DUPLICATE, TOO_LARGE, UNDECODABLE, Refusal, decode_checked
+from car_maker_pipeline.data.decoding import decode_once as decode_once  # where callers have always found it
+from car_maker_pipeline.data.labels import label_mapping, map_label, unified_names
 from car_maker_pipeline.data.makers import makers_for_class_names, parse_class_name
-from car_maker_pipeline.model_inputs.images import to_rgb
 from car_maker_pipeline.storage import atomic_directory, read_json, write_json_atomic
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 _COMPLETE = "_DATASET_COMPLETE.json"
-# Pillow's default guard is ~89 Mpx (warning) / 179 Mpx (error); a real car photo is under 1 Mpx.
-MAX_IMAGE_PIXELS = 64_000_000
+DROPPED_ROWS_FILE = "dropped_rows.json"  # every dropped row, next to the dataset it was dropped from
+DROPPED_ROWS_SHOWN = 200  # rows of that table kept in the record (manifest and asset metadata)
 
 
 class MakerDatasetError(ValueError):
@@ -42,7 +45,7 @@ class MakerDatasetParams:
     num_proc: int | None = None  # None: one process per core for large sources
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"validation_fraction": self.validation_fraction, "seed": self.seed, "v": 2}, sort_keys=True)
+        blob = json.dumps({"validation_fraction": self.validation_fraction, "seed": self.seed, "v": 3}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -51,7 +54,7 @@ class MakerDataset:
     path: str
     makers: list[str]
     rows_per_split: dict[str, int]
-    dropped_undecodable: dict[str, int]
+    dropped_undecodable: dict[str, int]  # unreadable, or too large to prepare for a model (`size_problem`)
     dropped_bad_label: dict[str, int]
     images_per_maker: dict[str, dict[str, int]]  # split -> maker -> count
     source_revision: str
@@ -59,6 +62,9 @@ class MakerDataset:
     cache_hit: bool = False
     corrupted_splits: list[str] = field(default_factory=list)
     dropped_duplicate: dict[str, int] = field(default_factory=dict)  # same pixels as an earlier row of the split
+    # The first DROPPED_ROWS_SHOWN dropped rows: {"split", "index" (row in the raw split), "reason", "detail"};
+    # all of them are in DROPPED_ROWS_FILE beside the data.
+    dropped_rows: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -78,6 +84,11 @@ class MakerDataset:
             + sum(self.dropped_duplicate.values())
         )
 
+    def all_dropped_rows(self) -> list[dict]:
+        """Every dropped row (the record itself keeps the first DROPPED_ROWS_SHOWN)."""
+        stored = Path(self.path) / DROPPED_ROWS_FILE
+        return read_json(stored) if stored.exists() else list(self.dropped_rows)
+
     def counts_markdown(self) -> str:
         frame = pd.DataFrame(self.images_per_maker).fillna(0).astype(int)
         frame = frame.reindex(index=self.makers, fill_value=0)
@@ -85,117 +96,132 @@ class MakerDataset:
         frame.index.name = "maker"
         return frame.to_markdown()
 
+    def dropped_rows_markdown(self) -> str:
+        """The dropped rows as a markdown table (split, row index, reason, detail), capped, with the total."""
+        if not self.dropped_total:
+            return "No row was dropped."
+        shown = len(self.dropped_rows)
+        heading = f"{self.dropped_total} row(s) dropped" + (
+            f"; the first {shown} shown" if shown < self.dropped_total else ""
+        )
+        frame = pd.DataFrame(self.dropped_rows, columns=["split", "index", "reason", "detail"])
+        frame["detail"] = frame["detail"].str.replace("|", "\\|")  # a pipe would end the markdown cell
+        table = frame.to_markdown(index=False)
+        return f"{heading} (all in {Path(self.path) / DROPPED_ROWS_FILE}):\n\n{table}"
+
 
 def column(part: datasets.Dataset, name: str) -> list:
     """One column as a Python list, read through Arrow: `part[name]` would decode every image of the row."""
     return part.with_format("arrow")[name].to_pylist()
 
 
-def decode_once(data: bytes) -> tuple[bytes, str] | None:
-    """(RGB-ready encoded bytes, pixel hash), or None when the bytes are not a readable image."""
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            if opened.width * opened.height > MAX_IMAGE_PIXELS:
-                return None
-            opened.load()  # first frame of an animation; raises on truncated data
-            rotated = opened.getexif().get(0x0112, 1) not in (0, 1)  # EXIF orientation tag
-            rgb = to_rgb(ImageOps.exif_transpose(opened) if rotated else opened)
-            pixel_hash = hashlib.blake2b(rgb.tobytes(), digest_size=16)
-            pixel_hash.update(f"{rgb.width}x{rgb.height}".encode())
-            if rgb is opened and opened.format in ("JPEG", "PNG"):
-                encoded = data  # already an upright RGB JPEG/PNG: keep the original bytes, no re-encode
-            else:
-                buffer = io.BytesIO()
-                rgb.save(buffer, format="PNG")  # lossless, so the one conversion is the only change
-                encoded = buffer.getvalue()
-            return encoded, pixel_hash.hexdigest()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError):
+def _image_bytes(raw: dict | None) -> bytes | Refusal | None:
+    if raw is None:
         return None
+    if raw.get("bytes"):
+        return raw["bytes"]
+    if not raw.get("path"):
+        return None
+    try:
+        return Path(raw["path"]).read_bytes()
+    except OSError as error:
+        return Refusal(UNDECODABLE, f"cannot read {raw['path']}: {error.strerror or error}")
 
 
-def _process_batch(batch: dict, parsed: list) -> dict:
-    out = {
-        "image": [],
-        "maker": [],
-        "source_class": [],
-        "source_label": [],
-        "model": [],
-        "year": [],
-        "content_hash": [],
-        "keep": [],
-        "bad_label": [],
-    }
-    for raw, label in zip(batch["image"], batch["label"]):
-        bad_label = label is None or not 0 <= int(label) < len(parsed)
-        decoded = None
-        if not bad_label and raw is not None:
-            data = raw.get("bytes") or (Path(raw["path"]).read_bytes() if raw.get("path") else None)
-            decoded = decode_once(data) if data else None
-        info = parsed[int(label)] if not bad_label else None
-        out["image"].append({"bytes": decoded[0], "path": None} if decoded else None)
-        out["content_hash"].append(decoded[1] if decoded else "")
+def _process_batch(batch: dict, parsed: list, own_size: int, mapping: np.ndarray | None) -> dict:
+    """Decode, label and hash one batch; a dropped row gets its reason and detail instead of an image."""
+    names = ("image", "maker", "source_class", "source_label", "model", "year", "content_hash", "reason", "detail")
+    out = {name: [] for name in names}
+    for raw, own_label in zip(batch["image"], batch["label"]):
+        label = map_label(own_label, own_size, mapping)
+        decoded: tuple[bytes, str] | Refusal
+        if label is None:
+            decoded = Refusal(BAD_LABEL, "no label")
+        elif not 0 <= label < len(parsed):
+            decoded = Refusal(BAD_LABEL, f"label {own_label} is outside the split's {own_size} class names")
+        else:
+            data = _image_bytes(raw)
+            decoded = data if isinstance(data, Refusal) else decode_checked(data)
+        info = parsed[label] if label is not None and 0 <= label < len(parsed) else None
+        kept = not isinstance(decoded, Refusal)
+        out["image"].append({"bytes": decoded[0], "path": None} if kept else None)
+        out["content_hash"].append(decoded[1] if kept else "")
+        out["reason"].append("" if kept else decoded.reason)
+        out["detail"].append("" if kept else decoded.detail)
         out["maker"].append(info.maker if info else "")
         out["source_class"].append(info.source_class if info else "")
-        out["source_label"].append(int(label) if not bad_label else -1)
+        out["source_label"].append(label if info else -1)
         out["model"].append(info.model if info else "")
         out["year"].append(info.year if info and info.year is not None else -1)
-        out["keep"].append(decoded is not None)
-        out["bad_label"].append(bad_label)
     return out
 
 
-def _clean_split(part: datasets.Dataset, parsed: list, num_proc: int | None) -> tuple[datasets.Dataset, int, int, int]:
+_PROCESSED = datasets.Features(
+    {
+        "image": datasets.Image(decode=False),
+        "maker": datasets.Value("string"),
+        "source_class": datasets.Value("string"),
+        "source_label": datasets.Value("int32"),
+        "model": datasets.Value("string"),
+        "year": datasets.Value("int32"),
+        "content_hash": datasets.Value("string"),
+        "reason": datasets.Value("string"),
+        "detail": datasets.Value("string"),
+    }
+)
+
+
+def _clean_split(
+    split: str, part: datasets.Dataset, parsed: list, class_names: list[str], num_proc: int | None, work: Path
+) -> tuple[datasets.Dataset, list[dict]]:
+    """The split's usable rows (maker columns added) and its dropped rows, each with its reason."""
+    own_names = list(part.features["label"].names)
     part = part.cast_column("image", datasets.Image(decode=False))
-    features = datasets.Features(
-        {
-            "image": datasets.Image(decode=False),
-            "maker": datasets.Value("string"),
-            "source_class": datasets.Value("string"),
-            "source_label": datasets.Value("int32"),
-            "model": datasets.Value("string"),
-            "year": datasets.Value("int32"),
-            "content_hash": datasets.Value("string"),
-            "keep": datasets.Value("bool"),
-            "bad_label": datasets.Value("bool"),
-        }
-    )
     procs = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 4) if part.num_rows >= 4000 else None)
     processed = part.map(
         _process_batch,
-        fn_kwargs={"parsed": parsed},
+        fn_kwargs={"parsed": parsed, "own_size": len(own_names), "mapping": label_mapping(own_names, class_names)},
         batched=True,
         batch_size=256,
         # num_proc=1 would still start a worker process; None keeps the work in this one.
         remove_columns=part.column_names,
-        features=features,
+        features=_PROCESSED,
         num_proc=procs if procs and procs > 1 else None,
         load_from_cache_file=False,
+        # In the build's own temporary folder: next to the input, `datasets` would write into the raw store.
+        cache_file_name=str(work / f"{split}-decoded.arrow"),
         desc="decode images",
     )
-    keep = np.asarray(column(processed, "keep"))
-    bad_label = np.asarray(column(processed, "bad_label"))
-    dropped_bad_label = int(bad_label.sum())
-    dropped_undecodable = int((~keep & ~bad_label).sum())
+    reasons, details = column(processed, "reason"), column(processed, "detail")
+    dropped = [
+        {"split": split, "index": index, "reason": reason, "detail": detail}
+        for index, (reason, detail) in enumerate(zip(reasons, details))
+        if reason
+    ]
     # A row whose pixels already appeared earlier in the split is a duplicate: it would count twice in
     # accuracy (test) or be over-weighted (train). The first occurrence stays.
-    seen: set[str] = set()
-    duplicate = np.zeros_like(keep)
+    first_seen: dict[str, int] = {}
+    keep = np.array([not reason for reason in reasons], dtype=bool)
     for index, content_hash in enumerate(column(processed, "content_hash")):
-        if keep[index]:
-            duplicate[index] = content_hash in seen
-            seen.add(content_hash)
-    cleaned = processed.select(np.flatnonzero(keep & ~duplicate)).remove_columns(["keep", "bad_label"])
-    return cleaned, dropped_undecodable, dropped_bad_label, int(duplicate.sum())
+        if not keep[index]:
+            continue
+        if content_hash in first_seen:
+            keep[index] = False
+            dropped.append(
+                {
+                    "split": split,
+                    "index": index,
+                    "reason": DUPLICATE,
+                    "detail": f"same pixels as row {first_seen[content_hash]}",
+                }
+            )
+        else:
+            first_seen[content_hash] = index
+    cleaned = processed.select(np.flatnonzero(keep)).remove_columns(["reason", "detail"])
+    return cleaned, sorted(dropped, key=lambda row: row["index"])
 
 
-def build_maker_dataset(
-    raw: datasets.DatasetDict,
-    out_dir: Path,
-    params: MakerDatasetParams = MakerDatasetParams(),
-    source_revision: str = "unknown",
-) -> MakerDataset:
-    """Collapse classes to makers, drop unreadable images, carve a stratified validation split."""
-    started = time.perf_counter()
+def _check_raw(raw: datasets.DatasetDict) -> None:
     for required in (TRAIN, TEST):
         if required not in raw:
             raise MakerDatasetError(
@@ -215,21 +241,63 @@ def build_maker_dataset(
                 "holding the 196 Stanford Cars class names (as in tanganke/stanford_cars). Cast it with "
                 "`dataset.cast_column('label', datasets.ClassLabel(names=[...]))`."
             )
-    class_names = list(raw[TRAIN].features["label"].names)
+
+
+def _counts(dropped: list[dict], splits, reasons: tuple[str, ...]) -> dict[str, int]:
+    return {split: sum(1 for row in dropped if row["split"] == split and row["reason"] in reasons) for split in splits}
+
+
+def build_maker_dataset(
+    raw: datasets.DatasetDict,
+    out_dir: Path,
+    params: MakerDatasetParams = MakerDatasetParams(),
+    source_revision: str = "unknown",
+) -> MakerDataset:
+    """Collapse classes to makers, drop unusable rows (listing why), carve a stratified validation split."""
+    started = time.perf_counter()
+    _check_raw(raw)
+    # Every split's labels through its own names, onto one vocabulary: train's names first.
+    splits_in_order = [TRAIN, *(split for split in raw if split != TRAIN)]
+    class_names = unified_names([raw[split].features["label"].names for split in splits_in_order])
     makers_for_class_names(class_names)  # every unknown class name, reported at once
     parsed = [parse_class_name(name) for name in class_names]
 
-    cleaned, dropped_undecodable, dropped_bad_label, dropped_duplicate = {}, {}, {}, {}
-    for split, part in raw.items():
-        cleaned[split], dropped_undecodable[split], dropped_bad_label[split], dropped_duplicate[split] = _clean_split(
-            part, parsed, params.num_proc
+    with atomic_directory(out_dir) as tmp:
+        work = tmp / ".work"  # intermediate Arrow files of this build, removed before the rename
+        cleaned, dropped = {}, []
+        for split, part in raw.items():
+            cleaned[split], dropped_here = _clean_split(split, part, parsed, class_names, params.num_proc, work)
+            dropped += dropped_here
+            if cleaned[split].num_rows == 0:
+                reasons = Counter(row["reason"] for row in dropped_here)
+                raise MakerDatasetError(
+                    f"Split {split!r} has no usable row left (dropped: {dict(reasons)}; first: {dropped_here[0]})."
+                )
+        result, makers = _with_makers_and_validation(cleaned, params)
+        result.save_to_disk(str(tmp))
+        write_json_atomic(tmp / DROPPED_ROWS_FILE, dropped)
+        record = MakerDataset(
+            path=str(out_dir),
+            makers=makers,
+            rows_per_split={name: part.num_rows for name, part in result.items()},
+            dropped_undecodable=_counts(dropped, raw, (UNDECODABLE, TOO_LARGE)),
+            dropped_bad_label=_counts(dropped, raw, (BAD_LABEL,)),
+            dropped_duplicate=_counts(dropped, raw, (DUPLICATE,)),
+            images_per_maker={name: dict(Counter(column(part, "maker"))) for name, part in result.items()},
+            source_revision=source_revision,
+            corrupted_splits=[name for name in result if name not in (TRAIN, VALIDATION, TEST)],
+            dropped_rows=dropped[:DROPPED_ROWS_SHOWN],
         )
-        if cleaned[split].num_rows == 0:
-            raise MakerDatasetError(
-                f"Split {split!r} has no readable image left ({dropped_undecodable[split]} undecodable, "
-                f"{dropped_bad_label[split]} with labels outside the class list)."
-            )
+        write_json_atomic(tmp / _COMPLETE, record.to_json())
+        shutil.rmtree(work)
+    record.seconds = time.perf_counter() - started
+    return record
 
+
+def _with_makers_and_validation(
+    cleaned: dict[str, datasets.Dataset], params: MakerDatasetParams
+) -> tuple[datasets.DatasetDict, list[str]]:
+    """Add the maker_id ClassLabel and carve a validation split out of train, stratified by maker."""
     makers = sorted(set(column(cleaned[TRAIN], "maker")) | set(column(cleaned[TEST], "maker")))
     maker_label = datasets.ClassLabel(names=makers)
 
@@ -255,24 +323,7 @@ def build_maker_dataset(
     splits[TRAIN], splits[VALIDATION] = carved["train"], carved["test"]
     ordered = {name: splits[name] for name in (TRAIN, VALIDATION, TEST)}
     ordered.update({name: part for name, part in splits.items() if name not in ordered})
-    result = datasets.DatasetDict(ordered)
-
-    with atomic_directory(out_dir) as tmp:
-        result.save_to_disk(str(tmp))
-        record = MakerDataset(
-            path=str(out_dir),
-            makers=makers,
-            rows_per_split={name: part.num_rows for name, part in result.items()},
-            dropped_undecodable=dropped_undecodable,
-            dropped_bad_label=dropped_bad_label,
-            dropped_duplicate=dropped_duplicate,
-            images_per_maker={name: dict(Counter(column(part, "maker"))) for name, part in result.items()},
-            source_revision=source_revision,
-            corrupted_splits=[name for name in result if name not in (TRAIN, VALIDATION, TEST)],
-        )
-        write_json_atomic(tmp / _COMPLETE, record.to_json())
-    record.seconds = time.perf_counter() - started
-    return record
+    return datasets.DatasetDict(ordered), makers
 
 
 def load_stored_maker_dataset(out_dir: Path) -> MakerDataset | None:

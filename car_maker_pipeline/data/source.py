@@ -1,8 +1,10 @@
 """The raw source: Stanford Cars from the Hub, or a local copy with the same layout.
 
-Both go through `datasets.load_dataset(path_or_repo_id)`. The source is pinned to a revision
-(the Hub commit, or a content fingerprint of a local folder) and stored under that revision as
-Arrow, so materializing again with an unchanged source reuses the stored copy.
+The source is pinned to a revision (the Hub commit, or a content fingerprint of a local folder) and
+stored under that revision as Arrow, so materializing again with an unchanged source reuses the
+stored copy. A Hub dataset goes through `datasets.load_dataset` at its pinned commit; a local
+folder is read file by file (`local_source`), so the stored copy is always the content its
+fingerprint names, never a cached earlier content of the same path.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
 
-from car_maker_pipeline.storage import atomic_directory, read_json, write_json_atomic
+from car_maker_pipeline.storage import atomic_directory, read_json, remove_stale_temporaries, write_json_atomic
 
 REQUIRED_COLUMNS = ("image", "label")
 _COMPLETE = "_SOURCE_COMPLETE.json"
@@ -34,6 +36,7 @@ class RawDataset:
     class_names: list[str]
     cache_hit: bool
     seconds: float
+    files: dict[str, str] = field(default_factory=dict)  # local source: relative path -> sha256 of what was stored
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -47,23 +50,22 @@ def _looks_local(path_or_id: str) -> bool:
 
 
 def local_fingerprint(folder: Path) -> str:
-    """sha256 over every non-hidden file's relative path and bytes: changes when any data changes."""
+    """sha256 over every non-hidden file's relative path and bytes (symlinked folders followed): changes
+    when any data changes."""
+    from car_maker_pipeline.data.local_source import fingerprint_update, fingerprint_value, source_files
+
     digest = hashlib.sha256()
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    files = source_files(folder)
     if not files:
         raise SourceError(
             f"The source folder {folder} holds no files. Point the source at a Stanford-Cars-shaped folder (data/<split>-*.parquet)."
         )
-    for path in files:
-        digest.update(str(path.relative_to(folder)).encode())
-        with path.open("rb") as handle:
+    for name in files:
+        fingerprint_update(digest, name, b"")
+        with (folder / name).open("rb") as handle:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
-    return "sha256-" + digest.hexdigest()[:16]
+    return fingerprint_value(digest)
 
 
 def resolve_revision(path_or_id: str, revision: str | None = None, timeout_s: float = 10.0) -> str:
@@ -90,24 +92,30 @@ def resolve_revision(path_or_id: str, revision: str | None = None, timeout_s: fl
     return info.sha
 
 
+def check_features(features: datasets.Features, columns: list[str], split: str, source: str, where: str = "") -> None:
+    """Stanford-Cars shape of one split (or one file of it): an Image column and a ClassLabel label column."""
+    file_note = f" ({where})" if where else ""
+    missing = [column for column in REQUIRED_COLUMNS if column not in columns]
+    if missing:
+        raise SourceError(
+            f"Split {split!r} of source {source!r} lacks column(s) {missing}; it has {list(columns)}{file_note}. "
+            "A Stanford-Cars-shaped source has an 'image' column and a 'label' ClassLabel column."
+        )
+    if not isinstance(features["label"], datasets.ClassLabel):
+        raise SourceError(
+            f"Column 'label' of split {split!r} in source {source!r} is {features['label']!r}, "
+            f"not a ClassLabel{file_note}; the class names (make, model, year) are needed to derive makers."
+        )
+    if not isinstance(features["image"], datasets.Image):
+        raise SourceError(f"Column 'image' of split {split!r} in source {source!r} is not an Image feature{file_note}.")
+
+
 def validate_source(dataset: datasets.DatasetDict, source: str) -> None:
     """Stanford-Cars shape: an image column, a ClassLabel label column, no empty split."""
     if not dataset:
         raise SourceError(f"The source {source!r} has no splits.")
     for split, part in dataset.items():
-        missing = [column for column in REQUIRED_COLUMNS if column not in part.column_names]
-        if missing:
-            raise SourceError(
-                f"Split {split!r} of source {source!r} lacks column(s) {missing}; it has {part.column_names}. "
-                "A Stanford-Cars-shaped source has an 'image' column and a 'label' ClassLabel column."
-            )
-        if not isinstance(part.features["label"], datasets.ClassLabel):
-            raise SourceError(
-                f"Column 'label' of split {split!r} in source {source!r} is {part.features['label']!r}, "
-                "not a ClassLabel; the class names (make, model, year) are needed to derive makers."
-            )
-        if not isinstance(part.features["image"], datasets.Image):
-            raise SourceError(f"Column 'image' of split {split!r} in source {source!r} is not an Image feature.")
+        check_features(part.features, part.column_names, split, source)
         if part.num_rows == 0:
             raise SourceError(f"Split {split!r} of source {source!r} is empty; every split needs rows.")
 
@@ -119,45 +127,55 @@ def _safe(name: str) -> str:
 def materialize_raw(path_or_id: str, home: Path, revision: str | None = None, token: str | None = None) -> RawDataset:
     """Load every split of the source and store it under its revision; reuse the stored copy if present."""
     started = time.perf_counter()
+    local = _looks_local(path_or_id)
     resolved = resolve_revision(path_or_id, revision)
-    target = (
-        home
-        / "raw_stanford_cars"
-        / _safe(path_or_id if not _looks_local(path_or_id) else Path(path_or_id).name)
-        / _safe(resolved)
-    )
+    target = home / "raw_stanford_cars" / _safe(Path(path_or_id).name if local else path_or_id) / _safe(resolved)
+    # A failed or killed earlier write left its temporary here; a run that only reuses the store clears it too.
+    remove_stale_temporaries(target.parent)
     if (target / _COMPLETE).exists():
         record = read_json(target / _COMPLETE)
         record.update(cache_hit=True, seconds=time.perf_counter() - started)
         return RawDataset(**record)
 
-    load_kwargs = {"cache_dir": str(home / "hf_datasets_cache")}
-    if not _looks_local(path_or_id):
-        load_kwargs.update(revision=resolved, token=token)
-    try:
-        dataset = datasets.load_dataset(
-            str(Path(path_or_id).expanduser()) if _looks_local(path_or_id) else path_or_id, **load_kwargs
-        )
-    except (FileNotFoundError, ValueError) as error:
-        empty = re.search(r'Instruction "([^"]+)" corresponds to no data', str(error))
-        if empty:  # how `datasets` reports a split file with no rows
-            raise SourceError(
-                f"Split {empty.group(1)!r} of source {path_or_id!r} is empty; every split needs rows."
-            ) from error
-        raise SourceError(f"Could not load source {path_or_id!r}: {error}") from error
-    validate_source(dataset, path_or_id)
-
     with atomic_directory(target) as tmp:
-        dataset.save_to_disk(str(tmp))
+        if local:
+            from car_maker_pipeline.data.local_source import store_local_source
+
+            stored = store_local_source(Path(path_or_id).expanduser(), path_or_id, resolved, tmp)
+            rows_per_split, class_names, files = stored.rows_per_split, stored.class_names, stored.files
+        else:
+            dataset = _load_hub(path_or_id, resolved, token, home)
+            dataset.save_to_disk(str(tmp))
+            rows_per_split = {split: part.num_rows for split, part in dataset.items()}
+            class_names, files = list(next(iter(dataset.values())).features["label"].names), {}
         record = RawDataset(
             path=str(target),
             source=path_or_id,
             revision=resolved,
-            rows_per_split={split: part.num_rows for split, part in dataset.items()},
-            class_names=list(next(iter(dataset.values())).features["label"].names),
+            rows_per_split=rows_per_split,
+            class_names=class_names,
             cache_hit=False,
             seconds=0.0,
+            files=files,
         ).to_json()
         write_json_atomic(tmp / _COMPLETE, record)  # last: its presence means the copy is whole
     record.update(seconds=time.perf_counter() - started)
     return RawDataset(**record)
+
+
+def _load_hub(repo_id: str, commit: str, token: str | None, home: Path) -> datasets.DatasetDict:
+    """The Hub dataset at its pinned commit (the download cache is keyed by that commit, so it cannot go stale)."""
+    try:
+        dataset = datasets.load_dataset(
+            repo_id, revision=commit, token=token, cache_dir=str(home / "hf_datasets_cache")
+        )
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as error:
+        empty = re.search(r'Instruction "([^"]+)" corresponds to no data', str(error))
+        if empty:  # how `datasets` reports a split file with no rows
+            raise SourceError(
+                f"Split {empty.group(1)!r} of source {repo_id!r} is empty; every split needs rows."
+            ) from error
+        cause = error.__cause__ or error  # DatasetGenerationError hides the reason in its cause
+        raise SourceError(f"Could not load source {repo_id!r} at {commit}: {type(cause).__name__}: {cause}") from error
+    validate_source(dataset, repo_id)
+    return dataset

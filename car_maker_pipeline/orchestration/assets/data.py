@@ -84,6 +84,7 @@ def car_maker_dataset(
         "dropped_undecodable": dg.MetadataValue.json(built.dropped_undecodable),
         "dropped_bad_label": dg.MetadataValue.json(built.dropped_bad_label),
         "dropped_duplicate": dg.MetadataValue.json(built.dropped_duplicate),
+        "dropped_rows": dg.MetadataValue.md(built.dropped_rows_markdown()),  # split, row, reason, detail
         "images_per_maker": dg.MetadataValue.md(built.counts_markdown()),
         "source_revision": built.source_revision,
         "cache_hit": built.cache_hit,

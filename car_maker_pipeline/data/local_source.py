@@ -1,0 +1,321 @@
+"""A local Stanford-Cars-shaped folder, read file by file, so that what is stored is what was fingerprinted.
+
+`datasets.load_dataset(folder)` is not used for local folders: its cache is keyed by the folder and
+file metadata rather than content, so a parquet file changed in place, a second folder with the same
+file names or a `data/` symlink pointed elsewhere was served from the cache under the new revision;
+and it reads every split with one split's ClassLabel names. Here every file is hashed as it is read
+(the same sha256 as the revision fingerprint, so a folder that changes meanwhile is noticed), each
+file's labels are mapped through its own names (`labels`), and a damaged file is named with its split.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+from datasets.table import InMemoryTable, cast_table_to_features
+
+from car_maker_pipeline.data.labels import label_mapping, map_label_column, unified_names
+from car_maker_pipeline.data.source import SourceError, check_features, validate_source
+
+DATA_SUFFIX = ".parquet"
+DOCUMENTATION_SUFFIXES = (".md",)  # a dataset card matched by a broad pattern is not data
+_REPLACE = (
+    "Replace it with a complete copy (copy or download it again, or regenerate the source), then materialize again."
+)
+
+
+def source_files(folder: Path) -> list[str]:
+    """Every non-hidden file under `folder` (relative POSIX paths, sorted), following symlinked folders once."""
+    found: list[str] = []
+    visited: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        here = os.stat(root)
+        if (here.st_dev, here.st_ino) in visited:  # a symlink loop, or a folder linked twice
+            dirs[:] = []
+            continue
+        visited.add((here.st_dev, here.st_ino))
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        relative_root = Path(root).relative_to(folder)
+        for name in files:
+            if not name.startswith(".") and (Path(root) / name).is_file():
+                found.append((relative_root / name).as_posix())
+    return sorted(found)
+
+
+def fingerprint_update(digest, relative: str, data: bytes) -> None:
+    """The revision fingerprint is sha256 over each file's relative path then bytes, in sorted path order."""
+    digest.update(relative.encode())
+    digest.update(data)
+
+
+def fingerprint_value(digest) -> str:
+    return "sha256-" + digest.hexdigest()[:16]
+
+
+def _card(folder: Path) -> dict:
+    """The YAML front matter of the folder's README.md (the Hub dataset card), or {}."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return {}
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1])
+    except (yaml.YAMLError, IndexError):
+        return {}
+    return front if isinstance(front, dict) else {}
+
+
+def _default_entry(entries, key: str = "config_name"):
+    """The `default` config of a card section that may list several, or its only one."""
+    if isinstance(entries, dict) or not entries:
+        return entries or {}
+    return next((entry for entry in entries if entry.get(key) == "default"), entries[0])
+
+
+def _as_list(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def split_patterns(folder: Path, card: dict) -> dict[str, list[str]]:
+    """Split -> file patterns: the card's `configs` when it has them, else `datasets`' own inference."""
+    config = _default_entry(card.get("configs") or [])
+    data_files = config.get("data_files") if isinstance(config, dict) else None
+    if isinstance(data_files, dict):
+        return {split: _as_list(paths) for split, paths in data_files.items()}
+    if data_files and all(isinstance(entry, dict) for entry in data_files):
+        return {entry["split"]: _as_list(entry["path"]) for entry in data_files}
+    if data_files:
+        return {"train": _as_list(data_files)}
+    from datasets.data_files import EmptyDatasetError, get_data_patterns
+
+    try:
+        return get_data_patterns(str(folder))
+    except EmptyDatasetError as error:
+        raise SourceError(
+            f"The source folder {folder} holds no data files. Point the source at a Stanford-Cars-shaped "
+            "folder (data/<split>-*.parquet)."
+        ) from error
+
+
+def _glob_match(pattern: list[str], path: list[str]) -> bool:
+    """Glob semantics of the Hub's data_files: `*` stays within a folder, `**` spans any number of them."""
+    if not pattern:
+        return not path
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_glob_match(rest, path[index:]) for index in range(len(path) + 1))
+    return bool(path) and fnmatch.fnmatchcase(path[0], head) and _glob_match(rest, path[1:])
+
+
+def split_files(folder: Path, files: list[str], source: str) -> dict[str, list[str]]:
+    """Split -> its parquet files (sorted); each data file belongs to exactly one split."""
+    owner: dict[str, str] = {}
+    result: dict[str, list[str]] = {}
+    for split, patterns in split_patterns(folder, _card(folder)).items():
+        parts = [pattern.removeprefix("./").split("/") for pattern in patterns]
+        matched = [f for f in files if any(_glob_match(p, f.split("/")) for p in parts)]
+        matched = [f for f in matched if not f.endswith(DOCUMENTATION_SUFFIXES)]
+        others = [f for f in matched if not f.endswith(DATA_SUFFIX)]
+        if others:
+            raise SourceError(
+                f"Split {split!r} of source {source!r} has data files that are not parquet: {others[:5]}. "
+                "A local source is read as parquet (data/<split>-*.parquet, as on the Hub); convert them or "
+                "move them out of the folder."
+            )
+        if not matched:
+            raise SourceError(
+                f"No parquet file of source {source!r} matches split {split!r} (patterns {patterns}); "
+                "add its files, or remove the split from the data_files of README.md."
+            )
+        for name in matched:
+            if name in owner:
+                raise SourceError(
+                    f"{name} in source {source!r} matches both split {owner[name]!r} and split {split!r}; "
+                    "rename it, or give the splits non-overlapping data_files in README.md."
+                )
+            owner[name] = split
+        result[split] = matched
+    return result
+
+
+def _read_parquet(data: bytes, where: str) -> pa.Table:
+    if not data:
+        raise SourceError(f"{where} is empty (0 bytes), not a parquet file. {_REPLACE}")
+    if len(data) < 12 or data[:4] != b"PAR1" or data[-4:] != b"PAR1":
+        raise SourceError(
+            f"{where} is cut short or is not parquet: {len(data):,} bytes without the parquet header and footer "
+            f"(an interrupted copy or download?). {_REPLACE}"
+        )
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SourceError(f"{where} is damaged: parquet cannot read it ({reason}). {_REPLACE}") from error
+
+
+def _features(table: pa.Table, card: datasets.Features | None, where: str) -> datasets.Features:
+    """What each column is declared to be: by the file's own schema metadata (written by `to_parquet`),
+    else by the dataset card, else by its Arrow type. Declared, not inferred: a ClassLabel column stored
+    as class-name strings or floats is still a ClassLabel (its values are checked in `_label_ids`)."""
+    declared = card or datasets.Features()
+    metadata = (table.schema.metadata or {}).get(b"huggingface")
+    try:
+        if metadata is not None:
+            declared = datasets.Features.from_dict(json.loads(metadata)["info"]["features"])
+        inferred = datasets.Features.from_arrow_schema(table.schema.remove_metadata())
+    except (ValueError, KeyError, TypeError) as error:  # malformed `huggingface` schema metadata
+        raise SourceError(f"{where} has unreadable feature metadata in its schema ({error!r}). {_REPLACE}") from error
+    return datasets.Features({name: declared.get(name, feature) for name, feature in inferred.items()})
+
+
+def _label_ids(column: pa.ChunkedArray, names: list[str], where: str) -> pa.Array:
+    """The label column as int64 ids of the file's own class names: from ids, whole floats or class names."""
+    kind = column.type
+    if pa.types.is_integer(kind):
+        try:
+            return column.cast(pa.int64())
+        except pa.ArrowInvalid as error:  # an unsigned id beyond int64
+            raise SourceError(f"{where} has label ids no class list can hold ({error}).") from error
+    if pa.types.is_floating(kind):
+        values = column.to_numpy().astype(float)  # nulls read as NaN
+        valid = column.is_valid().to_numpy()
+        bad = valid & ~(np.isfinite(values) & (values == np.round(values)))
+        if bad.any():
+            examples = ", ".join(f"row {row}: {float(values[row])!r}" for row in np.flatnonzero(bad)[:5])
+            raise SourceError(
+                f"{where} has {int(bad.sum())} label(s) that are not whole class ids ({examples}). Labels are "
+                f"ids 0..{len(names) - 1} of the file's ClassLabel, or its class names; fix the label column, "
+                "then materialize again."
+            )
+        return pa.array(np.where(valid, values, 0).astype(np.int64), mask=~valid)
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        position = {name: index for index, name in enumerate(names)}
+        values = column.to_pylist()
+        unknown = Counter(value for value in values if value is not None and value not in position)
+        if unknown:
+            raise SourceError(
+                f"{where} has {sum(unknown.values())} label(s) naming no class of its ClassLabel: "
+                f"{sorted(unknown)[:5]} (its {len(names)} classes start {names[:3]}). Use the exact class "
+                "names or their ids, then materialize again."
+            )
+        return pa.array([None if value is None else position[value] for value in values], pa.int64())
+    raise SourceError(f"{where} has a label column of type {kind}, neither class ids nor class names.")
+
+
+@dataclass
+class _Staged:
+    split: str
+    where: str
+    names: list[str]  # the file's own class names, which its label ids index
+    features: datasets.Features
+    path: Path  # the file's rows as Arrow IPC under the staging folder
+
+
+def _stage(table: pa.Table, split: str, where: str, source: str, card, path: Path) -> _Staged:
+    """Check one parquet file, turn its labels into ids of its own names, and write it to `path` as Arrow."""
+    features = _features(table, card, where)
+    check_features(features, table.column_names, split, source, where)
+    names = list(features["label"].names)
+    table = table.set_column(table.column_names.index("label"), "label", _label_ids(table["label"], names, where))
+    try:
+        table = cast_table_to_features(table.replace_schema_metadata(None), features)
+    except (ValueError, TypeError, pa.ArrowException) as error:
+        raise SourceError(f"{where} does not match its declared features ({error}). {_REPLACE}") from error
+    path_only = sum(
+        pc.sum(pc.and_(pc.is_null(chunk.field("bytes")), pc.is_valid(chunk.field("path")))).as_py() or 0
+        for chunk in table["image"].chunks
+    )
+    if path_only:
+        raise SourceError(
+            f"{where} has {path_only} image(s) stored as a file path without their bytes; the revision "
+            "fingerprint covers the source folder only, so their content could change unseen. Embed the "
+            "image bytes (datasets' `embed_external_files`), then materialize again."
+        )
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return _Staged(split, where, names, features, path)
+
+
+def _assemble(split: str, staged: list[_Staged], label: datasets.ClassLabel, source: str) -> datasets.Dataset:
+    """One split from its staged files, every label mapped into the unified vocabulary `label`."""
+    tables, features = [], None
+    for item in staged:
+        table = pa.ipc.open_file(pa.memory_map(str(item.path))).read_all()
+        ids = map_label_column(table["label"], label_mapping(item.names, label.names))
+        own = datasets.Features({**item.features, "label": label})
+        if features is not None and own != features:
+            raise SourceError(
+                f"The files of split {split!r} of source {source!r} disagree on their columns: {item.where} "
+                f"has {own}, an earlier file of the split has {features}. Give every file of a split the same "
+                "columns, then materialize again."
+            )
+        features = own
+        tables.append(table.set_column(table.column_names.index("label"), "label", ids).cast(own.arrow_schema))
+    return datasets.Dataset(
+        InMemoryTable(pa.concat_tables(tables)),
+        info=datasets.DatasetInfo(features=features),
+        split=datasets.NamedSplit(split),
+    )
+
+
+@dataclass(frozen=True)
+class StoredLocalSource:
+    rows_per_split: dict[str, int]
+    class_names: list[str]
+    files: dict[str, str]  # relative path -> sha256 of the bytes that were read and stored
+
+
+def store_local_source(folder: Path, source: str, revision: str, out_dir: Path) -> StoredLocalSource:
+    """Read every file of `folder` once, check that it hashes to `revision`, and save the splits to `out_dir`.
+
+    Labels of every file are mapped through its own ClassLabel names onto one vocabulary (train's
+    first). Files are staged as Arrow under `out_dir` while reading, so memory holds one file at a time.
+    """
+    files = source_files(folder)
+    splits = split_files(folder, files, source)
+    split_of = {name: split for split, names in splits.items() for name in names}
+    card_info = _default_entry(_card(folder).get("dataset_info") or {})
+    card = datasets.Features._from_yaml_list(card_info["features"]) if card_info.get("features") else None
+    staging = out_dir / ".staging"
+    staging.mkdir(parents=True)
+    digest, hashes, staged = hashlib.sha256(), {}, []
+    for name in files:
+        data = (folder / name).read_bytes()
+        fingerprint_update(digest, name, data)
+        hashes[name] = hashlib.sha256(data).hexdigest()
+        if name in split_of:
+            where = f"Split {split_of[name]!r}, file {folder / name}"
+            table = _read_parquet(data, where)
+            del data
+            staged.append(_stage(table, split_of[name], where, source, card, staging / f"{len(staged):05d}.arrow"))
+    if fingerprint_value(digest) != revision:
+        raise SourceError(
+            f"The source folder {folder} changed while it was being read (fingerprint {revision} before, "
+            f"{fingerprint_value(digest)} while reading). Materialize again once nothing is writing to it."
+        )
+    train_first = [s for s in staged if s.split == "train"] + [s for s in staged if s.split != "train"]
+    label = datasets.ClassLabel(names=unified_names([item.names for item in train_first]))
+    dataset = datasets.DatasetDict(
+        {split: _assemble(split, [s for s in staged if s.split == split], label, source) for split in splits}
+    )
+    validate_source(dataset, source)
+    dataset.save_to_disk(str(out_dir))
+    shutil.rmtree(staging)
+    return StoredLocalSource(
+        rows_per_split={split: part.num_rows for split, part in dataset.items()}, class_names=label.names, files=hashes
+    )
