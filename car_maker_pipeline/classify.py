@@ -55,7 +55,7 @@ def test_split_images(count: int) -> tuple[list[str], list[Image.Image], list[st
 
 
 def pick_version(uri: str, name: str | None, version: str | None):
-    from car_maker_pipeline.tracking import registered_versions
+    from car_maker_pipeline.evaluation.registration import registered_versions
 
     versions = registered_versions(uri, name)
     if version is not None:
@@ -73,11 +73,12 @@ def pick_version(uri: str, name: str | None, version: str | None):
 
 def load_classifier(adapter_dir: Path, batch_size: int = 16):
     from car_maker_pipeline.evaluation.classifier import MakerClassifier
+    from car_maker_pipeline.evaluation.registration import CARD_FILE
     from car_maker_pipeline.models.loading import ModelLoadError, attach_adapter, load_model_and_processor
 
-    card_path = adapter_dir / "car_maker.json"
+    card_path = adapter_dir / CARD_FILE
     if not card_path.exists():
-        raise ClassifyError(f"{adapter_dir} has no car_maker.json: it is not an adapter this pipeline registered.")
+        raise ClassifyError(f"{adapter_dir} has no {CARD_FILE}: it is not an adapter this pipeline registered.")
     card = json.loads(card_path.read_text())
     try:
         loaded = load_model_and_processor(card["base_model"])

@@ -166,33 +166,3 @@ def scrub_secrets(values: dict) -> dict:
         for key, value in values.items()
         if not key.lower().endswith(("_token", "token", "password", "secret")) and str(value) not in secrets
     }
-
-
-REGISTERED_MODEL_PREFIX = "car-maker-"
-
-
-def register_adapter(uri: str, run_id: str, artifact_uri: str, name: str, tags: dict[str, str]) -> str:
-    """Register a logged adapter folder as a new version of `name`; returns the version number."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(uri)
-    try:
-        client.create_registered_model(
-            name, description="LoRA adapter for car-maker classification; base model in the version tags."
-        )
-    except MlflowException as error:
-        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code if hasattr(error, "error_code") else error):
-            raise
-    version = client.create_model_version(
-        name, source=artifact_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
-    )
-    return str(version.version)
-
-
-def registered_versions(uri: str, name: str | None = None) -> list:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    query = f"name = '{name}'" if name else f"name LIKE '{REGISTERED_MODEL_PREFIX}%'"
-    return list(client.search_model_versions(query))

@@ -1,1 +1,1 @@
-"""Evaluation domain: prompts, maker-constrained classification, metrics and reports."""
+"""Evaluation domain: maker-constrained classification, metrics, reports, and recording results in MLflow."""

@@ -32,6 +32,11 @@ class CheckpointScores:
     robustness: pd.DataFrame  # one row per corrupted split: baseline vs best checkpoint
     reports: dict[tuple[int | str, str], EvaluationReport]
 
+    @property
+    def best(self) -> pd.Series:
+        """The chosen checkpoint's row of `table`."""
+        return self.table.set_index("step").loc[self.best_step]
+
 
 def _cached_or_evaluate(classifier, dataset, split, out_dir: Path, title: str, figures: bool) -> EvaluationReport:
     summary = out_dir / "summary.json"

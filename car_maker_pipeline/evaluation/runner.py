@@ -58,6 +58,14 @@ class EvaluationReport:
     def metrics(self, prefix: str = "") -> dict[str, float]:
         return {**self.summary.as_metrics(prefix), f"{prefix}images_per_second": self.images_per_second}
 
+    def describe(self) -> str:
+        """One line for a log: accuracy, its interval, the number of images and the speed."""
+        summary = self.summary
+        return (
+            f"{summary.accuracy:.1%} [{summary.ci_low:.1%}, {summary.ci_high:.1%}] "
+            f"on {summary.num_images} images at {self.images_per_second:.1f} images/s"
+        )
+
 
 def evaluate_to_dir(
     classifier: MakerClassifier,

@@ -5,7 +5,7 @@ from pydantic import Field, model_validator
 
 from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
 from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
-from car_maker_pipeline.orchestration.evaluation import evaluate_model
+from car_maker_pipeline.orchestration.metadata import evaluation_metadata
 from car_maker_pipeline.orchestration.partitions import model_partitions
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
 from car_maker_pipeline.store import BASELINE_EVALUATION, CAR_MAKER_DATASET
@@ -27,6 +27,24 @@ class EvaluationConfig(dg.Config):
 
     def prompt(self) -> PromptTemplate:
         return PromptTemplate(system=self.system_prompt, user=self.user_prompt)
+
+
+def evaluation_inputs(
+    context: dg.AssetExecutionContext,
+    store: StoreResource,
+    models: VisionLanguageModels,
+    mlflow_tracking: MlflowTracking,
+) -> dict:
+    """The arguments every evaluation domain function takes: the store, where to record (MLflow is
+    checked here, before any model work) and a loader for the partition's base model."""
+    from car_maker_pipeline.evaluation.recording import RecordTarget
+
+    pipeline_store = store.get()
+    return {
+        "store": pipeline_store,
+        "target": RecordTarget(mlflow_tracking.ensure_reachable(pipeline_store), context.run_id, context.instance),
+        "load_model": lambda: models.load(context.partition_key, pipeline_store),
+    }
 
 
 @dg.asset(
@@ -51,25 +69,23 @@ def baseline_evaluation(
     models: VisionLanguageModels,
     mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
+    # torch and transformers are imported here, not at module load: every Dagster step process
+    # imports the definitions, and most steps never touch a model.
+    from car_maker_pipeline.evaluation.recording import evaluate_and_record
+
     key = context.partition_key
-    prompt = config.prompt()  # a bad prompt fails here, before any model work
-    pipeline_store = store.get()
-    uri = mlflow_tracking.ensure_reachable(pipeline_store)
-    loaded = models.load(key, pipeline_store)
-    return evaluate_model(
-        context,
-        store=pipeline_store,
-        uri=uri,
-        loaded=loaded,
+    recorded = evaluate_and_record(
+        **evaluation_inputs(context, store, models, mlflow_tracking),
+        asset=BASELINE_EVALUATION,
         model_key=key,
         stage="baseline",
-        out_dir=pipeline_store.asset_dir(BASELINE_EVALUATION, key),
-        prompt=prompt,
+        prompt=config.prompt(),
         batch_size=config.batch_size,
-        max_images=config.max_images,
         split=config.split,
-        manifest=(BASELINE_EVALUATION, key),
+        max_images=config.max_images,
     )
+    context.log.info(f"{key} baseline: {recorded.report.describe()}")
+    return dg.MaterializeResult(metadata=evaluation_metadata(recorded))
 
 
 baseline_assets = [baseline_evaluation]

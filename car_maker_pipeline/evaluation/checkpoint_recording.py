@@ -1,0 +1,188 @@
+"""Score every checkpoint of a model's LoRA run and record the result: table and chart, MLflow run,
+the best adapter registered with its card, and the `checkpoint_accuracy` manifest.
+
+Plain Python (no Dagster): the asset resolves the store, tracking target and base model, calls
+`evaluate_checkpoints_and_record` and turns the returned `CheckpointRecord` into metadata. The
+names recorded here (MLflow params, metrics, artifacts, registry tags, manifest fields) are what the
+README, `classify` and the demo summary read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from car_maker_pipeline.evaluation.checkpoints import CheckpointScores, accuracy_chart, score_checkpoints
+from car_maker_pipeline.evaluation.recording import RecordTarget, evaluation_run, log_params
+from car_maker_pipeline.evaluation.registration import (
+    CARD_FILE,
+    log_best_adapter,
+    register_adapter,
+    registered_model_name,
+    write_card,
+)
+from car_maker_pipeline.evaluation.reports import save_figure
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
+from car_maker_pipeline.models.loading import LoadedModel
+from car_maker_pipeline.store import BASELINE_EVALUATION, CHECKPOINT_ACCURACY, LORA_CHECKPOINTS, PipelineStore
+
+STAGE = "checkpoint_accuracy"  # the MLflow `stage` tag of these runs
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    scores: CheckpointScores
+    baseline_accuracy: float
+    table_path: Path
+    chart_path: Path
+    registered_model: str
+    registered_version: str
+    mlflow_run_id: str
+
+    @property
+    def best_step(self) -> int:
+        return self.scores.best_step
+
+    @property
+    def best_test_accuracy(self) -> float:
+        return float(self.scores.best["accuracy"])
+
+    @property
+    def best_val_accuracy(self) -> float:
+        return float(self.scores.best["val_accuracy"])
+
+    @property
+    def beats_baseline(self) -> bool:
+        return self.best_test_accuracy > self.baseline_accuracy
+
+
+def listed_checkpoints(training: dict) -> dict[int, Path]:
+    """The checkpoints the `lora_checkpoints` manifest lists as complete, by optimizer step."""
+    return {int(step): Path(path) for step, path in training["checkpoints"].items()}
+
+
+def evaluate_checkpoints_and_record(
+    store: PipelineStore,
+    target: RecordTarget,
+    load_model: Callable[[], LoadedModel],
+    *,
+    model_key: str,
+    prompt: PromptTemplate,
+    batch_size: int,
+    robustness: bool = True,
+) -> CheckpointRecord:
+    """Score the checkpoints of `model_key`'s current LoRA run against its baseline (new ones only;
+    earlier scores are reused), choose the best on validation, and record and register it.
+
+    `load_model` gives the run's base model; it is called only after every input (training and
+    baseline manifests, maker dataset) is found, so a missing one fails before any model work. Each
+    checkpoint's adapter is attached to the base model in turn. With `robustness`, the baseline and
+    the best checkpoint are also scored on each corrupted copy of test.
+    """
+    training = store.read_manifest(LORA_CHECKPOINTS, model_key)
+    baseline_accuracy = store.read_manifest(BASELINE_EVALUATION, model_key)["summary"]["accuracy"]
+    dataset_record = store.maker_dataset()
+    dataset = dataset_record.load()
+    checkpoints = listed_checkpoints(training)
+    out_root = store.asset_dir(CHECKPOINT_ACCURACY, model_key) / Path(training["output_dir"]).name
+    loaded = load_model()
+    scores = score_checkpoints(
+        loaded.model,
+        loaded.processor,
+        checkpoints,
+        dataset,
+        dataset_record.makers,
+        out_root,
+        baseline_accuracy=baseline_accuracy,
+        val_loss={int(step): loss for step, loss in training["val_loss"]},
+        prompt=prompt,
+        batch_size=batch_size,
+        corrupted_splits=dataset_record.corrupted_splits if robustness else [],
+    )
+    table_path = out_root / "checkpoint_accuracy.parquet"
+    scores.table.to_parquet(table_path, index=False)
+    chart_path = save_figure(
+        accuracy_chart(scores.table, baseline_accuracy, f"{model_key}: accuracy by checkpoint"),
+        out_root / "accuracy_by_step.png",
+    )
+    best = scores.best
+    name = registered_model_name(model_key)
+
+    run_name, training_run = f"checkpoints-{model_key}", training["mlflow_run_id"]
+    with evaluation_run(target, store, run_name, model_key, STAGE, training_run_id=training_run) as run:
+        log_params(
+            {
+                "model_key": model_key,
+                "base_model": training["base_model"],
+                "base_model_revision": loaded.revision,
+                "prompt_hash": prompt.fingerprint(dataset_record.makers),
+                "num_checkpoints": len(checkpoints),
+                "best_step": scores.best_step,
+                "selection": "validation accuracy",
+            }
+        )
+        _log_scores(scores, baseline_accuracy, model_key, table_path, chart_path)
+        card = write_card(
+            out_root / CARD_FILE, dataset_record.makers, training["base_model"], loaded.revision, scores.best_step
+        )
+        version = register_adapter(
+            target.tracking_uri,
+            run.info.run_id,
+            log_best_adapter(scores.best_checkpoint, card),
+            name,
+            {
+                "base_model_id": training["base_model"],
+                "base_model_revision": loaded.revision,
+                "step": scores.best_step,
+                "val_accuracy": f"{best['val_accuracy']:.4f}",
+                "test_accuracy": f"{best['accuracy']:.4f}",
+                "dagster_run_id": target.dagster_run_id,
+            },
+        )
+
+    store.write_manifest(
+        CHECKPOINT_ACCURACY,
+        {
+            "table": str(table_path),
+            "best_step": scores.best_step,
+            "best_checkpoint": str(scores.best_checkpoint),
+            "registered_version": version,
+            "mlflow_run_id": run.info.run_id,
+            "robustness": scores.robustness.to_dict("records"),
+            "baseline_accuracy": baseline_accuracy,
+        },
+        partition=model_key,
+    )
+    return CheckpointRecord(scores, baseline_accuracy, table_path, chart_path, name, version, run.info.run_id)
+
+
+def _log_scores(
+    scores: CheckpointScores, baseline_accuracy: float, model_key: str, table_path: Path, chart_path: Path
+) -> None:
+    """Per-step accuracies as metric histories, the best and the baseline as single values, the tables and chart."""
+    for row in scores.table.itertuples():
+        mlflow.log_metrics(
+            {
+                "val_accuracy": row.val_accuracy,
+                "test_accuracy": row.accuracy,
+                "test_ci_low": row.ci_low,
+                "test_ci_high": row.ci_high,
+                "test_macro_accuracy": row.macro_accuracy,
+            },
+            step=int(row.step),
+        )
+    mlflow.log_metrics(
+        {
+            "best_test_accuracy": float(scores.best["accuracy"]),
+            "best_val_accuracy": float(scores.best["val_accuracy"]),
+            "baseline_test_accuracy": baseline_accuracy,
+        }
+    )
+    mlflow.log_table(scores.table, artifact_file=f"checkpoint_accuracy_{model_key}.json")
+    if not scores.robustness.empty:
+        mlflow.log_table(scores.robustness, artifact_file=f"robustness_{model_key}.json")
+    mlflow.log_artifact(str(chart_path))
+    mlflow.log_artifact(str(table_path))

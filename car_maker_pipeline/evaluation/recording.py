@@ -1,0 +1,125 @@
+"""Recording an evaluation: its MLflow run (tags, params, metrics, artifacts) and the asset's manifest.
+
+Both evaluation assets record the same way: one MLflow run in the pipeline's experiment, tagged with
+the Dagster run, the model and the stage, opened only after the run a killed process left behind is
+deleted; parameters pass through `scrub_secrets`; the manifest is written last, naming the run.
+Plain Python (no Dagster): the assets pass the Dagster run id and instance in a `RecordTarget`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from car_maker_pipeline.evaluation.classifier import MakerClassifier
+from car_maker_pipeline.evaluation.runner import EvaluationReport, evaluate_to_dir
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
+from car_maker_pipeline.models.loading import LoadedModel
+from car_maker_pipeline.store import PipelineStore
+from car_maker_pipeline.tracking import mlflow_run, scrub_secrets
+
+
+@dataclass(frozen=True)
+class RecordTarget:
+    """Where an evaluation is recorded, and on behalf of which orchestrator run.
+
+    `dagster_run_id` tags the MLflow run (and names the folder of a baseline's results).
+    `dagster_instance`, when given, is asked which earlier runs are still alive: an MLflow run with
+    the same tags left RUNNING by a run that has ended was cut short, and is deleted before recording.
+    """
+
+    tracking_uri: str
+    dagster_run_id: str
+    dagster_instance: object | None = None
+
+
+@contextmanager
+def evaluation_run(
+    target: RecordTarget, store: PipelineStore, run_name: str, model_key: str, stage: str, **tags: str
+) -> Iterator:
+    """The MLflow run of one evaluation, active inside the block."""
+    with mlflow_run(
+        target.tracking_uri,
+        store.root,
+        run_name=run_name,
+        tags={"dagster_run_id": target.dagster_run_id, "model_key": model_key, "stage": stage, **tags},
+        orphans_of=target.dagster_instance,
+    ) as run:
+        yield run
+
+
+def log_params(params: dict) -> None:
+    mlflow.log_params(scrub_secrets(params))
+
+
+def log_report(report: EvaluationReport) -> None:
+    """An evaluated split's metrics and its files (predictions, per-maker table, figures that were drawn)."""
+    mlflow.log_metrics(report.metrics())
+    for path in (report.predictions_path, report.per_maker_path, report.confusion_path, report.misclassified_path):
+        if path.exists():
+            mlflow.log_artifact(str(path))
+
+
+@dataclass
+class RecordedEvaluation:
+    report: EvaluationReport
+    params: dict
+    mlflow_run_id: str
+
+
+def evaluate_and_record(
+    store: PipelineStore,
+    target: RecordTarget,
+    load_model: Callable[[], LoadedModel],
+    *,
+    asset: str,
+    model_key: str,
+    stage: str,
+    prompt: PromptTemplate,
+    batch_size: int,
+    split: str,
+    max_images: int | None = None,
+) -> RecordedEvaluation:
+    """Score one split of the current maker dataset, record it in MLflow, then write the manifest of
+    `asset`'s `model_key` partition (results under `<asset>/<model_key>/<dagster run id>`).
+
+    `load_model` is called only once the dataset and split are known to exist, so a missing input
+    fails before any model is built or loaded.
+    """
+    makers_record = store.maker_dataset()
+    dataset = makers_record.load()
+    if split not in dataset:
+        raise ValueError(
+            f"car_maker_dataset has no split {split!r}; it has {list(dataset)}. Set `split` to one of those."
+        )
+    loaded = load_model()
+    classifier = MakerClassifier(
+        loaded.model, loaded.processor, makers_record.makers, prompt=prompt, batch_size=batch_size
+    )
+    out_dir = store.asset_dir(asset, model_key) / target.dagster_run_id
+    report = evaluate_to_dir(classifier, dataset, split, out_dir, title=f"{model_key} {stage}", max_images=max_images)
+    params = {
+        "model_key": model_key,
+        "model_id": loaded.path_or_id,
+        "model_revision": loaded.revision,
+        "dataset_revision": makers_record.source_revision,
+        "dataset_path": Path(makers_record.path).name,
+        "prompt_hash": classifier.prompt_hash,
+        "num_images": report.summary.num_images,
+        "batch_size": batch_size,
+        "device": loaded.device,
+        "dtype": loaded.dtype,
+        "split": split,
+        "sample_cap": max_images,
+    }
+    with evaluation_run(target, store, f"{stage}-{model_key}", model_key, stage) as run:
+        log_params(params)
+        log_report(report)
+    store.write_manifest(
+        asset, {**report.to_json(), "mlflow_run_id": run.info.run_id, "params": params}, partition=model_key
+    )
+    return RecordedEvaluation(report, params, run.info.run_id)
