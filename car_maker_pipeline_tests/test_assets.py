@@ -73,6 +73,16 @@ def test_baseline_partition_reports_metrics_and_an_mlflow_run(pipeline):
     assert metadata["num_images"].value == 30
     assert metadata["accuracy_ci_low"].value <= metadata["accuracy"].value <= metadata["accuracy_ci_high"].value
     assert metadata["confusion_matrix"].value.startswith("![confusion matrix](data:image/png;base64,")
+    # What the evaluator computed: tiny-s pictures are 128x96 -> 48 image tokens; one pass per batch
+    # (the demo makers are decided by their first token); padding only where texts differ.
+    assert metadata["image_tokens_mean"].value == pytest.approx(48) and metadata["image_tokens_p95"].value == 48
+    assert metadata["forward_passes_per_image"].value == 1
+    assert 1.0 <= metadata["padded_to_real_tokens"].value < 1.1
+    assert metadata["image_token_budget"].value == {
+        "image_min_tokens": 16,
+        "image_max_tokens": 48,
+        "image_splitting": False,
+    }
 
     client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("car_maker_pipeline")
@@ -81,6 +91,8 @@ def test_baseline_partition_reports_metrics_and_an_mlflow_run(pipeline):
     run = runs[0]
     assert run.data.metrics["accuracy"] == pytest.approx(metadata["accuracy"].value)
     assert {"accuracy_ci_low", "accuracy_ci_high", "macro_accuracy", "images_per_second"} <= set(run.data.metrics)
+    assert run.data.metrics["padded_to_real_tokens"] == pytest.approx(metadata["padded_to_real_tokens"].value)
+    assert run.data.params["image_max_tokens"] == "48"
     assert {
         "model_id",
         "model_revision",
@@ -111,3 +123,31 @@ def test_a_prompt_without_the_maker_list_is_rejected_before_model_work(pipeline)
             [baseline_evaluation], resources=resources, instance=instance, partition_key="tiny-l", run_config=config
         )
     assert not any((home / "demo_models").glob("tiny-l*"))
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [({"min_image_tokens": 64, "max_image_tokens": 16}, "min_image_tokens"), ({"max_image_tokens": 0}, "at least 1")],
+)
+def test_an_impossible_image_token_budget_is_rejected_before_model_work(pipeline, budget, message):
+    home, resources, instance, _ = pipeline
+    config = {"ops": {"baseline_evaluation": {"config": budget}}}
+    with pytest.raises(Exception, match=message):
+        dg.materialize(
+            [baseline_evaluation], resources=resources, instance=instance, partition_key="tiny-l", run_config=config
+        )
+    assert not any((home / "demo_models").glob("tiny-l*"))
+
+
+def test_the_image_token_budget_is_applied_and_recorded(pipeline):
+    home, resources, instance, _ = pipeline
+    result = dg.materialize(
+        [baseline_evaluation],
+        resources=resources,
+        instance=instance,
+        partition_key="tiny-s",
+        run_config={"ops": {"baseline_evaluation": {"config": {"max_image_tokens": 24, "max_images": 8}}}},
+    )
+    metadata = result.asset_materializations_for_node("baseline_evaluation")[0].metadata
+    assert metadata["image_token_budget"].value["image_max_tokens"] == 24
+    assert metadata["image_tokens_mean"].value <= 24

@@ -9,6 +9,7 @@ README, `classify` and the demo summary read.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import mlflow
 
 from car_maker_pipeline.evaluation.checkpoints import CheckpointScores, accuracy_chart, score_checkpoints
-from car_maker_pipeline.evaluation.recording import RecordTarget, evaluation_run, log_params
+from car_maker_pipeline.evaluation.recording import RecordTarget, budget_params, evaluation_run, log_params
 from car_maker_pipeline.evaluation.registration import (
     CARD_FILE,
     log_best_adapter,
@@ -25,9 +26,12 @@ from car_maker_pipeline.evaluation.registration import (
     write_card,
 )
 from car_maker_pipeline.evaluation.reports import save_figure
+from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, budget_for_checkpoint
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import LoadedModel
 from car_maker_pipeline.store import BASELINE_EVALUATION, CHECKPOINT_ACCURACY, LORA_CHECKPOINTS, PipelineStore
+
+logger = logging.getLogger(__name__)
 
 STAGE = "checkpoint_accuracy"  # the MLflow `stage` tag of these runs
 
@@ -73,6 +77,8 @@ def evaluate_checkpoints_and_record(
     prompt: PromptTemplate,
     batch_size: int,
     robustness: bool = True,
+    budget: ImageTokenBudget | None = None,
+    warn: Callable[[str], None] = logger.warning,
 ) -> CheckpointRecord:
     """Score the checkpoints of `model_key`'s current LoRA run against its baseline (new ones only;
     earlier scores are reused), choose the best on validation, and record and register it.
@@ -88,6 +94,9 @@ def evaluate_checkpoints_and_record(
     dataset = dataset_record.load()
     checkpoints = listed_checkpoints(training)
     out_root = store.asset_dir(CHECKPOINT_ACCURACY, model_key) / Path(training["output_dir"]).name
+    budget, mismatch = budget_for_checkpoint(training.get("image_token_budget"), budget or ImageTokenBudget())
+    if mismatch:
+        warn(mismatch)
     loaded = load_model()
     scores = score_checkpoints(
         loaded.model,
@@ -101,7 +110,9 @@ def evaluate_checkpoints_and_record(
         prompt=prompt,
         batch_size=batch_size,
         corrupted_splits=dataset_record.corrupted_splits if robustness else [],
+        budget=budget,
     )
+    in_force = ImageTokenBudget.of(loaded.processor)
     table_path = out_root / "checkpoint_accuracy.parquet"
     scores.table.to_parquet(table_path, index=False)
     chart_path = save_figure(
@@ -122,6 +133,7 @@ def evaluate_checkpoints_and_record(
                 "num_checkpoints": len(checkpoints),
                 "best_step": scores.best_step,
                 "selection": "validation accuracy",
+                **budget_params(in_force),
             }
         )
         _log_scores(scores, baseline_accuracy, model_key, table_path, chart_path)
@@ -140,6 +152,7 @@ def evaluate_checkpoints_and_record(
                 "val_accuracy": f"{best['val_accuracy']:.4f}",
                 "test_accuracy": f"{best['accuracy']:.4f}",
                 "dagster_run_id": target.dagster_run_id,
+                **budget_params(in_force),
             },
         )
 

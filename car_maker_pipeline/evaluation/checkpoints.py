@@ -15,9 +15,13 @@ import pandas as pd
 
 from car_maker_pipeline.evaluation.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.runner import EvaluationReport, evaluate_to_dir
+from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 
 VALIDATION, TEST = "validation", "test"
+
+
+THROUGHPUT_COLUMNS = ("image_tokens_mean", "image_tokens_p95", "padded_to_real_tokens", "forward_passes_per_image")
 
 
 class CheckpointEvaluationError(ValueError):
@@ -69,13 +73,14 @@ def score_checkpoints(
     prompt: PromptTemplate | None = None,
     batch_size: int = 16,
     corrupted_splits: list[str] | None = None,
+    budget: ImageTokenBudget | None = None,
 ) -> CheckpointScores:
     if not checkpoints:
         raise CheckpointEvaluationError(
             "There are no complete checkpoints to evaluate; materialize lora_checkpoints first."
         )
     model = attach_adapters(base_model, checkpoints)
-    classifier = MakerClassifier(model, processor, makers, prompt=prompt, batch_size=batch_size)
+    classifier = MakerClassifier(model, processor, makers, prompt=prompt, batch_size=batch_size, budget=budget)
     reports: dict[tuple[int | str, str], EvaluationReport] = {}
     rows = []
     for step in sorted(checkpoints):
@@ -102,6 +107,8 @@ def score_checkpoints(
                 if baseline_accuracy is not None
                 else float("nan"),
                 "val_loss": (val_loss or {}).get(step, float("nan")),
+                # What the test evaluation computed: tokens per image, padding waste, forward passes.
+                **{key: reports[(step, TEST)].throughput.get(key, float("nan")) for key in THROUGHPUT_COLUMNS},
             }
         )
     table = pd.DataFrame(rows)

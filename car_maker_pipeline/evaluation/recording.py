@@ -17,6 +17,7 @@ import mlflow
 
 from car_maker_pipeline.evaluation.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.runner import EvaluationReport, evaluate_to_dir
+from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import LoadedModel
 from car_maker_pipeline.store import PipelineStore
@@ -52,6 +53,15 @@ def evaluation_run(
         yield run
 
 
+def budget_params(budget: ImageTokenBudget) -> dict:
+    """The image-token budget in force, as flat MLflow params (`image_min_tokens`, ...)."""
+    return {
+        "image_min_tokens": budget.min_image_tokens,
+        "image_max_tokens": budget.max_image_tokens,
+        "image_splitting": budget.do_image_splitting,
+    }
+
+
 def log_params(params: dict) -> None:
     mlflow.log_params(scrub_secrets(params))
 
@@ -83,6 +93,7 @@ def evaluate_and_record(
     batch_size: int,
     split: str,
     max_images: int | None = None,
+    budget: ImageTokenBudget | None = None,
 ) -> RecordedEvaluation:
     """Score one split of the current maker dataset, record it in MLflow, then write the manifest of
     `asset`'s `model_key` partition (results under `<asset>/<model_key>/<dagster run id>`).
@@ -98,7 +109,7 @@ def evaluate_and_record(
         )
     loaded = load_model()
     classifier = MakerClassifier(
-        loaded.model, loaded.processor, makers_record.makers, prompt=prompt, batch_size=batch_size
+        loaded.model, loaded.processor, makers_record.makers, prompt=prompt, batch_size=batch_size, budget=budget
     )
     out_dir = store.asset_dir(asset, model_key) / target.dagster_run_id
     report = evaluate_to_dir(classifier, dataset, split, out_dir, title=f"{model_key} {stage}", max_images=max_images)
@@ -115,6 +126,7 @@ def evaluate_and_record(
         "dtype": loaded.dtype,
         "split": split,
         "sample_cap": max_images,
+        **budget_params(classifier.budget),
     }
     with evaluation_run(target, store, f"{stage}-{model_key}", model_key, stage) as run:
         log_params(params)

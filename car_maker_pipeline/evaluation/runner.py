@@ -6,7 +6,7 @@ Shared by the baseline and the per-checkpoint evaluations, so both are scored id
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +24,9 @@ class EvaluationReport:
     summary: AccuracySummary
     images_per_second: float
     sample_cap: int | None
+    # ThroughputStats.summary(): image tokens per image (mean, p95), prompt tokens computed / real,
+    # forward passes per image. Empty in reports written before these were recorded.
+    throughput: dict[str, float] = field(default_factory=dict)
 
     @property
     def predictions_path(self) -> Path:
@@ -56,7 +59,11 @@ class EvaluationReport:
         return cls(**payload)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        return {**self.summary.as_metrics(prefix), f"{prefix}images_per_second": self.images_per_second}
+        return {
+            **self.summary.as_metrics(prefix),
+            f"{prefix}images_per_second": self.images_per_second,
+            **{f"{prefix}{name}": value for name, value in self.throughput.items()},
+        }
 
     def describe(self) -> str:
         """One line for a log: accuracy, its interval, the number of images and the speed."""
@@ -92,7 +99,7 @@ def evaluate_to_dir(
                 misclassified_figure(run.predictions, _LazyImages(part), f"{title}: misclassified"),
                 tmp / "misclassified.png",
             )
-        report = EvaluationReport(str(out_dir), split, summary, run.images_per_second, max_images)
+        report = EvaluationReport(str(out_dir), split, summary, run.images_per_second, max_images, run.throughput)
         (tmp / "summary.json").write_text(json.dumps(report.to_json(), indent=2))
     return report
 

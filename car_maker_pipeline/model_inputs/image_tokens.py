@@ -99,3 +99,28 @@ def image_token_count(image_processor, width: int, height: int) -> int:
     if ip.use_thumbnail and grid_width * grid_height != 1:
         count += tokens(new_height, new_width)
     return count
+
+
+def budget_for_checkpoint(trained: dict | None, requested: ImageTokenBudget) -> tuple[ImageTokenBudget, str | None]:
+    """The budget to evaluate a checkpoint with, and a warning when it differs from the training one.
+
+    A checkpoint is scored with the budget it was trained with (`trained`, as recorded by training),
+    except for settings the evaluation asks for explicitly (`requested`); those win, with a warning
+    naming both values, since a model scored on other image sizes than it learned may do worse.
+    """
+    base = ImageTokenBudget(**(trained or {}))
+    chosen = ImageTokenBudget(
+        **{field.name: getattr(requested, field.name) if getattr(requested, field.name) is not None
+           else getattr(base, field.name) for field in fields(ImageTokenBudget)}
+    )  # fmt: skip
+    differing = [
+        f"{field.name} {getattr(base, field.name)} (training) vs {getattr(chosen, field.name)} (evaluation)"
+        for field in fields(ImageTokenBudget)
+        if getattr(base, field.name) is not None and getattr(base, field.name) != getattr(chosen, field.name)
+    ]
+    warning = (
+        "Evaluating with another image-token budget than the checkpoints were trained with: " + "; ".join(differing)
+        if differing
+        else None
+    )
+    return chosen, warning

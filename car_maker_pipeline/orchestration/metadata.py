@@ -50,6 +50,10 @@ def evaluation_metadata(recorded: RecordedEvaluation) -> dict:
         metadata["confusion_matrix"] = image_markdown(report.confusion_path, "confusion matrix")
     if report.sample_cap is not None:
         metadata["sample_cap"] = report.sample_cap
+    metadata.update(report.throughput)  # image tokens per image, padded/real tokens, forward passes per image
+    metadata["image_token_budget"] = dg.MetadataValue.json(
+        {key: recorded.params.get(key) for key in ("image_min_tokens", "image_max_tokens", "image_splitting")}
+    )
     return {**metadata, "mlflow_run_id": recorded.mlflow_run_id, "model_revision": recorded.params["model_revision"]}
 
 

@@ -3,6 +3,7 @@
 import dagster as dg
 from pydantic import Field, model_validator
 
+from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
 from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
 from car_maker_pipeline.orchestration.metadata import evaluation_metadata
@@ -19,14 +20,22 @@ class EvaluationConfig(dg.Config):
     split: str = Field(default="test", description="Split of car_maker_dataset to score.")
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     user_prompt: str = Field(default=DEFAULT_USER_PROMPT, description="Must contain {makers}.")
+    min_image_tokens: int | None = Field(default=None, description="Image-token budget: unset keeps the model's.")
+    max_image_tokens: int | None = Field(default=None, description="Image-token budget: unset keeps the model's.")
+    do_image_splitting: bool | None = Field(default=None, description="Tile large pictures; unset keeps the model's.")
 
     @model_validator(mode="after")
-    def _prompt_is_usable(self):
-        self.prompt()  # PromptError (a ValueError) when {makers} is missing: rejected as the run's config is read
+    def _prompt_and_budget_are_usable(self):
+        # PromptError / ImageTokenBudgetError (ValueErrors): rejected as the run's config is read.
+        self.prompt()
+        self.budget()
         return self
 
     def prompt(self) -> PromptTemplate:
         return PromptTemplate(system=self.system_prompt, user=self.user_prompt)
+
+    def budget(self) -> ImageTokenBudget:
+        return ImageTokenBudget(self.min_image_tokens, self.max_image_tokens, self.do_image_splitting)
 
 
 def evaluation_inputs(
@@ -83,6 +92,7 @@ def baseline_evaluation(
         batch_size=config.batch_size,
         split=config.split,
         max_images=config.max_images,
+        budget=config.budget(),
     )
     context.log.info(f"{key} baseline: {recorded.report.describe()}")
     return dg.MaterializeResult(metadata=evaluation_metadata(recorded))

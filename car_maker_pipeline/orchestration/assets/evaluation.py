@@ -58,6 +58,8 @@ def checkpoint_accuracy(
         prompt=config.prompt(),
         batch_size=config.batch_size,
         robustness=config.robustness,
+        budget=config.budget(),
+        warn=context.log.warning,
     )
     for observation in checkpoint_observations(record, CHECKPOINT_ACCURACY, key):
         context.log_event(observation)
