@@ -29,7 +29,10 @@ compute logs) and CAR_MAKER_HOME, and the process's stdout/stderr:
 | `mlflow_tracking.tracking_uri` = EnvVar holding user:password | same                                 |
 | source `path_or_id` = EnvVar holding https://user:<token>@...?token=<token> | raw_stanford_cars     |
 
-And against a live server demanding basic auth, credentials given as user info still authenticate
+The same from the command line (`dagster asset materialize`, slow): its output and every file of
+DAGSTER_HOME (compute logs included) and CAR_MAKER_HOME. `python -m car_maker_pipeline.classify`
+with such a MLFLOW_TRACKING_URI exits 2 with a message naming
+the server without the password. And against a live server demanding basic auth, credentials given as user info still authenticate
 both the /health probe and MLflow's own requests, while the URI the pipeline passes on has none.
 """
 
@@ -284,3 +287,46 @@ def test_a_wrong_password_is_reported_without_it(monkeypatch):
         server.shutdown()
         server.server_close()
     assert "Wr0ngPassw0rd" not in str(raised.value) and raised.value.__cause__ is None
+
+
+def test_classify_reports_an_unreachable_server_without_its_password(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from car_maker_pipeline.classify import main
+
+    image = tmp_path / "car.png"
+    Image.new("RGB", (32, 24), "red").save(image)
+    port = closed_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ops:{PASSWORD}@127.0.0.1:{port}")
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+
+    assert main([str(image)]) == 2
+    output = "".join(capsys.readouterr())
+    assert f"http://127.0.0.1:{port} is unreachable" in output and PASSWORD not in output
+
+
+@pytest.mark.slow
+def test_the_dagster_command_line_prints_and_stores_no_tracking_password(tmp_path):
+    """The issue's own case: `dagster asset materialize` with credentials in MLFLOW_TRACKING_URI, server down."""
+    import subprocess
+
+    from car_maker_pipeline_tests.support.cli import REPO, cli_env, materialize_command
+
+    port = closed_port()
+    env = cli_env(tmp_path, MLFLOW_TRACKING_URI=f"http://ops:{PASSWORD}@127.0.0.1:{port}")
+    result = subprocess.run(
+        materialize_command("baseline_evaluation", partition="tiny-s"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+
+    assert result.returncode != 0 and f"http://127.0.0.1:{port} is unreachable" in output
+    assert PASSWORD not in output
+    stored = [path for path in tmp_path.rglob("*") if path.is_file() and PASSWORD.encode() in path.read_bytes()]
+    assert stored == [], "compute logs, event log or run storage hold the password"
+    assert list(tmp_path.joinpath("dagster_home").rglob("*.db")), "the run was not recorded at all"
