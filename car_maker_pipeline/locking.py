@@ -7,18 +7,37 @@ The file itself stays; deleting it would let a waiting process and a newcomer lo
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
+
+
+# A filesystem without lock support answers flock with one of these.
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
+
 
 @contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if missing) for the body; waits while another holds it."""
+    """Hold an exclusive lock on `path` (created if missing) for the body; waits while another holds it.
+
+    On a filesystem that cannot lock (some network volumes) the body runs unlocked, with a warning:
+    the work it guards stays correct on its own (atomic renames), only no longer done once.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in _NO_LOCKS:
+                raise
+            logger.warning("%s: the filesystem does not support locks (%s); going on without one", path, error)
+            yield
+            return
         try:
             yield
         finally:
