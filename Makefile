@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh clone:
 #   make demo   create .venv if needed, then materialize every asset on the offline demo profile
 #   make test   create .venv if needed, then run the whole test suite (what CI runs)
+# `make init` (run by demo and ui) prepares the Dagster instance at DAGSTER_HOME once, so that
+# commands started in parallel afterwards never race to create its databases.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +13,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: demo test test-fast lint format ui mlflow-ui venv clean-demo
+.PHONY: demo init test test-fast lint format ui mlflow-ui venv clean-demo
 
 venv: $(STAMP)
 
@@ -24,9 +26,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
-	test -f $(DAGSTER_HOME)/dagster.yaml || cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+# DAGSTER_HOME with the project's dagster.yaml (unless it has one) and its databases, created once.
+init: $(STAMP)
+	$(BIN)/python -m car_maker_pipeline.orchestration.instance
+
+demo: init
 	$(BIN)/python -m car_maker_pipeline.demo
 
 test: $(STAMP)
@@ -44,9 +48,7 @@ format: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not slow"
 
-ui: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
-	test -f $(DAGSTER_HOME)/dagster.yaml || cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+ui: init
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 mlflow-ui: $(STAMP)

@@ -56,6 +56,7 @@ def test_split_images(count: int) -> tuple[list[str], list[Image.Image], list[st
 
 def pick_version(uri: str, name: str | None, version: str | None):
     from car_maker_pipeline.evaluation.registration import registered_versions
+    from car_maker_pipeline.redaction import redact_uri
 
     versions = registered_versions(uri, name)
     if version is not None:
@@ -63,7 +64,8 @@ def pick_version(uri: str, name: str | None, version: str | None):
     if not versions:
         wanted = f"{name or 'car-maker-*'}" + (f" version {version}" if version else "")
         raise ClassifyError(
-            f"No registered model {wanted} in {uri}. Materialize checkpoint_accuracy first, or pass --adapter."
+            f"No registered model {wanted} in {redact_uri(uri)}. Materialize checkpoint_accuracy first, "
+            "or pass --adapter."
         )
     if version is not None or name is not None:
         return max(versions, key=lambda v: int(v.version))
@@ -115,9 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             import mlflow
 
             from car_maker_pipeline.store import PipelineStore
-            from car_maker_pipeline.tracking import configured_tracking_uri
+            from car_maker_pipeline.tracking import TrackingUnavailableError, configured_tracking_uri, ensure_reachable
 
-            uri = args.tracking_uri or configured_tracking_uri(PipelineStore.from_env().root)
+            try:  # also takes user:password@ out of the URI, so no MLflow error below can print it
+                uri = ensure_reachable(args.tracking_uri or configured_tracking_uri(PipelineStore.from_env().root))
+            except TrackingUnavailableError as error:
+                raise ClassifyError(str(error)) from None
             chosen = pick_version(uri, args.model, args.version)
             mlflow.set_tracking_uri(uri)
             adapter_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source))

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from car_maker_pipeline.orchestration.assets.baseline import baseline_assets
-from car_maker_pipeline.orchestration.assets.data import data_assets, data_checks
+from car_maker_pipeline.orchestration.assets.data import data_assets
 from car_maker_pipeline.orchestration.assets.evaluation import evaluation_assets
 from car_maker_pipeline.orchestration.assets.training import training_assets
 from car_maker_pipeline.orchestration.automation import automation_jobs, schedules, sensors
@@ -18,7 +18,6 @@ from car_maker_pipeline.orchestration.resources import (
 
 defs = dg.Definitions(
     assets=[*data_assets, *baseline_assets, *training_assets, *evaluation_assets],
-    asset_checks=[*data_checks],
     jobs=[*jobs, *automation_jobs],
     schedules=schedules,
     sensors=sensors,

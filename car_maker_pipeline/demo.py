@@ -10,28 +10,18 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
 from car_maker_pipeline.store import BASELINE_EVALUATION, CAR_MAKER_DATASET, CHECKPOINT_ACCURACY
 
 
-def _instance():
-    import dagster as dg
-
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster_home"))).resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists() and (Path.cwd() / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text((Path.cwd() / "dagster.yaml").read_text())
-    return dg.DagsterInstance.get()
-
-
 def main(argv: list[str] | None = None) -> int:
     from car_maker_pipeline.definitions import defs
+    from car_maker_pipeline.orchestration.instance import prepare_instance
     from car_maker_pipeline.settings import get_profile
     from car_maker_pipeline.store import PipelineStore
 
     profile = get_profile()
-    instance = _instance()
+    instance = prepare_instance()
     store = PipelineStore.from_env()
     print(f"profile {profile.name}; data under {store.root}; Dagster runs in {os.environ['DAGSTER_HOME']}", flush=True)
     stages = [("data_job", None)] + [(job, key) for key in profile.model_keys for job in PER_MODEL_JOBS]

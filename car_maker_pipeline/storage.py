@@ -108,24 +108,33 @@ def _no_space_hint(error: OSError, final: Path) -> OSError:
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it is renamed to `final` (replacing it).
 
+    An existing `final` is renamed aside before the new one takes its place, and deleted only then:
+    deleting it in place would show a reader a half-deleted folder for as long as the deletion takes.
     On any failure (a full disk included) the temporary is removed; if even that fails, the next
     atomic write beside it removes it.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final.parent)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name)))
+    replaced = tmp.with_name(tmp.name + "-replaced")  # named as a temporary: a crash leaves a clearable leftover
     try:
         yield tmp
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            os.replace(final, replaced)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if replaced.exists() and not final.exists():
+                os.replace(replaced, final)  # the previous version stays rather than nothing
+            raise
     except OSError as error:
         hinted = _no_space_hint(error, final)
         if hinted is error:
             raise
         raise hinted from error
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if tmp.exists():
-            _ABANDONED.add(tmp)
+        for leftover in (tmp, replaced):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.exists():
+                _ABANDONED.add(leftover)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from car_maker_pipeline.redaction import redact_text, redact_uri
 
 EXPERIMENT = "car_maker_pipeline"
 
@@ -17,7 +22,32 @@ class TrackingUnavailableError(RuntimeError):
 
 
 def default_tracking_uri(home: Path) -> str:
-    return f"sqlite:///{home / 'mlflow.db'}"
+    return sqlite_uri(home / "mlflow.db")
+
+
+def sqlite_uri(path: Path) -> str:
+    """The SQLAlchemy URI of a sqlite file, for any path (spaces, `?`, `#`, `%`, non-ASCII).
+
+    SQLAlchemy reads the path up to the first `?` (where the query starts) and percent-decodes it,
+    so `?` and a `%` followed by two hex digits are percent-encoded; nothing else is. MLflow creates
+    the parent folder of the path as written in the URI, so every encoded character costs an empty
+    folder named after the encoding beside the real one (which it cannot be told not to make);
+    encoding only what SQLAlchemy would misread keeps that to paths with those two characters.
+    """
+    encoded = re.sub(r"%(?=[0-9A-Fa-f]{2})", "%25", str(Path(path).absolute())).replace("?", "%3F")
+    return "sqlite:///" + encoded
+
+
+def sqlite_database(uri: str) -> Path | None:
+    """The file a `sqlite:///` URI names, read as SQLAlchemy reads it; None for other URIs and in-memory stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
 
 
 def configured_tracking_uri(home: Path) -> str:
@@ -32,10 +62,8 @@ def initialize_sqlite_store(uri: str) -> None:
     during them leaves a half-migrated file that every later run fails on. Here the migrations run
     on a temporary file, which is then linked into place only if no store exists yet.
     """
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri[len("sqlite:///") :])
-    if path.exists():
+    path = sqlite_database(uri)
+    if path is None or path.exists():
         return
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
@@ -45,7 +73,7 @@ def initialize_sqlite_store(uri: str) -> None:
     remove_stale_temporaries(path.parent)
     tmp = path.with_name(temporary_prefix(path.name) + "init")
     tmp.unlink(missing_ok=True)
-    store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlflow-artifacts").as_uri())
+    store = SqlAlchemyStore(sqlite_uri(tmp), (path.parent / "mlflow-artifacts").as_uri())
     store.engine.dispose()
     try:
         os.link(tmp, path)  # atomic, and never over a store another process created meanwhile
@@ -55,21 +83,67 @@ def initialize_sqlite_store(uri: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
+def ensure_reachable(uri: str, timeout_s: float = 5.0) -> str:
     """Fail fast, before any model is loaded, when a remote tracking server does not answer
-    (and create a local sqlite store safely before anything writes to it)."""
+    (and create a local sqlite store safely before anything writes to it).
+
+    Returns the URI every MLflow call should use: for a server, without its `user:password@`,
+    which moves into MLflow's own basic-auth variables (see `move_credentials_to_environment`).
+    Every message names the server with its credentials redacted.
+    """
     initialize_sqlite_store(uri)
     if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
-            if response.status != 200:
-                raise TrackingUnavailableError(f"MLflow at {uri} answered /health with HTTP {response.status}.")
-    except (urllib.error.URLError, OSError) as error:
+        return uri
+    parts = urlsplit(uri)
+    if parts.query or parts.fragment:
         raise TrackingUnavailableError(
-            f"MLflow tracking server {uri} is unreachable ({error}). Start it, fix the tracking_uri of the "
-            "`mlflow_tracking` resource (or MLFLOW_TRACKING_URI), or leave it unset for the local sqlite store."
-        ) from error
+            f"The MLflow tracking URI {redact_uri(uri)} has a query string or fragment, which MLflow cannot use "
+            "(it appends its API paths to the URI). Remove it; pass credentials as user:password@ in the URI, "
+            "or in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN."
+        )
+    uri = move_credentials_to_environment(uri)
+    request = urllib.request.Request(f"{uri.rstrip('/')}/health", headers=_auth_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status = response.status
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        # `from None`: the cause is summarised (redacted) in the message; chained as it is, it could
+        # carry the URI into the step's stored error.
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {redact_uri(uri)} is unreachable ({redact_text(str(error))}). Start it, fix "
+            "the tracking_uri of the `mlflow_tracking` resource (or MLFLOW_TRACKING_URI), or leave it unset for "
+            "the local sqlite store."
+        ) from None
+    if status != 200:
+        raise TrackingUnavailableError(f"MLflow at {redact_uri(uri)} answered /health with HTTP {status}.")
+    return uri
+
+
+def move_credentials_to_environment(uri: str) -> str:
+    """The server URI without `user:password@`, which goes to MLFLOW_TRACKING_USERNAME/PASSWORD instead.
+
+    MLflow sends those variables as basic auth, exactly as it would the URI's user info, but it quotes
+    the URI in its own error messages ("API request to http://user:password@host/... failed") and the
+    pipeline passes it on to log lines and to the training subprocess; without the user info none of
+    them can leak the password. Both values are percent-decoded, as an HTTP client would send them.
+    """
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials MLflow itself would send (its environment variables), for the /health probe."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
 
 
 def experiment_id(uri: str, home: Path, name: str = EXPERIMENT) -> str:

@@ -17,7 +17,7 @@ def pipeline(tmp_path_factory):
     home = tmp_path_factory.mktemp("pipeline")
     return (
         home,
-        *materialized_demo_data(home, train_per_maker=12, test_per_maker=5, corruptions=["pixelate"], with_checks=True),
+        *materialized_demo_data(home, train_per_maker=12, test_per_maker=5, corruptions=["pixelate"]),
     )
 
 

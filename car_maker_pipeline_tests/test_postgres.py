@@ -40,6 +40,18 @@ def postgres():
         yield pg
 
 
+def command_lines(process_group: int) -> list[str]:
+    """The command lines of a process group's processes, as `ps` shows them to any local user."""
+    lines = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.getpgid(int(proc.name)) == process_group:
+                lines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (ProcessLookupError, PermissionError, FileNotFoundError):
+            continue
+    return lines
+
+
 @pytest.fixture
 def mlflow_server(postgres, tmp_path):
     """deploy/mlflow-server.sh, as a team would start it, with a PostgreSQL backend store."""
@@ -76,6 +88,9 @@ def mlflow_server(postgres, tmp_path):
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise RuntimeError((tmp_path / "mlflow-server.log").read_text()[-3000:]) from None
                 time.sleep(0.5)
+        lines = command_lines(process.pid)
+        assert any("mlflow" in line for line in lines), lines
+        assert not [line for line in lines if PASSWORD in line], "the database password is on a command line (ps)"
         yield uri
     finally:
         if process.poll() is None:

@@ -7,8 +7,10 @@
 #   MLFLOW_ARTIFACTS (file://$PWD/mlflow-artifacts; s3://... or gs://... in production)
 set -euo pipefail
 : "${MLFLOW_PG_USER:?set MLFLOW_PG_USER}" "${MLFLOW_PG_PASSWORD:?set MLFLOW_PG_PASSWORD}"
+# The store URI holds the password: it reaches mlflow (which reads --backend-store-uri from this
+# variable) through the environment, not the command line that any local user can read (ps).
+export MLFLOW_BACKEND_STORE_URI="postgresql://${MLFLOW_PG_USER}:${MLFLOW_PG_PASSWORD}@${MLFLOW_PG_HOST:-127.0.0.1}:${MLFLOW_PG_PORT:-5432}/${MLFLOW_PG_DB:-mlflow}"
 exec mlflow server \
-  --backend-store-uri "postgresql://${MLFLOW_PG_USER}:${MLFLOW_PG_PASSWORD}@${MLFLOW_PG_HOST:-127.0.0.1}:${MLFLOW_PG_PORT:-5432}/${MLFLOW_PG_DB:-mlflow}" \
   --artifacts-destination "${MLFLOW_ARTIFACTS:-file://$PWD/mlflow-artifacts}" \
   --serve-artifacts \
   --host "${MLFLOW_HOST:-127.0.0.1}" \

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import datasets
 
 from car_maker_pipeline.data.maker_dataset import TEST, TRAIN, VALIDATION, column
@@ -29,3 +31,31 @@ def check_maker_list_matches_data(dataset: datasets.DatasetDict) -> tuple[bool, 
     declared = list(dataset[TRAIN].features["maker_id"].names)
     present = sorted(set().union(*(set(column(part, "maker")) for part in dataset.values())))
     return declared == present, {"declared": declared, "present": present}
+
+
+# The blocking checks, by the name Dagster shows: a dataset is made current only when all pass.
+BLOCKING_CHECKS = {
+    "no_test_leakage": (check_no_test_leakage, "No test image (by decoded-pixel hash) is also in train or validation."),
+    "test_makers_seen_in_train": (check_test_makers_seen_in_train, "Every maker in test has training images."),
+    "no_empty_split": (check_no_empty_split, "No split is empty."),
+    "maker_list_matches_data": (
+        check_maker_list_matches_data,
+        "The maker label list is exactly the set of makers in the data.",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    name: str
+    passed: bool
+    details: dict
+
+    def summary(self, limit: int = 200) -> str:
+        """`name (key=value, ...)`, cut to `limit` characters: for a one-line failure message."""
+        text = ", ".join(f"{key}={value}" for key, value in self.details.items())
+        return f"{self.name} ({text[:limit] + '...' if len(text) > limit else text})"
+
+
+def run_checks(dataset: datasets.DatasetDict) -> list[CheckOutcome]:
+    return [CheckOutcome(name, *check(dataset)) for name, (check, _) in BLOCKING_CHECKS.items()]

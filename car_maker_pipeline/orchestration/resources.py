@@ -8,7 +8,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from car_maker_pipeline.data.source import RawDataset, materialize_raw
+from car_maker_pipeline.data.source import RawDataset, SourceError, materialize_raw
+from car_maker_pipeline.redaction import leaks_secret, redact_text
 from car_maker_pipeline.settings import Profile, get_profile, pipeline_home
 from car_maker_pipeline.store import PipelineStore
 
@@ -72,7 +73,15 @@ class StanfordCarsSource(dg.ConfigurableResource):
 
     def materialize(self, store: PipelineStore) -> RawDataset:
         token = os.environ.get(self.token_env) or None
-        return materialize_raw(self.resolve(store), store.root, revision=self.revision, token=token)
+        try:
+            return materialize_raw(self.resolve(store), store.root, revision=self.revision, token=token)
+        except Exception as error:
+            # A credential in the source's URL, or one a library quotes back, must not reach the step's
+            # error, which Dagster stores and shows: such an error is replaced (not chained) by its
+            # redacted message.
+            if not leaks_secret(error):
+                raise
+            raise SourceError(redact_text(str(error))) from None
 
 
 class VisionLanguageModels(dg.ConfigurableResource):
@@ -127,10 +136,9 @@ class MlflowTracking(dg.ConfigurableResource):
         return self.tracking_uri or configured_tracking_uri(store.root)
 
     def ensure_reachable(self, store: PipelineStore) -> str:
+        """The URI to use from here on: reachable, and without credentials (those go to MLflow's variables)."""
         from car_maker_pipeline.tracking import ensure_reachable
 
-        uri = self.uri(store)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(self.http_request_max_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.http_request_timeout_s))
-        ensure_reachable(uri)
-        return uri
+        return ensure_reachable(self.uri(store))

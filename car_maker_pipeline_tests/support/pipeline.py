@@ -7,17 +7,17 @@ from pathlib import Path
 import dagster as dg
 
 
-def materialized_demo_data(
-    home: Path, train_per_maker: int, test_per_maker: int, corruptions: list[str], with_checks: bool = False
-):
-    """(resources, instance, result) after materializing raw_stanford_cars and car_maker_dataset in `home`."""
-    from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, data_checks, raw_stanford_cars
+def materialized_demo_data(home: Path, train_per_maker: int, test_per_maker: int, corruptions: list[str]):
+    """(resources, instance, result) after materializing raw_stanford_cars and car_maker_dataset (with its
+    blocking checks) in `home`."""
+    from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, raw_stanford_cars
     from car_maker_pipeline.orchestration.resources import (
         MlflowTracking,
         StanfordCarsSource,
         StoreResource,
         VisionLanguageModels,
     )
+    from car_maker_pipeline.tracking import default_tracking_uri
 
     resources = {
         "store": StoreResource(home=str(home)),
@@ -28,11 +28,11 @@ def materialized_demo_data(
             demo_corruptions=corruptions,
         ),
         "models": VisionLanguageModels(profile="demo"),
-        "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{home / 'mlflow.db'}"),
+        "mlflow_tracking": MlflowTracking(tracking_uri=default_tracking_uri(home)),
     }
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(
-        [raw_stanford_cars, car_maker_dataset, *(data_checks if with_checks else [])],
+        [raw_stanford_cars, car_maker_dataset],
         resources=resources,
         instance=instance,
     )

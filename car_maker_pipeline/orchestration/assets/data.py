@@ -1,4 +1,4 @@
-"""Data assets: the raw Stanford Cars source and the maker-level dataset, with their checks."""
+"""Data assets: the raw Stanford Cars source and the maker-level dataset, with its blocking checks."""
 
 from pathlib import Path
 
@@ -6,8 +6,10 @@ import dagster as dg
 from pydantic import Field
 
 from car_maker_pipeline.data import quality
-from car_maker_pipeline.data.maker_dataset import MakerDatasetParams, build_maker_dataset, load_stored_maker_dataset
+from car_maker_pipeline.data.maker_dataset import MakerDatasetParams
+from car_maker_pipeline.data.promotion import build_and_promote_maker_dataset
 from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
+from car_maker_pipeline.redaction import redact_uri
 from car_maker_pipeline.store import CAR_MAKER_DATASET, RAW_STANFORD_CARS
 
 
@@ -33,14 +35,16 @@ def raw_stanford_cars(
     context: dg.AssetExecutionContext, source: StanfordCarsSource, store: StoreResource
 ) -> dg.MaterializeResult:
     pipeline_store = store.get()
-    raw = source.materialize(pipeline_store)
-    pipeline_store.write_manifest(RAW_STANFORD_CARS, raw.to_json())
+    with pipeline_store.lock(RAW_STANFORD_CARS):  # concurrent runs take turns; the second reuses the first's copy
+        raw = source.materialize(pipeline_store)
+        pipeline_store.write_manifest(RAW_STANFORD_CARS, raw.to_json())
     context.log.info(
-        f"{raw.source} at {raw.revision}: {raw.rows_per_split} ({'cache hit' if raw.cache_hit else 'stored'})"
+        f"{redact_uri(raw.source)} at {raw.revision}: {raw.rows_per_split} "
+        f"({'cache hit' if raw.cache_hit else 'stored'})"
     )
     return dg.MaterializeResult(
         metadata={
-            "source": raw.source,
+            "source": redact_uri(raw.source),
             "revision": raw.revision,
             "rows_per_split": dg.MetadataValue.json(raw.rows_per_split),
             "num_rows": sum(raw.rows_per_split.values()),
@@ -58,23 +62,38 @@ def raw_stanford_cars(
     owners=["team:ml-platform"],
     deps=[RAW_STANFORD_CARS],
     kinds={"huggingface", "arrow"},
+    check_specs=[
+        dg.AssetCheckSpec(name, asset=CAR_MAKER_DATASET, blocking=True, description=description)
+        for name, (_, description) in quality.BLOCKING_CHECKS.items()
+    ],
     description=(
         "The 196 make/model/year classes collapsed to car makers (multi-word makers such as Aston Martin "
         "and Land Rover kept whole), every decodable image as RGB, undecodable ones dropped and counted, "
-        "and a stratified validation split carved out of train. Test and corrupted splits are untouched."
+        "and a stratified validation split carved out of train. Test and corrupted splits are untouched. "
+        "It becomes current (what downstream assets read) only once its blocking checks pass."
     ),
 )
-def car_maker_dataset(
-    context: dg.AssetExecutionContext, config: MakerDatasetConfig, store: StoreResource
-) -> dg.MaterializeResult:
-    pipeline_store = store.get()
-    raw = pipeline_store.raw_dataset()
+def car_maker_dataset(context: dg.AssetExecutionContext, config: MakerDatasetConfig, store: StoreResource):
+    # The checks run inside this step, before the dataset is made current: as a separate step they
+    # would run after the manifest already pointed downstream assets at a dataset they then reject.
     params = MakerDatasetParams(validation_fraction=config.validation_fraction, seed=config.seed)
-    out_dir = pipeline_store.asset_dir(CAR_MAKER_DATASET) / f"{raw.revision}-{params.fingerprint()}"
-    built = load_stored_maker_dataset(out_dir) or build_maker_dataset(
-        raw.load(), out_dir, params, source_revision=raw.revision
-    )
-    pipeline_store.write_manifest(CAR_MAKER_DATASET, built.to_json())
+    promotion = build_and_promote_maker_dataset(store.get(), params)
+    check_results = [
+        dg.AssetCheckResult(
+            check_name=outcome.name,
+            asset_key=dg.AssetKey(CAR_MAKER_DATASET),
+            passed=outcome.passed,
+            metadata={
+                key: dg.MetadataValue.json(value) if isinstance(value, (list, dict)) else value
+                for key, value in outcome.details.items()
+            },
+        )
+        for outcome in promotion.outcomes
+    ]
+    if not promotion.promoted:
+        yield from check_results  # recorded as failed check evaluations, then the step fails
+        raise dg.Failure(description=promotion.refusal, allow_retries=False)
+    built = promotion.dataset
     context.log.info(f"{built.num_makers} makers, rows {built.rows_per_split}, dropped {built.dropped_total}")
     metadata = {
         "num_makers": built.num_makers,
@@ -91,44 +110,9 @@ def car_maker_dataset(
         "path": dg.MetadataValue.path(built.path),
     }
     metadata.update({f"rows_{split}": rows for split, rows in built.rows_per_split.items()})
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(Path(built.path).name))
-
-
-MAKER_DATASET_CHECKS = {
-    "no_test_leakage": (
-        quality.check_no_test_leakage,
-        "No test image (by decoded-pixel hash) is also in train or validation.",
-    ),
-    "test_makers_seen_in_train": (quality.check_test_makers_seen_in_train, "Every maker in test has training images."),
-    "no_empty_split": (quality.check_no_empty_split, "No split is empty."),
-    "maker_list_matches_data": (
-        quality.check_maker_list_matches_data,
-        "The maker label list is exactly the set of makers in the data.",
-    ),
-}
-
-
-@dg.multi_asset_check(
-    specs=[
-        dg.AssetCheckSpec(name, asset=CAR_MAKER_DATASET, blocking=True, description=description)
-        for name, (_, description) in MAKER_DATASET_CHECKS.items()
-    ],
-)
-def maker_dataset_checks(store: StoreResource):
-    """All four checks in one step: the dataset is opened once and one process is spawned, not four."""
-    dataset = store.get().maker_dataset().load()
-    for name, (check, _) in MAKER_DATASET_CHECKS.items():
-        passed, details = check(dataset)
-        yield dg.AssetCheckResult(
-            check_name=name,
-            asset_key=dg.AssetKey(CAR_MAKER_DATASET),
-            passed=passed,
-            metadata={
-                key: dg.MetadataValue.json(value) if isinstance(value, (list, dict)) else value
-                for key, value in details.items()
-            },
-        )
+    yield dg.MaterializeResult(
+        metadata=metadata, check_results=check_results, data_version=dg.DataVersion(Path(built.path).name)
+    )
 
 
 data_assets = [raw_stanford_cars, car_maker_dataset]
-data_checks = [maker_dataset_checks]

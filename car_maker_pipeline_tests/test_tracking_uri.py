@@ -1,0 +1,90 @@
+"""The default MLflow store under a CAR_MAKER_HOME whose path has URI characters in it.
+
+For each home below, the default tracking URI is built, the store created through
+`ensure_reachable`, and a real MLflow run logged (param, metric, artifact), registered as a model
+version, and everything read back. The store must be `<home>/mlflow.db` and the artifacts under
+`<home>/mlflow-artifacts`, with no file written anywhere else (MLflow does leave an empty folder
+named after the percent-encoded path beside a home with `?` or `%XX` in it; see `sqlite_uri`):
+
+| home folder name        | what a naive `sqlite:///{path}` did                   |
+|-------------------------|--------------------------------------------------------|
+| `with space`            | worked                                                 |
+| `what?now`              | database created at `.../what` (SQLAlchemy's query starts at `?`) |
+| `hash#tag`              | worked                                                 |
+| `percent%41here`        | "unable to open database file" (SQLAlchemy decodes `%41` to `A`) |
+| `50% off`               | worked (a `%` without two hex digits is not decoded)   |
+| `slash%2Fname`          | wrong folder: SQLAlchemy decodes `%2F` to `/`          |
+| `Citroën ÿ 日本`         | worked (non-ASCII)                                     |
+| `a b?c#d%25e`           | all of them at once                                    |
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from car_maker_pipeline.store import PipelineStore
+from car_maker_pipeline.tracking import (
+    configured_tracking_uri,
+    default_tracking_uri,
+    ensure_reachable,
+    mlflow_run,
+    sqlite_database,
+)
+
+HOME_NAMES = [
+    "with space",
+    "what?now",
+    "hash#tag",
+    "percent%41here",
+    "50% off",
+    "slash%2Fname",
+    "Citroën ÿ 日本",
+    "a b?c#d%25e",
+]
+
+
+@pytest.mark.parametrize("name", HOME_NAMES)
+def test_mlflow_store_under_a_home_with_uri_characters(tmp_path, name):
+    home = tmp_path / name
+    home.mkdir()
+    uri = default_tracking_uri(home)
+    assert sqlite_database(uri) == home / "mlflow.db"
+
+    assert ensure_reachable(uri) == uri
+    assert (home / "mlflow.db").is_file()
+    note = tmp_path / "note.txt"
+    note.write_text(f"logged under {name}")
+    with mlflow_run(uri, home, run_name="uri-characters", tags={"case": name}) as run:
+        mlflow.log_param("home_name", name)
+        mlflow.log_metric("accuracy", 0.5)
+        mlflow.log_artifact(str(note), artifact_path="notes")
+        artifact_uri = mlflow.get_artifact_uri("notes")
+
+    client = mlflow.MlflowClient(uri)
+    logged = client.get_run(run.info.run_id)
+    assert logged.data.params["home_name"] == name and logged.data.metrics["accuracy"] == 0.5
+    assert [item.path for item in client.list_artifacts(run.info.run_id, "notes")] == ["notes/note.txt"]
+    client.create_registered_model("uri-characters")
+    version = client.create_model_version("uri-characters", source=artifact_uri, run_id=run.info.run_id)
+    downloaded = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/uri-characters/{version.version}", dst_path=str(tmp_path / "downloaded")
+    )
+    assert (tmp_path / "downloaded" / "note.txt").read_text() == f"logged under {name}", downloaded
+    assert list((home / "mlflow-artifacts").rglob("note.txt")), "the artifact is not in the home's artifact store"
+
+    outside = [
+        path
+        for path in tmp_path.rglob("*")
+        if path.is_file() and home not in path.parents and path.parent != tmp_path and "downloaded" not in path.parts
+    ]
+    assert outside == [], f"MLflow wrote outside {home}"
+
+
+def test_the_configured_uri_follows_car_maker_home(tmp_path, monkeypatch):
+    home = tmp_path / "runs 50%?#"
+    monkeypatch.setenv("CAR_MAKER_HOME", str(home))
+    uri = configured_tracking_uri(PipelineStore.from_env().root)
+    assert sqlite_database(uri) == home / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert configured_tracking_uri(home) == "http://127.0.0.1:5000"
