@@ -46,16 +46,14 @@ CPU, so it defaults to 8 images, 1 repetition, batch 8 and no training.
 Adapters: a random-weight model is at chance for ours and never says a valid maker in free text, so
 the comparison is repeated on LoRA adapters: `--adapter PATH` (a PEFT adapter dir, loaded with
 `peft.PeftModel.from_pretrained` on top of tiny-s), and, unless `--no-train`, a short run of
-`car_maker_pipeline.training.lora.train_lora` on the same source's train split: 80 steps
-(LoraTrainingConfig's default) and 300 steps, every other setting at its default except a single
+`car_maker_pipeline.training.trainer.train_lora` on the same source's train split: 80 and 300 steps,
+every other setting at its `LoraHyperparameters` default except a single
 checkpoint at the end (cached under --work: a finished run is reused, not retrained).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 import tempfile
 import time
@@ -253,14 +251,14 @@ def compare(
 def train_adapter(model_dir: Path, record, work: Path, max_steps: int) -> tuple[Path | None, dict]:
     """A short `train_lora` run on the source's train split; (final checkpoint, info) or (None, reason)."""
     try:
-        from car_maker_pipeline.training.lora import LoraTrainingConfig, train_lora
+        from car_maker_pipeline.training.config import LoraHyperparameters
+        from car_maker_pipeline.training.trainer import train_lora
     except ImportError as error:
-        return None, {"skipped": f"car_maker_pipeline.training.lora.train_lora is not importable: {error}"}
+        return None, {"skipped": f"car_maker_pipeline.training.trainer.train_lora is not importable: {error}"}
     data = record.load()
     # One checkpoint (and validation pass) at the end instead of every 20 steps: less time spent saving.
-    config = LoraTrainingConfig(max_steps=max_steps, checkpoint_every_n_steps=max_steps)
-    digest = hashlib.sha256(json.dumps(config.to_json(), sort_keys=True).encode()).hexdigest()[:8]
-    out = work / f"lora-tiny-s-steps{max_steps}-{digest}"  # another config never resumes this run
+    config = LoraHyperparameters(max_steps=max_steps, checkpoint_every_n_steps=max_steps)
+    out = work / f"lora-tiny-s-steps{max_steps}-{config.fingerprint()}"  # another config never resumes this run
     started = time.perf_counter()
     try:
         result = train_lora(model_dir, data["train"], data["validation"], record.makers, out, config)
@@ -308,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         action="append",
         default=None,
-        help="LoRA run length in steps, repeatable (default: 80, LoraTrainingConfig's default, and 300; "
-        "20 with --small); every other setting is LoraTrainingConfig's default",
+        help="LoRA run length in steps, repeatable (default: 80 and 300; 20 with --small); "
+        "every other setting is its LoraHyperparameters default",
     )
     parser.add_argument(
         "--threads",
@@ -368,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     training: dict = {"skipped": "--no-train"} if args.no_train else {}
     for steps in [] if args.no_train else train_steps:
         print(
-            f"training a {steps}-step LoRA adapter (train_lora, LoraTrainingConfig defaults otherwise)...", flush=True
+            f"training a {steps}-step LoRA adapter (train_lora, LoraHyperparameters defaults otherwise)...", flush=True
         )
         checkpoint, info = train_adapter(model_dir, record, work, steps)
         training[f"{steps}_steps"] = info

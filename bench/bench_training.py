@@ -5,13 +5,13 @@
 
 What is measured
 ----------------
-Both variants run `car_maker_pipeline.training.lora.build_trainer` (TRL `SFTTrainer` + PEFT LoRA,
+Both variants run `car_maker_pipeline.training.trainer.build_trainer` (TRL `SFTTrainer` + PEFT LoRA,
 loss on the answer tokens only) on the same model, the same training rows in the same order (seed
 0), the same learning rate, LoRA targets, r/alpha and optimizer. Only the three knobs the tutorial
 set differently change:
 
 - ours      `per_device_train_batch_size=32`, `gradient_accumulation_steps=1`, gradient checkpointing off
-            (`LoraTrainingConfig`'s defaults)
+            (`LoraHyperparameters`' defaults)
 - tutorial  `per_device_train_batch_size=1`, `gradient_accumulation_steps=16`, gradient checkpointing on
 
 Each run trains on the same number of samples (`--samples`, rounded to a multiple of 32 and 16), so
@@ -53,7 +53,9 @@ from _common import (  # noqa: E402
 )
 
 from car_maker_pipeline.offline.tiny_models import build_tiny_model  # noqa: E402
-from car_maker_pipeline.training.lora import LoraTrainingConfig, build_sft_dataset, build_trainer  # noqa: E402
+from car_maker_pipeline.training.config import LoraHyperparameters  # noqa: E402
+from car_maker_pipeline.training.sft_data import build_sft_dataset  # noqa: E402
+from car_maker_pipeline.training.trainer import build_trainer  # noqa: E402
 
 NAME = "bench_training"
 TRAIN_PER_MAKER, TEST_PER_MAKER = 240, 10  # 6 makers -> 1,440 train rows (1,296 + 144 validation)
@@ -92,7 +94,7 @@ def train_once(
     knobs = VARIANTS[variant]
     per_step = knobs["per_device_train_batch_size"] * knobs["gradient_accumulation_steps"]
     steps = samples // per_step
-    config = LoraTrainingConfig(
+    config = LoraHyperparameters(
         learning_rate=learning_rate,
         max_steps=steps,
         checkpoint_every_n_steps=steps,
@@ -142,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=None, help="repetitions of each variant (default 3; 2 with --small)"
     )
     parser.add_argument("--model", default="tiny-s", help="tiny demo model to train (tiny-s, tiny-m, tiny-l)")
-    parser.add_argument("--learning-rate", type=float, default=LoraTrainingConfig.learning_rate)
+    parser.add_argument(
+        "--learning-rate", type=float, default=LoraHyperparameters.model_fields["learning_rate"].default
+    )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "car_maker_bench")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{NAME}.json", help="JSON results path")
     parser.add_argument(

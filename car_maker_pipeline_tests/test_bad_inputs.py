@@ -18,6 +18,7 @@
 | 14 | LoRA r = 0                                         | same                                                                  | (same, parametrized) |
 | 15 | checkpoint interval larger than the run            | same                                                                  | (same, parametrized) |
 | 16 | batch size 0                                       | same                                                                  | (same, parametrized) |
+| 16b | LoRA dropout 1.0; empty target_modules list       | same                                                                  | (same, parametrized) |
 | 17 | prompt without the `{makers}` placeholder          | rejected by config validation, names the placeholder                  | test_prompt_without_the_maker_list_is_rejected |
 | 18 | checkpoint directory from another base model       | AdapterMismatchError naming both models                               | test_checkpoint_from_another_base_model_is_rejected |
 | 19 | model folder with pickled weights only (no safetensors) | ModelLoadError naming the missing safetensors                    | test_model_folder_without_safetensors_is_rejected |
@@ -279,16 +280,18 @@ def _rejected(materialized, asset, config: dict, partition="tiny-s") -> str:
         ("lora_r", 0, r"lora_r\s+Input should be greater than 0"),
         ("per_device_train_batch_size", 0, r"per_device_train_batch_size\s+Input should be greater than 0"),
         ("checkpoint_every_n_steps", 500, r"checkpoint_every_n_steps \(500\) is larger than max_steps \(400\)"),
+        ("lora_dropout", 1.0, r"lora_dropout\s+Input should be less than 1"),
+        ("target_modules", [], r"target_modules\s+List should have at least 1 item"),
     ],
 )
 def test_out_of_range_hyperparameters_are_rejected_before_training(materialized, field, value, expected):
-    from car_maker_pipeline.orchestration.assets.training import LoraConfig, lora_checkpoints
-    from car_maker_pipeline.training.lora import LoraTrainingConfig, LoraTrainingError
+    from car_maker_pipeline.orchestration.assets.training import LoraTrainingConfig, lora_checkpoints
+    from car_maker_pipeline.training.config import LoraHyperparameters
 
     with pytest.raises(ValueError, match=expected):
-        LoraConfig(**{field: value})
-    with pytest.raises(LoraTrainingError, match=field):  # the plain function's own config says the same
         LoraTrainingConfig(**{field: value})
+    with pytest.raises(ValueError, match=expected):  # the plain functions take the same schema
+        LoraHyperparameters(**{field: value})
     assert re.search(expected, _rejected(materialized, lora_checkpoints, {field: value}))
 
 
@@ -336,7 +339,7 @@ def test_model_folder_without_safetensors_is_rejected(tmp_path, tiny_model_dir):
 
 
 def test_lora_target_that_matches_nothing_is_rejected(tiny_model):
-    from car_maker_pipeline.training.lora import LoraTrainingError, match_target_modules
+    from car_maker_pipeline.training.targets import LoraTrainingError, match_target_modules
 
     with pytest.raises(LoraTrainingError) as error:
         match_target_modules(tiny_model.model, ["q_proj", "gate_proj", "o_proj"])

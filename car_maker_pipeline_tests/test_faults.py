@@ -172,7 +172,7 @@ def _mlflow_runs(env) -> dict[tuple[str, str], int]:
 
 
 def _leftovers(env) -> list[str]:
-    from car_maker_pipeline.training.lora import is_complete_checkpoint
+    from car_maker_pipeline.training.checkpoints import is_complete_checkpoint
 
     home = Path(env["CAR_MAKER_HOME"])
     temporaries = [str(p) for p in home.rglob("*") if ".tmp-" in p.name or p.name.startswith("tmp-checkpoint")]
@@ -285,7 +285,7 @@ class MlflowServer:
 
 
 def test_mlflow_down_mid_training_fails_clearly_and_the_rerun_completes_the_record(tmp_path):
-    from car_maker_pipeline.training.lora import complete_checkpoints
+    from car_maker_pipeline.training.checkpoints import complete_checkpoints
 
     server = MlflowServer(tmp_path / "mlflow").start()
     # No retries: the dead server is noticed at once (the resource's own default is 2 retries).

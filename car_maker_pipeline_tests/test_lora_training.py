@@ -15,16 +15,15 @@ import pytest
 import torch
 
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
-from car_maker_pipeline.training.lora import (
+from car_maker_pipeline.training.checkpoints import (
     CHECKPOINT_MARKER,
     INCOMPLETE_DIR,
-    LoraTrainingConfig,
-    LoraTrainingError,
-    build_trainer,
     complete_checkpoints,
     is_complete_checkpoint,
-    train_lora,
 )
+from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
+from car_maker_pipeline.training.targets import count_adapted_layers
+from car_maker_pipeline.training.trainer import build_trainer, train_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_HF_TOKEN = "hf_FAKEtokenTHATmustNEVERbeSAVED0123456789"
@@ -69,13 +68,110 @@ def task(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------------
+# One hyperparameter schema: plain functions, Dagster run config, TRL and PEFT
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_run_config_is_the_hyperparameter_schema_plus_the_process_count():
+    from car_maker_pipeline.orchestration.assets.training import LoraTrainingConfig
+
+    plain, run_config = LoraHyperparameters(), LoraTrainingConfig()
+    assert set(LoraTrainingConfig.model_fields) == set(LoraHyperparameters.model_fields) | {"num_processes"}
+    assert isinstance(run_config, LoraHyperparameters)
+    assert run_config.to_json() == plain.to_json()  # the launch setting is not a hyperparameter
+    chosen = {"learning_rate": 2e-4, "lora_r": 4, "target_modules": ["q_proj"], "warmup_steps": 0, "bf16": False}
+    assert LoraTrainingConfig(**chosen, num_processes=2).to_json() == LoraHyperparameters(**chosen).to_json()
+
+
+def test_trl_and_peft_settings_come_from_the_hyperparameters(tmp_path):
+    hyper = LoraHyperparameters(
+        learning_rate=2e-4,
+        max_steps=120,
+        checkpoint_every_n_steps=30,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=8,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "v_proj"],
+        seed=7,
+        gradient_checkpointing=True,
+        lr_scheduler_type="cosine",
+        bf16=False,
+    )
+    sft = hyper.to_sft_config(str(tmp_path), evaluate=True)
+    assert (sft.learning_rate, sft.max_steps, sft.save_steps, sft.eval_steps) == (2e-4, 120, 30, 30)
+    assert (sft.per_device_train_batch_size, sft.gradient_accumulation_steps, sft.seed, sft.data_seed) == (4, 8, 7, 7)
+    assert sft.gradient_checkpointing and sft.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert sft.lr_scheduler_type == "cosine" and sft.eval_strategy == "steps" and not sft.bf16
+    assert sft.completion_only_loss and sft.max_length is None and sft.report_to == []
+    assert hyper.to_sft_config(str(tmp_path), evaluate=False).eval_strategy == "no"
+    peft = hyper.to_peft_config()
+    assert (peft.r, peft.lora_alpha, peft.lora_dropout, set(peft.target_modules)) == (
+        16,
+        32,
+        0.05,
+        {"q_proj", "v_proj"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "num_processes", "folder_suffix"),
+    [  # the names training folders got before the schema was unified: a rerun must find them again
+        ({}, 1, "ecd59c2dd8"),
+        ({}, 2, "d3648834f4"),
+        ({"max_steps": 8, "checkpoint_every_n_steps": 4, "per_device_train_batch_size": 4}, 1, "0d40d998ae"),
+        (
+            {
+                "learning_rate": 1e-3,
+                "target_modules": ["q_proj", "v_proj"],
+                "vision_lr_scale": 0.1,
+                "gradient_checkpointing": True,
+                "lora_dropout": 0.05,
+                "seed": 3,
+            },
+            1,
+            "86ff2cb255",
+        ),
+    ],
+)
+def test_training_folder_names_are_stable_across_releases(values, num_processes, folder_suffix):
+    assert LoraHyperparameters(**values).fingerprint(num_processes=num_processes) == folder_suffix
+
+
+def test_a_setting_added_later_names_a_new_folder_only_when_changed():
+    default = LoraHyperparameters().fingerprint(num_processes=1)
+    assert LoraHyperparameters(warmup_steps=5).fingerprint(num_processes=1) == default  # 5 is the default
+    changed = {LoraHyperparameters(**v).fingerprint(num_processes=1) for v in ({"warmup_steps": 0}, {"bf16": True})}
+    assert default not in changed and len(changed) == 2
+
+
+def test_a_folder_started_by_an_earlier_release_resumes_and_another_run_is_refused(tmp_path):
+    from car_maker_pipeline.training.checkpoints import RUN_SETTINGS_FILE, check_run_settings, mark_checkpoint_complete
+
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
+        (checkpoint / name).write_text("{}")
+    mark_checkpoint_complete(checkpoint, 4)
+    earlier = {**LoraHyperparameters().to_json(), "num_train_epochs": 1.0}  # a field that no longer exists
+    del earlier["dataloader_num_workers"]  # and one that did not exist yet (compares as its default)
+    (out / RUN_SETTINGS_FILE).write_text(json.dumps({"config": earlier, "makers": ["A", "B"], "model": "m"}))
+
+    check_run_settings(out, LoraHyperparameters(), ["A", "B"], "m")
+    with pytest.raises(LoraTrainingError, match=r"different settings \(learning_rate, makers\)"):
+        check_run_settings(out, LoraHyperparameters(learning_rate=1e-3), ["A", "C"], "m")
+
+
+# --------------------------------------------------------------------------------------------
 # (b) labels: loss only on the answer
 # --------------------------------------------------------------------------------------------
 
 
 def test_labels_cover_only_the_answer_and_end_of_turn(model_dir, task, tmp_path):
     train, validation, makers, _ = task
-    trainer, _ = build_trainer(model_dir, train, validation, makers, tmp_path / "run", LoraTrainingConfig())
+    trainer, _ = build_trainer(model_dir, train, validation, makers, tmp_path / "run", LoraHyperparameters())
     processor = trainer.processing_class
     tokenizer = processor.tokenizer
     image_id = trainer.model.config.image_token_id
@@ -127,7 +223,7 @@ def test_labels_cover_only_the_answer_and_end_of_turn(model_dir, task, tmp_path)
 
 def test_unknown_target_module_fails_before_anything_is_written(model_dir, task, tmp_path):
     train, validation, makers, _ = task
-    config = LoraTrainingConfig(
+    config = LoraHyperparameters(
         target_modules=("q_proj", "o_proj", "gate_proj"), max_steps=2, checkpoint_every_n_steps=2
     )
     with pytest.raises(LoraTrainingError) as error:
@@ -148,21 +244,19 @@ def test_maker_outside_the_list_is_rejected(model_dir, task, tmp_path):
             validation,
             makers[:5],
             tmp_path / "run",
-            LoraTrainingConfig(max_steps=2, checkpoint_every_n_steps=2),
+            LoraHyperparameters(max_steps=2, checkpoint_every_n_steps=2),
         )
 
 
 def test_default_targets_follow_liquids_recipe_and_vision_lr_is_scaled(model_dir, task, tmp_path):
     train, validation, makers, _ = task
-    config = LoraTrainingConfig(vision_lr_scale=0.1, learning_rate=1e-3)
+    config = LoraHyperparameters(vision_lr_scale=0.1, learning_rate=1e-3)
     trainer, matched = build_trainer(model_dir, train, validation, makers, tmp_path / "run", config)
     # out_proj hits the attention output projections and the LM's short-conv output projection.
     assert any(name.endswith("conv.out_proj") for name in matched["out_proj"])
     assert any(".vision_tower." in name for name in matched["out_proj"])
     assert all(name.endswith("conv.in_proj") for name in matched["in_proj"])
     assert not any("feed_forward" in name for names in matched.values() for name in names)
-    from car_maker_pipeline.training.lora import count_adapted_layers
-
     counts, names = count_adapted_layers(trainer.model)
     # tiny-s: 2 vision layers x (q,k,v,out,fc1,fc2); projector 2; LM 3 attention x 4 + 1 conv x 2
     assert counts == {"vision_tower": 12, "projector": 2, "language_model": 14}
@@ -201,7 +295,7 @@ def test_training_lowers_validation_loss_and_checkpoints_every_n_steps(model_dir
             self.evals.append((state.global_step, metrics["eval_loss"]))
 
     recorder = Recorder()
-    config = LoraTrainingConfig(max_steps=80, checkpoint_every_n_steps=20, per_device_train_batch_size=16)
+    config = LoraHyperparameters(max_steps=80, checkpoint_every_n_steps=20, per_device_train_batch_size=16)
     result = train_lora(model_dir, train, validation, makers, tmp_path / "run", config, callbacks=[recorder])
 
     assert result.global_step == 80
@@ -252,7 +346,8 @@ _RUNNER = textwrap.dedent(
     import json, os, sys, time
     import datasets
     from transformers import TrainerCallback
-    from car_maker_pipeline.training.lora import LoraTrainingConfig, train_lora
+    from car_maker_pipeline.training.config import LoraHyperparameters
+    from car_maker_pipeline.training.trainer import train_lora
 
     model_dir, data_dir, out_dir, max_steps, every = sys.argv[1:6]
     delay = float(os.environ.get("STEP_DELAY_S", "0"))
@@ -264,7 +359,7 @@ _RUNNER = textwrap.dedent(
     train = datasets.load_from_disk(os.path.join(data_dir, "train"))
     validation = datasets.load_from_disk(os.path.join(data_dir, "validation"))
     makers = sorted(set(train["maker"]))
-    config = LoraTrainingConfig(max_steps=int(max_steps), checkpoint_every_n_steps=int(every), logging_steps=1,
+    config = LoraHyperparameters(max_steps=int(max_steps), checkpoint_every_n_steps=int(every), logging_steps=1,
                                 per_device_train_batch_size=8)
     result = train_lora(model_dir, train, validation, makers, out_dir, config, callbacks=[Slow()] if delay else None)
     print("RESULT " + json.dumps(result.to_json()), flush=True)

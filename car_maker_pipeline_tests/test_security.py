@@ -37,7 +37,7 @@ def test_remote_code_in_a_model_folder_is_never_executed(tmp_path, tiny_model_di
 
 
 def test_only_checkpoints_this_pipeline_completed_are_resumed(tmp_path):
-    from car_maker_pipeline.training.lora import (
+    from car_maker_pipeline.training.checkpoints import (
         CHECKPOINT_MARKER,
         CHECKPOINT_REQUIRED_FILES,
         complete_checkpoints,

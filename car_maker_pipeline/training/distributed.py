@@ -4,60 +4,108 @@
 
 (`--multi_gpu` is accelerate's torchrun launcher; without CUDA the processes use gloo on the CPU.)
 
-The `lora_checkpoints` asset writes REQUEST.json (model, stored maker dataset, makers, output folder,
-hyperparameters, MLflow run) and starts this module through Dagster Pipes (`PipesSubprocessClient`) when
-`num_processes > 1`. Every process trains on its shard of each batch (DDP: gloo on CPU, NCCL on GPUs);
-only rank 0 talks to Dagster (Pipes logs and the result) and to MLflow (the loss callback checks
-`is_world_process_zero`), and only rank 0 writes checkpoints and their completion markers. The same
-`train_lora` runs here as in one process, so the checkpoints, the adapter and the MLflow run are the
-same things, and a killed run resumes the same way.
+`train_distributed` writes REQUEST.json (model, stored maker dataset, makers, output folder,
+hyperparameters, MLflow run) and hands the `accelerate launch` command to a launcher: the
+`lora_checkpoints` asset passes one that runs it through Dagster Pipes (`PipesSubprocessClient`) and
+returns the messages the processes reported. Every process trains on its shard of each batch (DDP:
+gloo on CPU, NCCL on GPUs); only rank 0 talks to Dagster (Pipes logs and the result) and to MLflow
+(the loss callback checks `is_world_process_zero`), and only rank 0 writes checkpoints and their
+completion markers. The same `train_lora` runs here as in one process, so the checkpoints, the
+adapter and the MLflow run are the same things, and a killed run resumes the same way.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
+
+import datasets
+
+from car_maker_pipeline.storage import write_json_atomic
+from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
+from car_maker_pipeline.training.mlflow_callback import MlflowLossCallback
+from car_maker_pipeline.training.trainer import LoraTrainingResult, train_lora
+
+REQUEST_FILE = "distributed_request.json"
+
+# Runs a command line to its end and returns the custom messages its processes reported.
+Launcher = Callable[[list[str]], Iterable[Any]]
 
 
-def write_request(
-    path: Path,
+def accelerate_command(num_processes: int, request: Path) -> list[str]:
+    """`accelerate launch` of this module over `num_processes` local processes, meeting on a free loopback port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--dynamo_backend",
+        "no",
+        "--mixed_precision",
+        "no",
+        # accelerate's torchrun-based launcher; without CUDA the processes meet over gloo on the CPU
+        # (its `--cpu` flag would instead need mpirun for more than one process).
+        "--multi_gpu",
+        "-m",
+        "car_maker_pipeline.training.distributed",
+        str(request),
+    ]
+
+
+def train_distributed(
+    num_processes: int,
+    launch: Launcher,
     *,
     model_dir: str,
     dataset_path: str,
     makers: list[str],
-    output_dir: str,
-    config: dict,
+    output_dir: Path,
+    hyperparameters: LoraHyperparameters,
     mlflow_run_id: str,
     tracking_uri: str,
-    pending_path: str,
-) -> Path:
-    from car_maker_pipeline.storage import write_json_atomic
-
+    pending_path: Path,
+) -> tuple[LoraTrainingResult, int]:
+    """Train over `num_processes` processes; returns rank 0's result and the world size it reported."""
+    request = output_dir / REQUEST_FILE
     write_json_atomic(
-        path,
+        request,
         {
             "model_dir": model_dir,
             "dataset_path": dataset_path,
             "makers": makers,
-            "output_dir": output_dir,
-            "config": config,
+            "output_dir": str(output_dir),
+            "config": hyperparameters.to_json(),
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": tracking_uri,
-            "pending_path": pending_path,
+            "pending_path": str(pending_path),
         },
     )
-    return path
+    messages = launch(accelerate_command(num_processes, request))
+    reports = [message for message in messages if isinstance(message, dict) and "result" in message]
+    if not reports:
+        raise LoraTrainingError(
+            f"The {num_processes}-process training ended without a result from rank 0; see the logs above."
+        )
+    return LoraTrainingResult.from_json(reports[-1]["result"]), int(reports[-1]["world_size"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    import datasets
-
-    from car_maker_pipeline.training.lora import LoraTrainingConfig, train_lora
-    from car_maker_pipeline.training.mlflow_callback import MlflowLossCallback
-
+    """One process of a distributed run: train on its shard; rank 0 reports the result through Pipes."""
     argv = sys.argv[1:] if argv is None else argv
     request = json.loads(Path(argv[0]).read_text())
     rank = int(os.environ.get("RANK", "0"))
@@ -67,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         if context is not None:
             context.log.info(f"rank 0 of {world} processes: training {request['model_dir']}")
         data = datasets.load_from_disk(request["dataset_path"])
-        config = LoraTrainingConfig(**request["config"])
         losses = MlflowLossCallback(
             request["mlflow_run_id"], request["tracking_uri"], pending_path=request["pending_path"]
         )
@@ -77,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             data["validation"],
             request["makers"],
             request["output_dir"],
-            config,
+            LoraHyperparameters(**request["config"]),
             callbacks=[losses],
         )
         if context is not None:

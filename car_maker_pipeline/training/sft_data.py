@@ -1,0 +1,61 @@
+"""The training data as TRL sees it: prompt/completion vision examples built from `image` + `maker` rows.
+
+Each row becomes a TRL prompt/completion vision example: the prompt is `PromptTemplate().messages(makers)`
+(system message, then the image and the question with the list of makers), the completion is the
+assistant's bare maker name, and the image rides along in the `image` column. TRL's
+`DataCollatorForVisionLanguageModeling` then renders prompt and completion with the processor's
+chat template, tokenizes them separately and sets the labels of every prompt token (system text,
+image placeholders, question, `<|im_start|>assistant\\n`) and of the padding to -100: the loss is on
+the answer tokens, the `<|im_end|>` that closes the turn and the newline the template writes after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from car_maker_pipeline.model_inputs.images import model_ready
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
+from car_maker_pipeline.training.config import LoraTrainingError
+
+
+def check_training_data(dataset, makers: Sequence[str]) -> list[str]:
+    """The dataset's makers; raises if a column is missing, it is empty or has a maker not in `makers`."""
+    missing = [c for c in ("image", "maker") if c not in dataset.column_names]
+    if missing:
+        raise LoraTrainingError(
+            f"The training data needs columns 'image' and 'maker'; missing {missing} (has {dataset.column_names})."
+        )
+    if len(dataset) == 0:
+        raise LoraTrainingError("The training data is empty.")
+    labels = list(dataset["maker"])
+    unknown = sorted(set(labels) - set(makers))
+    if unknown:
+        raise LoraTrainingError(f"Makers {unknown} appear in the data but not in the maker list {list(makers)}.")
+    return labels
+
+
+def build_sft_dataset(dataset, makers: Sequence[str], prompt: PromptTemplate | None = None):
+    """Turn an `image` + `maker` dataset into a TRL prompt/completion vision dataset (checked first).
+
+    Columns: `prompt` (the chat messages up to the answer, one image placeholder), `completion`
+    (the assistant message with the bare maker name) and `image` (TRL's collator turns it into
+    `images=[image]`). The image column is carried over without being decoded or re-encoded; a
+    read-time transform prepares each picture exactly as the evaluator does, so train = test.
+    """
+    prompt = prompt or PromptTemplate()
+    makers = list(makers)
+    labels = check_training_data(dataset, makers)
+    messages = prompt.messages(makers)
+    extra = [c for c in dataset.column_names if c not in ("image", "maker")]
+    out = dataset.remove_columns(extra) if extra else dataset
+    out = out.add_column("prompt", [messages] * len(out))
+    out = out.add_column("completion", [prompt.answer_messages(m) for m in labels])
+    out = out.remove_columns(["maker"])
+    # LFM2-VL's image processor fails on grayscale, palette, RGBA and CMYK pictures and on batches mixing
+    # extreme strips with photos: prepare on read.
+    return out.with_transform(_model_ready_images)
+
+
+def _model_ready_images(batch: dict[str, list]) -> dict[str, list]:
+    batch["image"] = [model_ready(image) for image in batch["image"]]
+    return batch

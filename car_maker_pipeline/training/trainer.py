@@ -1,0 +1,241 @@
+"""LoRA fine-tuning of an LFM2-VL model into a car-maker classifier: plain functions, no Dagster.
+
+    result = train_lora(model_dir, train_ds, val_ds, makers, output_dir, LoraHyperparameters())
+
+The datasets have an `image` column (PIL images) and a `maker` column (str); sft_data.py turns them
+into TRL prompt/completion examples with the loss on the answer only. `build_trainer` checks the
+target modules (targets.py) and the data before it creates anything, then builds TRL's `SFTTrainer`
+with PEFT LoRA from the hyperparameters (config.py). `train_lora` trains, checkpointing every
+`checkpoint_every_n_steps` steps and resuming from the newest complete checkpoint of `output_dir`
+(checkpoints.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trl import SFTTrainer
+
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
+from car_maker_pipeline.models.loading import load_model_and_processor
+from car_maker_pipeline.training.checkpoints import (
+    CheckpointCompletionCallback,
+    check_run_settings,
+    complete_checkpoints,
+    finished_state,
+    resume_point,
+)
+from car_maker_pipeline.training.config import LoraHyperparameters
+from car_maker_pipeline.training.sft_data import build_sft_dataset
+from car_maker_pipeline.training.targets import component_of, count_adapted_layers, match_target_modules
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraTrainingResult:
+    output_dir: Path
+    checkpoints: dict[int, Path]  # complete checkpoints by global step
+    final_checkpoint: Path  # the checkpoint at `global_step`: adapter + processor
+    global_step: int
+    max_steps: int
+    train_loss: list[tuple[int, float]]  # (step, loss) as logged
+    val_loss: list[tuple[int, float]]  # (step, eval_loss), one per checkpoint
+    log_history: list[dict[str, Any]]  # the Trainer's full log history
+    adapted_layers: dict[str, int]  # per component: vision_tower, projector, language_model
+    adapted_layers_by_target: dict[str, int]  # per configured target module name
+    trainable_parameters: int
+    total_parameters: int
+    resumed_from: Path | None
+    train_seconds: float
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> LoraTrainingResult:
+        """The result another process reported (distributed training): everything but the full log history."""
+        return cls(
+            output_dir=Path(payload["output_dir"]),
+            checkpoints={int(step): Path(path) for step, path in payload["checkpoints"].items()},
+            final_checkpoint=Path(payload["final_checkpoint"]),
+            global_step=int(payload["global_step"]),
+            max_steps=int(payload["max_steps"]),
+            train_loss=[(int(step), float(loss)) for step, loss in payload["train_loss"]],
+            val_loss=[(int(step), float(loss)) for step, loss in payload["val_loss"]],
+            log_history=[],
+            adapted_layers=dict(payload["adapted_layers"]),
+            adapted_layers_by_target=dict(payload["adapted_layers_by_target"]),
+            trainable_parameters=int(payload["trainable_parameters"]),
+            total_parameters=int(payload["total_parameters"]),
+            resumed_from=Path(payload["resumed_from"]) if payload["resumed_from"] else None,
+            train_seconds=float(payload["train_seconds"]),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output_dir": str(self.output_dir),
+            "checkpoints": {str(step): str(path) for step, path in sorted(self.checkpoints.items())},
+            "final_checkpoint": str(self.final_checkpoint),
+            "global_step": self.global_step,
+            "max_steps": self.max_steps,
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "adapted_layers": self.adapted_layers,
+            "adapted_layers_by_target": self.adapted_layers_by_target,
+            "trainable_parameters": self.trainable_parameters,
+            "total_parameters": self.total_parameters,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "train_seconds": self.train_seconds,
+        }
+
+
+class LoraSFTTrainer(SFTTrainer):
+    """SFTTrainer whose optimizer can give the vision tower's LoRA weights a lower learning rate."""
+
+    def __init__(self, *args, vision_lr_scale: float = 1.0, **kwargs):
+        self.vision_lr_scale = vision_lr_scale
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or self.vision_lr_scale == 1.0:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, param in opt_model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault((component_of(name) == "vision_tower", name in decay), []).append(param)
+        param_groups = [
+            {
+                "params": params,
+                "weight_decay": self.args.weight_decay if decayed else 0.0,
+                "lr": self.args.learning_rate * (self.vision_lr_scale if vision else 1.0),
+            }
+            # A fixed order: the optimizer state of a resumed run is matched to its groups by position.
+            for (vision, decayed), params in sorted(groups.items())
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+def load_base_model(model_dir: str | os.PathLike, hyperparameters: LoraHyperparameters):
+    """The base model and processor, in fp32 (or bf16 weights when training in bf16 on a GPU).
+
+    Through the pipeline's one loader: safetensors only, never remote code, image token checked.
+    """
+    dtype = "bfloat16" if hyperparameters.use_bf16() else "float32"
+    loaded = load_model_and_processor(str(model_dir), device="cpu", dtype=dtype)
+    return loaded.model.train(), loaded.processor
+
+
+def build_trainer(
+    model_dir: str | os.PathLike,
+    train_dataset,
+    eval_dataset,
+    makers: Sequence[str],
+    output_dir: str | os.PathLike,
+    hyperparameters: LoraHyperparameters = LoraHyperparameters(),
+    callbacks: Sequence[Any] | None = None,
+    prompt: PromptTemplate | None = None,
+    model=None,
+    processor=None,
+):
+    """Check the target modules and the data, then build the TRL `SFTTrainer` (with PEFT LoRA) for one run.
+
+    The checks come first, so a request that cannot train raises `LoraTrainingError` before
+    anything is created on disk. Returns `(trainer, matched)` where `matched` maps each target name
+    to the module names it adapts. `model`/`processor` may be passed in already loaded from `model_dir`.
+    """
+    if model is None or processor is None:
+        model, processor = load_base_model(model_dir, hyperparameters)
+    matched = match_target_modules(model, hyperparameters.target_modules)
+    train_sft = build_sft_dataset(train_dataset, makers, prompt)
+    eval_sft = build_sft_dataset(eval_dataset, makers, prompt) if eval_dataset is not None else None
+    trainer = LoraSFTTrainer(
+        model=model,
+        args=hyperparameters.to_sft_config(str(output_dir), evaluate=eval_sft is not None),
+        train_dataset=train_sft,
+        eval_dataset=eval_sft,
+        processing_class=processor,
+        peft_config=hyperparameters.to_peft_config(),
+        callbacks=[CheckpointCompletionCallback(), *(callbacks or [])],
+        vision_lr_scale=hyperparameters.vision_lr_scale,
+    )
+    return trainer, matched
+
+
+def train_lora(
+    model_dir: str | os.PathLike,
+    train_dataset,
+    eval_dataset,
+    makers: Sequence[str],
+    output_dir: str | os.PathLike,
+    hyperparameters: LoraHyperparameters = LoraHyperparameters(),
+    callbacks: Sequence[Any] | None = None,
+    prompt: PromptTemplate | None = None,
+) -> LoraTrainingResult:
+    """Train a LoRA adapter on `model_dir`; resume from the newest complete checkpoint in `output_dir`.
+
+    `train_dataset`/`eval_dataset`: `datasets.Dataset` with `image` (PIL) and `maker` (str) columns.
+    `callbacks`: extra `transformers.TrainerCallback`s (e.g. to report to MLflow); they see every
+    log, evaluation and save. Raises `LoraTrainingError` before training when a target module
+    matches nothing, the data has a maker outside `makers`, or `output_dir` holds another run.
+    A run that already reached `max_steps` is not trained again: its result comes back as it was.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings the Hub at trainer creation otherwise
+    out = Path(output_dir)
+    trainer, matched = build_trainer(
+        model_dir, train_dataset, eval_dataset, makers, out, hyperparameters, callbacks, prompt
+    )
+    check_run_settings(out, hyperparameters, list(makers), str(model_dir))
+    resume = resume_point(out)
+    finished = finished_state(resume)
+    if finished is not None:
+        logger.info("Run in %s already finished at step %s; not training again.", out, finished["global_step"])
+        return _result(out, trainer, matched, finished, resume, 0.0)
+
+    counts, _ = count_adapted_layers(trainer.model)
+    logger.info("LoRA adapts %s layers (%s)", sum(counts.values()), counts)
+    if resume is not None:
+        logger.info("Resuming LoRA training from %s", resume)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    state = {
+        "global_step": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "log_history": trainer.state.log_history,
+    }
+    return _result(out, trainer, matched, state, resume, time.perf_counter() - started)
+
+
+def _result(out: Path, trainer, matched, state: dict[str, Any], resumed_from, seconds) -> LoraTrainingResult:
+    """What the run produced; `state` is the trainer state (`global_step`, `max_steps`, `log_history`)."""
+    global_step, log_history = int(state["global_step"]), state["log_history"]
+    counts, _ = count_adapted_layers(trainer.model)
+    checkpoints = complete_checkpoints(out)
+    final = checkpoints.get(global_step)
+    if final is None and not trainer.is_world_process_zero():
+        final = out / f"checkpoint-{global_step}"  # rank 0 writes the completion marker, maybe a moment later
+    if final is None:
+        raise RuntimeError(f"Training ended at step {global_step} but {out} holds no complete checkpoint for it.")
+    return LoraTrainingResult(
+        output_dir=out,
+        checkpoints=checkpoints,
+        final_checkpoint=final,
+        global_step=global_step,
+        max_steps=int(state["max_steps"]),
+        train_loss=[(int(e["step"]), float(e["loss"])) for e in log_history if "loss" in e],
+        val_loss=[(int(e["step"]), float(e["eval_loss"])) for e in log_history if "eval_loss" in e],
+        log_history=list(log_history),
+        adapted_layers=counts,
+        adapted_layers_by_target={target: len(names) for target, names in matched.items()},
+        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        total_parameters=sum(p.numel() for p in trainer.model.parameters()),
+        resumed_from=resumed_from,
+        train_seconds=seconds,
+    )
