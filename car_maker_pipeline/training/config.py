@@ -19,6 +19,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
+
+LENGTH_COLUMN = "length"  # image tokens per training picture, for the length-grouped sampler
+
 # Liquid's own VLM recipe (leap-finetune `LFM2_VLM_LORA_CONFIG`); targets.py says what they adapt.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "q_proj",
@@ -104,6 +108,17 @@ class LoraHyperparameters(BaseModel):
         default=None, description="bf16 mixed precision; unset: on a CUDA GPU that supports it, fp32 otherwise."
     )
     dataloader_num_workers: int = Field(default=0, ge=0)
+    # The image-token budget (the processor's own settings; unset keeps the model's). Recorded with the
+    # run, so its checkpoints are evaluated with the budget they were trained with.
+    min_image_tokens: int | None = Field(default=None, gt=0, description="Fewest image tokens per picture.")
+    max_image_tokens: int | None = Field(default=None, gt=0, description="Most image tokens per tile.")
+    do_image_splitting: bool | None = Field(default=None, description="Tile large pictures (+ a thumbnail).")
+    group_by_image_tokens: bool = Field(
+        default=False,
+        description="Draw batches of pictures with similar image-token counts (transformers' length-grouped "
+        "sampler), so a batch of mixed photo sizes does not pad every row to the largest. Worth it on real "
+        "photos; the demo's pictures are all one size.",
+    )
 
     @model_validator(mode="after")
     def _checkpoints_fit_in_the_run(self):
@@ -112,6 +127,7 @@ class LoraHyperparameters(BaseModel):
                 f"checkpoint_every_n_steps ({self.checkpoint_every_n_steps}) is larger than max_steps "
                 f"({self.max_steps}): no intermediate checkpoint would be written. Lower it or train longer."
             )
+        self.image_token_budget()  # ImageTokenBudgetError (a ValueError) when min > max
         if any(not name.strip() for name in self.target_modules):
             raise ValueError(f"target_modules holds an empty module name ({self.target_modules}); remove it.")
         return self
@@ -130,6 +146,9 @@ class LoraHyperparameters(BaseModel):
         }
         values.update(launch_settings)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+
+    def image_token_budget(self) -> ImageTokenBudget:
+        return ImageTokenBudget(self.min_image_tokens, self.max_image_tokens, self.do_image_splitting)
 
     def use_bf16(self) -> bool:
         import torch
@@ -165,6 +184,8 @@ class LoraHyperparameters(BaseModel):
             save_strategy="steps",
             save_steps=self.checkpoint_every_n_steps,
             save_total_limit=self.save_total_limit,
+            train_sampling_strategy="group_by_length" if self.group_by_image_tokens else "random",
+            length_column_name=LENGTH_COLUMN,
             save_only_model=False,  # optimizer, scheduler and RNG state too: resuming continues the same run
             eval_strategy="steps" if evaluate else "no",
             eval_steps=self.checkpoint_every_n_steps,

@@ -11,11 +11,15 @@ the answer tokens, the `<|im_end|>` that closes the turn and the newline the tem
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
-from car_maker_pipeline.model_inputs.images import model_ready
+from PIL import Image
+
+from car_maker_pipeline.model_inputs.image_tokens import image_token_count
+from car_maker_pipeline.model_inputs.images import model_ready, padded_size
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
-from car_maker_pipeline.training.config import LoraTrainingError
+from car_maker_pipeline.training.config import LENGTH_COLUMN, LoraTrainingError
 
 
 def check_training_data(dataset, makers: Sequence[str]) -> list[str]:
@@ -34,13 +38,15 @@ def check_training_data(dataset, makers: Sequence[str]) -> list[str]:
     return labels
 
 
-def build_sft_dataset(dataset, makers: Sequence[str], prompt: PromptTemplate | None = None):
+def build_sft_dataset(dataset, makers: Sequence[str], prompt: PromptTemplate | None = None, processor=None):
     """Turn an `image` + `maker` dataset into a TRL prompt/completion vision dataset (checked first).
 
     Columns: `prompt` (the chat messages up to the answer, one image placeholder), `completion`
     (the assistant message with the bare maker name) and `image` (TRL's collator turns it into
     `images=[image]`). The image column is carried over without being decoded or re-encoded; a
     read-time transform prepares each picture exactly as the evaluator does, so train = test.
+    With `processor`, a `length` column holds each picture's image tokens under that processor
+    (from the image header, nothing decoded), for batching pictures of similar cost together.
     """
     prompt = prompt or PromptTemplate()
     makers = list(makers)
@@ -51,11 +57,25 @@ def build_sft_dataset(dataset, makers: Sequence[str], prompt: PromptTemplate | N
     out = out.add_column("prompt", [messages] * len(out))
     out = out.add_column("completion", [prompt.answer_messages(m) for m in labels])
     out = out.remove_columns(["maker"])
+    if processor is not None:
+        out = out.add_column(LENGTH_COLUMN, image_token_lengths(dataset, processor))
     # LFM2-VL's image processor fails on grayscale, palette, RGBA and CMYK pictures and on batches mixing
     # extreme strips with photos: prepare on read.
     return out.with_transform(_model_ready_images)
 
 
+def image_token_lengths(dataset, processor) -> list[int]:
+    """Image tokens of every picture of `dataset` under `processor`, read from the stored bytes' headers."""
+    cells = dataset.with_format("arrow")["image"].to_pylist()
+    lengths = []
+    for cell in cells:
+        with Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as opened:
+            width, height = padded_size(*opened.size)
+        lengths.append(image_token_count(processor.image_processor, width, height))
+    return lengths
+
+
 def _model_ready_images(batch: dict[str, list]) -> dict[str, list]:
-    batch["image"] = [model_ready(image) for image in batch["image"]]
+    if "image" in batch:  # a read of other columns alone (the sampler's lengths) decodes nothing
+        batch["image"] = [model_ready(image) for image in batch["image"]]
     return batch
