@@ -281,6 +281,41 @@ def train_adapter(model_dir: Path, record, work: Path, max_steps: int) -> tuple[
 # --------------------------------------------------------------------------------------------------
 
 
+def padding_at_scale(processor, pictures: int, batch_size: int, sort_window: int, text_tokens: int) -> dict:
+    """Prompt tokens computed over real for `pictures` realistic sizes, batched in order vs. sorted.
+
+    No model runs: a row's length is the prompt's text tokens plus its image tokens under
+    `processor` (image_token_count, exact for LFM2-VL's processor), so this scales to the whole
+    test split in seconds and shows what batching alone wastes.
+    """
+    import numpy as np
+
+    from car_maker_pipeline.model_inputs.image_tokens import image_token_count
+    from car_maker_pipeline.model_inputs.images import padded_size
+    from car_maker_pipeline.offline.population import realistic_image_size
+
+    rng = np.random.default_rng(0)
+    lengths = [
+        text_tokens + image_token_count(processor.image_processor, *padded_size(*realistic_image_size(rng)))
+        for _ in range(pictures)
+    ]
+
+    def ratio(order: list[int]) -> float:
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches) / sum(lengths)
+
+    window = batch_size * sort_window
+    in_order = list(range(pictures))
+    sorted_order = [
+        i
+        for start in range(0, pictures, window)
+        for i in sorted(in_order[start : start + window], key=lengths.__getitem__)
+    ]
+    return {"pictures": pictures, "batch_size": batch_size, "sort_window": sort_window,
+            "padded_to_real_in_order": ratio(in_order), "padded_to_real_sorted": ratio(sorted_order),
+            "image_tokens_mean": float(np.mean(lengths)) - text_tokens}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="64 images, 2 repetitions, one 20-step LoRA run")
@@ -359,6 +394,15 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     model, processor = load_base(model_dir)
+    probe = MakerClassifier(model, processor, makers, batch_size=batch_size)
+    text_tokens = len(processor.tokenizer(probe.prompt_text)["input_ids"])
+    padding = padding_at_scale(processor, 8041, batch_size, probe.sort_window, text_tokens)
+    print(
+        f"padding over {padding['pictures']} realistic sizes, batch {batch_size} (no model run): "
+        f"padded/real {padding['padded_to_real_in_order']:.2f} in input order, "
+        f"{padding['padded_to_real_sorted']:.2f} sorted within windows of {batch_size * probe.sort_window}",
+        flush=True,
+    )
     results.append(compare(model_label, model, processor, makers, images, truth, repeats, batch_size))
     del model
 
@@ -456,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=batch_size,
         sizes=args.sizes,
         model_shape=args.model_shape,
+        padding_at_scale=padding,
         naive_max_new_tokens=MAX_NEW_TOKENS,
         repeats=repeats,
         training=training,

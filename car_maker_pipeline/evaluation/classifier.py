@@ -8,17 +8,20 @@ takes only as many decoding steps as its longest tokenization.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import datasets
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from car_maker_pipeline.evaluation.decoding import AnswerTrie, decode
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, image_token_count
-from car_maker_pipeline.model_inputs.images import model_ready
+from car_maker_pipeline.model_inputs.images import model_ready, padded_size
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 
 END_OF_TURN = "<|im_end|>"
@@ -107,7 +110,7 @@ class MakerClassifier:
         prompt: PromptTemplate | None = None,
         batch_size: int = 16,
         budget: ImageTokenBudget | None = None,
-        sort_window: int = 8,
+        sort_window: int = 64,
     ):
         if not makers:
             raise ClassifierError("The maker list is empty; there is nothing to classify into.")
@@ -145,9 +148,10 @@ class MakerClassifier:
     def prompt_hash(self) -> str:
         return self.prompt.fingerprint(self.makers)
 
-    def image_tokens(self, image) -> int:
-        """Image tokens this classifier's processor makes of a model-ready picture (no pixels touched)."""
-        return image_token_count(self.processor.image_processor, *image.size)
+    def image_tokens(self, picture) -> int:
+        """Image tokens this classifier's processor makes of a model-ready picture, or of a (width, height)."""
+        size = picture if isinstance(picture, tuple) else picture.size
+        return image_token_count(self.processor.image_processor, *size)
 
     def classify_batch(self, images: Sequence) -> list[Prediction]:
         """One batch, in the order given (no sorting): `classify` is the one to call for many images."""
@@ -177,20 +181,32 @@ class MakerClassifier:
         """Predictions in input order; batches are formed from pictures of similar token cost.
 
         A left-padded batch computes every row at the length of its longest, so pictures are sorted
-        by image tokens (computed from their size) within windows of `sort_window` batches, which
-        bounds how many decoded pictures are held at once, and the answers are put back in order.
+        by image tokens within windows of `sort_window` batches and the answers put back in order.
+        The cost comes from each picture's size alone, and a picture is prepared (decoded, RGB,
+        padded) only when its batch runs, so pictures opened lazily (`PIL.Image.open`, header only)
+        cost no pixel memory while they wait in a window.
         """
-        images = [model_ready(image) for image in images]
+        images = list(images)
         predictions: list[Prediction | None] = [None] * len(images)
         window = self.batch_size * self.sort_window
         for start in range(0, len(images), window):
             indices = range(start, min(start + window, len(images)))
-            ordered = sorted(indices, key=lambda i: (self.image_tokens(images[i]), i))
+            ordered = sorted(indices, key=lambda i: (self.image_tokens(_ready_size(images[i])), i))
             for offset in range(0, len(ordered), self.batch_size):
                 chunk = ordered[offset : offset + self.batch_size]
-                for index, prediction in zip(chunk, self._run_batch([images[i] for i in chunk])):
+                for index, prediction in zip(chunk, self._run_batch([model_ready(images[i]) for i in chunk])):
                     predictions[index] = prediction
         return predictions
+
+
+def _ready_size(image) -> tuple[int, int]:
+    """The size `model_ready` will give `image`, from its header (stored pictures are within the limits)."""
+    return padded_size(*image.size)
+
+
+def _lazy_pictures(cells: list[dict]) -> list:
+    """Stored image cells opened without decoding: the header is read, the pixels when first used."""
+    return [Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) for cell in cells]
 
 
 @dataclass
@@ -207,8 +223,9 @@ class EvaluationRun:
 def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = None) -> EvaluationRun:
     """Classify every image of a maker-dataset split (or the first `max_images`).
 
-    Rows are read one sorting window at a time (`classify` sorts within it), so at most
-    `batch_size x sort_window` decoded pictures are held in memory, whatever the split's size.
+    Rows are read one sorting window at a time as undecoded bytes (`classify` sorts them by cost and
+    decodes a batch at a time), so memory holds one window's compressed files and one batch's
+    pixels, whatever the split's size.
     """
     if split.num_rows == 0:
         raise ClassifierError(
@@ -223,9 +240,11 @@ def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = 
     started = time.perf_counter()
     rows = []
     window = classifier.batch_size * classifier.sort_window
+    stored = split.cast_column("image", datasets.Image(decode=False))
     for start in range(0, split.num_rows, window):
-        part = split[start : start + window]
-        for offset, (maker, prediction) in enumerate(zip(part["maker"], classifier.classify(part["image"]))):
+        part = stored[start : start + window]
+        pictures = _lazy_pictures(part["image"])
+        for offset, (maker, prediction) in enumerate(zip(part["maker"], classifier.classify(pictures))):
             rows.append(
                 {
                     "index": start + offset,
