@@ -17,7 +17,7 @@ import torch
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.training.checkpoints import (
     CHECKPOINT_MARKER,
-    INCOMPLETE_DIR,
+    QUARANTINE_DIR,
     complete_checkpoints,
     is_complete_checkpoint,
 )
@@ -387,6 +387,10 @@ def _result_of(process, timeout=180):
     return json.loads(line[len("RESULT ") :])
 
 
+def _adapter_size(checkpoint: Path) -> int:
+    return (checkpoint / "adapter_model.safetensors").stat().st_size
+
+
 def _adapter(path):
     from safetensors.torch import load_file
 
@@ -437,8 +441,14 @@ def test_resume_after_sigkill_ignores_a_half_written_checkpoint(model_dir, task,
     assert resumed["global_step"] == reference["global_step"] == max_steps
     assert resumed["resumed_from"] == str(done[newest])
     assert sorted(map(int, resumed["checkpoints"])) == list(range(every, max_steps + 1, every))
-    moved = sorted(p.name for p in (out / INCOMPLETE_DIR).iterdir())
+    moved = sorted(p.name for p in (out / QUARANTINE_DIR).iterdir())
     assert any(name.startswith(half.name + "-") for name in moved)
+    why = {q["step"]: q["problems"] for q in resumed["quarantined"]}
+    assert why[newest + every] == ["no completion marker: the save was interrupted, or this pipeline did not write it"]
+    if newest + 2 * every < max_steps:  # the truncated copy was made
+        assert why[newest + 2 * every] == [
+            f"adapter_model.safetensors has 50 bytes; {_adapter_size(done[newest])} were written"
+        ]
 
     # Resuming restored optimizer, scheduler, RNG and data order: the adapters match the uninterrupted run's.
     final_resumed = _adapter(resumed["final_checkpoint"])

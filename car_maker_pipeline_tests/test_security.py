@@ -41,7 +41,7 @@ def test_only_checkpoints_this_pipeline_completed_are_resumed(tmp_path):
         CHECKPOINT_MARKER,
         CHECKPOINT_REQUIRED_FILES,
         complete_checkpoints,
-        quarantine_incomplete_checkpoints,
+        quarantine_unusable_checkpoints,
     )
 
     run = tmp_path / "run"
@@ -60,8 +60,8 @@ def test_only_checkpoints_this_pipeline_completed_are_resumed(tmp_path):
     (tampered / "adapter_model.safetensors").write_bytes(b"a different, larger adapter")
 
     assert list(complete_checkpoints(run)) == [10]
-    moved = quarantine_incomplete_checkpoints(run)
-    assert sorted(p.name.rsplit("-", 1)[0] for p in moved) == ["checkpoint-20", "checkpoint-30"]
+    moved = quarantine_unusable_checkpoints(run)
+    assert sorted(q.moved_to.name.rsplit("-", 1)[0] for q in moved) == ["checkpoint-20", "checkpoint-30"]
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-10"]
 
 

@@ -126,6 +126,11 @@ def train_model(
         "dataset_path": dataset_record.path,
     }
     store.write_manifest(LORA_CHECKPOINTS, manifest, partition=model_key)
+    for quarantined in result.quarantined:
+        log.warning(
+            f"{model_key}: checkpoint-{quarantined.step} failed verification ({'; '.join(quarantined.problems)}) "
+            f"and was moved to {quarantined.moved_to}; training resumed from {result.resumed_from or 'the start'}."
+        )
     log.info(
         f"{model_key}: {result.global_step} steps, adapted layers {result.adapted_layers}, "
         f"resumed from {result.resumed_from}"

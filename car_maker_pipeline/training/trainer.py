@@ -6,8 +6,8 @@ The datasets have an `image` column (PIL images) and a `maker` column (str); sft
 into TRL prompt/completion examples with the loss on the answer only. `build_trainer` checks the
 target modules (targets.py) and the data before it creates anything, then builds TRL's `SFTTrainer`
 with PEFT LoRA from the hyperparameters (config.py). `train_lora` trains, checkpointing every
-`checkpoint_every_n_steps` steps and resuming from the newest complete checkpoint of `output_dir`
-(checkpoints.py).
+`checkpoint_every_n_steps` steps and resuming from the newest checkpoint of `output_dir` that passes
+verification (checkpoints.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import load_model_and_processor
 from car_maker_pipeline.training.checkpoints import (
     CheckpointCompletionCallback,
+    QuarantinedCheckpoint,
     check_run_settings,
     complete_checkpoints,
     finished_state,
@@ -54,6 +55,7 @@ class LoraTrainingResult:
     total_parameters: int
     resumed_from: Path | None
     train_seconds: float
+    quarantined: list[QuarantinedCheckpoint] = field(default_factory=list)  # moved aside by this call, and why
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> LoraTrainingResult:
@@ -73,6 +75,7 @@ class LoraTrainingResult:
             total_parameters=int(payload["total_parameters"]),
             resumed_from=Path(payload["resumed_from"]) if payload["resumed_from"] else None,
             train_seconds=float(payload["train_seconds"]),
+            quarantined=[QuarantinedCheckpoint.from_json(q) for q in payload.get("quarantined", [])],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -90,6 +93,7 @@ class LoraTrainingResult:
             "total_parameters": self.total_parameters,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "train_seconds": self.train_seconds,
+            "quarantined": [q.to_json() for q in self.quarantined],
         }
 
 
@@ -186,6 +190,8 @@ def train_lora(
     log, evaluation and save. Raises `LoraTrainingError` before training when a target module
     matches nothing, the data has a maker outside `makers`, or `output_dir` holds another run.
     A run that already reached `max_steps` is not trained again: its result comes back as it was.
+    Checkpoints that fail verification are quarantined first (listed in `quarantined`); the run
+    resumes from the newest good one and retrains the steps after it.
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings the Hub at trainer creation otherwise
     out = Path(output_dir)
@@ -193,11 +199,11 @@ def train_lora(
         model_dir, train_dataset, eval_dataset, makers, out, hyperparameters, callbacks, prompt
     )
     check_run_settings(out, hyperparameters, list(makers), str(model_dir))
-    resume = resume_point(out)
+    resume, quarantined = resume_point(out)
     finished = finished_state(resume)
     if finished is not None:
         logger.info("Run in %s already finished at step %s; not training again.", out, finished["global_step"])
-        return _result(out, trainer, matched, finished, resume, 0.0)
+        return _result(out, trainer, matched, finished, resume, 0.0, quarantined)
 
     counts, _ = count_adapted_layers(trainer.model)
     logger.info("LoRA adapts %s layers (%s)", sum(counts.values()), counts)
@@ -210,14 +216,16 @@ def train_lora(
         "max_steps": trainer.state.max_steps,
         "log_history": trainer.state.log_history,
     }
-    return _result(out, trainer, matched, state, resume, time.perf_counter() - started)
+    return _result(out, trainer, matched, state, resume, time.perf_counter() - started, quarantined)
 
 
-def _result(out: Path, trainer, matched, state: dict[str, Any], resumed_from, seconds) -> LoraTrainingResult:
+def _result(
+    out: Path, trainer, matched, state: dict[str, Any], resumed_from, seconds, quarantined
+) -> LoraTrainingResult:
     """What the run produced; `state` is the trainer state (`global_step`, `max_steps`, `log_history`)."""
     global_step, log_history = int(state["global_step"]), state["log_history"]
     counts, _ = count_adapted_layers(trainer.model)
-    checkpoints = complete_checkpoints(out)
+    checkpoints = complete_checkpoints(out, content=False)  # verified before resuming, or just written
     final = checkpoints.get(global_step)
     if final is None and not trainer.is_world_process_zero():
         final = out / f"checkpoint-{global_step}"  # rank 0 writes the completion marker, maybe a moment later
@@ -238,4 +246,5 @@ def _result(out: Path, trainer, matched, state: dict[str, Any], resumed_from, se
         total_parameters=sum(p.numel() for p in trainer.model.parameters()),
         resumed_from=resumed_from,
         train_seconds=seconds,
+        quarantined=quarantined,
     )

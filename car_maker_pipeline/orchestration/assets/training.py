@@ -33,7 +33,8 @@ class LoraTrainingConfig(dg.Config, LoraHyperparameters):
     description=(
         "LoRA fine-tuning with TRL's SFTTrainer (one partition per model): loss on the answer tokens only, "
         "adapters on LFM2-VL's real projection layers, a checkpoint (adapter + processor) every N steps. "
-        "Killed mid-run, the next materialization resumes from the last complete checkpoint in the same MLflow run."
+        "Killed mid-run, the next materialization resumes from the last complete checkpoint in the same MLflow run; "
+        "a checkpoint whose files changed after it was written is quarantined and its steps retrained."
     ),
 )
 def lora_checkpoints(
@@ -72,6 +73,7 @@ def lora_checkpoints(
             "final_train_loss": result.train_loss[-1][1] if result.train_loss else float("nan"),
             "final_val_loss": result.val_loss[-1][1] if result.val_loss else float("nan"),
             "resumed_from": str(result.resumed_from) if result.resumed_from else "",
+            "quarantined_checkpoints": dg.MetadataValue.json([q.to_json() for q in result.quarantined]),
             "train_seconds": result.train_seconds,
             "samples_per_second": trained.samples_per_second,
             "mlflow_run_id": trained.mlflow_run_id,
