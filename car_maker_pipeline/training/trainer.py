@@ -22,6 +22,7 @@ from typing import Any
 
 from trl import SFTTrainer
 
+from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import load_model_and_processor
 from car_maker_pipeline.training.checkpoints import (
@@ -56,6 +57,9 @@ class LoraTrainingResult:
     resumed_from: Path | None
     train_seconds: float
     quarantined: list[QuarantinedCheckpoint] = field(default_factory=list)  # moved aside by this call, and why
+    # The processor's image-token settings the run trained with (ImageTokenBudget fields, all filled):
+    # its checkpoints are evaluated with the same unless the evaluation says otherwise.
+    image_token_budget: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> LoraTrainingResult:
@@ -76,6 +80,7 @@ class LoraTrainingResult:
             resumed_from=Path(payload["resumed_from"]) if payload["resumed_from"] else None,
             train_seconds=float(payload["train_seconds"]),
             quarantined=[QuarantinedCheckpoint.from_json(q) for q in payload.get("quarantined", [])],
+            image_token_budget=dict(payload.get("image_token_budget", {})),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -94,6 +99,7 @@ class LoraTrainingResult:
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "train_seconds": self.train_seconds,
             "quarantined": [q.to_json() for q in self.quarantined],
+            "image_token_budget": self.image_token_budget,
         }
 
 
@@ -134,6 +140,7 @@ def load_base_model(model_dir: str | os.PathLike, hyperparameters: LoraHyperpara
     """
     dtype = "bfloat16" if hyperparameters.use_bf16() else "float32"
     loaded = load_model_and_processor(str(model_dir), device="cpu", dtype=dtype)
+    hyperparameters.image_token_budget().apply(loaded.processor)  # the budget it trains (and is scored) with
     return loaded.model.train(), loaded.processor
 
 
@@ -158,8 +165,12 @@ def build_trainer(
     if model is None or processor is None:
         model, processor = load_base_model(model_dir, hyperparameters)
     matched = match_target_modules(model, hyperparameters.target_modules)
-    train_sft = build_sft_dataset(train_dataset, makers, prompt)
-    eval_sft = build_sft_dataset(eval_dataset, makers, prompt) if eval_dataset is not None else None
+    # A length column (image tokens per picture) only when batches are grouped by it.
+    lengths_from = processor if hyperparameters.group_by_image_tokens else None
+    train_sft = build_sft_dataset(train_dataset, makers, prompt, processor=lengths_from)
+    eval_sft = (
+        build_sft_dataset(eval_dataset, makers, prompt, processor=lengths_from) if eval_dataset is not None else None
+    )
     trainer = LoraSFTTrainer(
         model=model,
         args=hyperparameters.to_sft_config(str(output_dir), evaluate=eval_sft is not None),
@@ -247,4 +258,5 @@ def _result(
         resumed_from=resumed_from,
         train_seconds=seconds,
         quarantined=quarantined,
+        image_token_budget=ImageTokenBudget.of(trainer.processing_class).to_json(),
     )
