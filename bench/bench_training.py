@@ -2,6 +2,7 @@
 
     python bench/bench_training.py                 # 1,280 training samples per run, 3 repetitions
     python bench/bench_training.py --small         # 128 samples, 2 repetitions (~1 min)
+    python bench/bench_training.py --sizes realistic   # realistic photo sizes: ours with vs without grouping
 
 What is measured
 ----------------
@@ -24,6 +25,10 @@ mean training loss of the last logged steps is kept: "loss reached" after the sa
 Torch runs with 1 intra-op thread by default (see bench/README.md: 2 threads collapse 20-50x on this
 shared 2-core machine). The variants alternate, order flipped every repetition; the headline figure is
 the median of per-repetition (ours samples/s) / (tutorial samples/s).
+
+`--sizes realistic` trains on the demo source's realistic size mixture (offline/population.py) and
+compares ours with `group_by_image_tokens` off (random batches) and on (transformers' length-grouped
+sampler over each picture's image tokens): the only difference is which pictures share a batch.
 
 On a CUDA machine the same script runs on the GPU (the Trainer places the model) and also records
 peak GPU memory per variant.
@@ -60,10 +65,12 @@ from car_maker_pipeline.training.trainer import build_trainer  # noqa: E402
 NAME = "bench_training"
 TRAIN_PER_MAKER, TEST_PER_MAKER = 240, 10  # 6 makers -> 1,440 train rows (1,296 + 144 validation)
 
+OURS = {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1, "gradient_checkpointing": False}
 VARIANTS = {
-    "ours": {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1, "gradient_checkpointing": False},
+    "ours": OURS,
     "tutorial": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": True},
 }
+SIZE_VARIANTS = {"ours": OURS, "ours-grouped": {**OURS, "group_by_image_tokens": True}}
 
 
 def _timing_callback():
@@ -91,7 +98,7 @@ def _timing_callback():
 def train_once(
     variant: str, model_dir: Path, train, val, makers, samples: int, work: Path, learning_rate: float, bf16: bool | None
 ) -> dict:
-    knobs = VARIANTS[variant]
+    knobs = {**VARIANTS, **SIZE_VARIANTS}[variant]
     per_step = knobs["per_device_train_batch_size"] * knobs["gradient_accumulation_steps"]
     steps = samples // per_step
     config = LoraHyperparameters(
@@ -152,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 = torch's default)"
     )
+    parser.add_argument("--sizes", choices=("demo", "realistic"), default="demo", help="picture sizes of the source")
     args = parser.parse_args(argv)
+    variants = SIZE_VARIANTS if args.sizes == "realistic" else VARIANTS
+    baseline, other = list(variants)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     samples = args.samples or (128 if args.small else 1280)
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     started_all = time.perf_counter()
     machine = machine_info()
 
-    record = cached_maker_dataset(work, "train", TRAIN_PER_MAKER, TEST_PER_MAKER)
+    record = cached_maker_dataset(work, "train", TRAIN_PER_MAKER, TEST_PER_MAKER, image_sizes=args.sizes)
     data = record.load()
     train, val = data["train"], data["validation"]
     if train.num_rows < samples:  # repeat rows so both variants see exactly `samples` samples in one epoch
@@ -183,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     ratios = []
     for rep in range(repeats):
-        order = ["ours", "tutorial"] if rep % 2 == 0 else ["tutorial", "ours"]
+        order = [baseline, other] if rep % 2 == 0 else [other, baseline]
         by_variant = {}
         for variant in order:
             result = train_once(variant, model_dir, train, val, makers, samples, work, args.learning_rate, None)
@@ -196,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"val loss {result['val_loss']:.3f}",
                 flush=True,
             )
-        ratios.append(by_variant["ours"]["samples_per_second"] / by_variant["tutorial"]["samples_per_second"])
+        # ours / tutorial at demo sizes; grouped / ungrouped at realistic sizes
+        first, second = ("ours", "tutorial") if args.sizes == "demo" else ("ours-grouped", "ours")
+        ratios.append(by_variant[first]["samples_per_second"] / by_variant[second]["samples_per_second"])
 
     def med(variant: str, key: str) -> float:
         return median([r[key] for r in runs if r["variant"] == variant])
@@ -204,15 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         [
             v,
-            VARIANTS[v]["per_device_train_batch_size"],
-            VARIANTS[v]["gradient_accumulation_steps"],
-            VARIANTS[v]["gradient_checkpointing"],
-            samples // (VARIANTS[v]["per_device_train_batch_size"] * VARIANTS[v]["gradient_accumulation_steps"]),
+            variants[v]["per_device_train_batch_size"],
+            variants[v]["gradient_accumulation_steps"],
+            variants[v]["gradient_checkpointing"],
+            samples // (variants[v]["per_device_train_batch_size"] * variants[v]["gradient_accumulation_steps"]),
             med(v, "samples_per_second"),
             med(v, "final_train_loss"),
             med(v, "val_loss"),
         ]
-        for v in VARIANTS
+        for v in variants
     ]
     print(f"\n{samples} samples, {repeats} repetitions, medians:")
     print(
@@ -232,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     headline = median(ratios)
     print(
-        f"ratio ours/tutorial samples/s (median of per-repetition ratios): {headline:.2f}x  "
+        f"ratio {'ours/tutorial' if args.sizes == 'demo' else 'grouped/ungrouped'} samples/s "
+        f"(median of per-repetition ratios): {headline:.2f}x  "
         f"(each: {', '.join(f'{r:.2f}' for r in ratios)})"
     )
 
@@ -247,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         samples=samples,
         learning_rate=args.learning_rate,
         validation_rows=val.num_rows,
-        variants=VARIANTS,
+        variants=variants,
+        sizes=args.sizes,
         runs=runs,
         ratios=ratios,
         median_ratio=headline,
