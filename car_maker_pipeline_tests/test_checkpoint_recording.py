@@ -43,6 +43,21 @@ KEY = "tiny-s"
 STEPS = [1, 2]
 
 
+def _record_baseline(store: PipelineStore, target: RecordTarget, load_model, split: str = "test"):
+    """What `baseline_evaluation` records, with its default prompt, called directly."""
+    return evaluate_and_record(
+        store,
+        target,
+        load_model,
+        asset=BASELINE_EVALUATION,
+        model_key=KEY,
+        stage="baseline",
+        prompt=PromptTemplate(),
+        batch_size=8,
+        split=split,
+    )
+
+
 @pytest.fixture(scope="module")
 def data_store(tmp_path_factory):
     """(store, tracking URI, demo resources, Dagster instance) with the data assets materialized."""
@@ -59,17 +74,7 @@ def trained(data_store):
     store, uri, resources, instance = data_store
     model_dir = resources["models"].path_or_id(KEY, store)
     loaded = load_model_and_processor(model_dir)
-    baseline = evaluate_and_record(
-        store,
-        RecordTarget(uri, "baseline-run"),
-        lambda: loaded,
-        asset=BASELINE_EVALUATION,
-        model_key=KEY,
-        stage="baseline",
-        prompt=PromptTemplate(),
-        batch_size=8,
-        split="test",
-    )
+    baseline = _record_baseline(store, RecordTarget(uri, "baseline-run"), lambda: loaded)
     training = {"max_steps": STEPS[-1], "checkpoint_every_n_steps": 1, "per_device_train_batch_size": 4}
     result = dg.materialize(
         [lora_checkpoints],
@@ -265,29 +270,11 @@ def test_a_missing_input_fails_before_any_model_work(tmp_path, present, missing)
 def test_an_unknown_split_fails_before_any_model_work(data_store, split):
     store, uri, _, _ = data_store
     with pytest.raises(ValueError, match=f"no split '{split}'.*'train'.*'validation'.*'test'"):
-        evaluate_and_record(
-            store,
-            RecordTarget(uri, "unknown-split-run"),
-            _never_loaded,
-            asset=BASELINE_EVALUATION,
-            model_key=KEY,
-            stage="baseline",
-            prompt=PromptTemplate(),
-            batch_size=8,
-            split=split,
-        )
+        _record_baseline(store, RecordTarget(uri, "unknown-split-run"), _never_loaded, split=split)
 
 
 def test_baseline_without_a_maker_dataset_fails_before_any_model_work(tmp_path):
     with pytest.raises(MissingUpstreamError, match=CAR_MAKER_DATASET):
-        evaluate_and_record(
-            PipelineStore(tmp_path / "empty"),
-            RecordTarget("sqlite:///unused.db", "no-data-run"),
-            _never_loaded,
-            asset=BASELINE_EVALUATION,
-            model_key=KEY,
-            stage="baseline",
-            prompt=PromptTemplate(),
-            batch_size=8,
-            split="test",
+        _record_baseline(
+            PipelineStore(tmp_path / "empty"), RecordTarget("sqlite:///unused.db", "no-data-run"), _never_loaded
         )
