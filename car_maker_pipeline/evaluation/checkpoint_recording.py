@@ -30,6 +30,7 @@ from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, budge
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import LoadedModel
 from car_maker_pipeline.store import BASELINE_EVALUATION, CHECKPOINT_ACCURACY, LORA_CHECKPOINTS, PipelineStore
+from car_maker_pipeline.training.checkpoints import verified_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,21 @@ class CheckpointRecord:
         return self.best_test_accuracy > self.baseline_accuracy
 
 
-def listed_checkpoints(training: dict) -> dict[int, Path]:
-    """The checkpoints the `lora_checkpoints` manifest lists as complete, by optimizer step."""
-    return {int(step): Path(path) for step, path in training["checkpoints"].items()}
+def listed_checkpoints(training: dict, warn: Callable[[str], None] = logger.warning) -> dict[int, Path]:
+    """The checkpoints the `lora_checkpoints` manifest lists, by optimizer step, that still verify.
+
+    A checkpoint whose files changed after training marked it complete (their sha256 no longer
+    match its marker) is left out with a warning: it is never scored or registered. Training
+    quarantines and retrains it the next time `lora_checkpoints` is materialized.
+    """
+    listed = {int(step): Path(path) for step, path in training["checkpoints"].items()}
+    usable, rejected = verified_checkpoints(listed)
+    for step, problems in rejected.items():
+        warn(
+            f"checkpoint-{step} is not scored ({'; '.join(problems)}); materialize lora_checkpoints again "
+            "to quarantine and retrain it."
+        )
+    return usable
 
 
 def evaluate_checkpoints_and_record(
@@ -92,7 +105,7 @@ def evaluate_checkpoints_and_record(
     baseline_accuracy = store.read_manifest(BASELINE_EVALUATION, model_key)["summary"]["accuracy"]
     dataset_record = store.maker_dataset()
     dataset = dataset_record.load()
-    checkpoints = listed_checkpoints(training)
+    checkpoints = listed_checkpoints(training, warn)
     out_root = store.asset_dir(CHECKPOINT_ACCURACY, model_key) / Path(training["output_dir"]).name
     budget, mismatch = budget_for_checkpoint(training.get("image_token_budget"), budget or ImageTokenBudget())
     if mismatch:

@@ -7,6 +7,7 @@ Results are cached per (checkpoint, split), so re-materializing only evaluates n
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,19 @@ def _cached_or_evaluate(classifier, dataset, split, out_dir: Path, title: str, f
     return evaluate_to_dir(classifier, dataset, split, out_dir, title=title, figures=figures)
 
 
+def results_dir(out_root: Path, label: str, budget: ImageTokenBudget, adapter: Path | None = None) -> Path:
+    """Where one evaluation's results are cached: named after what decides them besides the data.
+
+    The adapter's bytes (a checkpoint retrained after quarantine keeps its step number but not its
+    weights) and the image-token budget (other pictures, other scores) are part of the name, so a
+    cached result is reused only for the very same adapter and budget.
+    """
+    digest = hashlib.sha256(json.dumps(budget.to_json(), sort_keys=True).encode())
+    if adapter is not None:
+        digest.update(hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).digest())
+    return out_root / f"{label}-{digest.hexdigest()[:10]}"
+
+
 def attach_adapters(base_model, checkpoints: dict[int, Path]):
     """A PeftModel holding one adapter per checkpoint, named `step-<n>`."""
     from car_maker_pipeline.models.loading import attach_adapter
@@ -82,6 +96,9 @@ def score_checkpoints(
     model = attach_adapters(base_model, checkpoints)
     classifier = MakerClassifier(model, processor, makers, prompt=prompt, batch_size=batch_size, budget=budget)
     reports: dict[tuple[int | str, str], EvaluationReport] = {}
+    step_dirs = {
+        step: results_dir(out_root, f"step-{step}", classifier.budget, path) for step, path in checkpoints.items()
+    }
     rows = []
     for step in sorted(checkpoints):
         model.set_adapter(f"step-{step}")
@@ -90,7 +107,7 @@ def score_checkpoints(
                 classifier,
                 dataset,
                 split,
-                out_root / f"step-{step}" / split,
+                step_dirs[step] / split,
                 f"step {step} {split}",
                 figures=split == TEST,
             )
@@ -122,14 +139,19 @@ def score_checkpoints(
     for split in corrupted_splits or []:
         with model.disable_adapter():
             base = _cached_or_evaluate(
-                classifier, dataset, split, out_root / "base" / split, f"base {split}", figures=False
+                classifier,
+                dataset,
+                split,
+                results_dir(out_root, "base", classifier.budget) / split,
+                f"base {split}",
+                figures=False,
             )
         model.set_adapter(f"step-{best_step}")
         tuned = _cached_or_evaluate(
             classifier,
             dataset,
             split,
-            out_root / f"step-{best_step}" / split,
+            step_dirs[best_step] / split,
             f"step {best_step} {split}",
             figures=False,
         )

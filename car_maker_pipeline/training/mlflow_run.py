@@ -15,6 +15,7 @@ from typing import Any
 
 import mlflow
 
+from car_maker_pipeline.redaction import redact_uri
 from car_maker_pipeline.storage import write_json_atomic
 from car_maker_pipeline.tracking import TrackingUnavailableError, experiment_id, find_run, mlflow_run, scrub_secrets
 from car_maker_pipeline.training.mlflow_callback import MlflowLossCallback
@@ -63,7 +64,7 @@ def complete_record(
         sent = losses.flush()
     except Exception as error:
         raise TrackingUnavailableError(
-            f"MLflow at {uri} stopped answering during training ({type(error).__name__}). Training finished and "
+            f"MLflow at {redact_uri(uri)} stopped answering during training ({type(error).__name__}). Training finished and "
             f"its checkpoints are kept; {len(losses.pending_points())} loss points wait in {losses.pending_path}. "
             f"Bring the tracking server back and materialize lora_checkpoints for {model_key} again: it resumes "
             "at once and completes the MLflow record."
