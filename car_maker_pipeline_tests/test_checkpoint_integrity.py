@@ -257,3 +257,24 @@ def test_the_asset_rerun_after_tampering_succeeds_and_says_why(tmp_path):
         if record.level == logging.WARNING and "failed verification" in record.user_message
     ]
     assert len(warnings) == 1 and "checkpoint-4" in warnings[0] and "sha256 differs" in warnings[0]
+
+
+def test_checkpoint_accuracy_never_scores_a_changed_checkpoint(tmp_path):
+    """The scoring side: a checkpoint listed by training but changed since is left out, with a warning."""
+    from car_maker_pipeline.evaluation.checkpoint_recording import listed_checkpoints
+    from car_maker_pipeline.training.checkpoints import mark_checkpoint_complete
+
+    listed = {}
+    for step in (1, 2, 3):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
+            (folder / name).write_bytes(f"{name} at step {step}".encode())
+        mark_checkpoint_complete(folder, step)
+        listed[str(step)] = str(folder)
+    adapter = tmp_path / "checkpoint-2" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[::-1])  # same size, other bytes
+    warnings: list[str] = []
+    usable = listed_checkpoints({"checkpoints": listed}, warnings.append)
+    assert sorted(usable) == [1, 3]
+    assert len(warnings) == 1 and "checkpoint-2" in warnings[0] and "adapter_model.safetensors" in warnings[0]
