@@ -10,7 +10,7 @@ from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
 from car_maker_pipeline.orchestration.evaluation import image_markdown
 from car_maker_pipeline.orchestration.partitions import model_partitions
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
-from car_maker_pipeline.storage import write_json_atomic
+from car_maker_pipeline.serving.registry import Candidate, register_classifier
 from car_maker_pipeline.store import (
     BASELINE_EVALUATION,
     CHECKPOINT_ACCURACY,
@@ -19,7 +19,6 @@ from car_maker_pipeline.store import (
 from car_maker_pipeline.tracking import (
     REGISTERED_MODEL_PREFIX,
     mlflow_run,
-    register_adapter,
 )
 
 RUN_ID_FILE = "mlflow_run.json"
@@ -50,7 +49,8 @@ class CheckpointEvaluationConfig(EvaluationConfig):
     description=(
         "Every checkpoint of a model's LoRA run scored on validation and test with the baseline's evaluator "
         "(new checkpoints only; earlier results are reused). The best checkpoint is chosen on validation "
-        "accuracy and registered in the MLflow model registry; corrupted copies of test give a robustness table."
+        "accuracy and registered in the MLflow model registry as a pyfunc model (alias challenger; champion when it beats "
+        "the champion's validation accuracy); corrupted copies of test give a robustness table."
     ),
 )
 def checkpoint_accuracy(
@@ -144,37 +144,22 @@ def checkpoint_accuracy(
             mlflow.log_table(scores.robustness, artifact_file=f"robustness_{key}.json")
         mlflow.log_artifact(str(chart_path))
         mlflow.log_artifact(str(table_path))
-        # What the classify command needs besides the adapter: the maker list and the base model.
-        card = out_root / "car_maker.json"
-        write_json_atomic(
-            card,
-            {
-                "makers": dataset_record.makers,
-                "base_model": training["base_model"],
-                "base_model_revision": loaded.revision,
-                "step": scores.best_step,
-            },
+        registered = register_classifier(
+            Candidate.of_checkpoint(
+                key,
+                scores.best_checkpoint,
+                loaded,
+                dataset_record.makers,
+                prompt,
+                step=scores.best_step,
+                val_accuracy=best["val_accuracy"],
+                test_accuracy=best["accuracy"],
+            ),
+            uri=uri,
+            dataset_record=dataset_record,
+            tags={"dagster_run_id": context.run_id},
         )
-        for path in (
-            scores.best_checkpoint / "adapter_model.safetensors",
-            scores.best_checkpoint / "adapter_config.json",
-            card,
-        ):
-            mlflow.log_artifact(str(path), artifact_path="best_adapter")
-        version = register_adapter(
-            uri,
-            run.info.run_id,
-            mlflow.get_artifact_uri("best_adapter"),
-            f"{REGISTERED_MODEL_PREFIX}{key}",
-            {
-                "base_model_id": training["base_model"],
-                "base_model_revision": loaded.revision,
-                "step": scores.best_step,
-                "val_accuracy": f"{best['val_accuracy']:.4f}",
-                "test_accuracy": f"{best['accuracy']:.4f}",
-                "dagster_run_id": context.run_id,
-            },
-        )
+        version = registered.version
 
     pipeline_store.write_manifest(
         CHECKPOINT_ACCURACY,
@@ -202,6 +187,7 @@ def checkpoint_accuracy(
         "best_val_accuracy": float(best["val_accuracy"]),
         "baseline_accuracy": baseline_accuracy,
         "registered_model": f"{REGISTERED_MODEL_PREFIX}{key} v{version}",
+        **registered.metadata(),
         "mlflow_run_id": run.info.run_id,
         "table": dg.MetadataValue.path(str(table_path)),
     }
