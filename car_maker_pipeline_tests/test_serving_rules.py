@@ -267,3 +267,48 @@ def test_lineage_and_jobs_put_the_serving_assets_after_checkpoint_accuracy():
         "maker_predictions",
     }
     assert PER_MODEL_JOBS[-1] == "serving_job"  # make demo materializes them after training
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a registered classifier where its base model is missing or different
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_missing_or_changed_base_model_is_named_before_any_adapter_loads(tiny_model_dir, tmp_path):
+    from car_maker_pipeline.models.loading import ModelLoadError, local_revision
+    from car_maker_pipeline.serving.predictor import ClassifierCard, MakerPredictor
+
+    gone = ClassifierCard.for_base_model(str(tmp_path / "elsewhere"), "sha256-0", MAKERS)
+    with pytest.raises(ModelLoadError, match=r"registered from the folder .*elsewhere, which does not exist"):
+        MakerPredictor.load(gone, tmp_path)
+    changed = ClassifierCard.for_base_model(str(tiny_model_dir), "sha256-trainedonanother", MAKERS)
+    with pytest.raises(
+        ModelLoadError, match=rf"has changed .*{local_revision(tiny_model_dir)}.*sha256-trainedonanother"
+    ):
+        MakerPredictor.load(changed, tmp_path)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["earlier-card", "current-card"])
+def test_adapter_cards_of_both_formats_name_the_base_model(tiny_model_dir, tmp_path, legacy):
+    import json
+
+    from car_maker_pipeline.serving.predictor import CARD_FILE, ClassifierCard
+
+    if legacy:  # what checkpoint_accuracy wrote beside best_adapter/ before classifiers were pyfunc models
+        card = {"makers": MAKERS, "base_model": str(tiny_model_dir), "base_model_revision": "sha256-x", "step": 8}
+        (tmp_path / CARD_FILE).write_text(json.dumps(card))
+    else:
+        ClassifierCard.for_base_model(str(tiny_model_dir), "sha256-x", MAKERS, step=8).write(tmp_path)
+    read = ClassifierCard.read(tmp_path)
+    assert read.base_model == str(tiny_model_dir.resolve()) and read.base_model_id == tiny_model_dir.name
+    assert (read.makers, read.base_model_revision, read.step) == (MAKERS, "sha256-x", 8)
+
+
+def test_no_champion_is_an_error_that_says_what_to_materialize(tmp_path):
+    from car_maker_pipeline.serving.registry import NoChampionError, champion_version
+    from car_maker_pipeline.tracking import initialize_sqlite_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    initialize_sqlite_store(uri)
+    with pytest.raises(NoChampionError, match=r"car-maker-tiny-m has no @champion .* checkpoint_accuracy for tiny-m"):
+        champion_version(uri, "tiny-m")
