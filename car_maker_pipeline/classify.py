@@ -1,47 +1,52 @@
-"""Classify car images with a registered fine-tuned checkpoint.
+"""Classify car images with a registered fine-tuned classifier.
 
-    python -m car_maker_pipeline.classify car1.jpg car2.png            # best registered version
+    python -m car_maker_pipeline.classify car1.jpg car2.png            # the best champion of car-maker-*
+    python -m car_maker_pipeline.classify --model car-maker-tiny-s car.jpg           # models:/car-maker-tiny-s@champion
     python -m car_maker_pipeline.classify --model car-maker-tiny-s --version 2 car.jpg
-    python -m car_maker_pipeline.classify --adapter DIR car.jpg        # a best_adapter folder
+    python -m car_maker_pipeline.classify --model models:/car-maker-tiny-s@challenger car.jpg   # any models:/ URI
+    python -m car_maker_pipeline.classify --adapter DIR car.jpg        # an adapter folder with its car_maker.json
     python -m car_maker_pipeline.classify --from-test 5                # the first 5 test images of car_maker_dataset
 
-Prints one line per image: path, maker, score. The tracking store is MLFLOW_TRACKING_URI, or the
-pipeline's local sqlite store under CAR_MAKER_HOME.
+Prints one line per image: path, maker, probability. A registered model is loaded as the MLflow
+pyfunc model it was registered as, so the answers are the ones `mlflow.pyfunc.load_model` and
+`mlflow models serve` give. The tracking store is MLFLOW_TRACKING_URI, or the pipeline's local
+sqlite store under CAR_MAKER_HOME.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from car_maker_pipeline.serving.images import ImageInputError, decode_image
 
 
 class ClassifyError(RuntimeError):
     """Something the person running the command can fix; printed without a traceback."""
 
 
-def read_images(paths: list[str]) -> list[Image.Image]:
-    images = []
+def read_images(paths: list[str]) -> list[bytes]:
+    """The files' bytes, each checked to decode as an image by the rule the model applies."""
+    blobs = []
     for path in paths:
         try:
-            with Image.open(path) as opened:
-                opened.load()
-                images.append(opened.convert("RGB"))
+            data = Path(path).read_bytes()
+            decode_image(data)
         except FileNotFoundError as error:
             raise ClassifyError(f"{path}: no such file.") from error
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        except (ImageInputError, OSError) as error:
             raise ClassifyError(
                 f"{path}: not a readable image ({error}). Pass a JPEG, PNG or other image Pillow can open."
             ) from error
-    return images
+        blobs.append(data)
+    return blobs
 
 
-def test_split_images(count: int) -> tuple[list[str], list[Image.Image], list[str]]:
-    """The first `count` images of the materialized car_maker_dataset's test split: names, images, true makers."""
+def test_split_images(count: int) -> tuple[list[str], list[bytes], list[str]]:
+    """The first `count` images of the materialized car_maker_dataset's test split: names, PNG bytes, true makers."""
     from car_maker_pipeline.data.maker_dataset import column
+    from car_maker_pipeline.serving.images import encode_png
     from car_maker_pipeline.store import MissingUpstreamError, PipelineStore
 
     try:
@@ -50,44 +55,102 @@ def test_split_images(count: int) -> tuple[list[str], list[Image.Image], list[st
         raise ClassifyError(str(error)) from error
     test = record.load()["test"]
     rows = test.select(range(min(count, test.num_rows)))
-    images = list(rows["image"])  # the classifier makes them model-ready (RGB, not too elongated)
-    return [f"test[{i}]" for i in range(len(images))], images, column(rows, "maker")
+    blobs = [encode_png(image) for image in rows["image"]]  # lossless: the model sees the stored pixels
+    return [f"test[{i}]" for i in range(len(blobs))], blobs, column(rows, "maker")
 
 
-def pick_version(uri: str, name: str | None, version: str | None):
-    from car_maker_pipeline.evaluation.registration import registered_versions
-    from car_maker_pipeline.redaction import redact_uri
+def model_uri(uri: str, model: str | None, version: str | None) -> str:
+    """The models:/ URI to load: --model as given when it is one, else its version or champion, else the best champion."""
+    from car_maker_pipeline.serving.registry import CHAMPION
 
-    versions = registered_versions(uri, name)
+    if model and model.startswith("models:/"):
+        if version is not None:
+            raise ClassifyError("--version goes with a registered model name, not with a models:/ URI.")
+        return model
+    if model:
+        return f"models:/{model}/{version}" if version is not None else f"models:/{model}@{CHAMPION}"
     if version is not None:
-        versions = [v for v in versions if str(v.version) == str(version)]
-    if not versions:
-        wanted = f"{name or 'car-maker-*'}" + (f" version {version}" if version else "")
+        raise ClassifyError("--version needs --model (a registered model name such as car-maker-tiny-s).")
+    return best_champion_uri(uri)
+
+
+def best_champion_uri(uri: str) -> str:
+    """Among the car-maker-* registered models, the champion with the best validation accuracy."""
+    from mlflow import MlflowClient
+
+    from car_maker_pipeline.evaluation.registration import REGISTERED_MODEL_PREFIX
+    from car_maker_pipeline.redaction import redact_uri
+    from car_maker_pipeline.serving.registry import CHAMPION
+
+    client = MlflowClient(uri)
+    champions = []
+    for registered in client.search_registered_models(filter_string=f"name LIKE '{REGISTERED_MODEL_PREFIX}%'"):
+        if CHAMPION in (registered.aliases or {}):
+            version = client.get_model_version(registered.name, registered.aliases[CHAMPION])
+            champions.append((float(version.tags.get("val_accuracy", "nan")), registered.name))
+    if not champions:
         raise ClassifyError(
-            f"No registered model {wanted} in {redact_uri(uri)}. Materialize checkpoint_accuracy first, "
-            "or pass --adapter."
+            f"No registered {REGISTERED_MODEL_PREFIX}* model has a @{CHAMPION} version in {redact_uri(uri)}. "
+            "Materialize checkpoint_accuracy first, or pass --adapter."
         )
-    if version is not None or name is not None:
-        return max(versions, key=lambda v: int(v.version))
-    # The best across models, by the validation accuracy it was selected on.
-    return max(versions, key=lambda v: (float(v.tags.get("val_accuracy", "nan")), int(v.version)))
+    return f"models:/{max(champions)[1]}@{CHAMPION}"
 
 
-def load_classifier(adapter_dir: Path, batch_size: int = 16):
-    from car_maker_pipeline.evaluation.classifier import MakerClassifier
-    from car_maker_pipeline.evaluation.registration import CARD_FILE
-    from car_maker_pipeline.models.loading import ModelLoadError, attach_adapter, load_model_and_processor
+def describe(uri: str, tracking_uri: str) -> str:
+    """`# <name> version <n> (...)` for a registry URI, for the person reading the output."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    card_path = adapter_dir / CARD_FILE
-    if not card_path.exists():
-        raise ClassifyError(f"{adapter_dir} has no {CARD_FILE}: it is not an adapter this pipeline registered.")
-    card = json.loads(card_path.read_text())
+    reference = uri[len("models:/") :]
+    client = MlflowClient(tracking_uri)
     try:
-        loaded = load_model_and_processor(card["base_model"])
-        model = attach_adapter(loaded.model, adapter_dir).eval()
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = reference.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+    except (MlflowException, ValueError):
+        return f"# {uri}"
+    return (
+        f"# {version.name} version {version.version} ({uri}; step {version.tags.get('step')}, "
+        f"val accuracy {version.tags.get('val_accuracy')})"
+    )
+
+
+def load_registered(uri: str, tracking_uri: str):
+    """`predict(blobs) -> DataFrame` of the registered model at `uri` (its pyfunc, or a bare adapter version)."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from car_maker_pipeline.redaction import redact_uri
+    from car_maker_pipeline.serving.predictor import CARD_FILE, IMAGE_COLUMN
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except MlflowException as error:
+        raise ClassifyError(f"Cannot load {uri} from {redact_uri(tracking_uri)}: {error.message}") from error
+    if (local / "MLmodel").exists():
+        model = mlflow.pyfunc.load_model(str(local))
+        return lambda blobs: model.predict(pd.DataFrame({IMAGE_COLUMN: blobs}))
+    if (local / CARD_FILE).exists():  # a version registered before classifiers were pyfunc models
+        return load_adapter(local)
+    raise ClassifyError(f"{uri} is neither an MLflow model (no MLmodel) nor an adapter folder (no {CARD_FILE}).")
+
+
+def load_adapter(adapter_dir: Path):
+    from car_maker_pipeline.models.loading import ModelLoadError
+    from car_maker_pipeline.serving.predictor import CARD_FILE, ClassifierCard, MakerPredictor
+
+    if not (adapter_dir / CARD_FILE).exists():
+        raise ClassifyError(f"{adapter_dir} has no {CARD_FILE}: it is not an adapter this pipeline registered.")
+    try:
+        predictor = MakerPredictor.load(ClassifierCard.read(adapter_dir), adapter_dir)
     except ModelLoadError as error:
         raise ClassifyError(str(error)) from error
-    return MakerClassifier(model, loaded.processor, card["makers"], batch_size=batch_size), card
+    return predictor.predict_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="classify the first N images of the materialized car_maker_dataset's test split instead",
     )
-    parser.add_argument("--model", help="registered model name (default: the best car-maker-* version)")
-    parser.add_argument("--version", help="registered version (default: the latest of --model)")
-    parser.add_argument("--adapter", type=Path, help="a best_adapter folder instead of the registry")
+    parser.add_argument(
+        "--model",
+        help="a registered model name (its @champion) or any models:/ URI (default: the best car-maker-* champion)",
+    )
+    parser.add_argument("--version", help="a version number of --model instead of its champion")
+    parser.add_argument("--adapter", type=Path, help="an adapter folder (with car_maker.json) instead of the registry")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the local store)")
     args = parser.parse_args(argv)
     if not args.images and not args.from_test:
@@ -109,34 +175,29 @@ def main(argv: list[str] | None = None) -> int:
     truth: list[str] | None = None
     try:
         if args.from_test:
-            labels, images, truth = test_split_images(args.from_test)
+            labels, blobs, truth = test_split_images(args.from_test)
         else:
-            labels, images = args.images, read_images(args.images)  # an unreadable file fails before any model loads
-        adapter_dir = args.adapter
-        if adapter_dir is None:
-            import mlflow
-
+            labels, blobs = args.images, read_images(args.images)  # an unreadable file fails before any model loads
+        if args.adapter is not None:
+            predict = load_adapter(args.adapter)
+        else:
             from car_maker_pipeline.store import PipelineStore
             from car_maker_pipeline.tracking import TrackingUnavailableError, configured_tracking_uri, ensure_reachable
 
+            configured = args.tracking_uri or configured_tracking_uri(PipelineStore.from_env().root)
             try:  # also takes user:password@ out of the URI, so no MLflow error below can print it
-                uri = ensure_reachable(args.tracking_uri or configured_tracking_uri(PipelineStore.from_env().root))
+                tracking_uri = ensure_reachable(configured)
             except TrackingUnavailableError as error:
                 raise ClassifyError(str(error)) from None
-            chosen = pick_version(uri, args.model, args.version)
-            mlflow.set_tracking_uri(uri)
-            adapter_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source))
-            print(
-                f"# {chosen.name} version {chosen.version} (step {chosen.tags.get('step')}, "
-                f"val accuracy {chosen.tags.get('val_accuracy')})",
-                file=sys.stderr,
-            )
-        classifier, _ = load_classifier(adapter_dir)
+            uri = model_uri(tracking_uri, args.model, args.version)
+            print(describe(uri, tracking_uri), file=sys.stderr)
+            predict = load_registered(uri, tracking_uri)
     except ClassifyError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for i, (label, prediction) in enumerate(zip(labels, classifier.classify(images))):
-        print(f"{label}\t{prediction.maker}\t{prediction.score:.3f}" + (f"\ttrue: {truth[i]}" if truth else ""))
+    answers = predict(blobs)
+    for i, (label, maker, probability) in enumerate(zip(labels, answers["maker"], answers["probability"])):
+        print(f"{label}\t{maker}\t{probability:.3f}" + (f"\ttrue: {truth[i]}" if truth else ""))
     return 0
 
 

@@ -5,9 +5,11 @@ import dagster as dg
 from car_maker_pipeline.orchestration.assets.baseline import baseline_assets
 from car_maker_pipeline.orchestration.assets.data import data_assets
 from car_maker_pipeline.orchestration.assets.evaluation import evaluation_assets
+from car_maker_pipeline.orchestration.assets.serving import IncomingImages, serving_assets
 from car_maker_pipeline.orchestration.assets.training import training_assets
 from car_maker_pipeline.orchestration.automation import automation_jobs, schedules, sensors
 from car_maker_pipeline.orchestration.deployment import executor
+from car_maker_pipeline.orchestration.incoming import sensors as incoming_sensors
 from car_maker_pipeline.orchestration.jobs import jobs
 from car_maker_pipeline.orchestration.resources import (
     MlflowTracking,
@@ -17,15 +19,16 @@ from car_maker_pipeline.orchestration.resources import (
 )
 
 defs = dg.Definitions(
-    assets=[*data_assets, *baseline_assets, *training_assets, *evaluation_assets],
+    assets=[*data_assets, *baseline_assets, *training_assets, *evaluation_assets, *serving_assets],
     jobs=[*jobs, *automation_jobs],
     schedules=schedules,
-    sensors=sensors,
+    sensors=[*sensors, *incoming_sensors],
     executor=executor(),  # local processes, or one Kubernetes Job per step with CAR_MAKER_EXECUTOR=k8s
     resources={
         "store": StoreResource(),
         "source": StanfordCarsSource(),
         "models": VisionLanguageModels(),
         "mlflow_tracking": MlflowTracking(),
+        "incoming_images": IncomingImages(),
     },
 )

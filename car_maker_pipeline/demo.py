@@ -40,11 +40,21 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+        if job_name == "data_job":  # a few test images for maker_predictions to classify
+            seed_incoming_images(store)
     print_summary(store, profile.model_keys)
     return 0
 
 
-PER_MODEL_JOBS = ["baseline_job", "training_job"]
+PER_MODEL_JOBS = ["baseline_job", "training_job", "serving_job"]
+
+
+def seed_incoming_images(store) -> None:
+    from car_maker_pipeline.serving.batch import INCOMING_FOLDER, write_demo_images
+
+    written = write_demo_images(store.root / INCOMING_FOLDER, store.maker_dataset())
+    if written:
+        print(f"   wrote {len(written)} files to {store.root / INCOMING_FOLDER} for maker_predictions", flush=True)
 
 
 def print_summary(store, model_keys: list[str]) -> None:

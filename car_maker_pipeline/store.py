@@ -30,6 +30,8 @@ CAR_MAKER_DATASET = "car_maker_dataset"
 BASELINE_EVALUATION = "baseline_evaluation"
 LORA_CHECKPOINTS = "lora_checkpoints"
 CHECKPOINT_ACCURACY = "checkpoint_accuracy"
+MERGED_MODEL = "merged_model"
+MAKER_PREDICTIONS = "maker_predictions"
 
 MANIFEST = "current.json"
 REJECTED = "rejected.json"

@@ -16,7 +16,15 @@ from car_maker_pipeline_tests.support.dagster_dev import DagsterDev, chromium_bi
 
 pytestmark = pytest.mark.slow
 
-ASSETS = ["raw_stanford_cars", "car_maker_dataset", "baseline_evaluation", "lora_checkpoints", "checkpoint_accuracy"]
+ASSETS = [
+    "raw_stanford_cars",
+    "car_maker_dataset",
+    "baseline_evaluation",
+    "lora_checkpoints",
+    "checkpoint_accuracy",
+    "merged_model",
+    "maker_predictions",
+]
 SMALL_SOURCE = {"source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": []}}}
 LINEAGE = {
     ("raw_stanford_cars", "car_maker_dataset"),
@@ -24,6 +32,8 @@ LINEAGE = {
     ("car_maker_dataset", "lora_checkpoints"),
     ("baseline_evaluation", "checkpoint_accuracy"),
     ("lora_checkpoints", "checkpoint_accuracy"),
+    ("checkpoint_accuracy", "merged_model"),
+    ("checkpoint_accuracy", "maker_predictions"),
 }
 ASSET_GRAPH_QUERY = """
 { assetNodes {
@@ -84,6 +94,8 @@ def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
         "baseline_evaluation": "baseline",
         "lora_checkpoints": "training",
         "checkpoint_accuracy": "evaluation",
+        "merged_model": "serving",
+        "maker_predictions": "serving",
     }
     for key, node in nodes.items():
         assert len(node["description"] or "") > 80, f"{key} needs a description a newcomer understands"
@@ -91,12 +103,13 @@ def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
     assert {"huggingface"} <= set(nodes["raw_stanford_cars"]["kinds"])
     assert {"pytorch", "huggingface", "mlflow"} <= set(nodes["lora_checkpoints"]["kinds"])
     assert {"pytorch", "mlflow"} <= set(nodes["checkpoint_accuracy"]["kinds"])
-    for key in ("baseline_evaluation", "lora_checkpoints", "checkpoint_accuracy"):
+    for key in ("baseline_evaluation", "lora_checkpoints", "checkpoint_accuracy", "merged_model", "maker_predictions"):
         assert nodes[key]["isPartitioned"]
         assert nodes[key]["partitionKeysByDimension"][0]["partitionKeys"] == ["tiny-s", "tiny-m", "tiny-l"]
     checks = {key: {c["name"] for c in node["assetChecksOrError"]["checks"]} for key, node in nodes.items()}
     assert "no_test_leakage" in checks["car_maker_dataset"]
     assert "best_checkpoint_beats_baseline" in checks["checkpoint_accuracy"]
+    assert "merged_answers_equal_adapter" in checks["merged_model"]
 
     # The materialization is visible to the UI: the maker dataset has a latest event with its makers.
     data = server.graphql(

@@ -19,16 +19,13 @@ import mlflow
 from car_maker_pipeline.evaluation.checkpoints import CheckpointScores, accuracy_chart, score_checkpoints
 from car_maker_pipeline.evaluation.recording import RecordTarget, budget_params, evaluation_run, log_params
 from car_maker_pipeline.evaluation.registration import (
-    CARD_FILE,
-    log_best_adapter,
-    register_adapter,
     registered_model_name,
-    write_card,
 )
 from car_maker_pipeline.evaluation.reports import save_figure
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, budget_for_checkpoint
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import LoadedModel
+from car_maker_pipeline.serving.registry import Candidate, RegisteredClassifier, register_classifier
 from car_maker_pipeline.store import BASELINE_EVALUATION, CHECKPOINT_ACCURACY, LORA_CHECKPOINTS, PipelineStore
 from car_maker_pipeline.training.checkpoints import verified_checkpoints
 
@@ -46,6 +43,7 @@ class CheckpointRecord:
     registered_model: str
     registered_version: str
     mlflow_run_id: str
+    registration: RegisteredClassifier | None = None  # the version, its aliases and the champion decision
 
     @property
     def best_step(self) -> int:
@@ -150,24 +148,22 @@ def evaluate_checkpoints_and_record(
             }
         )
         _log_scores(scores, baseline_accuracy, model_key, table_path, chart_path)
-        card = write_card(
-            out_root / CARD_FILE, dataset_record.makers, training["base_model"], loaded.revision, scores.best_step
+        registered = register_classifier(
+            Candidate.of_checkpoint(
+                model_key,
+                scores.best_checkpoint,
+                loaded,
+                dataset_record.makers,
+                prompt,
+                step=scores.best_step,
+                val_accuracy=best["val_accuracy"],
+                test_accuracy=best["accuracy"],
+            ),
+            uri=target.tracking_uri,
+            dataset_record=dataset_record,
+            tags={"dagster_run_id": target.dagster_run_id, **budget_params(in_force)},
         )
-        version = register_adapter(
-            target.tracking_uri,
-            run.info.run_id,
-            log_best_adapter(scores.best_checkpoint, card),
-            name,
-            {
-                "base_model_id": training["base_model"],
-                "base_model_revision": loaded.revision,
-                "step": scores.best_step,
-                "val_accuracy": f"{best['val_accuracy']:.4f}",
-                "test_accuracy": f"{best['accuracy']:.4f}",
-                "dagster_run_id": target.dagster_run_id,
-                **budget_params(in_force),
-            },
-        )
+        version = registered.version
 
     store.write_manifest(
         CHECKPOINT_ACCURACY,
@@ -182,7 +178,9 @@ def evaluate_checkpoints_and_record(
         },
         partition=model_key,
     )
-    return CheckpointRecord(scores, baseline_accuracy, table_path, chart_path, name, version, run.info.run_id)
+    return CheckpointRecord(
+        scores, baseline_accuracy, table_path, chart_path, name, version, run.info.run_id, registered
+    )
 
 
 def _log_scores(

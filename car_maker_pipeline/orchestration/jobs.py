@@ -24,4 +24,11 @@ training_job = dg.define_asset_job(
     description="Fine-tune one model (a partition) with LoRA, then score and register its checkpoints.",
 )
 
-jobs = [data_job, baseline_job, training_job]
+serving_job = dg.define_asset_job(
+    "serving_job",
+    selection=dg.AssetSelection.groups("serving"),
+    partitions_def=model_partitions,
+    description="Export one model's (a partition's) champion merged, and classify the incoming images with it.",
+)
+
+jobs = [data_job, baseline_job, training_job, serving_job]

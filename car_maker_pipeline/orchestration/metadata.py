@@ -71,6 +71,8 @@ def checkpoint_metadata(record: CheckpointRecord) -> dict:
         "best_val_accuracy": record.best_val_accuracy,
         "baseline_accuracy": record.baseline_accuracy,
         "registered_model": f"{record.registered_model} v{record.registered_version}",
+        # the models:/ URI, the champion decision and both validation accuracies it compared
+        **(record.registration.metadata() if record.registration is not None else {}),
         "mlflow_run_id": record.mlflow_run_id,
         "table": dg.MetadataValue.path(str(record.table_path)),
     }

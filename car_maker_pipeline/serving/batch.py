@@ -1,0 +1,187 @@
+"""Batch predictions over a folder of incoming images, for other pipelines to consume.
+
+Every regular file in the folder (hidden files, such as a copy still under a temporary name, are
+skipped) gets one row: its maker and probability, or, when it cannot be classified, the reason in
+`error`. One bad file never fails the batch and is never dropped silently. A folder snapshot (names,
+sizes, modification times) fingerprints the file set, so a sensor can launch one run per new set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from car_maker_pipeline.serving.images import ImageInputError, decode_image
+from car_maker_pipeline.storage import atomic_directory
+
+INCOMING_FOLDER = "incoming_images"  # under CAR_MAKER_HOME unless configured otherwise
+PREDICTION_COLUMNS = ["file_name", "maker", "probability", "model_name", "model_version", "error"]
+MAX_FILE_BYTES = 50 * 1024 * 1024  # a car photo is a few MB at most; larger files are not read into memory
+SETTLE_SECONDS = 30.0  # a file modified more recently may still be being copied in
+
+
+@dataclass(frozen=True)
+class FolderSnapshot:
+    folder: Path
+    files: tuple[str, ...]  # names, sorted
+    fingerprint: str  # of names, sizes and modification times: a changed, added or removed file changes it
+    newest_mtime: float
+
+    def settling(self, now: float | None = None, settle_seconds: float = SETTLE_SECONDS) -> bool:
+        """True while a file was modified within `settle_seconds`: wait for copies to finish."""
+        return bool(self.files) and (now if now is not None else time.time()) - self.newest_mtime < settle_seconds
+
+
+def snapshot(folder: Path) -> FolderSnapshot:
+    digest = hashlib.sha256()
+    files, newest = [], 0.0
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            stat = path.stat()
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            files.append(path.name)
+            newest = max(newest, stat.st_mtime)
+    return FolderSnapshot(folder, tuple(files), "files-" + digest.hexdigest()[:16], newest)
+
+
+def _read(path: Path) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None) when they decode as an image, else (None, the reason)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            return None, f"file of {size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit for one image"
+        data = path.read_bytes()
+        decode_image(data)  # the model decodes the same bytes by the same rule, so they will pass there too
+        return data, None
+    except ImageInputError as error:
+        return None, str(error)
+    except OSError as error:  # vanished, unreadable permissions, a folder named like a file
+        return None, f"cannot read the file ({type(error).__name__}: {error.strerror or error})"
+
+
+def classify_folder(
+    predict: Callable[[list[bytes]], pd.DataFrame],
+    folder: Path,
+    files: Sequence[str],
+    *,
+    model_name: str,
+    model_version: str,
+    batch_size: int = 32,
+) -> pd.DataFrame:
+    """One row per file of `files` (names in `folder`), in that order, in PREDICTION_COLUMNS.
+
+    `predict` takes encoded images and returns `maker` and `probability` per image (the pyfunc model's
+    contract). A batch that fails as a whole is retried image by image, so a failure stays with the
+    image that caused it; when the model fails on every readable image, the model is what is broken
+    and its error is raised instead.
+    """
+    rows: dict[str, dict] = {}
+    ready: list[tuple[str, bytes]] = []
+    for name in files:
+        data, problem = _read(folder / name)
+        if problem is not None:
+            rows[name] = _failed(problem)
+        else:
+            ready.append((name, data))
+    failures: list[Exception] = []
+    for start in range(0, len(ready), batch_size):
+        rows.update(_predict_chunk(predict, ready[start : start + batch_size], failures))
+    if ready and len(failures) == len(ready):
+        raise failures[0]
+    frame = pd.DataFrame(
+        [{"file_name": name, **rows[name], "model_name": model_name, "model_version": model_version} for name in files],
+        columns=PREDICTION_COLUMNS,
+    )
+    return frame.astype({"probability": "float64"})
+
+
+@dataclass(frozen=True)
+class BatchPredictions:
+    path: str  # the parquet
+    folder: str
+    fingerprint: str  # of the file set classified (FolderSnapshot.fingerprint)
+    files: int
+    unreadable: int
+    model: str  # <registered name>/<version>
+    table: pd.DataFrame = field(repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if key != "table"}
+
+
+def predict_folder(
+    load_predict: Callable[[], Callable[[list[bytes]], pd.DataFrame]],
+    folder: Path,
+    out_root: Path,
+    *,
+    model_name: str,
+    model_version: str,
+) -> BatchPredictions:
+    """Classify the files in `folder` now and write `<out_root>/<fingerprint>/predictions.parquet`.
+
+    `load_predict` is called only when there is a file to classify (an empty folder gives an empty table).
+    """
+    seen = snapshot(folder)
+    predict = load_predict() if seen.files else None
+    table = classify_folder(predict, folder, seen.files, model_name=model_name, model_version=model_version)
+    out_dir = out_root / seen.fingerprint
+    with atomic_directory(out_dir) as tmp:
+        table.to_parquet(tmp / "predictions.parquet", index=False)
+    return BatchPredictions(
+        path=str(out_dir / "predictions.parquet"),
+        folder=str(folder),
+        fingerprint=seen.fingerprint,
+        files=len(table),
+        unreadable=int(table["error"].notna().sum()),
+        model=f"{model_name}/{model_version}",
+        table=table,
+    )
+
+
+def _failed(reason: str) -> dict:
+    return {"maker": None, "probability": float("nan"), "error": reason}
+
+
+def _predict_chunk(predict, chunk: list[tuple[str, bytes]], failures: list[Exception]) -> dict[str, dict]:
+    try:
+        answers = predict([blob for _, blob in chunk])
+        return {
+            name: {"maker": maker, "probability": float(probability), "error": None}
+            for (name, _), maker, probability in zip(chunk, answers["maker"], answers["probability"])
+        }
+    except Exception as error:
+        if len(chunk) == 1:
+            failures.append(error)
+            return {chunk[0][0]: _failed(f"the model failed on this image: {error}"[:500])}
+    results = {}
+    for name, blob in chunk:
+        results.update(_predict_chunk(predict, [(name, blob)], failures))
+    return results
+
+
+def write_demo_images(folder: Path, dataset_record, count: int = 8) -> list[str]:
+    """Seed an empty incoming folder with `count` test images and one cut-off JPEG (to show a reason row).
+
+    A folder that already holds files is left alone: they are someone's incoming images.
+    """
+    if snapshot(folder).files:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    test = dataset_record.load()["test"]
+    written = []
+    for index in range(min(count, test.num_rows)):
+        name = f"test-{index:03d}.jpg"
+        test[index]["image"].convert("RGB").save(folder / name, format="JPEG", quality=95)
+        written.append(name)
+    if written:
+        whole = (folder / written[0]).read_bytes()
+        (folder / "cut-off-upload.jpg").write_bytes(whole[: len(whole) // 2])
+        written.append("cut-off-upload.jpg")
+    return written

@@ -1,0 +1,163 @@
+"""The predictor behind every way the classifier leaves the pipeline: the MLflow pyfunc model, the
+`classify` command and the batch predictions all load and predict through `MakerPredictor`, so they
+give the same maker for the same image.
+
+It is the checkpoint evaluator's own `MakerClassifier` (constrained decoding, the same prompt and
+image-token budget) on the base model with the registered LoRA adapter attached; `ClassifierCard`
+is everything besides the adapter weights that this needs, recorded when the adapter is registered.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
+from car_maker_pipeline.serving.images import ImageInputError, decode_image
+
+# In: one image per row, as encoded bytes in this column. Out: one row per image, in input order.
+IMAGE_COLUMN = "image"
+OUTPUT_COLUMNS = ("maker", "probability")
+CARD_FILE = "car_maker.json"  # beside the adapter weights: what `classify --adapter DIR` reads
+# The pyfunc model's artifacts: the adapter folder (weights, PEFT config, card) and the maker list.
+ADAPTER_ARTIFACT, MAKERS_ARTIFACT = "adapter", "makers"
+
+
+@dataclass(frozen=True)
+class ClassifierCard:
+    """What a LoRA adapter needs to classify, besides its weights."""
+
+    makers: list[str]
+    base_model_id: str  # the Hub id, or for a local folder its name
+    base_model_revision: str  # the Hub commit, or the folder's content fingerprint
+    base_model_path: str | None = None  # local folders only: where the base model is loaded from
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    user_prompt: str = DEFAULT_USER_PROMPT
+    image_token_budget: dict = field(default_factory=dict)  # ImageTokenBudget fields; empty: the processor's own
+    step: int | None = None
+
+    @classmethod
+    def for_base_model(cls, path_or_id: str, revision: str, makers: list[str], **more) -> ClassifierCard:
+        from car_maker_pipeline.models.loading import is_local
+
+        if is_local(path_or_id):
+            path = Path(path_or_id).expanduser().resolve()
+            return cls(makers, base_model_id=path.name, base_model_revision=revision, base_model_path=str(path), **more)
+        return cls(makers, base_model_id=path_or_id, base_model_revision=revision, **more)
+
+    @property
+    def base_model(self) -> str:
+        """What `from_pretrained` loads: the local folder, or the Hub id."""
+        return self.base_model_path or self.base_model_id
+
+    def prompt(self) -> PromptTemplate:
+        return PromptTemplate(system=self.system_prompt, user=self.user_prompt)
+
+    def model_config(self) -> dict:
+        """The pyfunc model's `model_config` (the maker list travels as an artifact of its own)."""
+        config = {key: value for key, value in asdict(self).items() if key != "makers" and value is not None}
+        return config
+
+    @classmethod
+    def from_model_config(cls, config: dict, makers: list[str]) -> ClassifierCard:
+        known = {name for name in cls.__dataclass_fields__ if name != "makers"}
+        return cls(makers=list(makers), **{key: value for key, value in config.items() if key in known})
+
+    def write(self, folder: Path) -> Path:
+        path = folder / CARD_FILE
+        # `base_model` keeps cards readable by earlier versions of `classify --adapter`.
+        path.write_text(json.dumps({**asdict(self), "base_model": self.base_model}, indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> ClassifierCard:
+        """The card beside an adapter; earlier cards held only makers, base_model, its revision and step."""
+        payload = json.loads((folder / CARD_FILE).read_text())
+        if "base_model_id" in payload:
+            known = set(cls.__dataclass_fields__)
+            return cls(**{key: value for key, value in payload.items() if key in known})
+        return cls.for_base_model(
+            payload["base_model"], payload.get("base_model_revision", ""), payload["makers"], step=payload.get("step")
+        )
+
+
+class MakerPredictor:
+    """Images or image bytes in, one (maker, probability) row per image out, in input order.
+
+    Safe to share between threads (the scoring server answers requests on a thread pool): one batch
+    runs at a time, which on one accelerator is also what is fastest.
+    """
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls, card: ClassifierCard, adapter_dir: Path, *, device: str = "auto", dtype: str = "auto", batch_size: int = 16
+    ) -> MakerPredictor:
+        from car_maker_pipeline.evaluation.classifier import MakerClassifier
+        from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
+        from car_maker_pipeline.models.loading import ModelLoadError, attach_adapter, load_model_and_processor
+
+        if card.base_model_path is not None and not Path(card.base_model_path).is_dir():
+            raise ModelLoadError(
+                f"The classifier's base model {card.base_model_id!r} was registered from the folder "
+                f"{card.base_model_path}, which does not exist on this machine. Put the base model there "
+                "(on the demo profile, materialize baseline_evaluation to build it), then load the classifier again."
+            )
+        local = card.base_model_path is not None
+        loaded = load_model_and_processor(
+            card.base_model, revision=None if local else card.base_model_revision, device=device, dtype=dtype
+        )
+        if local and card.base_model_revision and loaded.revision != card.base_model_revision:
+            raise ModelLoadError(
+                f"The base model in {card.base_model_path} has changed since the adapter was registered "
+                f"(its fingerprint is {loaded.revision}, the adapter was trained on {card.base_model_revision}). "
+                "Restore that base model, or register a classifier trained on this one."
+            )
+        model = attach_adapter(loaded.model, adapter_dir).eval()
+        classifier = MakerClassifier(
+            model,
+            loaded.processor,
+            card.makers,
+            prompt=card.prompt(),
+            batch_size=batch_size,
+            budget=ImageTokenBudget(**card.image_token_budget),
+        )
+        return cls(classifier)
+
+    @property
+    def makers(self) -> list[str]:
+        return self.classifier.makers
+
+    def predict_images(self, images: Iterable) -> pd.DataFrame:
+        from car_maker_pipeline.evaluation.classifier import ThroughputStats
+
+        images = list(images)
+        with self._lock:
+            # The evaluator's per-image statistics would grow without bound in a long-running server.
+            self.classifier.stats = ThroughputStats()
+            predictions = self.classifier.classify(images) if images else []
+        return pd.DataFrame(
+            {
+                "maker": pd.Series([p.maker for p in predictions], dtype=object),
+                "probability": pd.Series([p.score for p in predictions], dtype="float64"),
+            },
+            columns=list(OUTPUT_COLUMNS),
+        )
+
+    def predict_bytes(self, blobs: Sequence) -> pd.DataFrame:
+        """Decode every image first, so one bad image fails the call before any model work (naming its row)."""
+        images = []
+        for row, blob in enumerate(blobs):
+            try:
+                images.append(decode_image(blob))
+            except ImageInputError as error:
+                raise ImageInputError(f"row {row}: {error}") from error
+        return self.predict_images(images)
