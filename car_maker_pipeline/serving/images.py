@@ -15,8 +15,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from car_maker_pipeline.data.maker_dataset import MAX_IMAGE_PIXELS
-from car_maker_pipeline.model_inputs.images import to_rgb
+from car_maker_pipeline.model_inputs.images import MAX_IMAGE_PIXELS, size_problem, to_rgb
 
 
 class ImageInputError(ValueError):
@@ -36,6 +35,9 @@ def decode_image(data: bytes | bytearray | memoryview | None) -> Image.Image:
             width, height = opened.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise ImageInputError(_bomb_message(f"{width}x{height} = {width * height:,}"))
+            problem = size_problem(width, height)  # e.g. an 8,000,000 x 8 strip, refused from its header
+            if problem is not None:
+                raise ImageInputError(f"image refused: {problem}; crop or resize it")
             opened.load()  # first frame of an animation; raises on truncated or corrupt data
     except ImageInputError:
         raise
