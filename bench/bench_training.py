@@ -124,7 +124,9 @@ def train_once(
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     tail = max(1, len(losses) // 5)  # the last fifth of the logged steps: "loss reached"
-    val_loss = trainer.evaluate(build_sft_dataset(val, makers))["eval_loss"] if val is not None else float("nan")
+    lengths_from = trainer.processing_class if knobs.get("group_by_image_tokens") else None
+    val_sft = build_sft_dataset(val, makers, processor=lengths_from) if val is not None else None
+    val_loss = trainer.evaluate(val_sft)["eval_loss"] if val_sft is not None else float("nan")
     shutil.rmtree(out, ignore_errors=True)
     del trainer
     return {
