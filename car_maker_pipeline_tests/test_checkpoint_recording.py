@@ -17,6 +17,7 @@ baseline and the checkpoint evaluations are then recorded by calling the domain 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -167,10 +168,7 @@ def test_checkpoints_are_scored_and_the_best_on_validation_is_registered(trained
         f"robustness_{KEY}.json",
         "accuracy_by_step.png",
         "checkpoint_accuracy.parquet",
-        "best_adapter/adapter_model.safetensors",
-        "best_adapter/adapter_config.json",
-        f"best_adapter/{CARD_FILE}",
-    } == _artifacts(uri, run.info.run_id)
+    } <= _artifacts(uri, run.info.run_id)  # the classifier itself is an MLflow logged model (pyfunc) of this run
 
     assert record.registered_model == f"car-maker-{KEY}"
     (version,) = [v for v in registered_versions(uri, record.registered_model) if v.run_id == record.mlflow_run_id]
@@ -182,19 +180,19 @@ def test_checkpoints_are_scored_and_the_best_on_validation_is_registered(trained
 
 @pytest.mark.slow
 def test_the_registered_version_is_what_classify_loads(trained):
-    from car_maker_pipeline.classify import load_classifier, pick_version
+    from car_maker_pipeline.serving.registry import ADAPTER_ARTIFACT
 
     store, uri, model_dir, _ = trained
     record = _record(trained, "classify-run")
-    chosen = pick_version(uri, record.registered_model, None)
-    assert str(chosen.version) == record.registered_version
     mlflow.set_tracking_uri(uri)
-    adapter_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{record.registered_model}/{record.registered_version}"))
+    assert (local / "MLmodel").exists()  # a standard MLflow model, loadable with mlflow.pyfunc.load_model
+    adapter_dir = next(local.rglob(ADAPTER_ARTIFACT))
     best = Path(store.read_manifest(LORA_CHECKPOINTS, KEY)["checkpoints"][str(record.best_step)])
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (adapter_dir / name).read_bytes() == (best / name).read_bytes()
-    classifier, card = load_classifier(adapter_dir, batch_size=4)
-    assert card["makers"] == store.maker_dataset().makers == classifier.makers
+    card = json.loads((adapter_dir / CARD_FILE).read_text())
+    assert card["makers"] == store.maker_dataset().makers
     assert card["base_model"] == model_dir and card["step"] == record.best_step
 
 

@@ -1,1 +1,1 @@
-"""Model domain: loading LFM2-VL models and processors, and the tiny random-weight LFM2-VL models of the offline demo."""
+"""Model domain: loading LFM2-VL models and processors (Hub id or local folder), attaching and merging LoRA adapters."""

@@ -41,10 +41,10 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import yaml
 from PIL import Image
 
 from car_maker_pipeline.data.classes import stanford_cars_class_names
+from car_maker_pipeline.offline.card import dataset_card
 from car_maker_pipeline.offline.corruptions import ALL_CORRUPTIONS, corrupt_image, encode_image, pick_format
 from car_maker_pipeline.offline.population import (
     IMAGE_SIZE_MODES,
@@ -166,44 +166,6 @@ def _write_parquet(path: Path, images: list[bytes], labels: list[int], features:
         if bars_were_on:
             datasets.enable_progress_bars()
     return int(table.data.nbytes)
-
-
-def _dataset_card(class_names: Sequence[str], splits: dict[str, tuple[int, int]], settings: dict) -> str:
-    """README.md with Hub-style YAML front matter: features (with all class names), splits, data files.
-
-    The YAML is what `load_dataset` reads first for a local folder: `configs` maps split names to
-    files, `dataset_info` gives the features (so ClassLabel names survive even without parquet
-    metadata) and the expected row counts, which `load_dataset` checks against the files.
-    """
-    card = {
-        "dataset_info": {
-            "features": [
-                {"name": "image", "dtype": "image"},
-                {"name": "label", "dtype": {"class_label": {"names": {str(i): n for i, n in enumerate(class_names)}}}},
-            ],
-            "splits": [
-                {"name": name, "num_bytes": nbytes, "num_examples": rows} for name, (rows, nbytes) in splits.items()
-            ],
-            "dataset_size": sum(nbytes for _, nbytes in splits.values()),
-        },
-        "configs": [
-            {
-                "config_name": "default",
-                "data_files": [{"split": name, "path": f"data/{name}-*"} for name in splits],
-            }
-        ],
-        "task_categories": ["image-classification"],
-        "tags": ["synthetic", "stanford-cars-shaped"],
-    }
-    front = yaml.safe_dump(card, sort_keys=False, allow_unicode=True)
-    body = (
-        "# Synthetic Stanford Cars demo source\n\n"
-        "Generated offline by `car_maker_pipeline.offline.demo_source.generate_demo_source`; shaped like "
-        "`tanganke/stanford_cars` (same features, all 196 class names, parquet files under `data/`), "
-        "with synthetic car drawings instead of photographs. Not real data: use it for demos and tests.\n\n"
-        "Generation settings:\n\n```json\n" + json.dumps(settings, indent=2) + "\n```\n"
-    )
-    return f"---\n{front}---\n\n{body}"
 
 
 def _validated(
@@ -328,7 +290,7 @@ def generate_demo_source(
         for corruption in corruptions:
             write(corruption, _corrupt_split(corruption, test_images, encodings, seed, unique), test_labels)
 
-        (tmp / "README.md").write_text(_dataset_card(stanford_cars_class_names(), splits, settings))
+        (tmp / "README.md").write_text(dataset_card(stanford_cars_class_names(), splits, settings))
         (tmp / MARKER_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the finished source should be readable like any folder
 

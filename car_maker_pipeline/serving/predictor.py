@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from car_maker_pipeline.evaluation.registration import CARD_FILE  # the card beside the adapter weights
 from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
 from car_maker_pipeline.serving.images import ImageInputError, decode_image
 
 # In: one image per row, as encoded bytes in this column. Out: one row per image, in input order.
 IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = ("maker", "probability")
-CARD_FILE = "car_maker.json"  # beside the adapter weights: what `classify --adapter DIR` reads
 # The pyfunc model's artifacts: the adapter folder (weights, PEFT config, card) and the maker list.
 ADAPTER_ARTIFACT, MAKERS_ARTIFACT = "adapter", "makers"
 
