@@ -50,16 +50,19 @@ def test_rematerializing_an_unchanged_source_reuses_the_stored_copy(pipeline):
     assert again.asset_materializations_for_node("car_maker_dataset")[0].metadata["cache_hit"].value is True
 
 
-def test_baseline_partition_reports_metrics_and_an_mlflow_run(pipeline):
-    home, resources, instance, _ = pipeline
+def _baseline(pipeline, config: dict, partition: str = "tiny-s"):
+    """(result, metadata) of one baseline_evaluation partition with `config` as its run config."""
+    _, resources, instance, _ = pipeline
+    run_config = {"ops": {"baseline_evaluation": {"config": config}}}
     result = dg.materialize(
-        [baseline_evaluation],
-        resources=resources,
-        instance=instance,
-        partition_key="tiny-s",
-        run_config={"ops": {"baseline_evaluation": {"config": {"batch_size": 8}}}},
+        [baseline_evaluation], resources=resources, instance=instance, partition_key=partition, run_config=run_config
     )
-    metadata = result.asset_materializations_for_node("baseline_evaluation")[0].metadata
+    return result, result.asset_materializations_for_node("baseline_evaluation")[0].metadata
+
+
+def test_baseline_partition_reports_metrics_and_an_mlflow_run(pipeline):
+    home = pipeline[0]
+    result, metadata = _baseline(pipeline, {"batch_size": 8})
     for key in (
         "accuracy",
         "accuracy_ci_low",
@@ -140,14 +143,6 @@ def test_an_impossible_image_token_budget_is_rejected_before_model_work(pipeline
 
 
 def test_the_image_token_budget_is_applied_and_recorded(pipeline):
-    home, resources, instance, _ = pipeline
-    result = dg.materialize(
-        [baseline_evaluation],
-        resources=resources,
-        instance=instance,
-        partition_key="tiny-s",
-        run_config={"ops": {"baseline_evaluation": {"config": {"max_image_tokens": 24, "max_images": 8}}}},
-    )
-    metadata = result.asset_materializations_for_node("baseline_evaluation")[0].metadata
+    _, metadata = _baseline(pipeline, {"max_image_tokens": 24, "max_images": 8})
     assert metadata["image_token_budget"].value["image_max_tokens"] == 24
     assert metadata["image_tokens_mean"].value <= 24
