@@ -18,6 +18,7 @@ from car_maker_pipeline.evaluation.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.runner import EvaluationReport, evaluate_to_dir
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
+from car_maker_pipeline.training.checkpoints import recorded_digest
 
 VALIDATION, TEST = "validation", "test"
 
@@ -59,7 +60,7 @@ def results_dir(out_root: Path, label: str, budget: ImageTokenBudget, adapter: P
     """
     digest = hashlib.sha256(json.dumps(budget.to_json(), sort_keys=True).encode())
     if adapter is not None:
-        digest.update(hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).digest())
+        digest.update(recorded_digest(adapter, "adapter_model.safetensors").encode())
     return out_root / f"{label}-{digest.hexdigest()[:10]}"
 
 

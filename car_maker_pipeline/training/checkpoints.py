@@ -208,6 +208,19 @@ def quarantine_unusable_checkpoints(output_dir: str | os.PathLike) -> list[Quara
     return moved
 
 
+def recorded_digest(path: str | os.PathLike, name: str) -> str:
+    """The sha256 the completion marker records for `name` (checked by `verify_checkpoint` before use);
+    hashed afresh for an old sizes-only marker, so callers never need to hash a checkpoint file again."""
+    path = Path(path)
+    try:
+        entry = json.loads((path / CHECKPOINT_MARKER).read_text())["files"][name]
+        if isinstance(entry, dict) and entry.get("sha256"):
+            return entry["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return _digest(path / name)
+
+
 def mark_checkpoint_complete(path: Path, global_step: int) -> None:
     """Write the completion marker: size and sha256 of every file, each made durable before the marker."""
     files = {}
