@@ -147,18 +147,48 @@ def test_asset_graph_renders_in_headless_chromium(server, data_run, tmp_path):
         )
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1200})
-            # The lineage view of the last asset, upstream, shows the whole graph.
-            page.goto(f"{server.url}/assets/checkpoint_accuracy?view=lineage&lineageScope=upstream&lineageDepth=5")
-            for name in ASSETS:
-                page.get_by_text(name, exact=True).first.wait_for(state="attached", timeout=60_000)
+            # checkpoint_accuracy's nearest neighbours, four deep, reach every asset: the data and
+            # training upstream, the serving assets downstream.
+            page.goto(f"{server.url}/assets/checkpoint_accuracy?view=lineage&lineageScope=neighbors&lineageDepth=4")
+            node_names = page.locator('[class*="AssetNode_assetName"]')
+            node_names.first.wait_for(state="attached", timeout=60_000)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                drawn = node_names.all_inner_texts()
+                if all(any(_names_match(name, text) for text in drawn) for name in ASSETS):
+                    break
+                time.sleep(1)
             html = page.content()
             page.screenshot(path=str(tmp_path / "asset_graph.png"))
         finally:
             browser.close()
     for name in ASSETS:
-        assert name in html
-    for group in ("data", "baseline", "training", "evaluation"):
+        assert any(_names_match(name, text) for text in drawn), f"no node drawn for {name}: {drawn}"
+    for group in ("data", "baseline", "training", "evaluation", "serving"):
         assert f">{group}<" in html, f"group {group} is not drawn"
+
+
+def _names_match(name: str, drawn: str) -> bool:
+    """A node's label is the asset name, middle-truncated ("checkpoi…_accuracy") when zoomed out."""
+    drawn = drawn.strip()
+    if "…" not in drawn:
+        return drawn == name
+    head, tail = drawn.split("…", 1)
+    return len(head) + len(tail) < len(name) and name.startswith(head) and name.endswith(tail)
+
+
+@pytest.mark.parametrize(
+    ("name", "drawn", "matches"),
+    [
+        ("checkpoint_accuracy", "checkpoint_accuracy", True),
+        ("checkpoint_accuracy", "checkpoi…_accuracy", True),
+        ("baseline_evaluation", "checkpoi…_accuracy", False),
+        ("merged_model", "merged_mode", False),
+        ("merged_model", "mer…model", True),
+    ],
+)
+def test_truncated_node_labels_match_only_their_asset(name, drawn, matches):
+    assert _names_match(name, drawn) is matches
 
 
 def _pool_intervals(server, run_ids: list[str], steps: set[str]) -> list[tuple[float, float, str, str]]:
