@@ -7,7 +7,9 @@
     python -m car_maker_pipeline.classify --adapter DIR car.jpg        # an adapter folder with its car_maker.json
     python -m car_maker_pipeline.classify --from-test 5                # the first 5 test images of car_maker_dataset
 
-Prints one line per image: path, maker, probability. A registered model is loaded as the MLflow
+Prints one line per image: path, maker, probability; below the confidence threshold registered with
+the model (chosen on validation for a target precision), `unsure` and the three most probable
+makers with their probabilities instead. A registered model is loaded as the MLflow
 pyfunc model it was registered as, so the answers are the ones `mlflow.pyfunc.load_model` and
 `mlflow models serve` give. The tracking store is MLFLOW_TRACKING_URI, or the pipeline's local
 sqlite store under CAR_MAKER_HOME.
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 from car_maker_pipeline.serving.images import ImageInputError, decode_image
+from car_maker_pipeline.serving.predictor import UNSURE
 
 
 class ClassifyError(RuntimeError):
@@ -196,9 +199,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     answers = predict(blobs)
-    for i, (label, maker, probability) in enumerate(zip(labels, answers["maker"], answers["probability"])):
-        print(f"{label}\t{maker}\t{probability:.3f}" + (f"\ttrue: {truth[i]}" if truth else ""))
+    for i, (label, row) in enumerate(zip(labels, answers.to_dict("records"))):
+        print(f"{label}\t{answer_text(row)}" + (f"\ttrue: {truth[i]}" if truth else ""))
     return 0
+
+
+def answer_text(row: dict) -> str:
+    """`maker<TAB>probability`, or below the confidence threshold `unsure<TAB>(the top three and theirs)`."""
+    if row.get("answer", row["maker"]) != UNSURE:
+        return f"{row['maker']}\t{row['probability']:.3f}"
+    top = [
+        (row[m], row[p])
+        for m, p in (("maker", "probability"), ("maker_2", "probability_2"), ("maker_3", "probability_3"))
+    ]
+    return UNSURE + "\t(" + ", ".join(f"{maker} {probability:.3f}" for maker, probability in top if maker) + ")"
 
 
 if __name__ == "__main__":

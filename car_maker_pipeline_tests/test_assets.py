@@ -33,7 +33,10 @@ def test_data_assets_carry_their_metadata(pipeline):
     assert makers["rows_train"].value + makers["rows_validation"].value == 72
     assert makers["dropped_count"].value == 0
     table = makers["images_per_maker"].value
-    assert "| maker" in table and "Land Rover" in table and "validation" in table
+    columns = {column.name: column.type for column in table.schema.columns}
+    assert columns["maker"] == "string" and columns["validation"] == columns["test"] == "int"
+    by_maker = {record.data["maker"]: record.data for record in table.records}
+    assert "Land Rover" in by_maker and by_maker["total"]["test"] == 30
     checks = result.get_asset_check_evaluations()
     assert len(checks) == 4 and all(check.passed for check in checks)
 
@@ -76,10 +79,10 @@ def test_baseline_partition_reports_metrics_and_an_mlflow_run(pipeline):
     assert metadata["num_images"].value == 30
     assert metadata["accuracy_ci_low"].value <= metadata["accuracy"].value <= metadata["accuracy_ci_high"].value
     assert metadata["confusion_matrix"].value.startswith("![confusion matrix](data:image/png;base64,")
-    # What the evaluator computed: tiny-s pictures are 128x96 -> 48 image tokens; one pass per batch
-    # (the demo makers are decided by their first token); padding only where texts differ.
+    # What the evaluator computed: tiny-s pictures are 128x96 -> 48 image tokens; two passes per batch
+    # (the prompts, then every maker's answer at once); padding only where texts differ.
     assert metadata["image_tokens_mean"].value == pytest.approx(48) and metadata["image_tokens_p95"].value == 48
-    assert metadata["forward_passes_per_image"].value == 1
+    assert metadata["forward_passes_per_image"].value == 2
     assert 1.0 <= metadata["padded_to_real_tokens"].value < 1.1
     assert metadata["image_token_budget"].value == {
         "image_min_tokens": 16,
@@ -95,6 +98,17 @@ def test_baseline_partition_reports_metrics_and_an_mlflow_run(pipeline):
     assert run.data.metrics["accuracy"] == pytest.approx(metadata["accuracy"].value)
     assert {"accuracy_ci_low", "accuracy_ci_high", "macro_accuracy", "images_per_second"} <= set(run.data.metrics)
     assert run.data.metrics["padded_to_real_tokens"] == pytest.approx(metadata["padded_to_real_tokens"].value)
+    # Probabilities over every maker: calibrated on validation, measured on test, in metadata and MLflow.
+    for key in ("top1_accuracy", "top3_accuracy", "log_loss", "ece", "ece_calibrated", "temperature", "coverage"):
+        assert run.data.metrics[key] == pytest.approx(metadata[key].value), key
+    assert metadata["top1_accuracy"].value == pytest.approx(metadata["accuracy"].value)
+    assert metadata["top1_accuracy"].value <= metadata["top3_accuracy"].value <= 1
+    assert metadata["target_precision"].value == 0.99 and 0 <= metadata["coverage"].value <= 1
+    curve = metadata["risk_coverage"].value
+    assert [c.name for c in curve.schema.columns][:2] and all(c.type in ("float", "int") for c in curve.schema.columns)
+    assert metadata["reliability_diagram"].value.startswith("![reliability diagram](data:image/png;base64,")
+    per_maker = metadata["per_maker_accuracy"].value
+    assert {c.name: c.type for c in per_maker.schema.columns}["accuracy"] == "float"
     assert run.data.params["image_max_tokens"] == "48"
     assert {
         "model_id",

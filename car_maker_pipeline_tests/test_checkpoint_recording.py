@@ -145,6 +145,9 @@ def test_checkpoints_are_scored_and_the_best_on_validation_is_registered(trained
 
     training = store.read_manifest(LORA_CHECKPOINTS, KEY)
     manifest = store.read_manifest(CHECKPOINT_ACCURACY, KEY)
+    calibrations = {key: manifest.pop(key) for key in ("calibration", "baseline_calibration")}
+    assert calibrations["calibration"] == pytest.approx(record.best_calibration.metrics(), nan_ok=True)
+    assert calibrations["baseline_calibration"] == pytest.approx(baseline.calibration_report.metrics(), nan_ok=True)
     assert manifest == {
         "table": str(record.table_path),
         "best_step": record.best_step,
@@ -154,6 +157,12 @@ def test_checkpoints_are_scored_and_the_best_on_validation_is_registered(trained
         "robustness": record.scores.robustness.to_dict("records"),
         "baseline_accuracy": record.baseline_accuracy,
     }
+    # Every checkpoint is judged on calibration and coverage at the target precision too.
+    for column in ("top3_accuracy", "ece", "ece_calibrated", "temperature", "val_coverage_at_target"):
+        assert table[column].notna().all(), column
+    assert (table["top3_accuracy"] >= table["accuracy"]).all()
+    best = record.best_calibration
+    assert table.set_index("step").loc[record.best_step, "coverage_at_target"] == best.coverage
 
     (run,) = _runs(uri, "tags.dagster_run_id = 'checkpoints-run'")
     assert run.info.run_id == record.mlflow_run_id and run.info.run_name == f"checkpoints-{KEY}"
@@ -194,6 +203,10 @@ def test_the_registered_version_is_what_classify_loads(trained):
     card = json.loads((adapter_dir / CARD_FILE).read_text())
     assert card["makers"] == store.maker_dataset().makers
     assert card["base_model"] == model_dir and card["step"] == record.best_step
+    # The temperature and threshold chosen on validation travel with the model.
+    calibrated = record.best_calibration
+    assert card["temperature"] == calibrated.temperature and card["confidence_threshold"] == calibrated.threshold
+    assert card["target_precision"] == 0.99
 
 
 @pytest.mark.slow

@@ -160,8 +160,10 @@ def test_every_dropped_row_is_listed_with_its_reason(tmp_path):
     assert record.dropped_undecodable == {"train": 6, "test": 0}  # unreadable or too large to prepare
     assert record.dropped_bad_label == {"train": 2, "test": 0} and record.dropped_duplicate == {"train": 1, "test": 0}
     assert json.loads((Path(record.path) / "dropped_rows.json").read_text()) == record.dropped_rows
-    markdown = record.dropped_rows_markdown()
-    assert markdown.startswith("9 row(s) dropped (all in") and "| train   |      14 | duplicate" in markdown
+    assert record.dropped_rows_heading().startswith("9 row(s) dropped (all in")
+    table = record.dropped_rows_table()
+    assert list(table.columns) == ["split", "index", "reason", "detail"] and len(table) == 9
+    assert table.iloc[-1].to_dict() == {"split": "train", "index": 14, "reason": "duplicate", "detail": "same pixels as row 2"}
 
 
 def test_many_dropped_rows_keep_the_first_in_the_record_and_all_in_the_file(tmp_path):
@@ -169,7 +171,8 @@ def test_many_dropped_rows_keep_the_first_in_the_record_and_all_in_the_file(tmp_
     record = build(tmp_path, raw_with(junk))
     assert len(record.dropped_rows) == DROPPED_ROWS_SHOWN and record.dropped_total == DROPPED_ROWS_SHOWN + 25
     assert [row["index"] for row in record.all_dropped_rows()] == list(range(6, 6 + DROPPED_ROWS_SHOWN + 25))
-    assert record.dropped_rows_markdown().startswith(f"{DROPPED_ROWS_SHOWN + 25} row(s) dropped; the first 200 shown")
+    assert record.dropped_rows_heading().startswith(f"{DROPPED_ROWS_SHOWN + 25} row(s) dropped; the first 200 shown")
+    assert len(record.dropped_rows_table()) == DROPPED_ROWS_SHOWN
 
 
 def test_the_asset_metadata_shows_the_dropped_rows(tmp_path):
@@ -189,8 +192,9 @@ def test_the_asset_metadata_shows_the_dropped_rows(tmp_path):
         instance=dg.DagsterInstance.ephemeral(),
     )
     metadata = result.asset_materializations_for_node("car_maker_dataset")[0].metadata
-    shown = metadata["dropped_rows"].value
-    assert metadata["dropped_count"].value == 2 and shown.startswith("2 row(s) dropped")
-    assert "| train   |       8 | too large" in shown and "8x8000000 is elongated" in shown
-    assert "| train   |       9 | undecodable" in shown
+    rows = [record.data for record in metadata["dropped_rows"].value.records]
+    assert metadata["dropped_count"].value == 2 and metadata["dropped_rows_note"].value.startswith("2 row(s) dropped")
+    assert [column.type for column in metadata["dropped_rows"].value.schema.columns] == ["string", "int", "string", "string"]
+    assert rows[0]["index"] == 8 and rows[0]["reason"] == "too large" and "8x8000000 is elongated" in rows[0]["detail"]
+    assert rows[1]["index"] == 9 and rows[1]["reason"] == "undecodable"
     assert metadata["dropped_undecodable"].value == {"train": 2, "test": 0}

@@ -89,25 +89,27 @@ class MakerDataset:
         stored = Path(self.path) / DROPPED_ROWS_FILE
         return read_json(stored) if stored.exists() else list(self.dropped_rows)
 
-    def counts_markdown(self) -> str:
+    def counts_table(self) -> pd.DataFrame:
+        """Images per maker (rows) and split (columns), with a total row."""
         frame = pd.DataFrame(self.images_per_maker).fillna(0).astype(int)
         frame = frame.reindex(index=self.makers, fill_value=0)
         frame.loc["total"] = frame.sum()
-        frame.index.name = "maker"
-        return frame.to_markdown()
+        return frame.rename_axis("maker").reset_index()
 
-    def dropped_rows_markdown(self) -> str:
-        """The dropped rows as a markdown table (split, row index, reason, detail), capped, with the total."""
+    def dropped_rows_heading(self) -> str:
+        """How many rows were dropped, how many are listed, and where all of them are."""
         if not self.dropped_total:
             return "No row was dropped."
         shown = len(self.dropped_rows)
-        heading = f"{self.dropped_total} row(s) dropped" + (
-            f"; the first {shown} shown" if shown < self.dropped_total else ""
+        return (
+            f"{self.dropped_total} row(s) dropped"
+            + (f"; the first {shown} shown" if shown < self.dropped_total else "")
+            + f" (all in {Path(self.path) / DROPPED_ROWS_FILE})"
         )
-        frame = pd.DataFrame(self.dropped_rows, columns=["split", "index", "reason", "detail"])
-        frame["detail"] = frame["detail"].str.replace("|", "\\|")  # a pipe would end the markdown cell
-        table = frame.to_markdown(index=False)
-        return f"{heading} (all in {Path(self.path) / DROPPED_ROWS_FILE}):\n\n{table}"
+
+    def dropped_rows_table(self) -> pd.DataFrame:
+        """The listed dropped rows: split, row index, reason, detail."""
+        return pd.DataFrame(self.dropped_rows, columns=["split", "index", "reason", "detail"])
 
 
 def column(part: datasets.Dataset, name: str) -> list:

@@ -16,12 +16,32 @@ from pathlib import Path
 
 import mlflow
 
-from car_maker_pipeline.evaluation.checkpoints import CheckpointScores, accuracy_chart, score_checkpoints
-from car_maker_pipeline.evaluation.recording import RecordTarget, budget_params, evaluation_run, log_params
+from car_maker_pipeline.evaluation.calibrated import (
+    CalibrationFiles,
+    CalibrationReport,
+    write_calibration,
+)
+from car_maker_pipeline.evaluation.checkpoints import (
+    VALIDATION,
+    CheckpointEvaluationError,
+    CheckpointScores,
+    accuracy_chart,
+    score_checkpoints,
+)
+from car_maker_pipeline.evaluation.recording import (
+    RecordTarget,
+    budget_params,
+    check_calibration_split,
+    evaluation_run,
+    log_calibration,
+    log_params,
+)
 from car_maker_pipeline.evaluation.registration import (
     registered_model_name,
 )
 from car_maker_pipeline.evaluation.reports import save_figure
+from car_maker_pipeline.evaluation.selective import check_target_precision
+from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, DEFAULT_TARGET_PRECISION, SELECTION_METRICS
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, budget_for_checkpoint
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import LoadedModel
@@ -44,6 +64,12 @@ class CheckpointRecord:
     registered_version: str
     mlflow_run_id: str
     registration: RegisteredClassifier | None = None  # the version, its aliases and the champion decision
+    calibration: CalibrationFiles | None = None  # the best checkpoint's, with its charts
+    baseline_calibration: dict | None = None  # CalibrationReport.metrics() of the baseline, when it has one
+
+    @property
+    def best_calibration(self) -> CalibrationReport:
+        return self.scores.calibrations[self.best_step].report
 
     @property
     def best_step(self) -> int:
@@ -90,6 +116,8 @@ def evaluate_checkpoints_and_record(
     robustness: bool = True,
     budget: ImageTokenBudget | None = None,
     warn: Callable[[str], None] = logger.warning,
+    target_precision: float = DEFAULT_TARGET_PRECISION,
+    selection_metric: str = DEFAULT_SELECTION_METRIC,
 ) -> CheckpointRecord:
     """Score the checkpoints of `model_key`'s current LoRA run against its baseline (new ones only;
     earlier scores are reused), choose the best on validation, and record and register it.
@@ -99,10 +127,16 @@ def evaluate_checkpoints_and_record(
     checkpoint's adapter is attached to the base model in turn. With `robustness`, the baseline and
     the best checkpoint are also scored on each corrupted copy of test.
     """
+    check_target_precision(target_precision)
+    if selection_metric not in SELECTION_METRICS:
+        raise ValueError(f"Unknown selection metric {selection_metric!r}; use one of {', '.join(SELECTION_METRICS)}.")
     training = store.read_manifest(LORA_CHECKPOINTS, model_key)
-    baseline_accuracy = store.read_manifest(BASELINE_EVALUATION, model_key)["summary"]["accuracy"]
+    baseline = store.read_manifest(BASELINE_EVALUATION, model_key)
+    baseline_accuracy = baseline["summary"]["accuracy"]
     dataset_record = store.maker_dataset()
     dataset = dataset_record.load()
+    check_same_makers(training.get("makers"), dataset_record.makers, model_key)
+    check_calibration_split(dataset[VALIDATION]["maker"])
     checkpoints = listed_checkpoints(training, warn)
     out_root = store.asset_dir(CHECKPOINT_ACCURACY, model_key) / Path(training["output_dir"]).name
     budget, mismatch = budget_for_checkpoint(training.get("image_token_budget"), budget or ImageTokenBudget())
@@ -122,6 +156,8 @@ def evaluate_checkpoints_and_record(
         batch_size=batch_size,
         corrupted_splits=dataset_record.corrupted_splits if robustness else [],
         budget=budget,
+        target_precision=target_precision,
+        selection_metric=selection_metric,
     )
     in_force = ImageTokenBudget.of(loaded.processor)
     table_path = out_root / "checkpoint_accuracy.parquet"
@@ -132,6 +168,12 @@ def evaluate_checkpoints_and_record(
     )
     best = scores.best
     name = registered_model_name(model_key)
+    calibration = write_calibration(
+        scores.calibrations[scores.best_step],
+        out_root / f"calibration-step-{scores.best_step}",
+        f"{model_key} step {scores.best_step}",
+    )
+    calibrated = calibration.report()
 
     run_name, training_run = f"checkpoints-{model_key}", training["mlflow_run_id"]
     with evaluation_run(target, store, run_name, model_key, STAGE, training_run_id=training_run) as run:
@@ -143,11 +185,13 @@ def evaluate_checkpoints_and_record(
                 "prompt_hash": prompt.fingerprint(dataset_record.makers),
                 "num_checkpoints": len(checkpoints),
                 "best_step": scores.best_step,
-                "selection": "validation accuracy",
+                "selection": SELECTION_METRICS[selection_metric],
+                "target_precision": target_precision,
                 **budget_params(in_force),
             }
         )
         _log_scores(scores, baseline_accuracy, model_key, table_path, chart_path)
+        log_calibration(calibration, prefix="best_")
         registered = register_classifier(
             Candidate.of_checkpoint(
                 model_key,
@@ -158,6 +202,9 @@ def evaluate_checkpoints_and_record(
                 step=scores.best_step,
                 val_accuracy=best["val_accuracy"],
                 test_accuracy=best["accuracy"],
+                temperature=calibrated.temperature,
+                confidence_threshold=calibrated.threshold,
+                target_precision=target_precision,
             ),
             uri=target.tracking_uri,
             dataset_record=dataset_record,
@@ -175,12 +222,35 @@ def evaluate_checkpoints_and_record(
             "mlflow_run_id": run.info.run_id,
             "robustness": scores.robustness.to_dict("records"),
             "baseline_accuracy": baseline_accuracy,
+            "calibration": calibrated.metrics(),
+            "baseline_calibration": baseline.get("calibration"),
         },
         partition=model_key,
     )
     return CheckpointRecord(
-        scores, baseline_accuracy, table_path, chart_path, name, version, run.info.run_id, registered
+        scores,
+        baseline_accuracy,
+        table_path,
+        chart_path,
+        name,
+        version,
+        run.info.run_id,
+        registered,
+        calibration,
+        baseline.get("calibration"),
     )
+
+
+def check_same_makers(trained_on: list[str] | None, makers: list[str], model_key: str) -> None:
+    """A LoRA run trained on another maker list cannot be scored on this dataset: say so before model work."""
+    if trained_on is not None and list(trained_on) != list(makers):
+        missing, extra = sorted(set(makers) - set(trained_on)), sorted(set(trained_on) - set(makers))
+        raise CheckpointEvaluationError(
+            f"{model_key}'s LoRA run was trained on {len(trained_on)} makers and car_maker_dataset now has "
+            f"{len(makers)} (only in the dataset: {missing or 'none'}; only in training: {extra or 'none'}"
+            f"{'; same makers, another order' if not missing and not extra else ''}). "
+            f"Materialize lora_checkpoints for {model_key} again on this dataset, then checkpoint_accuracy."
+        )
 
 
 def _log_scores(
@@ -195,6 +265,11 @@ def _log_scores(
                 "test_ci_low": row.ci_low,
                 "test_ci_high": row.ci_high,
                 "test_macro_accuracy": row.macro_accuracy,
+                "test_top3_accuracy": row.top3_accuracy,
+                "test_ece": row.ece,
+                "test_ece_calibrated": row.ece_calibrated,
+                "val_coverage_at_target": row.val_coverage_at_target,
+                "test_coverage_at_target": row.coverage_at_target,
             },
             step=int(row.step),
         )

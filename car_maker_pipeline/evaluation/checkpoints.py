@@ -14,13 +14,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from car_maker_pipeline.evaluation.calibrated import Calibration, calibrate
 from car_maker_pipeline.evaluation.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.runner import EvaluationReport, evaluate_to_dir
+from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, DEFAULT_TARGET_PRECISION, SELECTION_METRICS
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.training.checkpoints import recorded_digest
 
 VALIDATION, TEST = "validation", "test"
+# Part of every cached result's name: results written before every maker's probability was scored
+# (or scored another way) are not reused.
+SCORING = "all-makers-v1"
 
 
 THROUGHPUT_COLUMNS = ("image_tokens_mean", "image_tokens_p95", "padded_to_real_tokens", "forward_passes_per_image")
@@ -37,6 +42,7 @@ class CheckpointScores:
     best_checkpoint: Path
     robustness: pd.DataFrame  # one row per corrupted split: baseline vs best checkpoint
     reports: dict[tuple[int | str, str], EvaluationReport]
+    calibrations: dict[int, Calibration]  # per step: temperature and threshold from validation, on test
 
     @property
     def best(self) -> pd.Series:
@@ -58,7 +64,7 @@ def results_dir(out_root: Path, label: str, budget: ImageTokenBudget, adapter: P
     weights) and the image-token budget (other pictures, other scores) are part of the name, so a
     cached result is reused only for the very same adapter and budget.
     """
-    digest = hashlib.sha256(json.dumps(budget.to_json(), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({**budget.to_json(), "scoring": SCORING}, sort_keys=True).encode())
     if adapter is not None:
         digest.update(recorded_digest(adapter, "adapter_model.safetensors").encode())
     return out_root / f"{label}-{digest.hexdigest()[:10]}"
@@ -89,6 +95,8 @@ def score_checkpoints(
     batch_size: int = 16,
     corrupted_splits: list[str] | None = None,
     budget: ImageTokenBudget | None = None,
+    target_precision: float = DEFAULT_TARGET_PRECISION,
+    selection_metric: str = DEFAULT_SELECTION_METRIC,
 ) -> CheckpointScores:
     if not checkpoints:
         raise CheckpointEvaluationError(
@@ -101,6 +109,7 @@ def score_checkpoints(
         step: results_dir(out_root, f"step-{step}", classifier.budget, path) for step, path in checkpoints.items()
     }
     rows = []
+    calibrations: dict[int, Calibration] = {}
     for step in sorted(checkpoints):
         model.set_adapter(f"step-{step}")
         for split in (VALIDATION, TEST):
@@ -113,6 +122,10 @@ def score_checkpoints(
                 figures=split == TEST,
             )
         val, test = reports[(step, VALIDATION)].summary, reports[(step, TEST)].summary
+        calibrations[step] = calibrate(
+            reports[(step, VALIDATION)].predictions(), reports[(step, TEST)].predictions(), makers, target_precision
+        )
+        calibrated = calibrations[step].report
         rows.append(
             {
                 "step": step,
@@ -125,14 +138,26 @@ def score_checkpoints(
                 if baseline_accuracy is not None
                 else float("nan"),
                 "val_loss": (val_loss or {}).get(step, float("nan")),
+                "top3_accuracy": calibrated.top3_accuracy,
+                "log_loss": calibrated.log_loss,
+                "ece": calibrated.ece,
+                "ece_calibrated": calibrated.ece_calibrated,
+                "temperature": calibrated.temperature,
+                "val_coverage_at_target": calibrated.val_coverage,
+                "coverage_at_target": calibrated.coverage,
+                "selective_accuracy": calibrated.selective_accuracy,
                 # What the test evaluation computed: tokens per image, padding waste, forward passes.
                 **{key: reports[(step, TEST)].throughput.get(key, float("nan")) for key in THROUGHPUT_COLUMNS},
             }
         )
     table = pd.DataFrame(rows)
+    if selection_metric not in SELECTION_METRICS:
+        raise CheckpointEvaluationError(
+            f"Unknown selection metric {selection_metric!r}; use one of {', '.join(SELECTION_METRICS)}."
+        )
     # Chosen on validation, never on test; ties go to the lower validation loss, then the later step.
     ranked = table.assign(_loss=table["val_loss"].fillna(float("inf"))).sort_values(
-        ["val_accuracy", "_loss", "step"], ascending=[False, True, False]
+        [selection_metric, "val_accuracy", "_loss", "step"], ascending=[False, False, True, False]
     )
     best_step = int(ranked.iloc[0]["step"])
 
@@ -170,7 +195,7 @@ def score_checkpoints(
         robustness_rows,
         columns=["corruption", "baseline_accuracy", "best_checkpoint_accuracy", "best_ci_low", "best_ci_high"],
     )
-    return CheckpointScores(table, best_step, checkpoints[best_step], robustness, reports)
+    return CheckpointScores(table, best_step, checkpoints[best_step], robustness, reports, calibrations)
 
 
 def accuracy_chart(table: pd.DataFrame, baseline_accuracy: float | None, title: str):

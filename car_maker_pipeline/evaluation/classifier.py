@@ -1,9 +1,10 @@
 """Classify car images into makers with a vision-language model, always answering a valid maker.
 
-The model is never free to ramble: decoding is constrained to a trie of the makers' answer tokens
-(each followed by the end-of-turn token), so every image gets exactly one maker and nothing is
-dropped for failing to parse. Images are processed in left-padded batches, and a maker answer
-takes only as many decoding steps as its longest tokenization.
+The model is never free to ramble: it only scores the makers' answers (each maker's tokens followed
+by the end-of-turn token), so every image gets exactly one maker and nothing is dropped for failing
+to parse. Every maker's whole answer is scored, so each image gets a probability for every maker
+(normalised over the makers) and the prediction is the most probable one. Images are processed in
+left-padded batches: one pass over the prompts, one batched pass over all the answers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from car_maker_pipeline.evaluation.decoding import AnswerTrie, decode
+from car_maker_pipeline.evaluation.decoding import AnswerTrie, score_answers
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, image_token_count
 from car_maker_pipeline.model_inputs.images import model_ready, padded_size
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
@@ -34,7 +35,10 @@ class ClassifierError(ValueError):
 @dataclass(frozen=True)
 class Prediction:
     maker: str
-    score: float  # probability of the chosen answer, renormalised over the allowed tokens at each step
+    score: float  # probability of the chosen maker, normalised over the makers
+    # log-probability of every maker (the classifier's order), normalised over the makers; None from
+    # a greedy decoder, which scores only the path it takes
+    log_probs: tuple[float, ...] | None = None
 
 
 def answer_token_ids(processor, prompt: PromptTemplate, makers: Sequence[str]) -> tuple[str, dict[str, list[int]]]:
@@ -159,8 +163,8 @@ class MakerClassifier:
 
     @torch.inference_mode()
     def _run_batch(self, images: Sequence, decoder=None) -> list[Prediction]:
-        """One batch of model-ready pictures; `decoder(model, inputs, trie, pad_id)` defaults to `decode`
-        (the benchmark passes the earlier generate-based decoding to time the same batch path)."""
+        """One batch of model-ready pictures, every maker scored; a `decoder(model, inputs, trie, pad_id)`
+        replaces that with a greedy path (the benchmark times greedy trie decoding and `generate` so)."""
         inputs = self.processor(
             images=[[image] for image in images],
             text=[self.prompt_text] * len(images),
@@ -169,7 +173,10 @@ class MakerClassifier:
         ).to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        decoded = (decoder or decode)(self.model, dict(inputs), self.trie, self.pad_id)
+        if decoder is None:
+            decoded = score_answers(self.model, dict(inputs), self.makers, [self.answers[m] for m in self.makers])
+        else:
+            decoded = decoder(self.model, dict(inputs), self.trie, self.pad_id)
         mask = inputs["attention_mask"]
         self.stats.add_batch(
             real_tokens=int(mask.sum()),
@@ -177,7 +184,11 @@ class MakerClassifier:
             forward_passes=decoded.forward_passes,
             image_tokens=[self.image_tokens(image) for image in images],
         )
-        return [Prediction(maker, score) for maker, score in zip(decoded.makers, decoded.scores)]
+        log_probs = getattr(decoded, "log_probs", None)
+        return [
+            Prediction(maker, score, None if log_probs is None else tuple(log_probs[row].tolist()))
+            for row, (maker, score) in enumerate(zip(decoded.makers, decoded.scores))
+        ]
 
     def classify(self, images: Iterable) -> list[Prediction]:
         """Predictions in input order; batches are formed from pictures of similar token cost.
@@ -213,7 +224,8 @@ def _lazy_pictures(cells: list[dict]) -> list:
 
 @dataclass
 class EvaluationRun:
-    predictions: pd.DataFrame  # index, true_maker, predicted_maker, score
+    # index, true_maker, predicted_maker, score, log_probs (every maker's, in the classifier's order)
+    predictions: pd.DataFrame
     seconds: float
     throughput: dict[str, float] = field(default_factory=dict)  # ThroughputStats.summary() of the timed pass
 
@@ -253,6 +265,7 @@ def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = 
                     "true_maker": maker,
                     "predicted_maker": prediction.maker,
                     "score": prediction.score,
+                    "log_probs": list(prediction.log_probs) if prediction.log_probs is not None else None,
                 }
             )
     seconds = time.perf_counter() - started

@@ -12,13 +12,24 @@ case is the trie's branching depth.
 This replaces `model.generate`, which runs one forward pass per answer token. The choice at every
 branch is the same (argmax of the model's log-probabilities over the allowed tokens, ties to the
 lowest token id, as `generate` with a masking logits processor does) and so is the score.
+
+`score_answers` is what the classifier runs: instead of one greedy path it scores every maker's
+whole answer (every token up to and including end of turn) for every image, normalised over the
+makers, so each image gets a distribution to calibrate and abstain on. It costs one extra batched
+pass: the prompt's cache is repeated once per maker and all answers are fed at once.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+# Rows (images x makers) of one answer-scoring pass; more are split into several passes, so memory
+# stays bounded (logits are rows x answer length x vocabulary) with many makers or a large batch.
+MAX_SCORING_ROWS = 256
 
 
 class AnswerTrie:
@@ -96,3 +107,75 @@ def decode(model, inputs: dict, trie: AnswerTrie, pad_id: int) -> Decoded:
         pending.append(column)
     makers = [trie.leaves[tuple(prefix)] for prefix in prefixes]
     return Decoded(makers, [float(torch.tensor(score).exp()) for score in scores], passes)
+
+
+@dataclass(frozen=True)
+class ScoredAnswers:
+    makers: list[str]  # the most probable maker of each row
+    scores: list[float]  # its probability, normalised over the makers
+    log_probs: torch.Tensor  # (rows, makers): log-probability of every maker's answer, normalised over the makers
+    forward_passes: int
+
+
+def _answer_log_likelihoods(model, cache, mask, last_position, first, answers, chunk_makers) -> torch.Tensor:
+    """log p(answer | prompt) for `chunk_makers` (indices into `answers`), shape (rows, len(chunk_makers))."""
+    rows = mask.shape[0]
+    picked = [answers[m] for m in chunk_makers]
+    width = max(len(ids) for ids in picked) - 1  # fed: every token but end of turn, whose probability is read
+    fed = torch.zeros((len(picked), width), dtype=torch.long)
+    targets = torch.full((len(picked), width), -1, dtype=torch.long)
+    for row, ids in enumerate(picked):
+        fed[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[row, : len(ids) - 1] = torch.tensor(ids[1:])
+    device = mask.device
+    first_ids = torch.tensor([ids[0] for ids in picked], device=device)
+    total = first[:, first_ids]  # (rows, makers): the first answer token, from the prompt pass
+    repeats = len(picked)
+    cache.reorder_cache(torch.arange(rows, device=device).repeat_interleave(repeats))
+    steps = torch.arange(1, width + 1, device=device)
+    out = model(
+        input_ids=fed.to(device).repeat(rows, 1),
+        attention_mask=torch.cat(
+            [mask.repeat_interleave(repeats, 0), torch.ones((rows * repeats, width), device=device, dtype=mask.dtype)],
+            1,
+        ),
+        position_ids=last_position.repeat_interleave(repeats)[:, None] + steps,
+        cache=cache,
+        use_cache=True,
+    )
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (rows * makers, width, vocabulary)
+    wanted = targets.to(device).repeat(rows, 1)
+    gathered = logprobs.gather(-1, wanted.clamp(min=0)[..., None])[..., 0] * (wanted >= 0)
+    return total + gathered.sum(-1).view(rows, repeats)
+
+
+@torch.inference_mode()
+def score_answers(
+    model, inputs: dict, makers: Sequence[str], answers: Sequence[Sequence[int]], max_rows: int = MAX_SCORING_ROWS
+) -> ScoredAnswers:
+    """Every maker's full-answer probability for a left-padded batch, normalised over the makers.
+
+    `answers[m]` is maker m's answer token ids ending with end of turn. One pass over the prompt,
+    then the answers of as many makers as fit in `max_rows` rows per pass, from a copy of the
+    prompt's cache repeated once per maker (no per-maker pass over the images).
+    """
+    mask = inputs["attention_mask"]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    first, cache = _forward(model, None, **inputs, position_ids=positions)
+    rows = mask.shape[0]
+    per_pass = max(1, max_rows // rows)
+    chunks = [list(range(start, min(start + per_pass, len(answers)))) for start in range(0, len(answers), per_pass)]
+    parts = []
+    for number, chunk in enumerate(chunks):
+        # The last chunk may consume the prompt's cache; every earlier one works on a copy.
+        chunk_cache = cache if number == len(chunks) - 1 else copy.deepcopy(cache)
+        parts.append(_answer_log_likelihoods(model, chunk_cache, mask, positions[:, -1], first, answers, chunk))
+    log_likelihood = torch.cat(parts, dim=1).double()
+    log_probs = log_likelihood - torch.logsumexp(log_likelihood, dim=1, keepdim=True)
+    best = torch.argmax(log_probs, dim=1)  # ties to the first maker in list order
+    return ScoredAnswers(
+        makers=[makers[int(i)] for i in best],
+        scores=[float(log_probs[r, i].exp()) for r, i in enumerate(best)],
+        log_probs=log_probs.cpu(),
+        forward_passes=1 + len(chunks),
+    )

@@ -15,13 +15,32 @@ from pathlib import Path
 
 import mlflow
 
+from car_maker_pipeline.evaluation.calibrated import (
+    CalibrationFiles,
+    CalibrationReport,
+    calibrate,
+    write_calibration,
+)
+from car_maker_pipeline.evaluation.calibration import CalibrationError
 from car_maker_pipeline.evaluation.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.runner import EvaluationReport, evaluate_to_dir
+from car_maker_pipeline.evaluation.selective import check_target_precision
+from car_maker_pipeline.evaluation.settings import CALIBRATION_SPLIT, DEFAULT_TARGET_PRECISION
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import LoadedModel
 from car_maker_pipeline.store import PipelineStore
 from car_maker_pipeline.tracking import mlflow_run, scrub_secrets
+
+
+def check_calibration_split(makers, split: str = CALIBRATION_SPLIT) -> None:
+    """Refuse, before any model work, a split that cannot fit a temperature: it needs two makers."""
+    present = sorted(set(makers))
+    if len(present) < 2:
+        raise CalibrationError(
+            f"The {split} split holds {len(present)} maker(s) ({present}); a temperature fitted on it would say "
+            f"nothing about telling makers apart. Rebuild car_maker_dataset so that {split} holds at least two makers."
+        )
 
 
 @dataclass(frozen=True)
@@ -74,11 +93,23 @@ def log_report(report: EvaluationReport) -> None:
             mlflow.log_artifact(str(path))
 
 
+def log_calibration(files: CalibrationFiles, prefix: str = "") -> None:
+    """Calibration and selective-prediction numbers, the risk-coverage table and both charts."""
+    mlflow.log_metrics(files.report().metrics(prefix))
+    for path in (files.risk_coverage_path, files.reliability_path, files.risk_coverage_chart_path):
+        mlflow.log_artifact(str(path), artifact_path="calibration")
+
+
 @dataclass
 class RecordedEvaluation:
     report: EvaluationReport
     params: dict
     mlflow_run_id: str
+    calibration: CalibrationFiles | None = None  # None when there is no validation split to calibrate on
+
+    @property
+    def calibration_report(self) -> CalibrationReport | None:
+        return self.calibration.report() if self.calibration is not None else None
 
 
 def evaluate_and_record(
@@ -94,25 +125,42 @@ def evaluate_and_record(
     split: str,
     max_images: int | None = None,
     budget: ImageTokenBudget | None = None,
+    target_precision: float = DEFAULT_TARGET_PRECISION,
 ) -> RecordedEvaluation:
     """Score one split of the current maker dataset, record it in MLflow, then write the manifest of
     `asset`'s `model_key` partition (results under `<asset>/<model_key>/<dagster run id>`).
 
-    `load_model` is called only once the dataset and split are known to exist, so a missing input
-    fails before any model is built or loaded.
+    The validation split is scored too (`<run id>-validation`), to fit the temperature and choose the
+    confidence threshold for `target_precision` that are then measured on `split`
+    (`<run id>-calibration`). `load_model` is called only once the dataset and split are known to
+    exist, so a missing input fails before any model is built or loaded.
     """
+    check_target_precision(target_precision)
     makers_record = store.maker_dataset()
     dataset = makers_record.load()
     if split not in dataset:
         raise ValueError(
             f"car_maker_dataset has no split {split!r}; it has {list(dataset)}. Set `split` to one of those."
         )
+    calibrate_on = CALIBRATION_SPLIT if CALIBRATION_SPLIT in dataset and split != CALIBRATION_SPLIT else None
+    if calibrate_on is not None:
+        check_calibration_split(dataset[calibrate_on]["maker"], calibrate_on)
     loaded = load_model()
     classifier = MakerClassifier(
         loaded.model, loaded.processor, makers_record.makers, prompt=prompt, batch_size=batch_size, budget=budget
     )
     out_dir = store.asset_dir(asset, model_key) / target.dagster_run_id
     report = evaluate_to_dir(classifier, dataset, split, out_dir, title=f"{model_key} {stage}", max_images=max_images)
+    calibration = None
+    if calibrate_on is not None:
+        validation = evaluate_to_dir(
+            classifier, dataset, calibrate_on, out_dir.with_name(f"{out_dir.name}-{calibrate_on}"), "", figures=False
+        )
+        calibration = write_calibration(
+            calibrate(validation.predictions(), report.predictions(), classifier.makers, target_precision),
+            out_dir.with_name(f"{out_dir.name}-calibration"),
+            f"{model_key} {stage}",
+        )
     params = {
         "model_key": model_key,
         "model_id": loaded.path_or_id,
@@ -126,12 +174,19 @@ def evaluate_and_record(
         "dtype": loaded.dtype,
         "split": split,
         "sample_cap": max_images,
+        "target_precision": target_precision,
+        "calibration_split": calibrate_on,
         **budget_params(classifier.budget),
     }
     with evaluation_run(target, store, f"{stage}-{model_key}", model_key, stage) as run:
         log_params(params)
         log_report(report)
+        if calibration is not None:
+            log_calibration(calibration)
+    calibrated = {"calibration": calibration.report().metrics()} if calibration is not None else {}
     store.write_manifest(
-        asset, {**report.to_json(), "mlflow_run_id": run.info.run_id, "params": params}, partition=model_key
+        asset,
+        {**report.to_json(), **calibrated, "mlflow_run_id": run.info.run_id, "params": params},
+        partition=model_key,
     )
-    return RecordedEvaluation(report, params, run.info.run_id)
+    return RecordedEvaluation(report, params, run.info.run_id, calibration)

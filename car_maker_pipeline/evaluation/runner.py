@@ -47,6 +47,9 @@ class EvaluationReport:
     def per_maker(self) -> pd.DataFrame:
         return pd.read_parquet(self.per_maker_path)
 
+    def predictions(self) -> pd.DataFrame:
+        return pd.read_parquet(self.predictions_path)
+
     def to_json(self) -> dict:
         payload = asdict(self)
         payload["summary"] = asdict(self.summary)

@@ -1,12 +1,15 @@
-"""Dagster metadata for the evaluation assets: percentages in markdown tables, PNG figures inline.
+"""Dagster metadata for the evaluation assets: typed tables, calibration numbers, PNG figures inline.
 
 Formatting only; what is scored and recorded lives in `car_maker_pipeline.evaluation`. Shared by
-`baseline_evaluation` and `checkpoint_accuracy`, so both show their results the same way.
+`baseline_evaluation` and `checkpoint_accuracy`, so both show their results the same way. Tables are
+`MetadataValue.table` with a `TableSchema`, so the UI shows typed, sortable columns (fractions, not
+formatted percentages); only pictures go through markdown, which has the one image form Dagster renders.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,12 +28,52 @@ def image_markdown(path: Path, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")
 
 
-def percent_markdown(table: pd.DataFrame, columns: tuple[str, ...], signed: tuple[str, ...] = ()) -> dg.MetadataValue:
-    """`table` as markdown with `columns` as percentages (`signed` ones with a leading + or -)."""
-    shown = table.copy()
-    for column in columns:
-        shown[column] = shown[column].map(("{:+.1%}" if column in signed else "{:.1%}").format)
-    return dg.MetadataValue.md(shown.to_markdown(index=False))
+RISK_COVERAGE_ROWS = 50  # a curve has a row per distinct confidence; the UI table shows an even sample
+
+
+def _column_type(dtype) -> str:
+    kind = getattr(dtype, "kind", "O")
+    return {"b": "bool", "i": "int", "u": "int", "f": "float"}.get(kind, "string")
+
+
+def _cell(value, kind: str):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return {"bool": bool, "int": int, "float": float}.get(kind, str)(value)
+
+
+def typed_table(table: pd.DataFrame, descriptions: dict[str, str] | None = None) -> dg.MetadataValue:
+    """`table` as a Dagster table with a schema built from its dtypes (NaN shown as empty)."""
+    kinds = {str(name): _column_type(dtype) for name, dtype in table.dtypes.items()}
+    schema = dg.TableSchema(
+        columns=[dg.TableColumn(name, kind, description=(descriptions or {}).get(name)) for name, kind in kinds.items()]
+    )
+    records = [
+        dg.TableRecord({name: _cell(value, kinds[name]) for name, value in zip(kinds, row)})
+        for row in table.itertuples(index=False)
+    ]
+    return dg.MetadataValue.table(records=records, schema=schema)
+
+
+def risk_coverage_table(curve: pd.DataFrame) -> dg.MetadataValue:
+    """The risk-coverage curve: accuracy on the answered images against the share answered."""
+    if len(curve) > RISK_COVERAGE_ROWS:
+        picks = sorted({round(i * (len(curve) - 1) / (RISK_COVERAGE_ROWS - 1)) for i in range(RISK_COVERAGE_ROWS)})
+        curve = curve.iloc[picks]
+    return typed_table(curve.reset_index(drop=True))
+
+
+def calibration_metadata(calibration, prefix: str = "") -> dict:
+    """Top-1/top-3, log loss and ECE before and after temperature, coverage at the target, and the charts.
+
+    `calibration`: an `evaluation.calibrated.CalibrationFiles`.
+    """
+    report = calibration.report()
+    metadata = {f"{prefix}{key}": value for key, value in report.metrics().items()}
+    metadata[f"{prefix}risk_coverage"] = risk_coverage_table(calibration.curve())
+    metadata[f"{prefix}reliability_diagram"] = image_markdown(calibration.reliability_path, "reliability diagram")
+    metadata[f"{prefix}risk_coverage_chart"] = image_markdown(calibration.risk_coverage_chart_path, "risk-coverage")
+    return metadata
 
 
 def evaluation_metadata(recorded: RecordedEvaluation) -> dict:
@@ -43,7 +86,7 @@ def evaluation_metadata(recorded: RecordedEvaluation) -> dict:
         "macro_accuracy": report.summary.macro_accuracy,
         "num_images": report.summary.num_images,
         "images_per_second": report.images_per_second,
-        "per_maker_accuracy": percent_markdown(report.per_maker(), ("accuracy", "ci_low", "ci_high")),
+        "per_maker_accuracy": typed_table(report.per_maker()),
         "predictions": dg.MetadataValue.path(str(report.predictions_path)),
     }
     if report.confusion_path.exists():
@@ -54,16 +97,22 @@ def evaluation_metadata(recorded: RecordedEvaluation) -> dict:
     metadata["image_token_budget"] = dg.MetadataValue.json(
         {key: recorded.params.get(key) for key in ("image_min_tokens", "image_max_tokens", "image_splitting")}
     )
+    if recorded.calibration is not None:
+        metadata.update(calibration_metadata(recorded.calibration))
     return {**metadata, "mlflow_run_id": recorded.mlflow_run_id, "model_revision": recorded.params["model_revision"]}
 
 
 def checkpoint_metadata(record: CheckpointRecord) -> dict:
     """A LoRA run's checkpoints: accuracy by step (table and chart), the best one and its registered version."""
     metadata = {
-        "accuracy_by_step": percent_markdown(
+        "accuracy_by_step": typed_table(
             record.scores.table,
-            ("val_accuracy", "accuracy", "ci_low", "ci_high", "macro_accuracy", "change_vs_baseline"),
-            signed=("change_vs_baseline",),
+            {
+                "accuracy": "test accuracy",
+                "val_coverage_at_target": "share of validation answered at the target precision",
+                "coverage_at_target": "share of test answered with the threshold chosen on validation",
+                "selective_accuracy": "test accuracy on the answered images",
+            },
         ),
         "accuracy_chart": image_markdown(record.chart_path, "accuracy by step"),
         "best_step": record.best_step,
@@ -76,10 +125,12 @@ def checkpoint_metadata(record: CheckpointRecord) -> dict:
         "mlflow_run_id": record.mlflow_run_id,
         "table": dg.MetadataValue.path(str(record.table_path)),
     }
+    if record.calibration is not None:
+        metadata.update(calibration_metadata(record.calibration, prefix="best_"))
+    for key, value in (record.baseline_calibration or {}).items():
+        metadata[f"baseline_{key}"] = value
     if not record.scores.robustness.empty:
-        metadata["accuracy_by_corruption"] = dg.MetadataValue.md(
-            record.scores.robustness.to_markdown(index=False, floatfmt=".3f")
-        )
+        metadata["accuracy_by_corruption"] = typed_table(record.scores.robustness)
     return metadata
 
 

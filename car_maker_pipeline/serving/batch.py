@@ -1,8 +1,9 @@
 """Batch predictions over a folder of incoming images, for other pipelines to consume.
 
 Every regular file in the folder (hidden files, such as a copy still under a temporary name, are
-skipped) gets one row: its maker and probability, or, when it cannot be classified, the reason in
-`error`. One bad file never fails the batch and is never dropped silently. A folder snapshot (names,
+skipped) gets one row: the classifier's answer (a maker, or "unsure" below the registered confidence
+threshold), the most probable makers with their probabilities, or, when it cannot be classified,
+the reason in `error`. One bad file never fails the batch and is never dropped silently. A folder snapshot (names,
 sizes, modification times) fingerprints the file set, so a sensor can launch one run per new set.
 """
 
@@ -17,10 +18,11 @@ from pathlib import Path
 import pandas as pd
 
 from car_maker_pipeline.serving.images import ImageInputError, decode_image
+from car_maker_pipeline.serving.predictor import OUTPUT_COLUMNS
 from car_maker_pipeline.storage import atomic_directory
 
 INCOMING_FOLDER = "incoming_images"  # under CAR_MAKER_HOME unless configured otherwise
-PREDICTION_COLUMNS = ["file_name", "maker", "probability", "model_name", "model_version", "error"]
+PREDICTION_COLUMNS = ["file_name", *OUTPUT_COLUMNS, "model_name", "model_version", "error"]
 MAX_FILE_BYTES = 50 * 1024 * 1024  # a car photo is a few MB at most; larger files are not read into memory
 SETTLE_SECONDS = 30.0  # a file modified more recently may still be being copied in
 
@@ -146,16 +148,17 @@ def predict_folder(
 
 
 def _failed(reason: str) -> dict:
-    return {"maker": None, "probability": float("nan"), "error": reason}
+    return {
+        **{column: float("nan") if column.startswith("probability") else None for column in OUTPUT_COLUMNS},
+        "error": reason,
+    }
 
 
 def _predict_chunk(predict, chunk: list[tuple[str, bytes]], failures: list[Exception]) -> dict[str, dict]:
     try:
         answers = predict([blob for _, blob in chunk])
-        return {
-            name: {"maker": maker, "probability": float(probability), "error": None}
-            for (name, _), maker, probability in zip(chunk, answers["maker"], answers["probability"])
-        }
+        rows = answers.to_dict("records")
+        return {name: {**{c: row.get(c) for c in OUTPUT_COLUMNS}, "error": None} for (name, _), row in zip(chunk, rows)}
     except Exception as error:
         if len(chunk) == 1:
             failures.append(error)

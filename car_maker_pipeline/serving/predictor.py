@@ -21,9 +21,21 @@ from car_maker_pipeline.evaluation.registration import CARD_FILE  # the card bes
 from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
 from car_maker_pipeline.serving.images import ImageInputError, decode_image
 
-# In: one image per row, as encoded bytes in this column. Out: one row per image, in input order.
+# In: one image per row, as encoded bytes in this column. Out: one row per image, in input order:
+# the most probable maker and its (calibrated) probability; `answer`, which is that maker, or
+# UNSURE when the probability is below the registered confidence threshold; and the next two makers.
 IMAGE_COLUMN = "image"
-OUTPUT_COLUMNS = ("maker", "probability")
+UNSURE = "unsure"
+OUTPUT_SCHEMA = (
+    ("maker", "string"),
+    ("probability", "double"),
+    ("answer", "string"),
+    ("maker_2", "string"),
+    ("probability_2", "double"),
+    ("maker_3", "string"),
+    ("probability_3", "double"),
+)
+OUTPUT_COLUMNS = tuple(name for name, _ in OUTPUT_SCHEMA)
 # The pyfunc model's artifacts: the adapter folder (weights, PEFT config, card) and the maker list.
 ADAPTER_ARTIFACT, MAKERS_ARTIFACT = "adapter", "makers"
 
@@ -40,6 +52,11 @@ class ClassifierCard:
     user_prompt: str = DEFAULT_USER_PROMPT
     image_token_budget: dict = field(default_factory=dict)  # ImageTokenBudget fields; empty: the processor's own
     step: int | None = None
+    # Fitted on validation when the checkpoint was scored: probabilities are softmax(log p / temperature),
+    # and below `confidence_threshold` (chosen for `target_precision`) the answer is "unsure".
+    temperature: float = 1.0
+    confidence_threshold: float | None = None
+    target_precision: float | None = None
 
     @classmethod
     def for_base_model(cls, path_or_id: str, revision: str, makers: list[str], **more) -> ClassifierCard:
@@ -86,15 +103,51 @@ class ClassifierCard:
         )
 
 
+def answer_table(predictions, card: ClassifierCard) -> pd.DataFrame:
+    """The output rows of classifier `Prediction`s: calibrated top three, and "unsure" below the threshold."""
+    import numpy as np
+
+    from car_maker_pipeline.evaluation.calibration import softmax
+
+    makers = card.makers
+    rows = []
+    for prediction in predictions:
+        if prediction.log_probs is None:  # a greedy decoder: only the chosen maker is scored
+            ranked, probabilities = [makers.index(prediction.maker)], np.array([prediction.score])
+        else:
+            probabilities = softmax(np.asarray([prediction.log_probs]), card.temperature)[0]
+            ranked = list(np.argsort(-probabilities, kind="stable")[:3])
+        top = [
+            (makers[i], float(probabilities[i] if prediction.log_probs is not None else prediction.score))
+            for i in ranked
+        ]
+        top += [(None, float("nan"))] * (3 - len(top))
+        sure = card.confidence_threshold is None or top[0][1] >= card.confidence_threshold
+        rows.append(
+            {
+                "maker": top[0][0],
+                "probability": top[0][1],
+                "answer": top[0][0] if sure else UNSURE,
+                "maker_2": top[1][0],
+                "probability_2": top[1][1],
+                "maker_3": top[2][0],
+                "probability_3": top[2][1],
+            }
+        )
+    frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+    return frame.astype({name: "float64" if kind == "double" else object for name, kind in OUTPUT_SCHEMA})
+
+
 class MakerPredictor:
-    """Images or image bytes in, one (maker, probability) row per image out, in input order.
+    """Images or image bytes in, one row per image out (see OUTPUT_SCHEMA), in input order.
 
     Safe to share between threads (the scoring server answers requests on a thread pool): one batch
     runs at a time, which on one accelerator is also what is fastest.
     """
 
-    def __init__(self, classifier):
+    def __init__(self, classifier, card: ClassifierCard | None = None):
         self.classifier = classifier
+        self.card = card or ClassifierCard(list(classifier.makers), base_model_id="", base_model_revision="")
         self._lock = threading.Lock()
 
     @classmethod
@@ -130,7 +183,7 @@ class MakerPredictor:
             batch_size=batch_size,
             budget=ImageTokenBudget(**card.image_token_budget),
         )
-        return cls(classifier)
+        return cls(classifier, card)
 
     @property
     def makers(self) -> list[str]:
@@ -144,13 +197,7 @@ class MakerPredictor:
             # The evaluator's per-image statistics would grow without bound in a long-running server.
             self.classifier.stats = ThroughputStats()
             predictions = self.classifier.classify(images) if images else []
-        return pd.DataFrame(
-            {
-                "maker": pd.Series([p.maker for p in predictions], dtype=object),
-                "probability": pd.Series([p.score for p in predictions], dtype="float64"),
-            },
-            columns=list(OUTPUT_COLUMNS),
-        )
+        return answer_table(predictions, self.card)
 
     def predict_bytes(self, blobs: Sequence) -> pd.DataFrame:
         """Decode every image first, so one bad image fails the call before any model work (naming its row)."""

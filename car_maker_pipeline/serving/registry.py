@@ -28,7 +28,7 @@ from car_maker_pipeline.serving.predictor import (
     ADAPTER_ARTIFACT,
     IMAGE_COLUMN,
     MAKERS_ARTIFACT,
-    OUTPUT_COLUMNS,
+    OUTPUT_SCHEMA,
     ClassifierCard,
 )
 
@@ -75,10 +75,9 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    maker, probability = OUTPUT_COLUMNS
     return ModelSignature(
         inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
-        outputs=Schema([ColSpec("string", maker), ColSpec("double", probability)]),
+        outputs=Schema([ColSpec(kind, name) for name, kind in OUTPUT_SCHEMA]),
     )
 
 
@@ -104,6 +103,9 @@ class Candidate:
         step: int,
         val_accuracy,
         test_accuracy,
+        temperature: float = 1.0,
+        confidence_threshold: float | None = None,
+        target_precision: float | None = None,
     ) -> Candidate:
         """The candidate for a checkpoint scored with `loaded` (models.loading.LoadedModel) and `prompt`."""
         from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
@@ -116,6 +118,9 @@ class Candidate:
             user_prompt=prompt.user,
             image_token_budget=ImageTokenBudget.of(loaded.processor).to_json(),
             step=int(step),
+            temperature=float(temperature),
+            confidence_threshold=None if confidence_threshold is None else float(confidence_threshold),
+            target_precision=None if target_precision is None else float(target_precision),
         )
         return cls(model_key, Path(checkpoint), card, float(val_accuracy), float(test_accuracy))
 
@@ -271,7 +276,8 @@ def register_classifier(
         name,
         description=(
             "Car-maker classifier: a LoRA-tuned vision-language model as an MLflow pyfunc model (one image per "
-            "row as bytes in column `image`; returns maker and probability). @champion is the validation-best "
+            "row as bytes in column `image`; returns the maker, its calibrated probability, the answer (`unsure` below "
+            "the confidence threshold chosen on validation) and the next two makers). @champion is the validation-best "
             "version, @challenger the newest; base model and accuracies are in the version tags."
         ),
     )

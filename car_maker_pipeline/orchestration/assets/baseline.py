@@ -3,6 +3,7 @@
 import dagster as dg
 from pydantic import Field, model_validator
 
+from car_maker_pipeline.evaluation.settings import DEFAULT_TARGET_PRECISION
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
 from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
@@ -23,6 +24,13 @@ class EvaluationConfig(dg.Config):
     min_image_tokens: int | None = Field(default=None, description="Image-token budget: unset keeps the model's.")
     max_image_tokens: int | None = Field(default=None, description="Image-token budget: unset keeps the model's.")
     do_image_splitting: bool | None = Field(default=None, description="Tile large pictures; unset keeps the model's.")
+    target_precision: float = Field(
+        default=DEFAULT_TARGET_PRECISION,
+        gt=0,
+        le=1,
+        description="Accuracy wanted on the images the classifier answers: the confidence threshold for it is "
+        "chosen on validation, measured on test, and below it the registered model answers 'unsure'. In (0, 1].",
+    )
 
     @model_validator(mode="after")
     def _prompt_and_budget_are_usable(self):
@@ -93,8 +101,11 @@ def baseline_evaluation(
         split=config.split,
         max_images=config.max_images,
         budget=config.budget(),
+        target_precision=config.target_precision,
     )
     context.log.info(f"{key} baseline: {recorded.report.describe()}")
+    if recorded.calibration is not None:
+        context.log.info(f"{key} baseline: {recorded.calibration_report.describe()}")
     return dg.MaterializeResult(metadata=evaluation_metadata(recorded))
 
 

@@ -8,6 +8,7 @@ from pydantic import Field
 from car_maker_pipeline.data import quality
 from car_maker_pipeline.data.maker_dataset import MakerDatasetParams
 from car_maker_pipeline.data.promotion import build_and_promote_maker_dataset
+from car_maker_pipeline.orchestration.metadata import typed_table
 from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
 from car_maker_pipeline.redaction import redact_uri
 from car_maker_pipeline.store import CAR_MAKER_DATASET, RAW_STANFORD_CARS
@@ -103,8 +104,9 @@ def car_maker_dataset(context: dg.AssetExecutionContext, config: MakerDatasetCon
         "dropped_undecodable": dg.MetadataValue.json(built.dropped_undecodable),
         "dropped_bad_label": dg.MetadataValue.json(built.dropped_bad_label),
         "dropped_duplicate": dg.MetadataValue.json(built.dropped_duplicate),
-        "dropped_rows": dg.MetadataValue.md(built.dropped_rows_markdown()),  # split, row, reason, detail
-        "images_per_maker": dg.MetadataValue.md(built.counts_markdown()),
+        "dropped_rows": typed_table(built.dropped_rows_table()),  # split, row, reason, detail
+        "dropped_rows_note": built.dropped_rows_heading(),
+        "images_per_maker": typed_table(built.counts_table()),
         "source_revision": built.source_revision,
         "cache_hit": built.cache_hit,
         "path": dg.MetadataValue.path(built.path),

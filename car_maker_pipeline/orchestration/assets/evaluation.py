@@ -1,8 +1,11 @@
 """Checkpoint evaluation: every checkpoint of a model's LoRA run scored, the best chosen and registered."""
 
+from typing import Literal
+
 import dagster as dg
 from pydantic import Field
 
+from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, SELECTION_METRICS
 from car_maker_pipeline.orchestration.assets.baseline import EvaluationConfig, evaluation_inputs
 from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
 from car_maker_pipeline.orchestration.metadata import checkpoint_metadata, checkpoint_observations
@@ -16,6 +19,11 @@ BEATS_BASELINE = "best_checkpoint_beats_baseline"
 class CheckpointEvaluationConfig(EvaluationConfig):
     robustness: bool = Field(
         default=True, description="Also score baseline and best checkpoint on each corrupted copy of test."
+    )
+    selection_metric: Literal[tuple(SELECTION_METRICS)] = Field(  # type: ignore[valid-type]
+        default=DEFAULT_SELECTION_METRIC,
+        description="How the best checkpoint is chosen, on validation: "
+        + "; ".join(f"{key}: {label}" for key, label in SELECTION_METRICS.items()),
     )
 
 
@@ -60,7 +68,10 @@ def checkpoint_accuracy(
         robustness=config.robustness,
         budget=config.budget(),
         warn=context.log.warning,
+        target_precision=config.target_precision,
+        selection_metric=config.selection_metric,
     )
+    context.log.info(f"{key} step {record.best_step}: {record.best_calibration.describe()}")
     for observation in checkpoint_observations(record, CHECKPOINT_ACCURACY, key):
         context.log_event(observation)
     yield dg.MaterializeResult(metadata=checkpoint_metadata(record))

@@ -6,6 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
+from car_maker_pipeline.orchestration.metadata import typed_table
 from car_maker_pipeline.orchestration.partitions import model_partitions
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource
 from car_maker_pipeline.store import CHECKPOINT_ACCURACY, MAKER_PREDICTIONS, MERGED_MODEL, PipelineStore
@@ -153,10 +154,8 @@ def maker_predictions(
             "num_classified": batch.files - batch.unreadable,
             "num_unreadable": batch.unreadable,
             "model": f"{champion.name} v{version} (@champion)",
-            "makers": dg.MetadataValue.md(counts.to_markdown(index=False) if len(counts) else "(none)"),
-            "unreadable_files": dg.MetadataValue.md(
-                failed[["file_name", "error"]].to_markdown(index=False) if len(failed) else "(none)"
-            ),
+            "makers": typed_table(counts),
+            "unreadable_files": typed_table(failed[["file_name", "error"]].reset_index(drop=True)),
         }
     )
 

@@ -1,0 +1,15 @@
+"""Evaluation settings that the Dagster run configs and the plain functions share.
+
+Kept free of numpy, torch and pandas: the asset modules import it when Dagster loads the definitions.
+"""
+
+# The precision the classifier must reach on the images it answers; below the matching confidence
+# threshold (chosen on validation) it answers "unsure".
+DEFAULT_TARGET_PRECISION = 0.99
+# Temperatures and thresholds are fitted on this split, never on test.
+CALIBRATION_SPLIT = "validation"
+# How the best checkpoint is chosen, always on validation: its accuracy, or the share of validation
+# images it answers at the target precision. Ties go to validation accuracy, the lower validation
+# loss, then the later step.
+SELECTION_METRICS = {"val_accuracy": "validation accuracy", "val_coverage_at_target": "validation coverage at target"}
+DEFAULT_SELECTION_METRIC = "val_accuracy"

@@ -1,0 +1,234 @@
+"""Probabilities over every maker, calibration on validation, and "unsure" below the threshold.
+
+| case                                                        | expected                                                     |
+|-------------------------------------------------------------|--------------------------------------------------------------|
+| every maker's answer scored in one batched pass vs. brute force (one full forward pass per image and maker) | equal to 1e-5, demo makers and makers sharing prefixes, mixed picture sizes |
+| the scoring pass split in chunks of rows                    | the same distribution, one pass more per chunk               |
+| a classified picture                                        | probabilities sum to 1; the maker is the most probable one   |
+| threshold and temperature                                   | chosen from validation only: changing test changes neither   |
+| target precision 0, -0.1, 1.5, NaN / 1.0                    | rejected as config is read / accepted                        |
+| validation with one maker                                   | CalibrationError before the model is loaded                  |
+| LoRA run trained on another maker list                      | error naming both sides, before the model is loaded          |
+| predictor output below / at / above the threshold           | `unsure` / maker / maker, with the calibrated top three      |
+| `classify` line of an unsure answer                         | `unsure` and the top three with their probabilities          |
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from car_maker_pipeline.classify import answer_text
+from car_maker_pipeline.evaluation.calibrated import calibrate
+from car_maker_pipeline.evaluation.calibration import CalibrationError
+from car_maker_pipeline.evaluation.checkpoint_recording import check_same_makers
+from car_maker_pipeline.evaluation.checkpoints import CheckpointEvaluationError
+from car_maker_pipeline.evaluation.classifier import MakerClassifier, Prediction
+from car_maker_pipeline.evaluation.decoding import score_answers
+from car_maker_pipeline.evaluation.recording import RecordTarget, evaluate_and_record
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
+from car_maker_pipeline.serving.predictor import UNSURE, ClassifierCard, answer_table
+
+DEMO_MAKERS = ["AM General", "Aston Martin", "BMW", "Land Rover", "Mercedes-Benz", "Rolls-Royce"]
+SHARED_PREFIX_MAKERS = ["Aston Martin", "Aston Martinez", "Land Rover", "Land Rovers", "Land Cruiser", "BMW"]
+SIZES = [(128, 96), (64, 48), (200, 90), (96, 128), (40, 40), (160, 120)]
+
+
+def _pictures(maker_dataset) -> list:
+    test = maker_dataset.load()["test"].select(range(len(SIZES)))["image"]
+    return [picture.convert("RGB").resize(size) for picture, size in zip(test, SIZES)]
+
+
+def _brute_force(model, processor, prompt_text: str, picture, answers: list[list[int]]) -> np.ndarray:
+    """Each maker's answer scored alone: prompt + answer through the model without any cache."""
+    one = processor(images=[[picture]], text=[prompt_text], return_tensors="pt")
+    prompt_length = one["input_ids"].shape[1]
+    scores = []
+    for ids in answers:
+        full = dict(one)
+        full["input_ids"] = torch.cat([one["input_ids"], torch.tensor([ids])], dim=1)
+        full["attention_mask"] = torch.ones_like(full["input_ids"])
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(model(**full).logits[0].double(), dim=-1)
+        scores.append(sum(float(logprobs[prompt_length - 1 + j, token]) for j, token in enumerate(ids)))
+    scores = np.asarray(scores)
+    return np.exp(scores - np.logaddexp.reduce(scores))
+
+
+@pytest.mark.parametrize("makers", [DEMO_MAKERS, SHARED_PREFIX_MAKERS], ids=["demo", "shared-prefixes"])
+def test_every_maker_is_scored_as_brute_force_would(tiny_model, maker_dataset, makers):
+    classifier = MakerClassifier(tiny_model.model, tiny_model.processor, makers, batch_size=len(SIZES))
+    pictures = _pictures(maker_dataset)
+    answers = [classifier.answers[m] for m in makers]
+    inputs = dict(
+        tiny_model.processor(
+            images=[[p] for p in pictures],
+            text=[classifier.prompt_text] * len(pictures),
+            padding=True,
+            return_tensors="pt",
+        )
+    )
+    scored = score_answers(tiny_model.model, inputs, makers, answers)
+    assert scored.forward_passes == 2  # the prompts, then every maker's answer at once
+    chunked = score_answers(tiny_model.model, inputs, makers, answers, max_rows=len(pictures) * 2)
+    assert chunked.forward_passes == 1 + math.ceil(len(makers) / 2)
+    np.testing.assert_allclose(chunked.log_probs.exp().numpy(), scored.log_probs.exp().numpy(), atol=1e-5)
+    for row, picture in enumerate(pictures):
+        expected = _brute_force(tiny_model.model, tiny_model.processor, classifier.prompt_text, picture, answers)
+        np.testing.assert_allclose(scored.log_probs[row].exp().numpy(), expected, atol=1e-5)
+        assert scored.makers[row] == makers[int(np.argmax(expected))]
+
+
+def test_classified_pictures_carry_a_distribution_and_its_most_probable_maker(tiny_model, maker_dataset):
+    classifier = MakerClassifier(tiny_model.model, tiny_model.processor, DEMO_MAKERS, batch_size=4)
+    for prediction in classifier.classify(_pictures(maker_dataset)):
+        probabilities = np.exp(prediction.log_probs)
+        assert probabilities.sum() == pytest.approx(1.0, abs=1e-9) and len(probabilities) == len(DEMO_MAKERS)
+        assert prediction.maker == DEMO_MAKERS[int(np.argmax(probabilities))]
+        assert prediction.score == pytest.approx(probabilities.max())
+
+
+def _predictions(log_probs: np.ndarray, truth: list[int], makers: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "true_maker": [makers[t] for t in truth],
+            "predicted_maker": [makers[int(i)] for i in log_probs.argmax(axis=1)],
+            "log_probs": [list(row) for row in log_probs],
+        }
+    )
+
+
+def _synthetic(seed: int, images: int = 120, makers: int = 4) -> tuple[np.ndarray, list[int]]:
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, makers, images)
+    logits = rng.normal(0, 1, (images, makers))
+    logits[np.arange(images), truth] += rng.uniform(0, 4, images)  # right more often when sure
+    return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True), list(truth)
+
+
+def test_the_threshold_and_temperature_come_from_validation_only():
+    makers = ["A", "B", "C", "D"]
+    validation, test, other_test = (_predictions(*_synthetic(seed), makers) for seed in (0, 1, 2))
+    first = calibrate(validation, test, makers, 0.95).report
+    second = calibrate(validation, other_test, makers, 0.95).report
+    assert (first.temperature, first.threshold) == (second.temperature, second.threshold)
+    assert first.coverage != second.coverage  # measured on each test split
+    other_validation = calibrate(_predictions(*_synthetic(3), makers), test, makers, 0.95).report
+    assert (other_validation.temperature, other_validation.threshold) != (first.temperature, first.threshold)
+    assert first.threshold_reached and first.val_coverage > 0
+    assert first.answered == round(first.coverage * first.test_images)
+    assert first.selective_ci_low <= first.selective_accuracy <= first.selective_ci_high
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"), [(0, False), (-0.1, False), (1.5, False), (math.nan, False), (1.0, True)]
+)
+def test_target_precision_outside_zero_one_is_refused_as_config_is_read(value, accepted):
+    from car_maker_pipeline.orchestration.assets.baseline import EvaluationConfig
+    from car_maker_pipeline.orchestration.assets.evaluation import CheckpointEvaluationConfig
+
+    for config in (EvaluationConfig, CheckpointEvaluationConfig):
+        if accepted:
+            assert config(target_precision=value).target_precision == value
+        else:
+            with pytest.raises(ValueError, match="target_precision"):
+                config(target_precision=value)
+    makers = ["A", "B", "C", "D"]
+    frame = _predictions(*_synthetic(0), makers)
+    if not accepted:
+        with pytest.raises(CalibrationError):
+            calibrate(frame, frame, makers, value)
+
+
+class _OneDataset:
+    """A store whose maker dataset is the fixture's, with validation cut down to one maker."""
+
+    def __init__(self, record):
+        self.record = record
+
+    def maker_dataset(self):
+        return self
+
+    @property
+    def makers(self):
+        return self.record.makers
+
+    def load(self):
+        dataset = self.record.load()
+        first = dataset["validation"][0]["maker"]
+        dataset["validation"] = dataset["validation"].filter(lambda maker: maker == first, input_columns="maker")
+        return dataset
+
+
+def test_a_validation_split_with_one_maker_is_refused_before_model_work(maker_dataset):
+    def load_model():
+        raise AssertionError("the model was loaded before the validation split was checked")
+
+    with pytest.raises(CalibrationError, match="holds 1 maker"):
+        evaluate_and_record(
+            _OneDataset(maker_dataset),
+            RecordTarget("sqlite:///unused.db", "run"),
+            load_model,
+            asset="baseline_evaluation",
+            model_key="tiny-s",
+            stage="baseline",
+            prompt=PromptTemplate(),
+            batch_size=4,
+            split="test",
+        )
+
+
+@pytest.mark.parametrize(
+    ("trained_on", "message"),
+    [
+        (["A", "B"], None),
+        (None, None),  # manifests written before the maker list was recorded
+        (["A", "B", "C"], "only in training: \\['C'\\]"),
+        (["A"], "only in the dataset: \\['B'\\]"),
+        (["B", "A"], "same makers, another order"),
+    ],
+)
+def test_a_lora_run_on_another_maker_list_is_named(trained_on, message):
+    if message is None:
+        check_same_makers(trained_on, ["A", "B"], "tiny-s")
+    else:
+        with pytest.raises(CheckpointEvaluationError, match=message):
+            check_same_makers(trained_on, ["A", "B"], "tiny-s")
+
+
+CARD = ClassifierCard(["AM General", "BMW", "Land Rover", "Rolls-Royce"], "tiny-s", "rev", temperature=2.0)
+
+
+@pytest.mark.parametrize(
+    ("threshold", "answer"),
+    [(None, "BMW"), (0.95, UNSURE), (0.4, "BMW")],
+    ids=["no-threshold", "below", "above"],
+)
+def test_predictor_answers_unsure_below_the_threshold_with_the_calibrated_top_three(threshold, answer):
+    log_probs = np.log([0.05, 0.7, 0.2, 0.05])
+    card = ClassifierCard(**{**CARD.__dict__, "confidence_threshold": threshold})
+    (row,) = answer_table([Prediction("BMW", 0.7, tuple(log_probs))], card).to_dict("records")
+    calibrated = np.exp(log_probs / 2.0) / np.exp(log_probs / 2.0).sum()  # temperature 2 flattens them
+    assert row["answer"] == answer and row["maker"] == "BMW"
+    assert (row["maker_2"], row["maker_3"]) == ("Land Rover", "AM General")  # ties to the first in list order
+    assert [row["probability"], row["probability_2"], row["probability_3"]] == pytest.approx(
+        [calibrated[1], calibrated[2], calibrated[0]]
+    )
+
+
+def test_an_unsure_answer_prints_the_top_three():
+    unsure = {"maker": "BMW", "probability": 0.61, "answer": UNSURE, "maker_2": "Audi", "probability_2": 0.2}
+    unsure |= {"maker_3": "Volvo", "probability_3": 0.1}
+    assert answer_text(unsure) == "unsure\t(BMW 0.610, Audi 0.200, Volvo 0.100)"
+    assert answer_text({**unsure, "answer": "BMW"}) == "BMW\t0.610"
+
+
+def test_a_blank_picture_still_gets_a_full_distribution(tiny_model):
+    classifier = MakerClassifier(tiny_model.model, tiny_model.processor, DEMO_MAKERS, batch_size=2)
+    (prediction,) = classifier.classify([Image.new("RGB", (128, 96))])
+    assert np.isfinite(prediction.log_probs).all()
