@@ -18,6 +18,10 @@ either method). Both methods use the same prompt (`PromptTemplate()`, the makers
 - ours   `MakerClassifier(model, processor, makers, batch_size=32).classify(images)`: left-padded
          batches of 32, decoding constrained to a trie of the makers' answer tokens, so it stops after
          the longest maker answer and every answer is a valid maker.
+- greedy ours with greedy trie decoding (`evaluation/decoding.py` `decode`: a forward pass only where
+         the trie branches) instead of scoring every maker's whole answer: what the evaluator did before
+         it gave probabilities over every maker. `same_answer_greedy` says how often the most probable
+         maker (ours) is the greedy answer; the ratio ours/greedy is what the full distribution costs.
 - before the evaluator before forced-token skipping and cost-sorted batching (`evaluation/reference.py`):
          the same trie through `model.generate` (one forward pass per answer token), batches of 32 in
          input order. Same answers as ours by construction (checked: `same_answer_before`).
@@ -73,6 +77,7 @@ from _common import (  # noqa: E402
 )
 
 from car_maker_pipeline.evaluation.classifier import MakerClassifier, ThroughputStats  # noqa: E402
+from car_maker_pipeline.evaluation.decoding import decode  # noqa: E402
 from car_maker_pipeline.evaluation.reference import generate_decode  # noqa: E402
 from car_maker_pipeline.model_inputs.images import model_ready  # noqa: E402
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate  # noqa: E402
@@ -177,7 +182,7 @@ def score(answers: list[str], truth: list[str], makers: list[str]) -> dict:
     return {"accuracy": correct / len(truth), "correct": correct, "invalid": invalid, "n": len(truth)}
 
 
-METHODS = ("ours", "before", "naive")
+METHODS = ("ours", "greedy", "before", "naive")
 
 
 def compare(
@@ -186,14 +191,17 @@ def compare(
     """Warm up all three, then time them `repeats` times in rotating order; accuracy from the last run."""
     model.eval()
     classifier = MakerClassifier(model, processor, makers, batch_size=batch_size)
+    greedy = MakerClassifier(model, processor, makers, batch_size=batch_size, decoder=decode)
     before = PreviousEvaluator(MakerClassifier(model, processor, makers, batch_size=batch_size))
     naive = NaiveFreeText(model, processor, makers)
     warm = images[: min(batch_size, 4)]
     classifier.classify_batch(warm)
+    greedy.classify_batch(warm)
     before.run(warm)
     naive.run(warm[:1])
     runners = {
         "ours": lambda: run_ours(classifier, images),
+        "greedy": lambda: run_ours(greedy, images),
         "before": lambda: before.run(images),
         "naive": lambda: naive.run(images),
     }
@@ -202,9 +210,11 @@ def compare(
     answers: dict[str, list[str]] = {}
     tokens: list[float] = []
     for rep in range(repeats):
-        for name in METHODS[rep % 3 :] + METHODS[: rep % 3]:
+        for name in METHODS[rep % len(METHODS) :] + METHODS[: rep % len(METHODS)]:
             if name == "ours":
                 classifier.stats = ThroughputStats()
+            elif name == "greedy":
+                greedy.stats = ThroughputStats()
             elif name == "before":
                 before.stats = ThroughputStats()
             t0 = time.perf_counter()
@@ -221,10 +231,19 @@ def compare(
     ips = {k: [n / s for s in v] for k, v in seconds.items()}
     ratios = [o / f for o, f in zip(ips["ours"], ips["naive"])]
     ratios_before = [o / b for o, b in zip(ips["ours"], ips["before"])]
+    ratios_greedy = [o / g for o, g in zip(ips["ours"], ips["greedy"])]
     result = {
+        "ratio_ours_over_greedy": ratios_greedy,
+        "median_ratio_greedy": median(ratios_greedy),
+        "same_answer_greedy": sum(o == g for o, g in zip(answers["ours"], answers["greedy"])) / len(images),
+        "greedy": score(answers["greedy"], truth, makers),
         "ratio_ours_over_before": ratios_before,
         "median_ratio_before": median(ratios_before),
-        "throughput": {"ours": classifier.stats.summary(), "before": before.stats.summary()},
+        "throughput": {
+            "ours": classifier.stats.summary(),
+            "greedy": greedy.stats.summary(),
+            "before": before.stats.summary(),
+        },
         "same_answer_before": sum(o == b for o, b in zip(answers["ours"], answers["before"])) / n,
         "model": label,
         "images": n,
@@ -467,7 +486,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     for r in results:
         print(f"  {r['model']}: naive answers e.g. {r['naive_answer_examples'][:3]}")
-    print("\nours vs. the evaluator before this change (same answers by construction):")
+    print("\nours (every maker's answer scored) vs. greedy trie decoding (one path, no distribution):")
+    print(
+        format_table(
+            ["model", "ours images/s", "greedy images/s", "ratio ours/greedy", "same answer", "ours acc",
+             "greedy acc", "passes/image ours", "passes/image greedy"],
+            [
+                [
+                    r["model"],
+                    r["median_images_per_second"]["ours"],
+                    r["median_images_per_second"]["greedy"],
+                    r["median_ratio_greedy"],
+                    f"{r['same_answer_greedy']:.1%}",
+                    f"{r['ours']['accuracy']:.1%}",
+                    f"{r['greedy']['accuracy']:.1%}",
+                    r["throughput"]["ours"]["forward_passes_per_image"],
+                    r["throughput"]["greedy"]["forward_passes_per_image"],
+                ]
+                for r in results
+            ],
+        )
+    )  # fmt: skip
+    print("\nours vs. the evaluator before forced-token skipping and sorted batches:")
     print(
         format_table(
             ["model", "ours images/s", "before images/s", "ratio ours/before", "same answer", "padded/real ours",

@@ -82,10 +82,47 @@ def print_summary(store, model_keys: list[str]) -> None:
             f"\n{key}: best checkpoint step {scored['best_step']} (chosen on validation), registered version {scored['registered_version']}"
         )
         print(
-            table[["step", "val_accuracy", "accuracy", "ci_low", "ci_high", "change_vs_baseline"]].to_string(
-                index=False, float_format=lambda v: f"{v:.3f}"
-            )
+            table[
+                ["step", "val_accuracy", "accuracy", "ci_low", "ci_high", "change_vs_baseline", "coverage_at_target"]
+            ].to_string(index=False, float_format=lambda v: f"{v:.3f}")
         )
+    print_calibration(store, model_keys)
+
+
+def print_calibration(store, model_keys: list[str]) -> None:
+    """Per model, baseline and best checkpoint: top-1/top-3, ECE before/after temperature, coverage at the target."""
+    rows = []
+    for key in model_keys:
+        for label, calibration in _calibrations(store, key):
+            rows.append((key, label, calibration))
+    if not rows:
+        return
+    target = rows[0][2]["target_precision"]
+    print(f"\nOn test, with the temperature and the threshold for {target:.0%} precision chosen on validation:")
+    print(
+        f"{'model':<10}{'evaluated':<18}{'top-1':>7}{'top-3':>7}{'ECE':>7}{'ECE (T)':>9}{'T':>7}"
+        f"{'coverage':>10}{'accuracy answered (95% CI)':>30}"
+    )
+    for key, label, c in rows:
+        answered = f"{c['selective_accuracy']:.1%} [{c['selective_ci_low']:.1%}, {c['selective_ci_high']:.1%}]"
+        print(
+            f"{key:<10}{label:<18}{c['top1_accuracy']:>7.1%}{c['top3_accuracy']:>7.1%}{c['ece']:>7.3f}"
+            f"{c['ece_calibrated']:>9.3f}{c['temperature']:>7.2f}{c['coverage']:>10.1%}"
+            f"{answered if c['answered'] else 'nothing answered':>30}"
+        )
+
+
+def _calibrations(store, key: str) -> list[tuple[str, dict]]:
+    found = []
+    for asset, label in ((BASELINE_EVALUATION, "baseline"), (CHECKPOINT_ACCURACY, "best checkpoint")):
+        try:
+            manifest = store.read_manifest(asset, key)
+        except Exception:
+            continue
+        if manifest.get("calibration"):
+            step = f" (step {manifest['best_step']})" if "best_step" in manifest else ""
+            found.append((label + step, manifest["calibration"]))
+    return found
 
 
 if __name__ == "__main__":

@@ -163,7 +163,12 @@ def test_every_dropped_row_is_listed_with_its_reason(tmp_path):
     assert record.dropped_rows_heading().startswith("9 row(s) dropped (all in")
     table = record.dropped_rows_table()
     assert list(table.columns) == ["split", "index", "reason", "detail"] and len(table) == 9
-    assert table.iloc[-1].to_dict() == {"split": "train", "index": 14, "reason": "duplicate", "detail": "same pixels as row 2"}
+    assert table.iloc[-1].to_dict() == {
+        "split": "train",
+        "index": 14,
+        "reason": "duplicate",
+        "detail": "same pixels as row 2",
+    }
 
 
 def test_many_dropped_rows_keep_the_first_in_the_record_and_all_in_the_file(tmp_path):
@@ -194,7 +199,12 @@ def test_the_asset_metadata_shows_the_dropped_rows(tmp_path):
     metadata = result.asset_materializations_for_node("car_maker_dataset")[0].metadata
     rows = [record.data for record in metadata["dropped_rows"].value.records]
     assert metadata["dropped_count"].value == 2 and metadata["dropped_rows_note"].value.startswith("2 row(s) dropped")
-    assert [column.type for column in metadata["dropped_rows"].value.schema.columns] == ["string", "int", "string", "string"]
+    assert [column.type for column in metadata["dropped_rows"].value.schema.columns] == [
+        "string",
+        "int",
+        "string",
+        "string",
+    ]
     assert rows[0]["index"] == 8 and rows[0]["reason"] == "too large" and "8x8000000 is elongated" in rows[0]["detail"]
     assert rows[1]["index"] == 9 and rows[1]["reason"] == "undecodable"
     assert metadata["dropped_undecodable"].value == {"train": 2, "test": 0}

@@ -115,6 +115,7 @@ class MakerClassifier:
         batch_size: int = 16,
         budget: ImageTokenBudget | None = None,
         sort_window: int = 64,
+        decoder=None,
     ):
         if not makers:
             raise ClassifierError("The maker list is empty; there is nothing to classify into.")
@@ -138,6 +139,9 @@ class MakerClassifier:
         # The budget in force (the processor's own settings where the budget leaves them unset).
         self.budget = (budget or ImageTokenBudget()).apply(processor)
         self.sort_window = max(1, sort_window)
+        # None: every maker's answer is scored; a greedy `decoder(model, inputs, trie, pad_id)` (such as
+        # `decoding.decode`) follows one path instead and gives no distribution (the benchmark compares them).
+        self.decoder = decoder
         self.stats = ThroughputStats()
         self.end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         self.pad_id = (
@@ -173,6 +177,7 @@ class MakerClassifier:
         ).to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        decoder = decoder or self.decoder
         if decoder is None:
             decoded = score_answers(self.model, dict(inputs), self.makers, [self.answers[m] for m in self.makers])
         else:
