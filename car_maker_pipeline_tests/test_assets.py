@@ -8,7 +8,7 @@ from car_maker_pipeline.orchestration.assets.baseline import baseline_evaluation
 from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, raw_stanford_cars
 from car_maker_pipeline.orchestration.resources import MlflowTracking
 from car_maker_pipeline.tracking import TrackingUnavailableError
-from car_maker_pipeline_tests.support.pipeline import materialized_demo_data
+from car_maker_pipeline_tests.support.pipeline import demo_split_rows, materialized_demo_data
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +22,20 @@ def pipeline(tmp_path_factory):
 
 
 def test_data_assets_carry_their_metadata(pipeline):
-    _, _, _, result = pipeline
+    _, resources, _, result = pipeline
+    # The demo profile's default balance: makers in their real proportions (72 train rows, 31 test:
+    # AM General gets the minimum of 2 test images instead of its 1.1).
+    assert resources["source"].demo_balance == "stanford"
+    train, test = demo_split_rows(12), demo_split_rows(5)
+    assert (train, test) == (72, 31)
     raw = result.asset_materializations_for_node("raw_stanford_cars")[0].metadata
     assert raw["revision"].value.startswith("sha256-")
-    assert raw["rows_per_split"].value == {"train": 72, "test": 30, "pixelate": 30}
+    assert raw["rows_per_split"].value == {"train": train, "test": test, "pixelate": test}
     makers = result.asset_materializations_for_node("car_maker_dataset")[0].metadata
     assert makers["num_makers"].value == 6
     assert {"Aston Martin", "Land Rover", "AM General"} <= set(makers["makers"].value)
-    assert makers["rows_test"].value == 30 and makers["rows_pixelate"].value == 30
-    assert makers["rows_train"].value + makers["rows_validation"].value == 72
+    assert makers["rows_test"].value == test and makers["rows_pixelate"].value == test
+    assert makers["rows_train"].value + makers["rows_validation"].value == train
     assert makers["dropped_count"].value == 0
     table = makers["images_per_maker"].value
     columns = {column.name: column.type for column in table.schema.columns}
@@ -76,7 +81,7 @@ def test_baseline_partition_reports_metrics_and_an_mlflow_run(pipeline):
         "confusion_matrix",
     ):
         assert key in metadata, key
-    assert metadata["num_images"].value == 30
+    assert metadata["num_images"].value == demo_split_rows(5)  # the whole test split
     assert metadata["accuracy_ci_low"].value <= metadata["accuracy"].value <= metadata["accuracy_ci_high"].value
     assert metadata["confusion_matrix"].value.startswith("![confusion matrix](data:image/png;base64,")
     # What the evaluator computed: tiny-s pictures are 128x96 -> 48 image tokens; two passes per batch

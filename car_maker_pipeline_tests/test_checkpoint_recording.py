@@ -38,7 +38,7 @@ from car_maker_pipeline.store import (
     MissingUpstreamError,
     PipelineStore,
 )
-from car_maker_pipeline_tests.support.pipeline import materialized_demo_data
+from car_maker_pipeline_tests.support.pipeline import demo_split_rows, materialized_demo_data
 
 KEY = "tiny-s"
 STEPS = [1, 2]
@@ -119,12 +119,13 @@ def test_baseline_recording_names_its_run_in_the_manifest(trained):
     store, uri, _, baseline = trained
     manifest = store.read_manifest(BASELINE_EVALUATION, KEY)
     assert manifest["mlflow_run_id"] == baseline.mlflow_run_id
-    assert manifest["summary"]["num_images"] == 12 == baseline.report.summary.num_images
+    test_rows = demo_split_rows(2)  # the data_store fixture's test split
+    assert manifest["summary"]["num_images"] == test_rows == baseline.report.summary.num_images
     assert Path(manifest["out_dir"]) == store.asset_dir(BASELINE_EVALUATION, KEY) / "baseline-run"
     (run,) = _runs(uri, "tags.stage = 'baseline'")
     assert run.info.run_id == baseline.mlflow_run_id and run.info.run_name == f"baseline-{KEY}"
     assert run.data.tags["dagster_run_id"] == "baseline-run" and run.data.tags["model_key"] == KEY
-    assert run.data.params["split"] == "test" and run.data.params["num_images"] == "12"
+    assert run.data.params["split"] == "test" and run.data.params["num_images"] == str(test_rows)
     assert run.data.metrics["accuracy"] == pytest.approx(manifest["summary"]["accuracy"])
     assert {"predictions.parquet", "per_maker.parquet", "confusion_matrix.png", "misclassified.png"} <= _artifacts(
         uri, run.info.run_id

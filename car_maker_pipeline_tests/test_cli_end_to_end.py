@@ -16,6 +16,7 @@ import pytest
 
 from car_maker_pipeline_tests.support.cli import DAGSTER, REPO, cli_env
 from car_maker_pipeline_tests.support.cli import materialize as run_materialize
+from car_maker_pipeline_tests.support.pipeline import demo_split_rows
 
 pytestmark = pytest.mark.slow
 
@@ -81,14 +82,17 @@ def test_data_assets_from_the_cli(env):
     metadata = latest_metadata(env, "car_maker_dataset")
     assert {"Aston Martin", "Land Rover", "AM General"} <= set(metadata["makers"])
     assert metadata["num_makers"] == 6 and metadata["dropped_count"] == 0
-    assert metadata["rows_test"] == 24 and metadata["rows_contrast"] == 24
+    test_rows = demo_split_rows(SMALL_SOURCE["resources"]["source"]["config"]["demo_test_per_maker"])
+    assert metadata["rows_test"] == test_rows and metadata["rows_contrast"] == test_rows
 
 
 @pytest.mark.parametrize("partition", ["tiny-s", "tiny-m", "tiny-l"])
 def test_baseline_partition_from_the_cli(env, partition):
     materialize(env, "baseline_evaluation", partition=partition)
     metadata = latest_metadata(env, "baseline_evaluation", partition)
-    assert metadata["num_images"] == 24
+    assert metadata["num_images"] == demo_split_rows(
+        SMALL_SOURCE["resources"]["source"]["config"]["demo_test_per_maker"]
+    )
     assert 0.0 <= metadata["accuracy_ci_low"] <= metadata["accuracy"] <= metadata["accuracy_ci_high"] <= 1.0
     assert metadata["images_per_second"] > 0
 

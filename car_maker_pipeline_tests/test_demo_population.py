@@ -9,6 +9,7 @@
 | unknown balance / image_sizes               | ValueError naming the choices                                |
 | realistic sizes                             | thumbnails (<200 px), photos, >2,000 px and >=2.5:1 wide     |
 | generated realistic, stanford source        | stored sizes vary, rows per maker as planned                 |
+| the demo profile's source, all defaults     | stanford shares; every maker >= 2 train, >= 1 validation row |
 """
 
 from __future__ import annotations
@@ -83,3 +84,22 @@ def test_generated_realistic_stanford_source(tmp_path):
     assert per_maker == Counter(images_per_maker(DEMO_MAKERS, 8, "stanford", CLASS_COUNTS))
     sizes = {image.size for image in train["image"]}
     assert len(sizes) > 20 and max(w for w, _ in sizes) > 4 * min(w for w, _ in sizes)
+
+
+def test_the_demo_profile_draws_real_proportions_and_keeps_every_maker_in_train_and_validation(tmp_path):
+    from car_maker_pipeline.data.maker_dataset import build_maker_dataset
+    from car_maker_pipeline.orchestration.resources import StanfordCarsSource
+    from car_maker_pipeline.store import PipelineStore
+
+    source = StanfordCarsSource(profile="demo")  # every demo setting at its default
+    assert source.demo_balance == "stanford"
+    raw = source.materialize(PipelineStore(tmp_path / "home"))
+    record = build_maker_dataset(raw.load(), tmp_path / "dataset", source_revision=raw.revision)
+    train, validation = record.images_per_maker["train"], record.images_per_maker["validation"]
+    planned = images_per_maker(DEMO_MAKERS, source.demo_train_per_maker, "stanford", CLASS_COUNTS)
+    assert {maker: train[maker] + validation.get(maker, 0) for maker in DEMO_MAKERS} == planned
+    assert planned["BMW"] == 161 and planned["AM General"] == 12
+    assert min(train.values()) >= 2 and set(validation) == set(DEMO_MAKERS) and min(validation.values()) >= 1
+    assert record.images_per_maker["test"] == images_per_maker(
+        DEMO_MAKERS, source.demo_test_per_maker, "stanford", CLASS_COUNTS
+    )

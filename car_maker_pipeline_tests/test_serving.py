@@ -32,8 +32,10 @@ import pytest
 from car_maker_pipeline.serving.batch import write_demo_images
 from car_maker_pipeline.store import PipelineStore
 from car_maker_pipeline_tests.support.hostile_images import encoded, png_declaring, truncated
+from car_maker_pipeline_tests.support.pipeline import demo_split_rows
 from car_maker_pipeline_tests.support.serving import (
     MODEL,
+    TEST_PER_MAKER,
     ScoringServer,
     command_env,
     registered_classifier,
@@ -223,7 +225,7 @@ def test_merged_model_answers_like_the_adapter_without_peft(registered):
     metadata = {k: v.value for k, v in result.asset_materializations_for_node("merged_model")[0].metadata.items()}
     folder = home / "merged_model" / MODEL / "v1"
     assert metadata["path"] == str(folder) and metadata["source_model"].startswith(f"{NAME} v1")
-    assert metadata["agreement_with_adapter"] == 1.0 and metadata["num_images"] == 24
+    assert metadata["agreement_with_adapter"] == 1.0 and metadata["num_images"] == demo_split_rows(TEST_PER_MAKER)
     assert result.get_asset_check_evaluations()[0].passed
     assert not any("lora" in name or "base_layer" in name for name in weight_names(folder))
     assert not list(folder.glob("adapter_*")) and list(folder.glob("*.safetensors"))

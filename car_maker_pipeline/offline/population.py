@@ -14,7 +14,12 @@ the 196 class names (`classes_by_maker`):
 `balance="stanford"` gives each chosen maker images in proportion to its real class count (the
 demo's six makers: BMW 13 : Mercedes-Benz 6 : Aston Martin 4 : Rolls-Royce 3 : Land Rover 2 :
 AM General 1), keeping the total of `per_maker` x makers; `balance="uniform"` gives every maker
-the same number.
+the same number. The demo profile's source draws the real proportions (`StanfordCarsSource.demo_balance`
+defaults to stanford), since a classifier trained on equal shares hides what rare makers cost;
+`generate_demo_source` called directly stays uniform unless asked, so its folders keep their bytes.
+At the profile's default 60 train / 30 test per maker, the rarest maker (AM General) gets 12 train
+images (11 after the validation split carves one out) and 6 test images; no maker gets fewer than
+MIN_IMAGES_PER_MAKER.
 
 Image sizes. The default demo draws every picture at 128x96 (fast, and enough for the tiny models).
 Real Stanford Cars photos run from about 100 px to several thousand px wide, and LFM2-VL's processor

@@ -34,13 +34,18 @@ class StanfordCarsSource(dg.ConfigurableResource):
     path_or_id: str | None = None
     revision: str | None = None
     token_env: str = "HF_TOKEN"
+    # Per maker on average: a split holds per-maker x makers rows, shared out by `demo_balance`.
     demo_train_per_maker: int = 60
     demo_test_per_maker: int = 30
     demo_corruptions: list[str] = ["contrast", "gaussian_noise", "motion_blur"]
     demo_seed: int = 0
     demo_makers: list[str] = Field(default=[], description="Demo makers (empty: the six default demo makers).")
     demo_image_sizes: str = Field(default="demo", description="demo (all 128x96) or realistic (real photo sizes).")
-    demo_balance: str = Field(default="uniform", description="uniform, or stanford (real per-maker proportions).")
+    demo_balance: str = Field(
+        default="stanford",
+        description="stanford: each maker's share follows its real number of classes, as in Stanford Cars "
+        "(offline/population.py lists them); uniform: the same number of images per maker.",
+    )
     demo_train_total: int | None = Field(default=None, description="Train rows in all (default per-maker x makers).")
     demo_test_total: int | None = Field(default=None, description="Test rows in all (default per-maker x makers).")
 

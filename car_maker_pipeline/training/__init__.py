@@ -3,6 +3,8 @@
 - config.py: `LoraHyperparameters`, every hyperparameter with its range and default; to TRL and PEFT.
 - targets.py: which layers the target names adapt, checked against the model.
 - sft_data.py: `image` + `maker` rows as TRL prompt/completion examples.
+- sampling.py: the order training rows are drawn in, natural or maker-balanced.
+- augmentation.py: light random changes to training pictures as they are read.
 - checkpoints.py: completion markers, quarantine of unusable checkpoints, where to resume.
 - trainer.py: `build_trainer` and `train_lora`.
 - mlflow_callback.py: losses streamed to MLflow, buffered while it is down.

@@ -117,7 +117,23 @@ class LoraHyperparameters(BaseModel):
         default=False,
         description="Draw batches of pictures with similar image-token counts (transformers' length-grouped "
         "sampler), so a batch of mixed photo sizes does not pad every row to the largest. Worth it on real "
-        "photos; the demo's pictures are all one size.",
+        "photos; the demo's pictures are all one size. Combines with sampling='balanced' (the balanced draws "
+        "are grouped).",
+    )
+    sampling: Literal["natural", "balanced"] = Field(
+        default="natural",
+        description="How training rows are drawn. natural: every row once per epoch, so makers come in their "
+        "data proportions. balanced: each maker present in the training split is equally likely per draw "
+        "(rows drawn with replacement, weight 1/count(maker)), so a maker with a tenth of the images is seen "
+        "as often as the others; an epoch still has one draw per row. Seeded by `seed` and the epoch.",
+    )
+    augmentation: bool = Field(
+        default=False,
+        strict=True,
+        description="Light random changes to each training picture as it is read: a crop of 80-100% of the "
+        "area (aspect within 10%) resized back to the picture's size, a horizontal flip, brightness, contrast "
+        "and saturation within 20% (hue is kept: body colour can tell makers apart). Validation pictures "
+        "and the stored dataset are never changed; `seed` fixes every change, so a rerun sees the same pictures.",
     )
 
     @model_validator(mode="after")

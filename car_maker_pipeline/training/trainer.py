@@ -7,7 +7,9 @@ into TRL prompt/completion examples with the loss on the answer only. `build_tra
 target modules (targets.py) and the data before it creates anything, then builds TRL's `SFTTrainer`
 with PEFT LoRA from the hyperparameters (config.py). `train_lora` trains, checkpointing every
 `checkpoint_every_n_steps` steps and resuming from the newest checkpoint of `output_dir` that passes
-verification (checkpoints.py).
+verification (checkpoints.py). With `sampling="balanced"` or `augmentation=True` the trainer draws
+its training rows itself (sampling.py) and reads their pictures changed (augmentation.py), both
+fixed by the seed and the epoch, so a resumed run still ends where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from trl import SFTTrainer
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import load_model_and_processor
+from car_maker_pipeline.training.augmentation import AugmentedRows
 from car_maker_pipeline.training.checkpoints import (
     CheckpointCompletionCallback,
     QuarantinedCheckpoint,
@@ -33,7 +36,8 @@ from car_maker_pipeline.training.checkpoints import (
     finished_state,
     resume_point,
 )
-from car_maker_pipeline.training.config import LoraHyperparameters
+from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
+from car_maker_pipeline.training.sampling import TrainDraws, trainer_draws
 from car_maker_pipeline.training.sft_data import build_sft_dataset
 from car_maker_pipeline.training.targets import component_of, count_adapted_layers, match_target_modules
 
@@ -104,11 +108,64 @@ class LoraTrainingResult:
 
 
 class LoraSFTTrainer(SFTTrainer):
-    """SFTTrainer whose optimizer can give the vision tower's LoRA weights a lower learning rate."""
+    """SFTTrainer with a lower learning rate for the vision tower's LoRA weights, if asked, and its own train order.
 
-    def __init__(self, *args, vision_lr_scale: float = 1.0, **kwargs):
+    `sampling="balanced"` draws the training rows maker-balanced and `augmentation=True` reads their
+    pictures changed (sampling.py, augmentation.py); both need `train_makers`, the maker of every
+    training row. With neither, batches come from transformers' own sampler, exactly as before
+    these options existed, so a run started then resumes with the same data order.
+    """
+
+    def __init__(
+        self,
+        *args,
+        vision_lr_scale: float = 1.0,
+        sampling: str = "natural",
+        augmentation: bool = False,
+        train_makers: Sequence[str] | None = None,
+        **kwargs,
+    ):
         self.vision_lr_scale = vision_lr_scale
+        self.sampling, self.augmentation = sampling, augmentation
+        self.train_makers = list(train_makers) if train_makers is not None else None
+        self.train_draws: TrainDraws | None = None  # the sampler of the newest training dataloader, if ours
         super().__init__(*args, **kwargs)
+        if self._draws_its_own_order() and self.train_makers is None:
+            raise LoraTrainingError(
+                f"sampling={sampling!r} with augmentation={augmentation} needs train_makers, the maker of every "
+                "training row; build the trainer with build_trainer, which passes them."
+            )
+
+    def _draws_its_own_order(self) -> bool:
+        return self.sampling == "balanced" or self.augmentation
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self._draws_its_own_order():
+            return super()._get_train_sampler(train_dataset)
+        balanced, keyed = self.sampling == "balanced", self.augmentation
+        self.train_draws = trainer_draws(
+            self.args, self.train_dataset, self.train_makers, balanced=balanced, keyed=keyed
+        )
+        return self.train_draws
+
+    def get_train_dataloader(self):
+        if not self.augmentation:
+            return super().get_train_dataloader()
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return self._get_dataloader(
+            dataset=AugmentedRows(self.train_dataset, seed),
+            description="Training",
+            batch_size=self._train_batch_size,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _run_epoch(self, *args, epoch: int, **kwargs):
+        # accelerate passes the Trainer's set_epoch on to the sampler, except through the skip wrapper of
+        # a resumed epoch over a multi-process batch sampler: tell ours directly, so resuming is exact.
+        if self.train_draws is not None:
+            self.train_draws.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None or self.vision_lr_scale == 1.0:
@@ -180,6 +237,9 @@ def build_trainer(
         peft_config=hyperparameters.to_peft_config(),
         callbacks=[CheckpointCompletionCallback(), *(callbacks or [])],
         vision_lr_scale=hyperparameters.vision_lr_scale,
+        sampling=hyperparameters.sampling,
+        augmentation=hyperparameters.augmentation,
+        train_makers=list(train_dataset["maker"]),  # checked by build_sft_dataset above
     )
     return trainer, matched
 

@@ -7,6 +7,22 @@ from pathlib import Path
 import dagster as dg
 
 
+def demo_split_rows(per_maker: int) -> int:
+    """Rows of a demo split with `per_maker` images per maker on average, at the demo profile's default balance.
+
+    Not simply per_maker x 6: the default (stanford) balance gives every maker at least
+    MIN_IMAGES_PER_MAKER images, which a rare maker's real share of a small split can fall below.
+    """
+    from car_maker_pipeline.offline.demo_source import DEMO_MAKERS
+    from car_maker_pipeline.offline.population import images_per_maker
+    from car_maker_pipeline.offline.rendering import classes_by_maker
+    from car_maker_pipeline.orchestration.resources import StanfordCarsSource
+
+    balance = StanfordCarsSource.model_fields["demo_balance"].default
+    class_counts = {maker: len(classes) for maker, classes in classes_by_maker().items()}
+    return sum(images_per_maker(DEMO_MAKERS, per_maker, balance, class_counts).values())
+
+
 def materialized_demo_data(home: Path, train_per_maker: int, test_per_maker: int, corruptions: list[str]):
     """(resources, instance, result) after materializing raw_stanford_cars and car_maker_dataset (with its
     blocking checks) in `home`."""

@@ -33,6 +33,7 @@ MODEL = "tiny-s"
 # Enough steps that the adapter's answers differ from the base model's, few enough for a test fixture.
 SHORT_TRAINING = {"max_steps": 8, "checkpoint_every_n_steps": 4, "per_device_train_batch_size": 8}
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+TRAIN_PER_MAKER, TEST_PER_MAKER = 10, 4  # the demo source's size (per maker on average)
 
 
 def registered_classifier(home: Path):
@@ -41,7 +42,9 @@ def registered_classifier(home: Path):
     from car_maker_pipeline.orchestration.assets.serving import IncomingImages
     from car_maker_pipeline.orchestration.assets.training import lora_checkpoints
 
-    resources, instance, _ = materialized_demo_data(home, train_per_maker=10, test_per_maker=4, corruptions=[])
+    resources, instance, _ = materialized_demo_data(
+        home, train_per_maker=TRAIN_PER_MAKER, test_per_maker=TEST_PER_MAKER, corruptions=[]
+    )
     resources = {**resources, "incoming_images": IncomingImages(path=str(home / "incoming"))}
     for asset, config in (
         (baseline_evaluation, {"max_images": 6}),
