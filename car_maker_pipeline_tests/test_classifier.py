@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -64,8 +65,13 @@ def test_batched_left_padded_answers_equal_one_at_a_time(tiny_model, maker_datas
     classifier = MakerClassifier(tiny_model.model, tiny_model.processor, MAKERS, batch_size=4)
     batched = classifier.classify_batch(images)
     single = [classifier.classify_batch([image])[0] for image in images]
-    assert [p.maker for p in batched] == [p.maker for p in single]
-    assert [p.score for p in batched] == pytest.approx([p.score for p in single], abs=1e-4)
+    for alone, together in zip(single, batched):
+        # The same distribution over the makers, to float32 rounding (padding changes the summation order).
+        assert np.exp(together.log_probs) == pytest.approx(np.exp(alone.log_probs), abs=1e-4)
+        # A random-weight model is nearly uniform: the same maker wherever rounding cannot decide it.
+        first, second = sorted(np.exp(alone.log_probs))[-2:][::-1]
+        if first - second > 1e-3:
+            assert together.maker == alone.maker
 
 
 def test_evaluation_writes_predictions_tables_and_figures(tiny_model, maker_dataset, tmp_path):
