@@ -109,13 +109,23 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def cached_maker_dataset(work: Path, prefix: str, train_per_maker: int, test_per_maker: int, image_sizes: str = "demo"):
-    """A demo source (6 makers, no corruptions) and its maker dataset, built once under `work` and reused."""
+def cached_maker_dataset(
+    work: Path,
+    prefix: str,
+    train_per_maker: int,
+    test_per_maker: int,
+    image_sizes: str = "demo",
+    balance: str = "uniform",
+):
+    """A demo source (6 makers, no corruptions) and its maker dataset, built once under `work` and reused.
+
+    `balance` is `generate_demo_source`'s (uniform: the same count per maker; stanford: real proportions).
+    """
     from car_maker_pipeline.data.maker_dataset import build_maker_dataset, load_stored_maker_dataset
     from car_maker_pipeline.data.source import materialize_raw
     from car_maker_pipeline.offline.demo_source import MARKER_FILE, generate_demo_source
 
-    sizes = "" if image_sizes == "demo" else f"-{image_sizes}"
+    sizes = ("" if image_sizes == "demo" else f"-{image_sizes}") + ("" if balance == "uniform" else f"-{balance}")
     source = work / f"{prefix}-source-train{train_per_maker}-test{test_per_maker}-seed0{sizes}"
     if not (source / MARKER_FILE).exists():
         generate_demo_source(
@@ -124,6 +134,7 @@ def cached_maker_dataset(work: Path, prefix: str, train_per_maker: int, test_per
             test_per_maker=test_per_maker,
             corruptions=(),
             image_sizes=image_sizes,
+            balance=balance,
         )
     out = work / f"{prefix}-maker-dataset-train{train_per_maker}-test{test_per_maker}{sizes}"
     record = load_stored_maker_dataset(out)

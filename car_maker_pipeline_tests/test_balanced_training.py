@@ -235,6 +235,7 @@ def test_augment_picture_is_mild_and_keeps_size_and_mode():
     assert again.tobytes() == changed[3].tobytes()
 
 
+@pytest.mark.slow  # two short training runs: 3-20 s on 2 idle cores, a minute or more when they are busy
 def test_resume_continues_a_balanced_augmented_run_exactly(tiny_model_dir, unbalanced, tmp_path):
     from safetensors.torch import load_file
 

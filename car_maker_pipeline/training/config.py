@@ -63,7 +63,9 @@ class LoraHyperparameters(BaseModel):
     """Hyperparameters of one LoRA run. Defaults are tuned for the tiny demo models on a CPU.
 
     With these defaults tiny-s goes from chance (1/6) to ~90% test accuracy on the 6-maker synthetic
-    demo task by step 200 and ~96% by step 350-400 (batch 32, about 100 s on 2 CPU cores). Batch
+    demo task by step 200 and ~96% by step 350-400 (batch 32, about 100 s on 2 CPU cores), with every
+    maker equally represented; at the demo's default real proportions set `sampling="balanced"`,
+    or the rarest makers stay unlearnt (bench/README.md, bench_balancing). Batch
     size matters more than steps for the tiny models: at batch 8 the image signal drowns in
     gradient noise (600 steps of batch 8 stayed near 50%). For the real LFM2-VL models use a lower
     `learning_rate` (about 2e-4), `vision_lr_scale=0.1` (Liquid's recipe), a batch that fits the
@@ -125,7 +127,9 @@ class LoraHyperparameters(BaseModel):
         description="How training rows are drawn. natural: every row once per epoch, so makers come in their "
         "data proportions. balanced: each maker present in the training split is equally likely per draw "
         "(rows drawn with replacement, weight 1/count(maker)), so a maker with a tenth of the images is seen "
-        "as often as the others; an epoch still has one draw per row. Seeded by `seed` and the epoch.",
+        "as often as the others; an epoch still has one draw per row. Seeded by `seed` and the epoch. "
+        "Recommended when makers are unbalanced (bench/README.md, bench_balancing: far better rare makers, "
+        "same overall accuracy); natural stays the default so existing training folders keep their meaning.",
     )
     augmentation: bool = Field(
         default=False,
@@ -133,7 +137,9 @@ class LoraHyperparameters(BaseModel):
         description="Light random changes to each training picture as it is read: a crop of 80-100% of the "
         "area (aspect within 10%) resized back to the picture's size, a horizontal flip, brightness, contrast "
         "and saturation within 20% (hue is kept: body colour can tell makers apart). Validation pictures "
-        "and the stored dataset are never changed; `seed` fixes every change, so a rerun sees the same pictures.",
+        "and the stored dataset are never changed; `seed` fixes every change, so a rerun sees the same pictures. "
+        "Off by default: in bench_balancing (tiny-s, 160 steps) it lowered macro accuracy with natural sampling "
+        "and changed nothing beyond seed noise with balanced sampling (bench/README.md).",
     )
 
     @model_validator(mode="after")
