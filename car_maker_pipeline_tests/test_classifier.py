@@ -79,7 +79,9 @@ def test_evaluation_writes_predictions_tables_and_figures(tiny_model, maker_data
     report = evaluate_to_dir(classifier, maker_dataset.load(), "test", tmp_path / "eval", title="tiny-s", max_images=20)
     assert report.summary.num_images == 20 and report.sample_cap == 20
     predictions = pd.read_parquet(report.predictions_path)
-    assert list(predictions.columns) == ["index", "true_maker", "predicted_maker", "score"]
+    assert list(predictions.columns) == ["index", "true_maker", "predicted_maker", "score", "log_probs"]
+    # Every maker's log-probability per image, normalised over the makers, in the classifier's maker order.
+    assert all(len(row) == len(MAKERS) and np.exp(row).sum() == pytest.approx(1.0) for row in predictions["log_probs"])
     assert report.summary.ci_low <= report.summary.accuracy <= report.summary.ci_high
     assert set(report.per_maker()["maker"]) == set(maker_dataset.makers)
     for figure in (report.confusion_path, report.misclassified_path):
