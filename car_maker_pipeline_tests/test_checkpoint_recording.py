@@ -41,6 +41,7 @@ from car_maker_pipeline.store import (
 from car_maker_pipeline_tests.support.pipeline import demo_split_rows, materialized_demo_data
 
 KEY = "tiny-s"
+CALIBRATION_ARTIFACTS = ("reliability_diagram.png", "risk_coverage.png", "risk_coverage.parquet")
 STEPS = [1, 2]
 
 
@@ -173,11 +174,18 @@ def test_checkpoints_are_scored_and_the_best_on_validation_is_registered(trained
     history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "val_accuracy")
     assert sorted((m.step, m.value) for m in history) == list(zip(STEPS, table["val_accuracy"]))
     assert run.data.metrics["baseline_test_accuracy"] == pytest.approx(record.baseline_accuracy)
+    ece = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "test_ece")
+    assert [m.step for m in sorted(ece, key=lambda m: m.step)] == STEPS
+    assert [m.value for m in sorted(ece, key=lambda m: m.step)] == pytest.approx(list(table["ece"]))
+    assert run.data.metrics["best_coverage"] == pytest.approx(record.best_calibration.coverage)
     assert {
         f"checkpoint_accuracy_{KEY}.json",
         f"robustness_{KEY}.json",
         "accuracy_by_step.png",
         "checkpoint_accuracy.parquet",
+        # every checkpoint's reliability diagram and risk-coverage curve, and the best one's at the top
+        *(f"calibration/step-{step}/{name}" for step in STEPS for name in CALIBRATION_ARTIFACTS),
+        *(f"calibration/{name}" for name in CALIBRATION_ARTIFACTS),
     } <= _artifacts(uri, run.info.run_id)  # the classifier itself is an MLflow logged model (pyfunc) of this run
 
     assert record.registered_model == f"car-maker-{KEY}"

@@ -168,11 +168,12 @@ def evaluate_checkpoints_and_record(
     )
     best = scores.best
     name = registered_model_name(model_key)
-    calibration = write_calibration(
-        scores.calibrations[scores.best_step],
-        out_root / f"calibration-step-{scores.best_step}",
-        f"{model_key} step {scores.best_step}",
-    )
+    # Every checkpoint's reliability diagram and risk-coverage curve, for MLflow; the best one's in the metadata.
+    step_calibrations = {
+        step: write_calibration(calibrated_step, out_root / f"calibration-step-{step}", f"{model_key} step {step}")
+        for step, calibrated_step in scores.calibrations.items()
+    }
+    calibration = step_calibrations[scores.best_step]
     calibrated = calibration.report()
 
     run_name, training_run = f"checkpoints-{model_key}", training["mlflow_run_id"]
@@ -192,6 +193,8 @@ def evaluate_checkpoints_and_record(
         )
         _log_scores(scores, baseline_accuracy, model_key, table_path, chart_path)
         log_calibration(calibration, prefix="best_")
+        for step, files in step_calibrations.items():
+            log_calibration(files, metrics=False, artifact_path=f"calibration/step-{step}")
         registered = register_classifier(
             Candidate.of_checkpoint(
                 model_key,
@@ -266,6 +269,7 @@ def _log_scores(
                 "test_ci_high": row.ci_high,
                 "test_macro_accuracy": row.macro_accuracy,
                 "test_top3_accuracy": row.top3_accuracy,
+                "test_log_loss": row.log_loss,
                 "test_ece": row.ece,
                 "test_ece_calibrated": row.ece_calibrated,
                 "val_coverage_at_target": row.val_coverage_at_target,

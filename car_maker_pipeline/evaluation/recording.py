@@ -93,11 +93,14 @@ def log_report(report: EvaluationReport) -> None:
             mlflow.log_artifact(str(path))
 
 
-def log_calibration(files: CalibrationFiles, prefix: str = "") -> None:
+def log_calibration(
+    files: CalibrationFiles, prefix: str = "", *, metrics: bool = True, artifact_path: str = "calibration"
+) -> None:
     """Calibration and selective-prediction numbers, the risk-coverage table and both charts."""
-    mlflow.log_metrics(files.report().metrics(prefix))
+    if metrics:
+        mlflow.log_metrics(files.report().metrics(prefix))
     for path in (files.risk_coverage_path, files.reliability_path, files.risk_coverage_chart_path):
-        mlflow.log_artifact(str(path), artifact_path="calibration")
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
 @dataclass

@@ -135,16 +135,20 @@ def checkpoint_metadata(record: CheckpointRecord) -> dict:
 
 
 def checkpoint_observations(record: CheckpointRecord, asset: str, partition: str) -> list[dg.AssetObservation]:
-    """One observation per checkpoint, so the UI plots test and validation accuracy against step."""
-    return [
-        dg.AssetObservation(
-            asset_key=asset,
-            partition=partition,
-            metadata={
-                "step": int(row.step),
-                "test_accuracy": float(row.accuracy),
-                "val_accuracy": float(row.val_accuracy),
-            },
+    """One observation per checkpoint, so the UI plots accuracy, calibration and coverage against step."""
+    observations = []
+    for row in record.scores.table.itertuples():
+        calibrated = record.scores.calibrations[int(row.step)].report
+        observations.append(
+            dg.AssetObservation(
+                asset_key=asset,
+                partition=partition,
+                metadata={
+                    "step": int(row.step),
+                    "test_accuracy": float(row.accuracy),
+                    "val_accuracy": float(row.val_accuracy),
+                    **{key: value for key, value in calibrated.metrics().items() if not math.isnan(value)},
+                },
+            )
         )
-        for row in record.scores.table.itertuples()
-    ]
+    return observations
