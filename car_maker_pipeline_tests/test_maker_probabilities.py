@@ -9,6 +9,7 @@
 | target precision 0, -0.1, 1.5, NaN / 1.0                    | rejected as config is read / accepted                        |
 | validation with one maker                                   | CalibrationError before the model is loaded                  |
 | LoRA run trained on another maker list                      | error naming both sides, before the model is loaded          |
+| registered version of other makers (merged_model's input)   | error naming the version, before it loads; same list passes  |
 | predictor output below / at / above the threshold           | `unsure` / maker / maker, with the calibrated top three      |
 | `classify` line of an unsure answer                         | `unsure` and the top three with their probabilities          |
 """
@@ -232,3 +233,22 @@ def test_a_blank_picture_still_gets_a_full_distribution(tiny_model):
     classifier = MakerClassifier(tiny_model.model, tiny_model.processor, DEMO_MAKERS, batch_size=2)
     (prediction,) = classifier.classify([Image.new("RGB", (128, 96))])
     assert np.isfinite(prediction.log_probs).all()
+
+
+@pytest.mark.parametrize(
+    ("registered_makers", "refused"),
+    [(["A", "B"], False), (["B", "A"], True), (["A", "B", "C"], True), (None, False)],
+    ids=["same", "reordered", "more", "untagged"],
+)
+def test_a_registered_model_of_other_makers_is_refused_before_it_loads(registered_makers, refused):
+    from types import SimpleNamespace
+
+    from car_maker_pipeline.serving.registry import check_same_makers, maker_list_hash
+
+    tags = {} if registered_makers is None else {"maker_list_hash": maker_list_hash(registered_makers)}
+    version = SimpleNamespace(name="car-maker-tiny-s", version="3", tags={**tags, "num_makers": "2"})
+    if refused:
+        with pytest.raises(ValueError, match="car-maker-tiny-s v3 classifies into .* not car_maker_dataset's 2"):
+            check_same_makers(version, ["A", "B"])
+    else:
+        check_same_makers(version, ["A", "B"])

@@ -89,7 +89,11 @@ def export_merged(
         "image_token_budget": adapter_classifier.budget.to_json(),
         "registered_model": registered_model,
         "version": version,
-        "answer": "greedy decoding constrained to one of `makers`, each followed by <|im_end|>",
+        "answer": "every maker's answer (its tokens, then <|im_end|>) scored; the most probable maker wins",
+        # probabilities are softmax(log p / temperature); below confidence_threshold the answer is "unsure"
+        "temperature": predictor.card.temperature,
+        "confidence_threshold": predictor.card.confidence_threshold,
+        "target_precision": predictor.card.target_precision,
     }
     with atomic_directory(out_dir) as tmp:
         save_merged(merged_model, adapter_classifier.processor, tmp, card)

@@ -319,6 +319,17 @@ def champion_version(uri: str, model_key: str):
         ) from error
 
 
+def check_same_makers(version, makers: list[str]) -> None:
+    """Refuse, before any model loads, to score a registered version on a dataset of other makers."""
+    registered = version.tags.get("maker_list_hash")
+    if registered is not None and registered != maker_list_hash(makers):
+        raise ValueError(
+            f"{version.name} v{version.version} classifies into {version.tags.get('num_makers', '?')} makers that are "
+            f"not car_maker_dataset's {len(makers)} (maker list hash {registered} vs {maker_list_hash(makers)}). "
+            "Train and register a model on this dataset (lora_checkpoints, then checkpoint_accuracy) first."
+        )
+
+
 def load_version(uri: str, name: str, version: str, **runtime):
     """The pyfunc model of one registered version (pinned by number, so a moving alias cannot change it midway).
 
