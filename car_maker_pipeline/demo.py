@@ -100,13 +100,13 @@ def print_calibration(store, model_keys: list[str]) -> None:
     target = rows[0][2]["target_precision"]
     print(f"\nOn test, with the temperature and the threshold for {target:.0%} precision chosen on validation:")
     print(
-        f"{'model':<10}{'evaluated':<18}{'top-1':>7}{'top-3':>7}{'ECE':>7}{'ECE (T)':>9}{'T':>7}"
+        f"{'model':<10}{'evaluated':<29}{'top-1':>7}{'top-3':>7}{'ECE':>7}{'ECE (T)':>9}{'T':>7}"
         f"{'coverage':>10}{'accuracy answered (95% CI)':>30}"
     )
     for key, label, c in rows:
         answered = f"{c['selective_accuracy']:.1%} [{c['selective_ci_low']:.1%}, {c['selective_ci_high']:.1%}]"
         print(
-            f"{key:<10}{label:<18}{c['top1_accuracy']:>7.1%}{c['top3_accuracy']:>7.1%}{c['ece']:>7.3f}"
+            f"{key:<10}{label:<29}{c['top1_accuracy']:>7.1%}{c['top3_accuracy']:>7.1%}{c['ece']:>7.3f}"
             f"{c['ece_calibrated']:>9.3f}{c['temperature']:>7.2f}{c['coverage']:>10.1%}"
             f"{answered if c['answered'] else 'nothing answered':>30}"
         )
