@@ -38,6 +38,7 @@ from car_maker_pipeline.training.augmentation import COLOUR_CHANGE, augment_pict
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
 from car_maker_pipeline.training.sampling import Draw, TrainDraws
 from car_maker_pipeline.training.trainer import build_trainer, train_lora
+from car_maker_pipeline_tests.support.checkpoints import marked_checkpoint
 
 DRAWS = 20_000
 TOLERANCE = 0.02  # the binomial sd of a 1/6 share over 20,000 draws is 0.26 points: 2 points is ~8 sd
@@ -283,16 +284,12 @@ def test_folder_names_are_unchanged_while_the_new_fields_keep_their_defaults(val
 def test_the_new_fields_are_recorded_and_an_earlier_folder_resumes_only_with_their_defaults(tmp_path):
     import json
 
-    from car_maker_pipeline.training.checkpoints import RUN_SETTINGS_FILE, check_run_settings, mark_checkpoint_complete
+    from car_maker_pipeline.training.checkpoints import RUN_SETTINGS_FILE, check_run_settings
 
     config = LoraHyperparameters(sampling="balanced", augmentation=True)
     assert config.to_json()["sampling"] == "balanced" and config.to_json()["augmentation"] is True  # MLflow params
     out = tmp_path / "run"
-    checkpoint = out / "checkpoint-4"
-    checkpoint.mkdir(parents=True)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
-        (checkpoint / name).write_text("{}")
-    mark_checkpoint_complete(checkpoint, 4)
+    marked_checkpoint(out, 4)
     earlier = LoraHyperparameters().to_json()
     del earlier["sampling"], earlier["augmentation"]  # a folder started before the fields existed
     (out / RUN_SETTINGS_FILE).write_text(json.dumps({"config": earlier, "makers": ["A"], "model": "m"}))

@@ -45,6 +45,7 @@ from car_maker_pipeline.training.checkpoints import (
 )
 from car_maker_pipeline.training.config import LoraHyperparameters
 from car_maker_pipeline.training.trainer import LoraTrainingResult, train_lora
+from car_maker_pipeline_tests.support.checkpoints import marked_checkpoint
 
 ADAPTER = "adapter_model.safetensors"
 
@@ -262,16 +263,8 @@ def test_the_asset_rerun_after_tampering_succeeds_and_says_why(tmp_path):
 def test_checkpoint_accuracy_never_scores_a_changed_checkpoint(tmp_path):
     """The scoring side: a checkpoint listed by training but changed since is left out, with a warning."""
     from car_maker_pipeline.evaluation.checkpoint_recording import listed_checkpoints
-    from car_maker_pipeline.training.checkpoints import mark_checkpoint_complete
 
-    listed = {}
-    for step in (1, 2, 3):
-        folder = tmp_path / f"checkpoint-{step}"
-        folder.mkdir()
-        for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
-            (folder / name).write_bytes(f"{name} at step {step}".encode())
-        mark_checkpoint_complete(folder, step)
-        listed[str(step)] = str(folder)
+    listed = {str(step): str(marked_checkpoint(tmp_path, step, "{name} at step {step}")) for step in (1, 2, 3)}
     adapter = tmp_path / "checkpoint-2" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[::-1])  # same size, other bytes
     warnings: list[str] = []

@@ -24,10 +24,10 @@ from car_maker_pipeline.training.checkpoints import (
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
 from car_maker_pipeline.training.targets import count_adapted_layers
 from car_maker_pipeline.training.trainer import build_trainer, train_lora
+from car_maker_pipeline_tests.support.checkpoints import marked_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_HF_TOKEN = "hf_FAKEtokenTHATmustNEVERbeSAVED0123456789"
-
 
 # --------------------------------------------------------------------------------------------
 # Fixtures: a tiny model and a small 6-maker image task from the synthetic demo source
@@ -147,14 +147,10 @@ def test_a_setting_added_later_names_a_new_folder_only_when_changed():
 
 
 def test_a_folder_started_by_an_earlier_release_resumes_and_another_run_is_refused(tmp_path):
-    from car_maker_pipeline.training.checkpoints import RUN_SETTINGS_FILE, check_run_settings, mark_checkpoint_complete
+    from car_maker_pipeline.training.checkpoints import RUN_SETTINGS_FILE, check_run_settings
 
     out = tmp_path / "run"
-    checkpoint = out / "checkpoint-4"
-    checkpoint.mkdir(parents=True)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
-        (checkpoint / name).write_text("{}")
-    mark_checkpoint_complete(checkpoint, 4)
+    marked_checkpoint(out, 4)
     earlier = {**LoraHyperparameters().to_json(), "num_train_epochs": 1.0}  # a field that no longer exists
     del earlier["dataloader_num_workers"]  # and one that did not exist yet (compares as its default)
     (out / RUN_SETTINGS_FILE).write_text(json.dumps({"config": earlier, "makers": ["A", "B"], "model": "m"}))
