@@ -8,6 +8,8 @@ memory a 3B model needs, while the data steps stay on CPU nodes. Outside Kuberne
 
 import os
 
+from car_maker_pipeline.orchestration.partitions import model_partitions
+
 EXECUTOR_ENV = "CAR_MAKER_EXECUTOR"
 
 GPU_STEP_K8S_CONFIG = {
@@ -23,6 +25,15 @@ GPU_STEP_K8S_CONFIG = {
     },
 }
 GPU_OP_TAGS = {"dagster-k8s/config": GPU_STEP_K8S_CONFIG}
+# What every model step shares: one partition per model, the team that owns it, one GPU step at a time
+# (the `gpu` pool) and, on Kubernetes, a GPU for its pod. `@dg.asset(..., **MODEL_STEP)`.
+OWNERS = ["team:ml-platform"]
+MODEL_STEP = {
+    "owners": OWNERS,
+    "partitions_def": model_partitions,
+    "pool": "gpu",
+    "op_tags": GPU_OP_TAGS,
+}
 
 
 def executor():

@@ -6,9 +6,8 @@ from pydantic import Field, model_validator
 from car_maker_pipeline.evaluation.settings import DEFAULT_TARGET_PRECISION
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
-from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
+from car_maker_pipeline.orchestration.deployment import MODEL_STEP
 from car_maker_pipeline.orchestration.metadata import evaluation_metadata
-from car_maker_pipeline.orchestration.partitions import model_partitions
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
 from car_maker_pipeline.store import BASELINE_EVALUATION, CAR_MAKER_DATASET
 
@@ -67,12 +66,9 @@ def evaluation_inputs(
 @dg.asset(
     name=BASELINE_EVALUATION,
     group_name="baseline",
-    owners=["team:ml-platform"],
     deps=[CAR_MAKER_DATASET],
-    partitions_def=model_partitions,
     kinds={"pytorch", "huggingface", "mlflow"},
-    pool="gpu",
-    op_tags=GPU_OP_TAGS,
+    **MODEL_STEP,
     description=(
         "Each base model (one partition per model) classifies every test image. Answers are constrained "
         "to the maker list, so every image gets a valid maker; accuracy comes with a 95% Wilson interval. "

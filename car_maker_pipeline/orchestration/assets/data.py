@@ -8,6 +8,7 @@ from pydantic import Field
 from car_maker_pipeline.data import quality
 from car_maker_pipeline.data.maker_dataset import MakerDatasetParams
 from car_maker_pipeline.data.promotion import build_and_promote_maker_dataset
+from car_maker_pipeline.orchestration.deployment import OWNERS
 from car_maker_pipeline.orchestration.metadata import typed_table
 from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
 from car_maker_pipeline.redaction import redact_uri
@@ -24,7 +25,7 @@ class MakerDatasetConfig(dg.Config):
 @dg.asset(
     name=RAW_STANFORD_CARS,
     group_name="data",
-    owners=["team:ml-platform"],
+    owners=OWNERS,
     kinds={"huggingface", "arrow"},
     description=(
         "Every split of Stanford Cars (train, test and the corrupted copies of test when present), "
@@ -60,7 +61,7 @@ def raw_stanford_cars(
 @dg.asset(
     name=CAR_MAKER_DATASET,
     group_name="data",
-    owners=["team:ml-platform"],
+    owners=OWNERS,
     deps=[RAW_STANFORD_CARS],
     kinds={"huggingface", "arrow"},
     check_specs=[

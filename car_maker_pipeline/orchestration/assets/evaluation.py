@@ -7,9 +7,8 @@ from pydantic import Field
 
 from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, SELECTION_METRICS
 from car_maker_pipeline.orchestration.assets.baseline import EvaluationConfig, evaluation_inputs
-from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
+from car_maker_pipeline.orchestration.deployment import MODEL_STEP
 from car_maker_pipeline.orchestration.metadata import checkpoint_metadata, checkpoint_observations
-from car_maker_pipeline.orchestration.partitions import model_partitions
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
 from car_maker_pipeline.store import BASELINE_EVALUATION, CHECKPOINT_ACCURACY, LORA_CHECKPOINTS
 
@@ -30,12 +29,9 @@ class CheckpointEvaluationConfig(EvaluationConfig):
 @dg.asset(
     name=CHECKPOINT_ACCURACY,
     group_name="evaluation",
-    owners=["team:ml-platform"],
     deps=[LORA_CHECKPOINTS, BASELINE_EVALUATION],
-    partitions_def=model_partitions,
     kinds={"pytorch", "mlflow"},
-    pool="gpu",
-    op_tags=GPU_OP_TAGS,
+    **MODEL_STEP,
     check_specs=[
         dg.AssetCheckSpec(
             BEATS_BASELINE,

@@ -5,9 +5,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
+from car_maker_pipeline.orchestration.deployment import MODEL_STEP
 from car_maker_pipeline.orchestration.metadata import typed_table
-from car_maker_pipeline.orchestration.partitions import model_partitions
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource
 from car_maker_pipeline.store import CHECKPOINT_ACCURACY, MAKER_PREDICTIONS, MERGED_MODEL, PipelineStore
 
@@ -33,12 +32,9 @@ class MergedModelConfig(dg.Config):
 @dg.asset(
     name=MERGED_MODEL,
     group_name="serving",
-    owners=["team:ml-platform"],
     deps=[CHECKPOINT_ACCURACY],
-    partitions_def=model_partitions,
     kinds={"pytorch", "huggingface", "safetensors"},
-    pool="gpu",
-    op_tags=GPU_OP_TAGS,
+    **MODEL_STEP,
     check_specs=[
         dg.AssetCheckSpec(
             "merged_answers_equal_adapter",
@@ -102,12 +98,9 @@ def merged_model(
 @dg.asset(
     name=MAKER_PREDICTIONS,
     group_name="serving",
-    owners=["team:ml-platform"],
     deps=[CHECKPOINT_ACCURACY],
-    partitions_def=model_partitions,
     kinds={"pytorch", "mlflow", "parquet"},
-    pool="gpu",
-    op_tags=GPU_OP_TAGS,
+    **MODEL_STEP,
     description=(
         "Every file in the incoming-images folder (resource `incoming_images`) classified by the @champion of "
         "car-maker-<model>: a parquet of file name, maker, probability and model version. A file that cannot be "

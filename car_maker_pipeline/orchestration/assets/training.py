@@ -3,8 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from car_maker_pipeline.orchestration.deployment import GPU_OP_TAGS
-from car_maker_pipeline.orchestration.partitions import model_partitions
+from car_maker_pipeline.orchestration.deployment import MODEL_STEP
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
 from car_maker_pipeline.store import CAR_MAKER_DATASET, LORA_CHECKPOINTS
 from car_maker_pipeline.training.config import LoraHyperparameters
@@ -24,12 +23,9 @@ class LoraTrainingConfig(dg.Config, LoraHyperparameters):
 @dg.asset(
     name=LORA_CHECKPOINTS,
     group_name="training",
-    owners=["team:ml-platform"],
     deps=[CAR_MAKER_DATASET],
-    partitions_def=model_partitions,
     kinds={"pytorch", "huggingface", "mlflow"},
-    pool="gpu",
-    op_tags=GPU_OP_TAGS,
+    **MODEL_STEP,
     description=(
         "LoRA fine-tuning with TRL's SFTTrainer (one partition per model): loss on the answer tokens only, "
         "adapters on LFM2-VL's real projection layers, a checkpoint (adapter + processor) every N steps. "
