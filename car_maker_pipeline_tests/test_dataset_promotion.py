@@ -10,6 +10,7 @@ source is materialized first (except in the first-build case), then a bad one:
 | one maker's training images removed (in test only)    | the build (MakerDatasetError) | previous dataset current; error names the maker and that dataset |
 | test images in train on a first-ever build            | check no_test_leakage       | nothing current: store.maker_dataset() raises MissingUpstreamError naming the check |
 | the good source again, after a refusal                | (passes)                    | made current; the refusal record is cleared                       |
+| baseline_evaluation materialized after a refusal      | -                           | scores the previous dataset (its path, revision and test rows)     |
 
 And each blocking check failing on its own (hand-made datasets, the domain function without Dagster):
 test row in train, a test maker missing from train, an empty validation split, a maker list naming a
@@ -226,3 +227,29 @@ def test_each_blocking_check_alone_keeps_a_dataset_from_becoming_current(tmp_pat
     assert failing in promotion.refusal and f"previous dataset {maker_dataset.path}" in promotion.refusal
     assert store.maker_dataset().path == maker_dataset.path
     shutil.rmtree(spoiled_dir)
+
+
+def test_after_a_refusal_the_baseline_scores_the_previous_dataset(tmp_path, good_source, home_with_good_dataset):
+    """Downstream for real: a baseline materialized after the refusal evaluates the good dataset's rows."""
+    from car_maker_pipeline.orchestration.assets.baseline import baseline_evaluation
+    from car_maker_pipeline.orchestration.resources import MlflowTracking, VisionLanguageModels
+    from car_maker_pipeline.store import BASELINE_EVALUATION
+    from car_maker_pipeline.tracking import default_tracking_uri
+
+    home, good = home_with_good_dataset
+    assert not materialize_data(home, leaked_source(good_source, tmp_path / "leaked", reencode=False)).success
+    result = dg.materialize(
+        [baseline_evaluation],
+        resources={
+            "store": StoreResource(home=str(home)),
+            "models": VisionLanguageModels(profile="demo"),
+            "mlflow_tracking": MlflowTracking(tracking_uri=default_tracking_uri(home)),
+        },
+        instance=dg.DagsterInstance.ephemeral(),
+        partition_key="tiny-s",
+    )
+    assert result.success
+    manifest = PipelineStore(home).read_manifest(BASELINE_EVALUATION, "tiny-s")
+    assert manifest["params"]["dataset_path"] == Path(good.path).name
+    assert manifest["params"]["dataset_revision"] == good.source_revision
+    assert manifest["summary"]["num_images"] == good.rows_per_split["test"]

@@ -78,6 +78,10 @@ def test_usable_images_decode_upright(data, size):
         (png_declaring(10_000, 10_000), "decompression bomb refused: the header declares 10000x10000"),
         (png_declaring(100_000, 100_000), "decompression bomb refused: the header declares 10,000,000,000 pixels"),
         (jpeg_declaring(65_000, 65_000), "decompression bomb refused: the header declares 4,225,000,000 pixels"),
+        # Under the pixel limit, but padded to 8:1 for the model they would need terabytes: refused from the header.
+        (png_declaring(8_000_000, 8), "8000000x8 is elongated (1,000,000:1)"),
+        (png_declaring(8, 8_000_000), "8x8000000 is elongated (1,000,000:1)"),
+        (png_declaring(60_000, 60), "60000x60 is elongated (1,000:1)"),
     ],
     ids=[
         "empty",
@@ -90,12 +94,15 @@ def test_usable_images_decode_upright(data, size):
         "100-mpx-header",
         "10-gpx-png-header",
         "4-gpx-jpeg-header",
+        "8000000x8-strip",
+        "8x8000000-strip",
+        "60000x60-strip",
     ],
 )
 def test_unusable_bytes_are_refused_with_the_problem_named(data, problem):
     with pytest.raises(ImageInputError, match=re.escape(problem)) as error:
         decode_image(data)
-    if "bomb" in problem:
+    if "bomb" in problem or "elongated" in problem:
         assert "64,000,000-pixel limit" in str(error.value)
 
 

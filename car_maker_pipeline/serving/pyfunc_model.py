@@ -9,7 +9,9 @@ uses.
 
 Input: a DataFrame with one image per row in the binary column `image` (raw bytes from Python; in
 a JSON request to the scoring server, base64 text, which the server decodes). Output: one row per
-image with `maker` and `probability`. An image that cannot be used fails the whole request with
+image (`predictor.OUTPUT_SCHEMA`): the most probable `maker` and its calibrated `probability`, the
+`answer` (that maker, or `unsure` below the registered confidence threshold) and the next two makers
+with theirs. The temperature and threshold come from the model config too. An image that cannot be used fails the whole request with
 MLflow's INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400 and the reason.
 
 `device`, `dtype` and `batch_size` in the model config choose where and how it runs (`auto`: CUDA

@@ -103,7 +103,8 @@ def merged_model(
     **MODEL_STEP,
     description=(
         "Every file in the incoming-images folder (resource `incoming_images`) classified by the @champion of "
-        "car-maker-<model>: a parquet of file name, maker, probability and model version. A file that cannot be "
+        "car-maker-<model>: a parquet of file name, answer (a maker, or unsure below the registered threshold), "
+        "the three most probable makers with their probabilities, and model version. A file that cannot be "
         "classified gets a row with the reason in `error`; it never fails the batch."
     ),
 )
