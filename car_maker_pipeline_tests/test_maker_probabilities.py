@@ -3,7 +3,8 @@
 | case                                                        | expected                                                     |
 |-------------------------------------------------------------|--------------------------------------------------------------|
 | every maker's answer scored in one batched pass vs. brute force (one full forward pass per image and maker) | equal to 1e-5, demo makers and makers sharing prefixes, mixed picture sizes |
-| the scoring pass split in chunks of rows                    | the same distribution, one pass more per chunk               |
+| the scoring pass split by a small logit budget              | the same distribution, one pass more per group of makers     |
+| all 49 real makers                                          | still two passes per batch; a distribution over all 49       |
 | a classified picture                                        | probabilities sum to 1; the maker is the most probable one   |
 | threshold and temperature                                   | chosen from validation only: changing test changes neither   |
 | target precision 0, -0.1, 1.5, NaN / 1.0                    | rejected as config is read / accepted                        |
@@ -76,7 +77,11 @@ def test_every_maker_is_scored_as_brute_force_would(tiny_model, maker_dataset, m
     )
     scored = score_answers(tiny_model.model, inputs, makers, answers)
     assert scored.forward_passes == 2  # the prompts, then every maker's answer at once
-    chunked = score_answers(tiny_model.model, inputs, makers, answers, max_rows=len(pictures) * 2)
+    # A logit budget for two makers per pass: the same distribution, in more (still batched) passes.
+    width, vocabulary = max(len(ids) for ids in answers) - 1, tiny_model.model.config.text_config.vocab_size
+    chunked = score_answers(
+        tiny_model.model, inputs, makers, answers, max_logits=len(pictures) * 2 * width * vocabulary
+    )
     assert chunked.forward_passes == 1 + math.ceil(len(makers) / 2)
     np.testing.assert_allclose(chunked.log_probs.exp().numpy(), scored.log_probs.exp().numpy(), atol=1e-5)
     for row, picture in enumerate(pictures):
@@ -252,3 +257,18 @@ def test_a_registered_model_of_other_makers_is_refused_before_it_loads(registere
             check_same_makers(version, ["A", "B"])
     else:
         check_same_makers(version, ["A", "B"])
+
+
+def test_all_49_real_makers_are_scored_in_one_extra_pass(tiny_model, maker_dataset):
+    """The real dataset's maker list: still two passes per batch, not one per maker."""
+    from car_maker_pipeline.data.classes import stanford_cars_class_names
+    from car_maker_pipeline.data.makers import makers_for_class_names
+
+    makers = sorted(set(makers_for_class_names(stanford_cars_class_names())))
+    assert len(makers) == 49
+    classifier = MakerClassifier(tiny_model.model, tiny_model.processor, makers, batch_size=len(SIZES))
+    pictures = _pictures(maker_dataset)
+    predictions = classifier.classify_batch(pictures)
+    assert classifier.stats.summary()["forward_passes_per_image"] == 2
+    for prediction in predictions:
+        assert len(prediction.log_probs) == 49 and np.exp(prediction.log_probs).sum() == pytest.approx(1.0)

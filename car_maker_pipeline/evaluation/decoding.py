@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-# Rows (images x makers) of one answer-scoring pass; more are split into several passes, so memory
-# stays bounded (logits are rows x answer length x vocabulary) with many makers or a large batch.
-MAX_SCORING_ROWS = 256
+# Logits one answer-scoring pass may hold (rows x answer tokens x vocabulary; 2**28 floats is 1 GiB):
+# 49 makers x 16 images x 5 tokens x LFM2's 65,536-token vocabulary still fit in one pass; more are
+# split into several batched passes over groups of makers, so memory stays bounded.
+MAX_SCORING_LOGITS = 2**28
 
 
 class AnswerTrie:
@@ -143,27 +144,33 @@ def _answer_log_likelihoods(model, cache, mask, last_position, first, answers, c
         cache=cache,
         use_cache=True,
     )
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (rows * makers, width, vocabulary)
+    logits = out.logits.float()  # (rows * makers, width, vocabulary); log p = logit - logsumexp, no second copy
     wanted = targets.to(device).repeat(rows, 1)
-    gathered = logprobs.gather(-1, wanted.clamp(min=0)[..., None])[..., 0] * (wanted >= 0)
+    picked_logits = logits.gather(-1, wanted.clamp(min=0)[..., None])[..., 0]
+    gathered = (picked_logits - torch.logsumexp(logits, dim=-1)) * (wanted >= 0)
     return total + gathered.sum(-1).view(rows, repeats)
 
 
 @torch.inference_mode()
 def score_answers(
-    model, inputs: dict, makers: Sequence[str], answers: Sequence[Sequence[int]], max_rows: int = MAX_SCORING_ROWS
+    model,
+    inputs: dict,
+    makers: Sequence[str],
+    answers: Sequence[Sequence[int]],
+    max_logits: int = MAX_SCORING_LOGITS,
 ) -> ScoredAnswers:
     """Every maker's full-answer probability for a left-padded batch, normalised over the makers.
 
     `answers[m]` is maker m's answer token ids ending with end of turn. One pass over the prompt,
-    then the answers of as many makers as fit in `max_rows` rows per pass, from a copy of the
+    then the answers of as many makers as fit in `max_logits` logits per pass, from a copy of the
     prompt's cache repeated once per maker (no per-maker pass over the images).
     """
     mask = inputs["attention_mask"]
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     first, cache = _forward(model, None, **inputs, position_ids=positions)
     rows = mask.shape[0]
-    per_pass = max(1, max_rows // rows)
+    width = max(len(ids) for ids in answers) - 1
+    per_pass = max(1, max_logits // (rows * max(width, 1) * first.shape[-1]))
     chunks = [list(range(start, min(start + per_pass, len(answers)))) for start in range(0, len(answers), per_pass)]
     parts = []
     for number, chunk in enumerate(chunks):
