@@ -21,6 +21,19 @@ from pathlib import Path
 from typing import Any
 
 
+def writer_id() -> str:
+    """`<pid>@<host>` of this process: who is writing, so a leftover of a dead writer can be recognised."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def writer_alive(writer: str | None) -> bool:
+    """Whether the process a `writer_id()` names may still run: False only for a dead pid on this host."""
+    pid, _, host = (writer or "").partition("@")
+    if not pid.isdigit() or host != socket.gethostname():
+        return True  # unknown, or another host's (a pid means nothing here): assume alive
+    return _pid_alive(int(pid))
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -173,21 +173,28 @@ def find_run(uri: str, exp_id: str, tags: dict[str, str]) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+WRITER_TAG = "writer"  # `<pid>@<host>` of the process logging an MLflow run, to recognise a killed one
+
+
 def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], is_alive) -> list[str]:
     """Delete runs left RUNNING by a killed process (and any model version they registered).
 
-    A run matching `tags` that is still RUNNING although the Dagster run that opened it
-    (`is_alive(dagster_run_id)` is False) has ended was cut short mid-logging; evaluating the
-    partition again records everything afresh, so the half-written run would only be a duplicate.
+    A run matching `tags` that is still RUNNING although the Dagster run that opened it has ended
+    (`is_alive(dagster_run_id)` is False), or although the process that opened it (its `writer` tag,
+    `<pid>@<host>`) is dead on this host, was cut short mid-logging: a SIGKILLed command leaves its
+    Dagster run STARTED, so its status alone cannot tell. Evaluating the partition again records
+    everything afresh, so the half-written run would only be a duplicate.
     """
     from mlflow import MlflowClient
+
+    from car_maker_pipeline.storage import writer_alive
 
     client = MlflowClient(uri)
     deleted = []
     for run in client.search_runs(
         [exp_id], filter_string=_tag_filter(tags, "attributes.status = 'RUNNING'"), max_results=100
     ):
-        if is_alive(run.data.tags.get("dagster_run_id")):
+        if is_alive(run.data.tags.get("dagster_run_id")) and writer_alive(run.data.tags.get(WRITER_TAG)):
             continue
         for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
             client.delete_model_version(version.name, version.version)
@@ -221,9 +228,14 @@ def mlflow_run(
         delete_orphaned_runs(
             uri, exp, {k: v for k, v in tags.items() if k != "dagster_run_id"}, dagster_run_is_alive(orphans_of)
         )
+    from car_maker_pipeline.storage import writer_id
+
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(
-        run_id=run_id, experiment_id=None if run_id else exp, run_name=None if run_id else run_name, tags=tags
+        run_id=run_id,
+        experiment_id=None if run_id else exp,
+        run_name=None if run_id else run_name,
+        tags={**tags, WRITER_TAG: writer_id()},
     ) as run:
         yield run
 

@@ -45,3 +45,42 @@ def test_buffered_loss_points_survive_a_line_cut_by_a_kill(tmp_path):
     pending.write_text('["train_loss", 2.5, 1000, 10]\n["val_loss", 2.1, 1001, 10]\n["train_lo')
     callback = MlflowLossCallback("run", "sqlite:///unused.db", pending_path=pending)
     assert callback.pending_points() == [("train_loss", 2.5, 1000, 10), ("val_loss", 2.1, 1001, 10)]
+
+
+def test_an_mlflow_run_of_a_killed_command_is_deleted_although_its_dagster_run_looks_alive(tmp_path):
+    """A SIGKILLed `dagster asset materialize` leaves its Dagster run STARTED: the run's writer tells."""
+    import mlflow
+
+    from car_maker_pipeline.tracking import WRITER_TAG, default_tracking_uri, delete_orphaned_runs, experiment_id
+
+    uri = default_tracking_uri(tmp_path)
+    experiment = experiment_id(uri, tmp_path)
+    client = mlflow.MlflowClient(uri)
+    tags = {"model_key": "tiny-s", "stage": "baseline"}
+    host = socket.gethostname()
+    writers = {
+        "killed": f"{_dead_pid()}@{host}",
+        "running": f"{os.getpid()}@{host}",
+        "other_host": f"{_dead_pid()}@another-pod",  # its pid means nothing here: kept
+        "untagged": None,  # a run logged before writers were tagged: the Dagster status decides
+    }
+    runs = {
+        name: client.create_run(
+            experiment, tags={**tags, "dagster_run_id": name, **({WRITER_TAG: writer} if writer else {})}
+        ).info.run_id
+        for name, writer in writers.items()
+    }
+    deleted = delete_orphaned_runs(uri, experiment, tags, is_alive=lambda dagster_run_id: True)
+    assert deleted == [runs["killed"]]
+    assert client.get_run(runs["killed"]).info.lifecycle_stage == "deleted"
+    assert all(
+        client.get_run(runs[name]).info.lifecycle_stage == "active" for name in ("running", "other_host", "untagged")
+    )
+
+
+def test_writer_ids_name_this_process_and_a_dead_one_is_recognised():
+    from car_maker_pipeline.storage import writer_alive, writer_id
+
+    assert writer_id() == f"{os.getpid()}@{socket.gethostname()}" and writer_alive(writer_id())
+    assert not writer_alive(f"{_dead_pid()}@{socket.gethostname()}")
+    assert writer_alive(f"{_dead_pid()}@another-host") and writer_alive(None) and writer_alive("garbled")
