@@ -248,15 +248,15 @@ def test_a_blank_picture_still_gets_a_full_distribution(tiny_model):
 def test_a_registered_model_of_other_makers_is_refused_before_it_loads(registered_makers, refused):
     from types import SimpleNamespace
 
-    from car_maker_pipeline.serving.registry import check_same_makers, maker_list_hash
+    from car_maker_pipeline.serving.registry import check_version_makers, maker_list_hash
 
     tags = {} if registered_makers is None else {"maker_list_hash": maker_list_hash(registered_makers)}
     version = SimpleNamespace(name="car-maker-tiny-s", version="3", tags={**tags, "num_makers": "2"})
     if refused:
         with pytest.raises(ValueError, match="car-maker-tiny-s v3 classifies into .* not car_maker_dataset's 2"):
-            check_same_makers(version, ["A", "B"])
+            check_version_makers(version, ["A", "B"])
     else:
-        check_same_makers(version, ["A", "B"])
+        check_version_makers(version, ["A", "B"])
 
 
 def test_all_49_real_makers_are_scored_in_one_extra_pass(tiny_model, maker_dataset):
@@ -272,3 +272,12 @@ def test_all_49_real_makers_are_scored_in_one_extra_pass(tiny_model, maker_datas
     assert classifier.stats.summary()["forward_passes_per_image"] == 2
     for prediction in predictions:
         assert len(prediction.log_probs) == 49 and np.exp(prediction.log_probs).sum() == pytest.approx(1.0)
+
+
+def test_a_greedy_prediction_answers_its_maker_without_runners_up():
+    card = ClassifierCard(**{**CARD.__dict__, "confidence_threshold": 0.5})
+    (row,) = answer_table([Prediction("Land Rover", 0.8)], card).to_dict("records")
+    assert (row["maker"], row["probability"], row["answer"]) == ("Land Rover", 0.8, "Land Rover")
+    assert row["maker_2"] is None and math.isnan(row["probability_2"]) and math.isnan(row["probability_3"])
+    (low,) = answer_table([Prediction("Land Rover", 0.3)], card).to_dict("records")
+    assert low["answer"] == UNSURE

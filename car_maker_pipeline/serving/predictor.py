@@ -113,14 +113,10 @@ def answer_table(predictions, card: ClassifierCard) -> pd.DataFrame:
     rows = []
     for prediction in predictions:
         if prediction.log_probs is None:  # a greedy decoder: only the chosen maker is scored
-            ranked, probabilities = [makers.index(prediction.maker)], np.array([prediction.score])
+            top = [(prediction.maker, float(prediction.score))]
         else:
             probabilities = softmax(np.asarray([prediction.log_probs]), card.temperature)[0]
-            ranked = list(np.argsort(-probabilities, kind="stable")[:3])
-        top = [
-            (makers[i], float(probabilities[i] if prediction.log_probs is not None else prediction.score))
-            for i in ranked
-        ]
+            top = [(makers[i], float(probabilities[i])) for i in np.argsort(-probabilities, kind="stable")[:3]]
         top += [(None, float("nan"))] * (3 - len(top))
         sure = card.confidence_threshold is None or top[0][1] >= card.confidence_threshold
         rows.append(

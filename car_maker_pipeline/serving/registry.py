@@ -319,7 +319,7 @@ def champion_version(uri: str, model_key: str):
         ) from error
 
 
-def check_same_makers(version, makers: list[str]) -> None:
+def check_version_makers(version, makers: list[str]) -> None:
     """Refuse, before any model loads, to score a registered version on a dataset of other makers."""
     registered = version.tags.get("maker_list_hash")
     if registered is not None and registered != maker_list_hash(makers):

@@ -55,14 +55,14 @@ def merged_model(
     mlflow_tracking: MlflowTracking,
 ):
     from car_maker_pipeline.serving.export import export_merged
-    from car_maker_pipeline.serving.registry import champion_version, check_same_makers, load_version
+    from car_maker_pipeline.serving.registry import champion_version, check_version_makers, load_version
 
     pipeline_store = store.get()
     key = context.partition_key
     uri = mlflow_tracking.ensure_reachable(pipeline_store)
     champion = champion_version(uri, key)
     dataset = pipeline_store.maker_dataset()
-    check_same_makers(champion, dataset.makers)
+    check_version_makers(champion, dataset.makers)
     pyfunc = load_version(uri, champion.name, str(champion.version), batch_size=config.batch_size)
     export, _, _ = export_merged(
         pyfunc.unwrap_python_model().predictor,
