@@ -111,7 +111,14 @@ def test_baseline_partition_reports_metrics_and_an_mlflow_run(pipeline):
     assert metadata["top1_accuracy"].value <= metadata["top3_accuracy"].value <= 1
     assert metadata["target_precision"].value == 0.99 and 0 <= metadata["coverage"].value <= 1
     curve = metadata["risk_coverage"].value
-    assert [c.name for c in curve.schema.columns][:2] and all(c.type in ("float", "int") for c in curve.schema.columns)
+    assert {c.name: c.type for c in curve.schema.columns} == {
+        "threshold": "float",
+        "answered": "int",
+        "coverage": "float",
+        "accuracy": "float",
+    }
+    coverages = [record.data["coverage"] for record in curve.records]
+    assert coverages == sorted(coverages) and 0 < coverages[-1] <= 1  # answered share grows as the threshold falls
     assert metadata["reliability_diagram"].value.startswith("![reliability diagram](data:image/png;base64,")
     per_maker = metadata["per_maker_accuracy"].value
     assert {c.name: c.type for c in per_maker.schema.columns}["accuracy"] == "float"
