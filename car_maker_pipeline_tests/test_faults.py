@@ -2,9 +2,11 @@
 uninterrupted run ends, with one MLflow record per step and no leftovers a later run would read.
 
 Every step is a real `dagster asset materialize` process group, killed with SIGKILL once its output
-says the step started plus a delay drawn uniformly from 5-95% of the step's duration in the
-uninterrupted run (so process start-up, which varies, does not decide where the kill lands); the event
-log of the killed run then confirms the step had begun and not finished. Then the step is materialized
+says the step started plus a delay drawn uniformly from 5-75% of the step's duration in the
+uninterrupted run (so process start-up, which varies, does not decide where the kill lands; the upper
+quarter is left out because the same step can run 10-20% faster than in the reference on a loaded
+machine, and a kill after the step's success tests nothing); the event log of the killed run then
+confirms the step had begun and not finished. Then the step is materialized
 again (unless the event log shows it had already succeeded, as a retry from failure would skip it):
 
 | step                | compared with the uninterrupted run                                       |
@@ -58,6 +60,7 @@ STEPS = [  # (asset, partition, run config)
     ("checkpoint_accuracy", "tiny-s", SOURCE),
 ]
 SEEDS = [0, 1, 2]
+KILL_WINDOW = (0.05, 0.75)  # fractions of the reference step's duration; see the module docstring
 
 
 def _prepare(root: Path) -> dict:
@@ -187,7 +190,7 @@ def test_sigkill_at_random_points_then_rerun_ends_like_an_uninterrupted_run(tmp_
     rng = random.Random(seed)
     kills = []
     for asset, partition, config in STEPS:
-        kill = _kill_during_step(env, asset, partition, config, rng.uniform(0.05, 0.95) * durations[asset])
+        kill = _kill_during_step(env, asset, partition, config, rng.uniform(*KILL_WINDOW) * durations[asset])
         kills.append(kill)
         if not kill["step_succeeded"]:  # what Dagster's retry from failure would re-execute; a finished step stays
             materialize(env, asset, partition, config)
