@@ -6,6 +6,8 @@
 | makers sharing prefixes (branch after 1st token)  | same as `generate`; passes <= trie branching depth, some > 1 |
 | mixed picture sizes through `classify`            | input order kept; answers equal one-at-a-time              |
 | sorting vs. no sorting on a mixed-size list       | fewer padded tokens with sorting                           |
+| batches under a decoded-pixel bound               | no batch over the bound (a lone picture may be); same answers |
+| `evaluate_split`, several batches in one window    | a batch's decoded pictures are freed before the next runs  |
 | token count from size vs. the processor           | equal for random sizes, tiny and real processors           |
 | budget min > max, max < 1                          | ImageTokenBudgetError naming the setting                   |
 | budget applied                                    | the processor makes fewer tokens; the budget in force known |
@@ -13,12 +15,15 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 from PIL import Image
 from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor
 
-from car_maker_pipeline.evaluation.classifier import MakerClassifier
+from car_maker_pipeline.evaluation.classifier import MakerClassifier, evaluate_split, pixel_bounded_batches
 from car_maker_pipeline.evaluation.decoding import decode
 from car_maker_pipeline.evaluation.reference import generate_decode
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, ImageTokenBudgetError, image_token_count
@@ -82,6 +87,65 @@ def test_classify_keeps_input_order_and_wastes_less(tiny_model, maker_dataset):
     assert with_sorting.stats.real_tokens == unsorted.stats.real_tokens
     assert with_sorting.stats.padded_tokens < unsorted.stats.padded_tokens
     assert with_sorting.stats.summary()["padded_to_real_tokens"] == pytest.approx(1.0, abs=0.05)
+
+
+# (picture areas in order, batch size, pixel bound) -> batches (indices)
+PIXEL_BOUND_CASES = [
+    ([10, 10, 10, 10], 2, 100, [[0, 1], [2, 3]]),  # the batch size decides
+    ([10, 10, 10, 10], 8, 25, [[0, 1], [2, 3]]),  # the pixel bound decides
+    ([10, 30, 10], 8, 25, [[0], [1], [2]]),  # a picture over the bound goes alone, never dropped
+    ([5, 5, 20, 5, 5], 8, 20, [[0, 1], [2], [3, 4]]),  # exactly at the bound still fits
+    ([], 4, 10, []),
+]
+
+
+@pytest.mark.parametrize(("areas", "batch_size", "bound", "expected"), PIXEL_BOUND_CASES)
+def test_pixel_bounded_batches(areas, batch_size, bound, expected):
+    sizes = {index: (area, 1) for index, area in enumerate(areas)}
+    assert pixel_bounded_batches(list(range(len(areas))), sizes, batch_size, bound) == expected
+
+
+class _BatchRecorder(MakerClassifier):
+    """The real classifier, noting the decoded pixels of every batch it runs."""
+
+    def _run_batch(self, images, decoder=None):
+        self.batch_pixels = [*getattr(self, "batch_pixels", []), sum(i.size[0] * i.size[1] for i in images)]
+        return super()._run_batch(images, decoder)
+
+
+def test_large_pictures_run_in_smaller_batches_with_the_same_answers(tiny_model, maker_dataset):
+    pictures = maker_dataset.load()["test"].select(range(12))["image"]
+    sizes = [(640, 480), (128, 96), (900, 600), (64, 48)] * 3
+    images = [picture.convert("RGB").resize(size) for picture, size in zip(pictures, sizes)]
+    bound = 900 * 600 + 640 * 480  # one large pair fits, three large pictures do not
+    bounded = _BatchRecorder(tiny_model.model, tiny_model.processor, DEMO_MAKERS, batch_size=8, max_batch_pixels=bound)
+    free = _BatchRecorder(tiny_model.model, tiny_model.processor, DEMO_MAKERS, batch_size=8, max_batch_pixels=10**9)
+    answers, reference = bounded.classify(images), free.classify(images)
+    assert max(bounded.batch_pixels) <= bound < max(free.batch_pixels)
+    assert len(bounded.batch_pixels) > len(free.batch_pixels)
+    assert [p.maker for p in answers] == [p.maker for p in reference]
+    assert [p.score for p in answers] == pytest.approx([p.score for p in reference], abs=1e-4)
+
+
+class _PixelLifetimes(MakerClassifier):
+    """The real classifier, checking at each batch that no earlier batch's pictures are still alive."""
+
+    def _run_batch(self, images, decoder=None):
+        gc.collect()
+        self.alive_before_batch = [
+            *getattr(self, "alive_before_batch", []),
+            sum(r() is not None for r in getattr(self, "seen", [])),
+        ]
+        self.seen = [*getattr(self, "seen", []), *(weakref.ref(image) for image in images)]
+        return super()._run_batch(images, decoder)
+
+
+def test_evaluate_split_frees_each_batch_of_pixels_before_the_next(tiny_model, maker_dataset):
+    classifier = _PixelLifetimes(tiny_model.model, tiny_model.processor, DEMO_MAKERS, batch_size=4, sort_window=8)
+    run = evaluate_split(classifier, maker_dataset.load()["test"], max_images=20)
+    assert len(run.predictions) == 20
+    assert len(classifier.alive_before_batch) == 1 + 5  # the warm-up batch, then 20 pictures in batches of 4
+    assert classifier.alive_before_batch == [0] * 6, "decoded pictures of finished batches were still held"
 
 
 @pytest.mark.parametrize("kind", ["tiny", "real"])

@@ -53,6 +53,7 @@ from car_maker_pipeline.offline.population import (
     realistic_image_size,
 )
 from car_maker_pipeline.offline.rendering import classes_by_maker, render_car
+from car_maker_pipeline.offline.split_files import SplitFile, read_split_file
 from car_maker_pipeline.storage import remove_stale_temporaries, temporary_prefix
 
 # Six makers with very different looks and 1 to 13 classes each (AM General has a single class,
@@ -108,12 +109,20 @@ class _Uniqueness:
 
 
 def _render_split(
-    split: str, plan: list[tuple[str, int, str]], image_size: tuple[int, int] | None, seed: int, unique: _Uniqueness
-) -> tuple[list[bytes], list[tuple[str, int]]]:
-    """Encoded images of one split; `image_size` None draws each at a realistic size (see population.py)."""
-    images: list[bytes] = []
+    split: str,
+    plan: list[tuple[str, int, str]],
+    image_size: tuple[int, int] | None,
+    seed: int,
+    unique: _Uniqueness,
+    writer: SplitFile,
+) -> list[tuple[str, int]]:
+    """Render, encode and write one split row by row; returns each row's (format, quality).
+
+    `image_size` None draws each at a realistic size (see population.py). Rows go straight to the
+    split's file, so memory holds one row group of encoded images, not the split.
+    """
     encodings: list[tuple[str, int]] = []
-    for index, (maker, _label, name) in enumerate(plan):
+    for index, (maker, label, name) in enumerate(plan):
         for attempt in range(100):
             rng = _image_rng(seed, split, index, attempt)
             if image_size is None:
@@ -129,17 +138,22 @@ def _render_split(
                 break
         else:  # pragma: no cover - would need 100 hash collisions
             raise RuntimeError(f"Could not render a unique image for row {index} of split {split!r}.")
-        images.append(data)
+        writer.add(data, label)
         encodings.append((kind, quality))
-    return images, encodings
+    return encodings
 
 
 def _corrupt_split(
-    corruption: str, test_images: list[bytes], encodings: list[tuple[str, int]], seed: int, unique: _Uniqueness
-) -> list[bytes]:
-    """The test images, decoded as stored, corrupted, and re-encoded in their original format and mode."""
-    images: list[bytes] = []
-    for index, (data, (kind, quality)) in enumerate(zip(test_images, encodings)):
+    corruption: str,
+    test_file: Path,
+    encodings: list[tuple[str, int]],
+    seed: int,
+    unique: _Uniqueness,
+    writer: SplitFile,
+) -> None:
+    """The test images, read back from `test_file` as stored, corrupted, and re-encoded in their
+    original format and mode, written to `writer` with the test labels."""
+    for index, ((data, label), (kind, quality)) in enumerate(zip(read_split_file(test_file), encodings)):
         with Image.open(io.BytesIO(data)) as stored:
             original = stored.convert("RGB")
         for attempt in range(100):
@@ -149,23 +163,7 @@ def _corrupt_split(
                 break
         else:  # pragma: no cover
             raise RuntimeError(f"Could not make a unique {corruption!r} image for test row {index}.")
-        images.append(out)
-    return images
-
-
-def _write_parquet(path: Path, images: list[bytes], labels: list[int], features: datasets.Features) -> int:
-    """Write one split with `Dataset.to_parquet`, which also stores the features in the schema metadata."""
-    table = datasets.Dataset.from_dict(
-        {"image": [{"bytes": data, "path": None} for data in images], "label": labels}, features=features
-    )
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # one bar per split file is noise in pipeline logs
-    try:
-        table.to_parquet(str(path))
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
-    return int(table.data.nbytes)
+        writer.add(out, label)
 
 
 def _validated(
@@ -274,21 +272,17 @@ def generate_demo_source(
         unique = _Uniqueness()
         splits: dict[str, tuple[int, int]] = {}
 
-        def write(split: str, images: list[bytes], labels: list[int]) -> None:
-            nbytes = _write_parquet(tmp / "data" / f"{split}-00000-of-00001.parquet", images, labels, features)
-            splits[split] = (len(images), nbytes)
+        def split_file(split: str) -> SplitFile:
+            return SplitFile(tmp / "data" / f"{split}-00000-of-00001.parquet", features, splits.__setitem__)
 
-        train_plan = _split_plan(train_counts, seed, "train")
-        train_images, _ = _render_split("train", train_plan, draw_size, seed, unique)
-        write("train", train_images, [label for _, label, _ in train_plan])
-        del train_images
-
-        test_plan = _split_plan(test_counts, seed, "test")
-        test_labels = [label for _, label, _ in test_plan]
-        test_images, encodings = _render_split("test", test_plan, draw_size, seed, unique)
-        write("test", test_images, test_labels)
+        with split_file("train") as writer:
+            _render_split("train", _split_plan(train_counts, seed, "train"), draw_size, seed, unique, writer)
+        with split_file("test") as writer:
+            encodings = _render_split("test", _split_plan(test_counts, seed, "test"), draw_size, seed, unique, writer)
+        test_file = tmp / "data" / "test-00000-of-00001.parquet"
         for corruption in corruptions:
-            write(corruption, _corrupt_split(corruption, test_images, encodings, seed, unique), test_labels)
+            with split_file(corruption) as writer:
+                _corrupt_split(corruption, test_file, encodings, seed, unique, writer)
 
         (tmp / "README.md").write_text(dataset_card(stanford_cars_class_names(), splits, settings))
         (tmp / MARKER_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True))
