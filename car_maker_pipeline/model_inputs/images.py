@@ -16,6 +16,12 @@ from PIL import Image
 # Pillow's own guard is ~89 Mpx (warning) / 179 Mpx (error); a real car photo is under 1 Mpx.
 MAX_IMAGE_PIXELS = 64_000_000
 
+# The decoded pixels one batch may hold. Batches are sorted by image tokens, so the largest photos
+# (a 5,616 x 3,744 frame is 21 Mpx) land together: 32 of them would hold 670 Mpx decoded, and the
+# processor's copies on top, about 5 GB, although the model sees each as the same capped tiles.
+# A batch stops growing at this many pixels (one image is always allowed, up to MAX_IMAGE_PIXELS).
+MAX_BATCH_PIXELS = 2 * MAX_IMAGE_PIXELS
+
 # LFM2-VL's processor gives a 500:1 strip a different patch count than a photo, and batching the two
 # fails inside the model; padding extreme strips to this ratio keeps every image batchable.
 MAX_ASPECT_RATIO = 8.0
