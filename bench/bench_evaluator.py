@@ -25,6 +25,9 @@ either method). Both methods use the same prompt (`PromptTemplate()`, the makers
 - before the evaluator before forced-token skipping and cost-sorted batching (`evaluation/reference.py`):
          the same trie through `model.generate` (one forward pass per answer token), batches of 32 in
          input order. Same answers as ours by construction (checked: `same_answer_before`).
+- prompt the ceiling: ours with only the prompt's forward pass (processor, vision encoder, prompt;
+         no answer is chosen). Every evaluator that shows the model this prompt pays at least this, so
+         prompt/naive bounds what any evaluator can reach against the tutorial loop on this machine.
 - naive  the tutorial: one image at a time, chat template + processor, `model.generate(max_new_tokens=64,
          do_sample=False)` free text, decoded with `skip_special_tokens=True`; correct when
          `answer.strip().lower() == true_maker.lower()`; "invalid" when the stripped answer is not
@@ -77,7 +80,7 @@ from _common import (  # noqa: E402
 )
 
 from car_maker_pipeline.evaluation.classifier import MakerClassifier, ThroughputStats  # noqa: E402
-from car_maker_pipeline.evaluation.decoding import decode  # noqa: E402
+from car_maker_pipeline.evaluation.decoding import Decoded, decode  # noqa: E402
 from car_maker_pipeline.evaluation.reference import generate_decode  # noqa: E402
 from car_maker_pipeline.model_inputs.images import model_ready  # noqa: E402
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate  # noqa: E402
@@ -147,6 +150,15 @@ class PreviousEvaluator:
         return answers
 
 
+@torch.inference_mode()
+def prompt_pass_only(model, inputs, trie, pad_id) -> Decoded:
+    """The prompt's forward pass alone, as every decoder starts (no answer chosen: a placeholder maker)."""
+    mask = inputs["attention_mask"]
+    model(**inputs, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+    placeholder = next(iter(trie.leaves.values()))
+    return Decoded([placeholder] * mask.shape[0], [0.0] * mask.shape[0], 1)
+
+
 class NaiveFreeText:
     """The tutorial's loop: one image, free-text greedy generation, string comparison afterwards."""
 
@@ -182,7 +194,7 @@ def score(answers: list[str], truth: list[str], makers: list[str]) -> dict:
     return {"accuracy": correct / len(truth), "correct": correct, "invalid": invalid, "n": len(truth)}
 
 
-METHODS = ("ours", "greedy", "before", "naive")
+METHODS = ("ours", "greedy", "before", "prompt", "naive")
 
 
 def compare(
@@ -193,15 +205,18 @@ def compare(
     classifier = MakerClassifier(model, processor, makers, batch_size=batch_size)
     greedy = MakerClassifier(model, processor, makers, batch_size=batch_size, decoder=decode)
     before = PreviousEvaluator(MakerClassifier(model, processor, makers, batch_size=batch_size))
+    prompt_only = MakerClassifier(model, processor, makers, batch_size=batch_size, decoder=prompt_pass_only)
     naive = NaiveFreeText(model, processor, makers)
     warm = images[: min(batch_size, 4)]
     classifier.classify_batch(warm)
     greedy.classify_batch(warm)
+    prompt_only.classify_batch(warm)
     before.run(warm)
     naive.run(warm[:1])
     runners = {
         "ours": lambda: run_ours(classifier, images),
         "greedy": lambda: run_ours(greedy, images),
+        "prompt": lambda: run_ours(prompt_only, images),
         "before": lambda: before.run(images),
         "naive": lambda: naive.run(images),
     }
@@ -232,7 +247,10 @@ def compare(
     ratios = [o / f for o, f in zip(ips["ours"], ips["naive"])]
     ratios_before = [o / b for o, b in zip(ips["ours"], ips["before"])]
     ratios_greedy = [o / g for o, g in zip(ips["ours"], ips["greedy"])]
+    ceiling = [c / f for c, f in zip(ips["prompt"], ips["naive"])]
     result = {
+        "ratio_prompt_pass_over_naive": ceiling,
+        "median_ceiling_over_naive": median(ceiling),
         "ratio_ours_over_greedy": ratios_greedy,
         "median_ratio_greedy": median(ratios_greedy),
         "same_answer_greedy": sum(o == g for o, g in zip(answers["ours"], answers["greedy"])) / len(images),
@@ -457,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             r["median_images_per_second"]["ours"],
             r["median_images_per_second"]["naive"],
             r["median_ratio"],
+            r["median_ceiling_over_naive"],
             f"{r['ours']['accuracy']:.1%}",
             f"{r['naive']['accuracy']:.1%}",
             r["ours"]["invalid"],
@@ -474,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ours images/s",
                 "naive images/s",
                 "ratio ours/naive",
+                "ceiling: prompt pass/naive",
                 "ours acc",
                 "naive acc",
                 "ours invalid",
