@@ -31,7 +31,7 @@ from car_maker_pipeline.evaluation.calibration import CalibrationError
 from car_maker_pipeline.evaluation.checkpoint_recording import check_same_makers
 from car_maker_pipeline.evaluation.checkpoints import CheckpointEvaluationError
 from car_maker_pipeline.evaluation.classifier import MakerClassifier, Prediction
-from car_maker_pipeline.evaluation.decoding import score_answers
+from car_maker_pipeline.evaluation.decoding import _forward, cache_bytes_per_row, score_answers
 from car_maker_pipeline.evaluation.recording import RecordTarget, evaluate_and_record
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.serving.predictor import UNSURE, ClassifierCard, answer_table
@@ -84,6 +84,13 @@ def test_every_maker_is_scored_as_brute_force_would(tiny_model, maker_dataset, m
     )
     assert chunked.forward_passes == 1 + math.ceil(len(makers) / 2)
     np.testing.assert_allclose(chunked.log_probs.exp().numpy(), scored.log_probs.exp().numpy(), atol=1e-5)
+    # A cache budget for three makers' copies of the prompts' cache: the same, in more passes.
+    _, cache = _forward(tiny_model.model, None, **inputs)
+    per_maker = cache_bytes_per_row(cache, len(pictures)) * len(pictures)
+    assert per_maker > 0
+    bounded = score_answers(tiny_model.model, inputs, makers, answers, max_cache_bytes=3 * per_maker)
+    assert bounded.forward_passes == 1 + math.ceil(len(makers) / 3)
+    np.testing.assert_allclose(bounded.log_probs.exp().numpy(), scored.log_probs.exp().numpy(), atol=1e-5)
     for row, picture in enumerate(pictures):
         expected = _brute_force(tiny_model.model, tiny_model.processor, classifier.prompt_text, picture, answers)
         np.testing.assert_allclose(scored.log_probs[row].exp().numpy(), expected, atol=1e-5)

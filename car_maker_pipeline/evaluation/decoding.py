@@ -31,6 +31,10 @@ import torch
 # 49 makers x 16 images x 5 tokens x LFM2's 65,536-token vocabulary still fit in one pass; more are
 # split into several batched passes over groups of makers, so memory stays bounded.
 MAX_SCORING_LOGITS = 2**28
+# Bytes of prompt cache one answer-scoring pass may hold: the cache is repeated once per maker of the
+# pass, and at LFM2-VL-450M's shape a 2,000-token photo's cache is about 28 MB per row in bf16, so
+# 49 makers x 16 photos would repeat it into 22 GB. 4 GiB keeps a pass on any GPU the models fit on.
+MAX_SCORING_CACHE_BYTES = 2**32
 
 
 class AnswerTrie:
@@ -151,6 +155,12 @@ def _answer_log_likelihoods(model, cache, mask, last_position, first, answers, c
     return total + gathered.sum(-1).view(rows, repeats)
 
 
+def cache_bytes_per_row(cache, rows: int) -> int:
+    """What one row of the prompt's cache (attention keys and values, conv states) occupies."""
+    tensors = [value for layer in getattr(cache, "layers", []) for value in vars(layer).values()]
+    return sum(t.nelement() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) // max(rows, 1)
+
+
 @torch.inference_mode()
 def score_answers(
     model,
@@ -158,19 +168,27 @@ def score_answers(
     makers: Sequence[str],
     answers: Sequence[Sequence[int]],
     max_logits: int = MAX_SCORING_LOGITS,
+    max_cache_bytes: int = MAX_SCORING_CACHE_BYTES,
 ) -> ScoredAnswers:
     """Every maker's full-answer probability for a left-padded batch, normalised over the makers.
 
     `answers[m]` is maker m's answer token ids ending with end of turn. One pass over the prompt,
-    then the answers of as many makers as fit in `max_logits` logits per pass, from a copy of the
-    prompt's cache repeated once per maker (no per-maker pass over the images).
+    then the answers of as many makers as fit in `max_logits` logits and `max_cache_bytes` of
+    repeated cache per pass, from a copy of the prompt's cache repeated once per maker (no
+    per-maker pass over the images).
     """
     mask = inputs["attention_mask"]
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     first, cache = _forward(model, None, **inputs, position_ids=positions)
     rows = mask.shape[0]
     width = max(len(ids) for ids in answers) - 1
-    per_pass = max(1, max_logits // (rows * max(width, 1) * first.shape[-1]))
+    per_pass = max(
+        1,
+        min(
+            max_logits // (rows * max(width, 1) * first.shape[-1]),
+            max_cache_bytes // max(1, rows * cache_bytes_per_row(cache, rows)),
+        ),
+    )
     chunks = [list(range(start, min(start + per_pass, len(answers)))) for start in range(0, len(answers), per_pass)]
     parts = []
     for number, chunk in enumerate(chunks):
