@@ -15,6 +15,7 @@ fail clearly and leave nothing behind.
 | parquet of 0 bytes / only "PAR1" / cut in half / middle cut out / a JPEG named .parquet | SourceError naming split, file, damage and fix; nothing stored | test_damaged_parquet_names_split_file_and_fix |
 | labels: unknown class-name strings / fractional floats / NaN / booleans | SourceError naming split, file and the bad values  | test_bad_label_values_name_split_file_and_values |
 | labels: known class-name strings / whole floats              | read as the class ids they name                            | test_class_name_strings_and_whole_floats_are_read_as_ids |
+| a file of several staging batches and row groups, labels as names | every row stored in order with its own label         | test_a_file_larger_than_a_staging_batch_keeps_every_row_and_label |
 | card pattern matching no file / a CSV among the data files / a file in two splits / an image stored as a path outside the folder / shards of a split with different columns | SourceError saying which and what to do; nothing stored | test_layouts_that_cannot_be_read_whole_are_refused_clearly |
 | through Dagster: a damaged file                              | the step fails with SourceError naming split and file      | test_raw_asset_failure_names_the_damaged_file |
 | disk full while saving a split / writing the completion mark | OSError ENOSPC naming the folder; no temporary left; rerun stores whole | test_disk_full_leaves_no_temporary_and_the_rerun_succeeds |
@@ -71,6 +72,27 @@ def temporaries(home: Path) -> list[Path]:
 
 def stored_test_images(folder: Path) -> list[bytes]:
     return [cell["bytes"] for cell in pq.read_table(split_path(folder, "test"))["image"].to_pylist()]
+
+
+@pytest.mark.parametrize("label_type", [None, pa.string()], ids=["ids", "class-names"])
+def test_a_file_larger_than_a_staging_batch_keeps_every_row_and_label(tmp_path, label_type):
+    """Files are staged BATCH_ROWS rows at a time; labels are checked whole, then sliced per batch."""
+    from car_maker_pipeline.data.staging import BATCH_ROWS
+
+    folder = make_source(tmp_path / "stanford_cars", seed=3)
+    rows = 2 * BATCH_ROWS + 7
+    ids = [(AUDI, BMW, AUDI + 1)[i % 3] if i % 11 else None for i in range(rows)]
+    images = [photo(5000 + i) for i in range(rows)]
+    labels = ids if label_type is None else [None if i is None else NAMES[i] for i in ids]
+    table = pa.table(
+        {"image": pa.array([{"bytes": b, "path": None} for b in images]), "label": pa.array(labels, label_type)}
+    )
+    path = split_path(folder, "test")
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(path).metadata), path, row_group_size=100)
+    stored = materialize_raw(str(folder), tmp_path / "home").load()["test"]
+    assert stored.num_rows == rows
+    assert list(stored["label"]) == ids
+    assert image_bytes(stored) == images
 
 
 @pytest.mark.parametrize("change", ["rewritten", "same_size_and_mtime", "second_folder"])

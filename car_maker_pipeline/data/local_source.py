@@ -12,29 +12,22 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import os
 import shutil
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import yaml
-from datasets.table import InMemoryTable, cast_table_to_features
+from datasets.table import InMemoryTable
 
 from car_maker_pipeline.data.labels import label_mapping, map_label_column, unified_names
-from car_maker_pipeline.data.source import SourceError, check_features, validate_source
+from car_maker_pipeline.data.source import SourceError, validate_source
+from car_maker_pipeline.data.staging import Staged, copy_hashing, open_parquet, stage
 
 DATA_SUFFIX = ".parquet"
 DOCUMENTATION_SUFFIXES = (".md",)  # a dataset card matched by a broad pattern is not data
-_REPLACE = (
-    "Replace it with a complete copy (copy or download it again, or regenerate the source), then materialize again."
-)
 
 
 def source_files(folder: Path) -> list[str]:
@@ -153,105 +146,7 @@ def split_files(folder: Path, files: list[str], source: str) -> dict[str, list[s
     return result
 
 
-def _read_parquet(data: bytes, where: str) -> pa.Table:
-    if not data:
-        raise SourceError(f"{where} is empty (0 bytes), not a parquet file. {_REPLACE}")
-    if len(data) < 12 or data[:4] != b"PAR1" or data[-4:] != b"PAR1":
-        raise SourceError(
-            f"{where} is cut short or is not parquet: {len(data):,} bytes without the parquet header and footer "
-            f"(an interrupted copy or download?). {_REPLACE}"
-        )
-    try:
-        return pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowException, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SourceError(f"{where} is damaged: parquet cannot read it ({reason}). {_REPLACE}") from error
-
-
-def _features(table: pa.Table, card: datasets.Features | None, where: str) -> datasets.Features:
-    """What each column is declared to be: by the file's own schema metadata (written by `to_parquet`),
-    else by the dataset card, else by its Arrow type. Declared, not inferred: a ClassLabel column stored
-    as class-name strings or floats is still a ClassLabel (its values are checked in `_label_ids`)."""
-    declared = card or datasets.Features()
-    metadata = (table.schema.metadata or {}).get(b"huggingface")
-    try:
-        if metadata is not None:
-            declared = datasets.Features.from_dict(json.loads(metadata)["info"]["features"])
-        inferred = datasets.Features.from_arrow_schema(table.schema.remove_metadata())
-    except (ValueError, KeyError, TypeError) as error:  # malformed `huggingface` schema metadata
-        raise SourceError(f"{where} has unreadable feature metadata in its schema ({error!r}). {_REPLACE}") from error
-    return datasets.Features({name: declared.get(name, feature) for name, feature in inferred.items()})
-
-
-def _label_ids(column: pa.ChunkedArray, names: list[str], where: str) -> pa.Array:
-    """The label column as int64 ids of the file's own class names: from ids, whole floats or class names."""
-    kind = column.type
-    if pa.types.is_integer(kind):
-        try:
-            return column.cast(pa.int64())
-        except pa.ArrowInvalid as error:  # an unsigned id beyond int64
-            raise SourceError(f"{where} has label ids no class list can hold ({error}).") from error
-    if pa.types.is_floating(kind):
-        values = column.to_numpy().astype(float)  # nulls read as NaN
-        valid = column.is_valid().to_numpy()
-        bad = valid & ~(np.isfinite(values) & (values == np.round(values)))
-        if bad.any():
-            examples = ", ".join(f"row {row}: {float(values[row])!r}" for row in np.flatnonzero(bad)[:5])
-            raise SourceError(
-                f"{where} has {int(bad.sum())} label(s) that are not whole class ids ({examples}). Labels are "
-                f"ids 0..{len(names) - 1} of the file's ClassLabel, or its class names; fix the label column, "
-                "then materialize again."
-            )
-        return pa.array(np.where(valid, values, 0).astype(np.int64), mask=~valid)
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        position = {name: index for index, name in enumerate(names)}
-        values = column.to_pylist()
-        unknown = Counter(value for value in values if value is not None and value not in position)
-        if unknown:
-            raise SourceError(
-                f"{where} has {sum(unknown.values())} label(s) naming no class of its ClassLabel: "
-                f"{sorted(unknown)[:5]} (its {len(names)} classes start {names[:3]}). Use the exact class "
-                "names or their ids, then materialize again."
-            )
-        return pa.array([None if value is None else position[value] for value in values], pa.int64())
-    raise SourceError(f"{where} has a label column of type {kind}, neither class ids nor class names.")
-
-
-@dataclass
-class _Staged:
-    split: str
-    where: str
-    names: list[str]  # the file's own class names, which its label ids index
-    features: datasets.Features
-    path: Path  # the file's rows as Arrow IPC under the staging folder
-
-
-def _stage(table: pa.Table, split: str, where: str, source: str, card, path: Path) -> _Staged:
-    """Check one parquet file, turn its labels into ids of its own names, and write it to `path` as Arrow."""
-    features = _features(table, card, where)
-    check_features(features, table.column_names, split, source, where)
-    names = list(features["label"].names)
-    table = table.set_column(table.column_names.index("label"), "label", _label_ids(table["label"], names, where))
-    try:
-        table = cast_table_to_features(table.replace_schema_metadata(None), features)
-    except (ValueError, TypeError, pa.ArrowException) as error:
-        raise SourceError(f"{where} does not match its declared features ({error}). {_REPLACE}") from error
-    path_only = sum(
-        pc.sum(pc.and_(pc.is_null(chunk.field("bytes")), pc.is_valid(chunk.field("path")))).as_py() or 0
-        for chunk in table["image"].chunks
-    )
-    if path_only:
-        raise SourceError(
-            f"{where} has {path_only} image(s) stored as a file path without their bytes; the revision "
-            "fingerprint covers the source folder only, so their content could change unseen. Embed the "
-            "image bytes (datasets' `embed_external_files`), then materialize again."
-        )
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    return _Staged(split, where, names, features, path)
-
-
-def _assemble(split: str, staged: list[_Staged], label: datasets.ClassLabel, source: str) -> datasets.Dataset:
+def _assemble(split: str, staged: list[Staged], label: datasets.ClassLabel, source: str) -> datasets.Dataset:
     """One split from its staged files, every label mapped into the unified vocabulary `label`."""
     tables, features = [], None
     for item in staged:
@@ -284,7 +179,9 @@ def store_local_source(folder: Path, source: str, revision: str, out_dir: Path) 
     """Read every file of `folder` once, check that it hashes to `revision`, and save the splits to `out_dir`.
 
     Labels of every file are mapped through its own ClassLabel names onto one vocabulary (train's
-    first). Files are staged as Arrow under `out_dir` while reading, so memory holds one file at a time.
+    first). Each file is copied (and hashed) into `out_dir`'s staging folder in chunks, then staged as
+    Arrow a batch of rows at a time, so memory holds one batch, not a file (a split of real-size photos
+    is gigabytes); the splits are then saved from the memory-mapped staged files.
     """
     files = source_files(folder)
     splits = split_files(folder, files, source)
@@ -295,14 +192,17 @@ def store_local_source(folder: Path, source: str, revision: str, out_dir: Path) 
     staging.mkdir(parents=True)
     digest, hashes, staged = hashlib.sha256(), {}, []
     for name in files:
-        data = (folder / name).read_bytes()
-        fingerprint_update(digest, name, data)
-        hashes[name] = hashlib.sha256(data).hexdigest()
-        if name in split_of:
+        own = hashlib.sha256()
+        fingerprint_update(digest, name, b"")
+        copy = staging / f"{len(staged):05d}.parquet" if name in split_of else None
+        copy_hashing(folder / name, copy, digest, own)
+        hashes[name] = own.hexdigest()
+        if copy is not None:
             where = f"Split {split_of[name]!r}, file {folder / name}"
-            table = _read_parquet(data, where)
-            del data
-            staged.append(_stage(table, split_of[name], where, source, card, staging / f"{len(staged):05d}.arrow"))
+            staged.append(
+                stage(open_parquet(copy, where), split_of[name], where, source, card, copy.with_suffix(".arrow"))
+            )
+            copy.unlink()
     if fingerprint_value(digest) != revision:
         raise SourceError(
             f"The source folder {folder} changed while it was being read (fingerprint {revision} before, "
