@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 import yaml
-from datasets.table import InMemoryTable
+from datasets.arrow_writer import ArrowWriter
 
 from car_maker_pipeline.data.labels import label_mapping, map_label_column, unified_names
 from car_maker_pipeline.data.source import SourceError, validate_source
@@ -146,12 +146,16 @@ def split_files(folder: Path, files: list[str], source: str) -> dict[str, list[s
     return result
 
 
-def _assemble(split: str, staged: list[Staged], label: datasets.ClassLabel, source: str) -> datasets.Dataset:
-    """One split from its staged files, every label mapped into the unified vocabulary `label`."""
-    tables, features = [], None
+def _assemble(
+    split: str, staged: list[Staged], label: datasets.ClassLabel, source: str, work: Path
+) -> datasets.Dataset:
+    """One split from its staged files, every label mapped into the unified vocabulary `label`.
+
+    Written batch by batch to one Arrow file under `work` and opened memory-mapped: building it as
+    one in-memory table held a copy of the whole split (6.7 GB for the real dataset's train split).
+    """
+    features = None
     for item in staged:
-        table = pa.ipc.open_file(pa.memory_map(str(item.path))).read_all()
-        ids = map_label_column(table["label"], label_mapping(item.names, label.names))
         own = datasets.Features({**item.features, "label": label})
         if features is not None and own != features:
             raise SourceError(
@@ -160,11 +164,18 @@ def _assemble(split: str, staged: list[Staged], label: datasets.ClassLabel, sour
                 "columns, then materialize again."
             )
         features = own
-        tables.append(table.set_column(table.column_names.index("label"), "label", ids).cast(own.arrow_schema))
-    return datasets.Dataset(
-        InMemoryTable(pa.concat_tables(tables)),
-        info=datasets.DatasetInfo(features=features),
-        split=datasets.NamedSplit(split),
+    path = work / f"{split}.arrow"
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        for item in staged:
+            mapping = label_mapping(item.names, label.names)
+            reader = pa.ipc.open_file(pa.memory_map(str(item.path)))
+            for index in range(reader.num_record_batches):
+                table = pa.Table.from_batches([reader.get_batch(index)])
+                ids = map_label_column(table["label"], mapping)
+                writer.write_table(table.set_column(table.column_names.index("label"), "label", ids))
+        writer.finalize()
+    return datasets.Dataset.from_file(
+        str(path), info=datasets.DatasetInfo(features=features), split=datasets.NamedSplit(split)
     )
 
 
@@ -181,7 +192,7 @@ def store_local_source(folder: Path, source: str, revision: str, out_dir: Path) 
     Labels of every file are mapped through its own ClassLabel names onto one vocabulary (train's
     first). Each file is copied (and hashed) into `out_dir`'s staging folder in chunks, then staged as
     Arrow a batch of rows at a time, so memory holds one batch, not a file (a split of real-size photos
-    is gigabytes); the splits are then saved from the memory-mapped staged files.
+    is gigabytes); each split is assembled batch by batch into a memory-mapped Arrow file and saved from it.
     """
     files = source_files(folder)
     splits = split_files(folder, files, source)
@@ -211,7 +222,7 @@ def store_local_source(folder: Path, source: str, revision: str, out_dir: Path) 
     train_first = [s for s in staged if s.split == "train"] + [s for s in staged if s.split != "train"]
     label = datasets.ClassLabel(names=unified_names([item.names for item in train_first]))
     dataset = datasets.DatasetDict(
-        {split: _assemble(split, [s for s in staged if s.split == split], label, source) for split in splits}
+        {split: _assemble(split, [s for s in staged if s.split == split], label, source, staging) for split in splits}
     )
     validate_source(dataset, source)
     dataset.save_to_disk(str(out_dir))
