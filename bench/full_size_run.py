@@ -146,12 +146,18 @@ def main(argv: list[str] | None = None) -> int:
             f"file-backed {row['peak_file_mb']:.0f} MB, max RSS {row['peak_rss_mb']:.0f} MB",
             flush=True,
         )
-    manifest = json.loads((home / "car_maker_dataset" / "current.json").read_text())
-    baseline = json.loads((home / "baseline_evaluation" / "tiny-s" / "current.json").read_text())
+
+    def current(*parts: str) -> dict:  # a step's manifest, {} where --only skipped it
+        path = home.joinpath(*parts, "current.json")
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    manifest, baseline = current("car_maker_dataset"), current("baseline_evaluation", "tiny-s")
     columns = ["step", "seconds", "peak_anon_mb", "peak_file_mb", "peak_rss_mb"]
     print(format_table(columns, [[r[c] for c in columns] for r in rows]))
-    print(f"rows per split: {manifest['rows_per_split']}; makers: {len(manifest['makers'])}")
-    print(f"tiny-s baseline: {baseline['summary']['accuracy']:.1%} on {baseline['summary']['num_images']} images")
+    if manifest:
+        print(f"rows per split: {manifest['rows_per_split']}; makers: {len(manifest['makers'])}")
+    if baseline:
+        print(f"tiny-s baseline: {baseline['summary']['accuracy']:.1%} on {baseline['summary']['num_images']} images")
     write_json(
         args.out,
         {
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "scale": args.scale,
             "source": SOURCE,
             "steps": rows,
-            "rows_per_split": manifest["rows_per_split"],
+            "rows_per_split": manifest.get("rows_per_split"),
             "baseline": {key: baseline.get(key) for key in ("summary", "images_per_second", "throughput")},
         },
     )
