@@ -53,6 +53,7 @@ def local_fingerprint(folder: Path) -> str:
     """sha256 over every non-hidden file's relative path and bytes (symlinked folders followed): changes
     when any data changes."""
     from car_maker_pipeline.data.local_source import fingerprint_update, fingerprint_value, source_files
+    from car_maker_pipeline.data.staging import copy_hashing
 
     digest = hashlib.sha256()
     files = source_files(folder)
@@ -62,9 +63,7 @@ def local_fingerprint(folder: Path) -> str:
         )
     for name in files:
         fingerprint_update(digest, name, b"")
-        with (folder / name).open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
+        copy_hashing(folder / name, None, digest)
     return fingerprint_value(digest)
 
 

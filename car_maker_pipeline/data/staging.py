@@ -8,9 +8,8 @@ copy is what gets parsed, so what is stored is still exactly what the revision f
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +35,12 @@ def copy_hashing(source: Path, target: Path | None, *digests) -> None:
     The copy is what gets parsed, so what is stored is exactly what was hashed (a file changed
     meanwhile cannot slip in), and memory holds one chunk, not the file.
     """
-    with source.open("rb") as handle, target.open("wb") if target else open(os.devnull, "wb") as copy:
+    with source.open("rb") as handle, target.open("wb") if target else contextlib.nullcontext() as copy:
         while chunk := handle.read(1 << 20):
             for digest in digests:
                 digest.update(chunk)
-            copy.write(chunk)
+            if copy is not None:
+                copy.write(chunk)
 
 
 def open_parquet(path: Path, where: str) -> pq.ParquetFile:
@@ -133,12 +133,10 @@ def stage(parquet: pq.ParquetFile, split: str, where: str, source: str, card, pa
     names = list(features["label"].names)
     try:
         labels = _label_ids(parquet.read(columns=["label"])["label"], names, where)
-        batches = (pa.Table.from_batches([batch]) for batch in parquet.iter_batches(batch_size=BATCH_ROWS))
-        path_only, offset, writer = 0, 0, None
-        with pa.OSFile(str(path), "wb") as sink:
-            for table in itertools.chain(batches, [parquet.schema_arrow.empty_table()]):
-                if table.num_rows == 0 and writer is not None:
-                    continue  # the empty table only gives a file without rows its schema
+        path_only, offset = 0, 0
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, features.arrow_schema) as writer:
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
+                table = pa.Table.from_batches([batch])
                 table = table.set_column(
                     table.column_names.index("label"), "label", labels.slice(offset, table.num_rows)
                 )
@@ -148,9 +146,7 @@ def stage(parquet: pq.ParquetFile, split: str, where: str, source: str, card, pa
                 except (ValueError, TypeError, pa.ArrowException) as error:
                     raise SourceError(f"{where} does not match its declared features ({error}). {REPLACE}") from error
                 path_only += _path_only_images(table)
-                writer = writer or pa.ipc.new_file(sink, table.schema)
                 writer.write_table(table)
-            writer.close()
     except (pa.ArrowException, OSError) as error:  # a row group that cannot be read
         raise _damaged(where, error) from error
     if path_only:
