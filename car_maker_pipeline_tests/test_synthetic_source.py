@@ -293,13 +293,12 @@ def test_a_split_file_is_written_row_group_by_row_group_not_held_until_closed(tm
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     rows = [(np.random.default_rng(i).bytes(2000), i % 2) for i in range(250)]
-    closed = {}
     path = tmp_path / "train-00000-of-00001.parquet"
-    with SplitFile(path, features, closed.__setitem__) as writer:
+    with SplitFile(path, features) as writer:
         for data, label in rows:
             writer.add(data, label)
         assert path.stat().st_size > 200 * 2000  # two full row groups already on disk, before closing
-    assert closed["train"][0] == 250
+    assert writer.counts[0] == 250
     assert list(read_split_file(path)) == rows
     assert pq.ParquetFile(path).metadata.num_row_groups == 3
     assert datasets.Features.from_arrow_schema(pq.read_schema(path)) == features

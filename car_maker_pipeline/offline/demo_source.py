@@ -273,16 +273,18 @@ def generate_demo_source(
         splits: dict[str, tuple[int, int]] = {}
 
         def split_file(split: str) -> SplitFile:
-            return SplitFile(tmp / "data" / f"{split}-00000-of-00001.parquet", features, splits.__setitem__)
+            return SplitFile(tmp / "data" / f"{split}-00000-of-00001.parquet", features)
 
         with split_file("train") as writer:
             _render_split("train", _split_plan(train_counts, seed, "train"), draw_size, seed, unique, writer)
-        with split_file("test") as writer:
-            encodings = _render_split("test", _split_plan(test_counts, seed, "test"), draw_size, seed, unique, writer)
-        test_file = tmp / "data" / "test-00000-of-00001.parquet"
+        splits["train"] = writer.counts
+        with split_file("test") as test:
+            encodings = _render_split("test", _split_plan(test_counts, seed, "test"), draw_size, seed, unique, test)
+        splits["test"] = test.counts
         for corruption in corruptions:
-            with split_file(corruption) as writer:
-                _corrupt_split(corruption, test_file, encodings, seed, unique, writer)
+            with split_file(corruption) as corrupted:
+                _corrupt_split(corruption, test.path, encodings, seed, unique, corrupted)
+            splits[corruption] = corrupted.counts
 
         (tmp / "README.md").write_text(dataset_card(stanford_cars_class_names(), splits, settings))
         (tmp / MARKER_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True))

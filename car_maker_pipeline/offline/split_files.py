@@ -9,7 +9,7 @@ column options and row-group size for image columns), one row group as it fills.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -21,12 +21,12 @@ from datasets.io.parquet import get_writer_batch_size_from_features
 class SplitFile:
     """A split's parquet file, rows added one at a time; memory holds one row group of them.
 
-    `on_close(split, (rows, bytes))` receives the split's row count and Arrow size for the dataset card.
+    Once closed, `counts` is (rows, Arrow bytes), what the dataset card records for the split.
     """
 
-    def __init__(self, path: Path, features: datasets.Features, on_close: Callable[[str, tuple[int, int]], None]):
-        self.path, self.on_close = Path(path), on_close
-        self.split = self.path.name.split("-", 1)[0]
+    def __init__(self, path: Path, features: datasets.Features):
+        self.path = Path(path)
+        self.counts: tuple[int, int] | None = None
         self.writer = ParquetWriter(
             features=features,
             path=str(self.path),
@@ -39,10 +39,8 @@ class SplitFile:
     def __enter__(self) -> SplitFile:
         return self
 
-    def __exit__(self, exc_type, *_) -> None:
-        rows, nbytes = self.writer.finalize()
-        if exc_type is None:
-            self.on_close(self.split, (rows, nbytes))
+    def __exit__(self, *_) -> None:
+        self.counts = self.writer.finalize()
 
 
 def read_split_file(path: Path) -> Iterator[tuple[bytes, int]]:
