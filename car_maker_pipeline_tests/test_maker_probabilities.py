@@ -87,7 +87,8 @@ def test_every_maker_is_scored_as_brute_force_would(tiny_model, maker_dataset, m
     # A cache budget for three makers' copies of the prompts' cache: the same, in more passes.
     _, cache = _forward(tiny_model.model, None, **inputs)
     per_maker = cache_bytes_per_row(cache, len(pictures)) * len(pictures)
-    assert per_maker > 0
+    attention = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    assert attention and per_maker == sum(2 * layer.keys.nelement() * layer.keys.element_size() for layer in attention)
     bounded = score_answers(tiny_model.model, inputs, makers, answers, max_cache_bytes=3 * per_maker)
     assert bounded.forward_passes == 1 + math.ceil(len(makers) / 3)
     np.testing.assert_allclose(bounded.log_probs.exp().numpy(), scored.log_probs.exp().numpy(), atol=1e-5)
