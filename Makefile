@@ -36,10 +36,15 @@ demo: init
 test: $(STAMP)
 	$(BIN)/python -m pytest -ra
 
-# ruff (configured in pyproject.toml): `make lint` fails on a lint error or unformatted file; `make format` fixes both.
+# `make lint` fails on a lint error or unformatted file (ruff), an import that climbs a layer or closes a cycle
+# (lint-imports), or a dependency imported but not declared, or declared but not imported (deptry); all
+# configured in pyproject.toml. `make format` fixes what ruff can.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/deptry car_maker_pipeline
+	$(BIN)/deptry car_maker_pipeline_tests bench --ignore DEP002,DEP004
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -59,8 +59,8 @@ from _common import (  # noqa: E402
     save_results,
 )
 
-from car_maker_pipeline.evaluation.classifier import MakerClassifier, evaluate_split  # noqa: E402
-from car_maker_pipeline.evaluation.metrics import per_maker_table, summarize, wilson_interval  # noqa: E402
+from car_maker_pipeline.evaluation.metrics.accuracy import per_maker_table, summarize, wilson_interval  # noqa: E402
+from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split  # noqa: E402
 from car_maker_pipeline.models.loading import load_model_and_processor  # noqa: E402
 from car_maker_pipeline.offline.tiny_models import build_tiny_model  # noqa: E402
 from car_maker_pipeline.training.config import LoraHyperparameters  # noqa: E402

@@ -18,11 +18,11 @@ either method). Both methods use the same prompt (`PromptTemplate()`, the makers
 - ours   `MakerClassifier(model, processor, makers, batch_size=32).classify(images)`: left-padded
          batches of 32, decoding constrained to a trie of the makers' answer tokens, so it stops after
          the longest maker answer and every answer is a valid maker.
-- greedy ours with greedy trie decoding (`evaluation/decoding.py` `decode`: a forward pass only where
+- greedy ours with greedy trie decoding (`evaluation/scoring/answers.py` `decode`: a forward pass only where
          the trie branches) instead of scoring every maker's whole answer: what the evaluator did before
          it gave probabilities over every maker. `same_answer_greedy` says how often the most probable
          maker (ours) is the greedy answer; the ratio ours/greedy is what the full distribution costs.
-- before the evaluator before forced-token skipping and cost-sorted batching (`evaluation/reference.py`):
+- before the evaluator before forced-token skipping and cost-sorted batching (`evaluation/scoring/reference.py`):
          the same trie through `model.generate` (one forward pass per answer token), batches of 32 in
          input order. Same answers as ours by construction (checked: `same_answer_before`).
 - prompt the ceiling: ours with only the prompt's forward pass (processor, vision encoder, prompt;
@@ -79,9 +79,9 @@ from _common import (  # noqa: E402
     save_results,
 )
 
-from car_maker_pipeline.evaluation.classifier import MakerClassifier, ThroughputStats  # noqa: E402
-from car_maker_pipeline.evaluation.decoding import Decoded, decode  # noqa: E402
-from car_maker_pipeline.evaluation.reference import generate_decode  # noqa: E402
+from car_maker_pipeline.evaluation.scoring.answers import Decoded, decode  # noqa: E402
+from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, ThroughputStats  # noqa: E402
+from car_maker_pipeline.evaluation.scoring.reference import generate_decode  # noqa: E402
 from car_maker_pipeline.model_inputs.images import model_ready  # noqa: E402
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate  # noqa: E402
 from car_maker_pipeline.models.loading import load_model_and_processor  # noqa: E402

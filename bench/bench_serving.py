@@ -94,9 +94,10 @@ def build_store(home: Path, train_steps: int) -> None:
 
 
 def jpeg_test_images(home: Path) -> tuple[list[bytes], list]:
+    from car_maker_pipeline.data.maker_dataset import MakerDataset
     from car_maker_pipeline.store import PipelineStore
 
-    test = PipelineStore(home).maker_dataset().load()["test"]
+    test = MakerDataset.current(PipelineStore(home)).load()["test"]
     images = list(test["image"])
     blobs = []
     for image in images:
@@ -184,7 +185,7 @@ def measure_serving(home: Path, blobs: list[bytes], requests: int, batches: int,
 def measure_in_process(home: Path, blobs: list[bytes], requests: int) -> tuple[dict, object]:
     import pandas as pd
 
-    from car_maker_pipeline.serving.registry import champion_version, load_version
+    from car_maker_pipeline.recording.registry import champion_version, load_version
 
     uri = f"sqlite:///{home / 'mlflow.db'}"
     version = champion_version(uri, MODEL)
@@ -203,7 +204,7 @@ def measure_in_process(home: Path, blobs: list[bytes], requests: int) -> tuple[d
 def measure_merged_vs_adapter(home: Path, pyfunc_model, test, rounds: int) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from car_maker_pipeline.evaluation.classifier import MakerClassifier, evaluate_split
+    from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
     from car_maker_pipeline.store import MERGED_MODEL, PipelineStore
 
     adapter = pyfunc_model.unwrap_python_model().predictor.classifier

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from car_maker_pipeline.evaluation.classifier import MakerClassifier, ThroughputStats  # noqa: E402
+from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, ThroughputStats  # noqa: E402
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate  # noqa: E402
 from car_maker_pipeline.models.loading import load_model_and_processor  # noqa: E402
 from car_maker_pipeline.offline.demo_source import DEMO_MAKERS  # noqa: E402

@@ -48,12 +48,12 @@ def read_images(paths: list[str]) -> list[bytes]:
 
 def test_split_images(count: int) -> tuple[list[str], list[bytes], list[str]]:
     """The first `count` images of the materialized car_maker_dataset's test split: names, PNG bytes, true makers."""
-    from car_maker_pipeline.data.maker_dataset import column
+    from car_maker_pipeline.data.maker_dataset import MakerDataset, column
     from car_maker_pipeline.serving.images import encode_png
     from car_maker_pipeline.store import MissingUpstreamError, PipelineStore
 
     try:
-        record = PipelineStore.from_env().maker_dataset()
+        record = MakerDataset.current(PipelineStore.from_env())
     except MissingUpstreamError as error:
         raise ClassifyError(str(error)) from error
     test = record.load()["test"]
@@ -64,7 +64,7 @@ def test_split_images(count: int) -> tuple[list[str], list[bytes], list[str]]:
 
 def model_uri(uri: str, model: str | None, version: str | None) -> str:
     """The models:/ URI to load: --model as given when it is one, else its version or champion, else the best champion."""
-    from car_maker_pipeline.serving.registry import CHAMPION
+    from car_maker_pipeline.recording.registry import CHAMPION
 
     if model and model.startswith("models:/"):
         if version is not None:
@@ -81,9 +81,8 @@ def best_champion_uri(uri: str) -> str:
     """Among the car-maker-* registered models, the champion with the best validation accuracy."""
     from mlflow import MlflowClient
 
-    from car_maker_pipeline.evaluation.registration import REGISTERED_MODEL_PREFIX
+    from car_maker_pipeline.recording.registry import CHAMPION, REGISTERED_MODEL_PREFIX
     from car_maker_pipeline.redaction import redact_uri
-    from car_maker_pipeline.serving.registry import CHAMPION
 
     client = MlflowClient(uri)
     champions = []

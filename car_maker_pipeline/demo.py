@@ -50,9 +50,10 @@ PER_MODEL_JOBS = ["baseline_job", "training_job", "serving_job"]
 
 
 def seed_incoming_images(store) -> None:
+    from car_maker_pipeline.data.maker_dataset import MakerDataset
     from car_maker_pipeline.serving.batch import INCOMING_FOLDER, write_demo_images
 
-    written = write_demo_images(store.root / INCOMING_FOLDER, store.maker_dataset())
+    written = write_demo_images(store.root / INCOMING_FOLDER, MakerDataset.current(store))
     if written:
         print(f"   wrote {len(written)} files to {store.root / INCOMING_FOLDER} for maker_predictions", flush=True)
 

@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from car_maker_pipeline.data.maker_dataset import MakerDataset
-from car_maker_pipeline.data.source import RawDataset
 from car_maker_pipeline.locking import file_lock
 from car_maker_pipeline.settings import pipeline_home
 from car_maker_pipeline.storage import read_json, write_json_atomic
@@ -94,11 +92,3 @@ class PipelineStore:
                 f"(for example `dagster asset materialize -m car_maker_pipeline --select {selection}`)."
             )
         return read_json(path)
-
-    def raw_dataset(self) -> RawDataset:
-        """The record of the current raw_stanford_cars (MissingUpstreamError when never materialized)."""
-        return RawDataset(**self.read_manifest(RAW_STANFORD_CARS))
-
-    def maker_dataset(self) -> MakerDataset:
-        """The record of the current car_maker_dataset (MissingUpstreamError when never materialized)."""
-        return MakerDataset(**self.read_manifest(CAR_MAKER_DATASET))

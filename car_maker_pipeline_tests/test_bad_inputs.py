@@ -97,7 +97,7 @@ def test_bomb_sized_image_is_counted_and_skipped(tmp_path):
 
 
 def test_one_pixel_image_is_kept_and_classified(tmp_path, tiny_model):
-    from car_maker_pipeline.evaluation.classifier import MakerClassifier
+    from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
 
     record = build(tmp_path, raw_source([], test=[(photo(1, size=(1, 1), fmt="PNG"), BMW), (photo(2), LAND_ROVER)]))
     assert record.dropped_total == 0
@@ -148,7 +148,7 @@ def test_truncated_image_is_counted_and_skipped(tmp_path):
 
 
 def test_extreme_strip_and_photo_classify_in_one_batch(tiny_model):
-    from car_maker_pipeline.evaluation.classifier import MakerClassifier
+    from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
     from car_maker_pipeline.model_inputs.images import model_ready
 
     strip, picture = Image.new("RGB", (5000, 10), (9, 9, 9)), Image.new("RGB", (64, 48))

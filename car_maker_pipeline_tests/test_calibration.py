@@ -28,7 +28,8 @@ import math
 import numpy as np
 import pytest
 
-from car_maker_pipeline.evaluation.calibration import (
+from car_maker_pipeline.evaluation.metrics.accuracy import wilson_interval
+from car_maker_pipeline.evaluation.metrics.calibration import (
     CalibrationError,
     ProbabilityMetrics,
     expected_calibration_error,
@@ -41,8 +42,7 @@ from car_maker_pipeline.evaluation.calibration import (
     softmax,
     top_k_accuracy,
 )
-from car_maker_pipeline.evaluation.metrics import wilson_interval
-from car_maker_pipeline.evaluation.selective import (
+from car_maker_pipeline.evaluation.metrics.selective import (
     SelectiveThreshold,
     apply_threshold,
     check_target_precision,

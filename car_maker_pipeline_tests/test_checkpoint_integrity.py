@@ -34,15 +34,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from car_maker_pipeline.training.checkpoints import (
+from car_maker_pipeline.models.checkpoint_marker import (
     CHECKPOINT_MARKER,
-    QUARANTINE_DIR,
-    QUARANTINE_NOTE,
-    complete_checkpoints,
     mark_checkpoint_complete,
     verified_checkpoints,
     verify_checkpoint,
 )
+from car_maker_pipeline.training.checkpoints import QUARANTINE_DIR, QUARANTINE_NOTE, complete_checkpoints
 from car_maker_pipeline.training.config import LoraHyperparameters
 from car_maker_pipeline.training.trainer import LoraTrainingResult, train_lora
 from car_maker_pipeline_tests.support.checkpoints import marked_checkpoint
@@ -262,7 +260,7 @@ def test_the_asset_rerun_after_tampering_succeeds_and_says_why(tmp_path):
 
 def test_checkpoint_accuracy_never_scores_a_changed_checkpoint(tmp_path):
     """The scoring side: a checkpoint listed by training but changed since is left out, with a warning."""
-    from car_maker_pipeline.evaluation.checkpoint_recording import listed_checkpoints
+    from car_maker_pipeline.recording.checkpoint_accuracy import listed_checkpoints
 
     listed = {str(step): str(marked_checkpoint(tmp_path, step, "{name} at step {step}")) for step in (1, 2, 3)}
     adapter = tmp_path / "checkpoint-2" / "adapter_model.safetensors"

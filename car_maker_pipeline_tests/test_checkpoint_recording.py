@@ -25,11 +25,13 @@ import mlflow
 import pandas as pd
 import pytest
 
-from car_maker_pipeline.evaluation.checkpoint_recording import evaluate_checkpoints_and_record
-from car_maker_pipeline.evaluation.recording import RecordTarget, evaluate_and_record
-from car_maker_pipeline.evaluation.registration import CARD_FILE, registered_versions
+from car_maker_pipeline.data.maker_dataset import MakerDataset
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import load_model_and_processor
+from car_maker_pipeline.recording.baseline import RecordTarget, evaluate_and_record
+from car_maker_pipeline.recording.checkpoint_accuracy import evaluate_checkpoints_and_record
+from car_maker_pipeline.recording.registry import registered_versions
+from car_maker_pipeline.serving.predictor import CARD_FILE
 from car_maker_pipeline.store import (
     BASELINE_EVALUATION,
     CAR_MAKER_DATASET,
@@ -198,7 +200,7 @@ def test_checkpoints_are_scored_and_the_best_on_validation_is_registered(trained
 
 @pytest.mark.slow
 def test_the_registered_version_is_what_classify_loads(trained):
-    from car_maker_pipeline.serving.registry import ADAPTER_ARTIFACT
+    from car_maker_pipeline.recording.registry import ADAPTER_ARTIFACT
 
     store, uri, model_dir, _ = trained
     record = _record(trained, "classify-run")
@@ -210,7 +212,7 @@ def test_the_registered_version_is_what_classify_loads(trained):
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (adapter_dir / name).read_bytes() == (best / name).read_bytes()
     card = json.loads((adapter_dir / CARD_FILE).read_text())
-    assert card["makers"] == store.maker_dataset().makers
+    assert card["makers"] == MakerDataset.current(store).makers
     assert card["base_model"] == model_dir and card["step"] == record.best_step
     # The temperature and threshold chosen on validation travel with the model.
     calibrated = record.best_calibration

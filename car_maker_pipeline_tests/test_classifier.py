@@ -6,9 +6,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from car_maker_pipeline.evaluation.classifier import ClassifierError, MakerClassifier, answer_token_ids, evaluate_split
-from car_maker_pipeline.evaluation.metrics import per_maker_table, summarize, wilson_interval
-from car_maker_pipeline.evaluation.runner import evaluate_to_dir
+from car_maker_pipeline.evaluation.metrics.accuracy import per_maker_table, summarize, wilson_interval
+from car_maker_pipeline.evaluation.scoring.classifier import (
+    ClassifierError,
+    MakerClassifier,
+    answer_token_ids,
+    evaluate_split,
+)
+from car_maker_pipeline.evaluation.split_report import evaluate_to_dir
 from car_maker_pipeline.model_inputs.prompt import PromptError, PromptTemplate
 from car_maker_pipeline.models.loading import ModelLoadError, load_model_and_processor
 

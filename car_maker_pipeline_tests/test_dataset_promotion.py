@@ -8,7 +8,7 @@ source is materialized first (except in the first-build case), then a bad one:
 | 4 test images copied byte for byte into train         | check no_test_leakage       | previous dataset current; failure names the check and that dataset; failed check evaluation recorded |
 | 4 test images re-encoded as PNG into train (same pixels, other bytes) | check no_test_leakage | same                                                   |
 | one maker's training images removed (in test only)    | the build (MakerDatasetError) | previous dataset current; error names the maker and that dataset |
-| test images in train on a first-ever build            | check no_test_leakage       | nothing current: store.maker_dataset() raises MissingUpstreamError naming the check |
+| test images in train on a first-ever build            | check no_test_leakage       | nothing current: MakerDataset.current(store) raises MissingUpstreamError naming the check |
 | the good source again, after a refusal                | (passes)                    | made current; the refusal record is cleared                       |
 | baseline_evaluation materialized after a refusal      | -                           | scores the previous dataset (its path, revision and test rows)     |
 
@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from car_maker_pipeline.data.maker_dataset import MakerDataset
 from car_maker_pipeline.data.makers import parse_class_name
 from car_maker_pipeline.data.promotion import promote_if_checks_pass
 from car_maker_pipeline.data.quality import BLOCKING_CHECKS
@@ -109,7 +110,7 @@ def home_with_good_dataset(tmp_path, good_source):
     home = tmp_path / "home"
     result = materialize_data(home, good_source)
     assert result.success
-    return home, PipelineStore(home).maker_dataset()
+    return home, MakerDataset.current(PipelineStore(home))
 
 
 @pytest.mark.parametrize("reencode", [False, True], ids=["same-bytes", "same-pixels-png"])
@@ -132,7 +133,7 @@ def test_test_images_in_train_leave_the_previous_dataset_current(
     assert "no_test_leakage" in message and f"previous dataset {good.path}" in message and "remains current" in message
 
     store = PipelineStore(home)
-    assert store.maker_dataset() == good  # what baseline_evaluation and lora_checkpoints read
+    assert MakerDataset.current(store) == good  # what baseline_evaluation and lora_checkpoints read
     assert (home / CAR_MAKER_DATASET / "current.json").read_bytes() == manifest
     assert store.read_rejection(CAR_MAKER_DATASET)["failed_checks"] == ["no_test_leakage"]
 
@@ -146,7 +147,7 @@ def test_a_maker_missing_from_train_leaves_the_previous_dataset_current(tmp_path
     assert not result.success
     message = failure_message(result)
     assert maker in message and f"previous dataset {good.path}" in message and "remains current" in message
-    assert PipelineStore(home).maker_dataset() == good
+    assert MakerDataset.current(PipelineStore(home)) == good
 
 
 def test_a_refused_first_build_leaves_no_current_dataset(tmp_path, good_source):
@@ -157,7 +158,7 @@ def test_a_refused_first_build_leaves_no_current_dataset(tmp_path, good_source):
     assert "no dataset is current" in failure_message(result)
     assert not (home / CAR_MAKER_DATASET / "current.json").exists()
     with pytest.raises(MissingUpstreamError, match=r"No version of `car_maker_dataset` is current.*no_test_leakage"):
-        PipelineStore(home).maker_dataset()
+        MakerDataset.current(PipelineStore(home))
 
 
 def test_a_passing_build_after_a_refusal_becomes_current(tmp_path, good_source):
@@ -169,7 +170,7 @@ def test_a_passing_build_after_a_refusal_becomes_current(tmp_path, good_source):
     assert all(check.passed for check in result.get_asset_check_evaluations())
     store = PipelineStore(home)
     assert (
-        store.maker_dataset().path
+        MakerDataset.current(store).path
         == result.asset_materializations_for_node(CAR_MAKER_DATASET)[0].metadata["path"].value
     )
     assert store.read_rejection(CAR_MAKER_DATASET) is None
@@ -225,7 +226,7 @@ def test_each_blocking_check_alone_keeps_a_dataset_from_becoming_current(tmp_pat
     assert not promotion.promoted
     assert [outcome.name for outcome in promotion.outcomes if not outcome.passed] == [failing]
     assert failing in promotion.refusal and f"previous dataset {maker_dataset.path}" in promotion.refusal
-    assert store.maker_dataset().path == maker_dataset.path
+    assert MakerDataset.current(store).path == maker_dataset.path
     shutil.rmtree(spoiled_dir)
 
 

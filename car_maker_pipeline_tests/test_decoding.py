@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor
 
-from car_maker_pipeline.evaluation.classifier import MakerClassifier, evaluate_split, pixel_bounded_batches
-from car_maker_pipeline.evaluation.decoding import decode
-from car_maker_pipeline.evaluation.reference import generate_decode
+from car_maker_pipeline.evaluation.scoring.answers import decode
+from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split, pixel_bounded_batches
+from car_maker_pipeline.evaluation.scoring.reference import generate_decode
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, ImageTokenBudgetError, image_token_count
 from car_maker_pipeline.offline.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, build_processor, build_tokenizer
 

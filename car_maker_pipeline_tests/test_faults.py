@@ -175,7 +175,7 @@ def _mlflow_runs(env) -> dict[tuple[str, str], int]:
 
 
 def _leftovers(env) -> list[str]:
-    from car_maker_pipeline.training.checkpoints import is_complete_checkpoint
+    from car_maker_pipeline.models.checkpoint_marker import is_complete_checkpoint
 
     home = Path(env["CAR_MAKER_HOME"])
     temporaries = [str(p) for p in home.rglob("*") if ".tmp-" in p.name or p.name.startswith("tmp-checkpoint")]

@@ -15,12 +15,8 @@ import pytest
 import torch
 
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
-from car_maker_pipeline.training.checkpoints import (
-    CHECKPOINT_MARKER,
-    QUARANTINE_DIR,
-    complete_checkpoints,
-    is_complete_checkpoint,
-)
+from car_maker_pipeline.models.checkpoint_marker import CHECKPOINT_MARKER, is_complete_checkpoint
+from car_maker_pipeline.training.checkpoints import QUARANTINE_DIR, complete_checkpoints
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
 from car_maker_pipeline.training.targets import count_adapted_layers
 from car_maker_pipeline.training.trainer import build_trainer, train_lora

@@ -26,14 +26,14 @@ import torch
 from PIL import Image
 
 from car_maker_pipeline.classify import answer_text
-from car_maker_pipeline.evaluation.calibrated import calibrate
-from car_maker_pipeline.evaluation.calibration import CalibrationError
-from car_maker_pipeline.evaluation.checkpoint_recording import check_same_makers
-from car_maker_pipeline.evaluation.checkpoints import CheckpointEvaluationError
-from car_maker_pipeline.evaluation.classifier import MakerClassifier, Prediction
-from car_maker_pipeline.evaluation.decoding import _forward, cache_bytes_per_row, score_answers
-from car_maker_pipeline.evaluation.recording import RecordTarget, evaluate_and_record
+from car_maker_pipeline.evaluation.answer_policy import calibrate
+from car_maker_pipeline.evaluation.checkpoint_scores import CheckpointEvaluationError
+from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError
+from car_maker_pipeline.evaluation.scoring.answers import _forward, cache_bytes_per_row, score_answers
+from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, Prediction
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
+from car_maker_pipeline.recording.baseline import RecordTarget, evaluate_and_record
+from car_maker_pipeline.recording.checkpoint_accuracy import check_same_makers
 from car_maker_pipeline.serving.predictor import UNSURE, ClassifierCard, answer_table
 
 DEMO_MAKERS = ["AM General", "Aston Martin", "BMW", "Land Rover", "Mercedes-Benz", "Rolls-Royce"]
@@ -256,7 +256,7 @@ def test_a_blank_picture_still_gets_a_full_distribution(tiny_model):
 def test_a_registered_model_of_other_makers_is_refused_before_it_loads(registered_makers, refused):
     from types import SimpleNamespace
 
-    from car_maker_pipeline.serving.registry import check_version_makers, maker_list_hash
+    from car_maker_pipeline.recording.registry import check_version_makers, maker_list_hash
 
     tags = {} if registered_makers is None else {"maker_list_hash": maker_list_hash(registered_makers)}
     version = SimpleNamespace(name="car-maker-tiny-s", version="3", tags={**tags, "num_makers": "2"})

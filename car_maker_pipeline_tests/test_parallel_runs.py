@@ -26,7 +26,7 @@ import datasets
 import pytest
 from dagster._core.instance.ref import InstanceRef
 
-from car_maker_pipeline.data.maker_dataset import MakerDatasetParams
+from car_maker_pipeline.data.maker_dataset import MakerDataset, MakerDatasetParams
 from car_maker_pipeline.data.promotion import build_and_promote_maker_dataset
 from car_maker_pipeline.storage import atomic_directory
 from car_maker_pipeline.store import CAR_MAKER_DATASET, RAW_STANFORD_CARS, MissingUpstreamError, PipelineStore
@@ -102,7 +102,7 @@ def test_two_builds_of_one_dataset_at_once_leave_one_whole_folder(tmp_path, raw_
     def read():  # what a downstream asset does, over and over while the builds run
         while not done.wait(0.01):
             try:
-                record = store.maker_dataset()
+                record = MakerDataset.current(store)
             except MissingUpstreamError:  # not made current yet
                 continue
             try:
@@ -126,7 +126,7 @@ def test_two_builds_of_one_dataset_at_once_leave_one_whole_folder(tmp_path, raw_
     assert sorted(promotion.dataset.cache_hit for promotion in promotions) == [False, True]
     assert all(promotion.promoted for promotion in promotions)
     folders = [path for path in store.asset_dir(CAR_MAKER_DATASET).iterdir() if path.is_dir()]
-    assert folders == [Path(store.maker_dataset().path)], "a second folder or a leftover temporary"
+    assert folders == [Path(MakerDataset.current(store).path)], "a second folder or a leftover temporary"
 
 
 def test_a_replaced_folder_is_deleted_only_after_the_new_one_is_in_place(tmp_path, monkeypatch):

@@ -37,12 +37,8 @@ def test_remote_code_in_a_model_folder_is_never_executed(tmp_path, tiny_model_di
 
 
 def test_only_checkpoints_this_pipeline_completed_are_resumed(tmp_path):
-    from car_maker_pipeline.training.checkpoints import (
-        CHECKPOINT_MARKER,
-        CHECKPOINT_REQUIRED_FILES,
-        complete_checkpoints,
-        quarantine_unusable_checkpoints,
-    )
+    from car_maker_pipeline.models.checkpoint_marker import CHECKPOINT_MARKER, CHECKPOINT_REQUIRED_FILES
+    from car_maker_pipeline.training.checkpoints import complete_checkpoints, quarantine_unusable_checkpoints
 
     run = tmp_path / "run"
     foreign = run / "checkpoint-30"  # a checkpoint written by anyone else: all files, no completion marker

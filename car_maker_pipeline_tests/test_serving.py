@@ -29,6 +29,7 @@ import mlflow
 import pandas as pd
 import pytest
 
+from car_maker_pipeline.data.maker_dataset import MakerDataset
 from car_maker_pipeline.serving.batch import write_demo_images
 from car_maker_pipeline.store import PipelineStore
 from car_maker_pipeline_tests.support.hostile_images import encoded, png_declaring, truncated
@@ -53,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 def registered(tmp_path_factory):
     home = tmp_path_factory.mktemp("serving") / "home"
     resources, instance = registered_classifier(home)
-    images = sorted(name for name in write_demo_images(home / "incoming", PipelineStore(home).maker_dataset()))
+    images = sorted(name for name in write_demo_images(home / "incoming", MakerDataset.current(PipelineStore(home))))
     good = [home / "incoming" / name for name in images if name.startswith("test-")]
     return home, resources, instance, good
 
@@ -113,7 +114,7 @@ def test_the_registered_version_is_a_standard_mlflow_model(registered):
     ]
     assert model.saved_input_example_info["type"] == "dataframe"
     config = model.flavors["python_function"]["config"]
-    record = PipelineStore(home).maker_dataset()
+    record = MakerDataset.current(PipelineStore(home))
     assert config["base_model_revision"] == tags["base_model_revision"] and config["base_model_id"] == "tiny-s-seed0"
     assert config["base_model_path"] == str(home / "demo_models" / "tiny-s-seed0")
     # The temperature and the confidence threshold chosen on validation travel in the model config.
@@ -192,7 +193,7 @@ ADAPTER_FREE_EVALUATION = textwrap.dedent(
     import json, sys
     import datasets
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from car_maker_pipeline.evaluation.classifier import MakerClassifier, evaluate_split
+    from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
     from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
     from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 
@@ -215,10 +216,10 @@ ADAPTER_FREE_EVALUATION = textwrap.dedent(
 
 
 def test_merged_model_answers_like_the_adapter_without_peft(registered):
-    from car_maker_pipeline.evaluation.classifier import MakerClassifier, evaluate_split
+    from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
     from car_maker_pipeline.models.merging import weight_names
     from car_maker_pipeline.orchestration.assets.serving import merged_model
-    from car_maker_pipeline.serving.registry import load_version
+    from car_maker_pipeline.recording.registry import load_version
 
     home, resources, instance, _ = registered
     result = dg.materialize([merged_model], resources=resources, instance=instance, partition_key=MODEL)
@@ -230,7 +231,7 @@ def test_merged_model_answers_like_the_adapter_without_peft(registered):
     assert not any("lora" in name or "base_layer" in name for name in weight_names(folder))
     assert not list(folder.glob("adapter_*")) and list(folder.glob("*.safetensors"))
 
-    record = PipelineStore(home).maker_dataset()
+    record = MakerDataset.current(PipelineStore(home))
     fresh = run([sys.executable, "-c", ADAPTER_FREE_EVALUATION, str(folder), record.path], command_env(home))
     merged = json.loads(fresh.stdout.strip().splitlines()[-1])
     assert merged["peft"] is False  # loaded and run as a plain transformers model
@@ -287,8 +288,8 @@ def test_maker_predictions_classifies_the_folder_once_per_file_set(registered, c
 def test_champion_moves_only_when_validation_accuracy_beats_it(registered):
     """Last in the module: it moves the champion alias the other tests load."""
     from car_maker_pipeline.orchestration.assets.evaluation import checkpoint_accuracy
+    from car_maker_pipeline.recording.registry import Candidate, register_classifier
     from car_maker_pipeline.serving.predictor import ClassifierCard
-    from car_maker_pipeline.serving.registry import Candidate, register_classifier
     from car_maker_pipeline.tracking import mlflow_run
 
     home, resources, instance, _ = registered
@@ -326,7 +327,7 @@ def test_champion_moves_only_when_validation_accuracy_beats_it(registered):
         registered_better = register_classifier(
             Candidate(MODEL, adapter, ClassifierCard.read(adapter), better, 0.5),
             uri=tracking_uri(home),
-            dataset_record=PipelineStore(home).maker_dataset(),
+            dataset_record=MakerDataset.current(PipelineStore(home)),
             tags={"dagster_run_id": "registration-test"},
         )
     assert registered_better.version == "3" and registered_better.decision.promoted

@@ -36,9 +36,9 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from car_maker_pipeline.recording.registry import ChampionRecord, decide_champion
 from car_maker_pipeline.serving.batch import MAX_FILE_BYTES, PREDICTION_COLUMNS, classify_folder, snapshot
 from car_maker_pipeline.serving.images import ImageInputError, decode_image
-from car_maker_pipeline.serving.registry import ChampionRecord, decide_champion
 from car_maker_pipeline_tests.support.hostile_images import (
     encoded,
     jpeg_declaring,
@@ -134,7 +134,7 @@ def test_champion_moves_only_to_a_better_version_on_the_same_makers(candidate, c
 
 @pytest.fixture(scope="module")
 def predictor(tiny_model):
-    from car_maker_pipeline.evaluation.classifier import MakerClassifier
+    from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
     from car_maker_pipeline.serving.predictor import MakerPredictor
 
     return MakerPredictor(MakerClassifier(tiny_model.model, tiny_model.processor, MAKERS, batch_size=4))
@@ -312,7 +312,7 @@ def test_adapter_cards_of_both_formats_name_the_base_model(tiny_model_dir, tmp_p
 
 
 def test_no_champion_is_an_error_that_says_what_to_materialize(tmp_path):
-    from car_maker_pipeline.serving.registry import NoChampionError, champion_version
+    from car_maker_pipeline.recording.registry import NoChampionError, champion_version
     from car_maker_pipeline.tracking import initialize_sqlite_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from car_maker_pipeline.data.classes import stanford_cars_class_names
-from car_maker_pipeline.data.source import SourceError, local_fingerprint, materialize_raw, resolve_revision
+from car_maker_pipeline.data.local_source import local_fingerprint
+from car_maker_pipeline.data.source import materialize_raw, resolve_revision
+from car_maker_pipeline.data.source_schema import SourceError
 
 
 def _png() -> bytes:

@@ -42,8 +42,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from car_maker_pipeline.data.local_source import store_local_source
-from car_maker_pipeline.data.source import SourceError, local_fingerprint, materialize_raw
+from car_maker_pipeline.data.local_source import local_fingerprint, store_local_source
+from car_maker_pipeline.data.source import RawDataset, materialize_raw
+from car_maker_pipeline.data.source_schema import SourceError
 from car_maker_pipeline_tests.support.sources import (
     NAMES,
     image_bytes,
@@ -191,7 +192,7 @@ def test_raw_asset_follows_a_swapped_symlink(tmp_path, two_folders):
         (folder / "data").unlink(missing_ok=True)
         (folder / "data").symlink_to(target / "data", target_is_directory=True)
         assert _materialize_raw_asset(home, folder).success
-        raw = store.raw_dataset()
+        raw = RawDataset.current(store)
         assert raw.revision == local_fingerprint(target)
         assert image_bytes(raw.load()["test"]) == stored_test_images(target)
 

@@ -23,7 +23,7 @@ import yaml
 from datasets.arrow_writer import ArrowWriter
 
 from car_maker_pipeline.data.labels import label_mapping, map_label_column, unified_names
-from car_maker_pipeline.data.source import SourceError, validate_source
+from car_maker_pipeline.data.source_schema import SourceError, validate_source
 from car_maker_pipeline.data.staging import Staged, copy_hashing, open_parquet, stage
 
 DATA_SUFFIX = ".parquet"
@@ -56,6 +56,21 @@ def fingerprint_update(digest, relative: str, data: bytes) -> None:
 
 def fingerprint_value(digest) -> str:
     return "sha256-" + digest.hexdigest()[:16]
+
+
+def local_fingerprint(folder: Path) -> str:
+    """sha256 over every non-hidden file's relative path and bytes (symlinked folders followed): changes
+    when any data changes."""
+    digest = hashlib.sha256()
+    files = source_files(folder)
+    if not files:
+        raise SourceError(
+            f"The source folder {folder} holds no files. Point the source at a Stanford-Cars-shaped folder (data/<split>-*.parquet)."
+        )
+    for name in files:
+        fingerprint_update(digest, name, b"")
+        copy_hashing(folder / name, None, digest)
+    return fingerprint_value(digest)
 
 
 def _card(folder: Path) -> dict:

@@ -27,6 +27,7 @@ from car_maker_pipeline.data.decoding import decode_once as decode_once  # where
 from car_maker_pipeline.data.labels import label_mapping, map_label, unified_names
 from car_maker_pipeline.data.makers import makers_for_class_names, parse_class_name
 from car_maker_pipeline.storage import atomic_directory, read_json, write_json_atomic
+from car_maker_pipeline.store import CAR_MAKER_DATASET, PipelineStore
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 _COMPLETE = "_DATASET_COMPLETE.json"
@@ -68,6 +69,11 @@ class MakerDataset:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def current(cls, store: PipelineStore) -> MakerDataset:
+        """The record of the current car_maker_dataset (MissingUpstreamError when never materialized)."""
+        return cls(**store.read_manifest(CAR_MAKER_DATASET))
 
     def load(self) -> datasets.DatasetDict:
         return datasets.load_from_disk(self.path)

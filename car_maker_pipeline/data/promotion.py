@@ -19,6 +19,7 @@ from car_maker_pipeline.data.maker_dataset import (
     load_stored_maker_dataset,
 )
 from car_maker_pipeline.data.quality import CheckOutcome, run_checks
+from car_maker_pipeline.data.source import RawDataset
 from car_maker_pipeline.store import CAR_MAKER_DATASET, MissingUpstreamError, PipelineStore
 
 
@@ -36,7 +37,7 @@ def build_and_promote_maker_dataset(store: PipelineStore, params: MakerDatasetPa
     Concurrent runs take turns (`store.lock`): a second run finds the first's finished folder and
     reuses it instead of writing the same folder again under a reader's feet.
     """
-    raw = store.raw_dataset()
+    raw = RawDataset.current(store)
     out_dir = store.asset_dir(CAR_MAKER_DATASET) / f"{raw.revision}-{params.fingerprint()}"
     with store.lock(CAR_MAKER_DATASET):
         try:
@@ -69,7 +70,7 @@ def promote_if_checks_pass(store: PipelineStore, built: MakerDataset) -> Promoti
 
 def _what_stays_current(store: PipelineStore) -> str:
     try:
-        current = store.maker_dataset()
+        current = MakerDataset.current(store)
     except MissingUpstreamError:
         return (
             "No earlier build passed its checks, so no dataset is current and the assets reading it "

@@ -9,7 +9,6 @@ fingerprint names, never a cached earlier content of the same path.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,14 +16,12 @@ from pathlib import Path
 
 import datasets
 
+from car_maker_pipeline.data.local_source import local_fingerprint, store_local_source
+from car_maker_pipeline.data.source_schema import SourceError, validate_source
 from car_maker_pipeline.storage import atomic_directory, read_json, remove_stale_temporaries, write_json_atomic
+from car_maker_pipeline.store import RAW_STANFORD_CARS, PipelineStore
 
-REQUIRED_COLUMNS = ("image", "label")
 _COMPLETE = "_SOURCE_COMPLETE.json"
-
-
-class SourceError(ValueError):
-    """The source dataset is missing, unreachable or not shaped like Stanford Cars."""
 
 
 @dataclass(frozen=True)
@@ -41,30 +38,17 @@ class RawDataset:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def current(cls, store: PipelineStore) -> RawDataset:
+        """The record of the current raw_stanford_cars (MissingUpstreamError when never materialized)."""
+        return cls(**store.read_manifest(RAW_STANFORD_CARS))
+
     def load(self) -> datasets.DatasetDict:
         return datasets.load_from_disk(self.path)
 
 
 def _looks_local(path_or_id: str) -> bool:
     return path_or_id.startswith(("/", "./", "../", "~")) or Path(path_or_id).exists()
-
-
-def local_fingerprint(folder: Path) -> str:
-    """sha256 over every non-hidden file's relative path and bytes (symlinked folders followed): changes
-    when any data changes."""
-    from car_maker_pipeline.data.local_source import fingerprint_update, fingerprint_value, source_files
-    from car_maker_pipeline.data.staging import copy_hashing
-
-    digest = hashlib.sha256()
-    files = source_files(folder)
-    if not files:
-        raise SourceError(
-            f"The source folder {folder} holds no files. Point the source at a Stanford-Cars-shaped folder (data/<split>-*.parquet)."
-        )
-    for name in files:
-        fingerprint_update(digest, name, b"")
-        copy_hashing(folder / name, None, digest)
-    return fingerprint_value(digest)
 
 
 def resolve_revision(path_or_id: str, revision: str | None = None, timeout_s: float = 10.0) -> str:
@@ -91,34 +75,6 @@ def resolve_revision(path_or_id: str, revision: str | None = None, timeout_s: fl
     return info.sha
 
 
-def check_features(features: datasets.Features, columns: list[str], split: str, source: str, where: str = "") -> None:
-    """Stanford-Cars shape of one split (or one file of it): an Image column and a ClassLabel label column."""
-    file_note = f" ({where})" if where else ""
-    missing = [column for column in REQUIRED_COLUMNS if column not in columns]
-    if missing:
-        raise SourceError(
-            f"Split {split!r} of source {source!r} lacks column(s) {missing}; it has {list(columns)}{file_note}. "
-            "A Stanford-Cars-shaped source has an 'image' column and a 'label' ClassLabel column."
-        )
-    if not isinstance(features["label"], datasets.ClassLabel):
-        raise SourceError(
-            f"Column 'label' of split {split!r} in source {source!r} is {features['label']!r}, "
-            f"not a ClassLabel{file_note}; the class names (make, model, year) are needed to derive makers."
-        )
-    if not isinstance(features["image"], datasets.Image):
-        raise SourceError(f"Column 'image' of split {split!r} in source {source!r} is not an Image feature{file_note}.")
-
-
-def validate_source(dataset: datasets.DatasetDict, source: str) -> None:
-    """Stanford-Cars shape: an image column, a ClassLabel label column, no empty split."""
-    if not dataset:
-        raise SourceError(f"The source {source!r} has no splits.")
-    for split, part in dataset.items():
-        check_features(part.features, part.column_names, split, source)
-        if part.num_rows == 0:
-            raise SourceError(f"Split {split!r} of source {source!r} is empty; every split needs rows.")
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "__", name).strip("_") or "source"
 
@@ -138,8 +94,6 @@ def materialize_raw(path_or_id: str, home: Path, revision: str | None = None, to
 
     with atomic_directory(target) as tmp:
         if local:
-            from car_maker_pipeline.data.local_source import store_local_source
-
             stored = store_local_source(Path(path_or_id).expanduser(), path_or_id, resolved, tmp)
             rows_per_split, class_names, files = stored.rows_per_split, stored.class_names, stored.files
         else:

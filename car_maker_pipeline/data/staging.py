@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets.table import cast_table_to_features
 
-from car_maker_pipeline.data.source import SourceError, check_features
+from car_maker_pipeline.data.source_schema import SourceError, check_features
 
 BATCH_ROWS = 256  # rows staged at a time: memory holds one batch of a file, not the file
 REPLACE = (

@@ -51,7 +51,8 @@ def retrain_weekly(context: dg.ScheduleEvaluationContext):
     description="Retrain when the source's revision (Hub commit or local content fingerprint) changes; once per revision.",
 )
 def source_revision_sensor(context: dg.SensorEvaluationContext, source: StanfordCarsSource, store: StoreResource):
-    from car_maker_pipeline.data.source import SourceError, resolve_revision
+    from car_maker_pipeline.data.source import resolve_revision
+    from car_maker_pipeline.data.source_schema import SourceError
 
     try:
         revision = resolve_revision(source.resolve(store.get()), source.revision)

@@ -18,8 +18,8 @@ import dagster as dg
 if TYPE_CHECKING:  # the evaluation modules import torch; step processes that only load definitions should not
     import pandas as pd
 
-    from car_maker_pipeline.evaluation.checkpoint_recording import CheckpointRecord
-    from car_maker_pipeline.evaluation.recording import RecordedEvaluation
+    from car_maker_pipeline.recording.baseline import RecordedEvaluation
+    from car_maker_pipeline.recording.checkpoint_accuracy import CheckpointRecord
 
 
 def image_markdown(path: Path, alt: str) -> dg.MetadataValue:

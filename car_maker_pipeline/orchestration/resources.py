@@ -8,7 +8,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from car_maker_pipeline.data.source import RawDataset, SourceError, materialize_raw
+from car_maker_pipeline.data.source import RawDataset, materialize_raw
+from car_maker_pipeline.data.source_schema import SourceError
 from car_maker_pipeline.redaction import leaks_secret, redact_text
 from car_maker_pipeline.settings import Profile, get_profile, pipeline_home
 from car_maker_pipeline.store import PipelineStore

@@ -64,8 +64,8 @@ def export_merged(
     Returns the export record and both runs' predictions (index, true_maker, predicted_maker, score).
     `predictor` is consumed: its model holds the merged weights afterwards.
     """
-    from car_maker_pipeline.evaluation.classifier import MakerClassifier, evaluate_split
-    from car_maker_pipeline.evaluation.metrics import summarize
+    from car_maker_pipeline.evaluation.metrics.accuracy import summarize
+    from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
     from car_maker_pipeline.models.merging import merge_adapter, save_merged
 
     adapter_classifier = predictor.classifier

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from car_maker_pipeline.evaluation.registration import CARD_FILE  # the card beside the adapter weights
 from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
 from car_maker_pipeline.serving.images import ImageInputError, decode_image
 
@@ -36,6 +35,7 @@ OUTPUT_SCHEMA = (
     ("probability_3", "double"),
 )
 OUTPUT_COLUMNS = tuple(name for name, _ in OUTPUT_SCHEMA)
+CARD_FILE = "car_maker.json"  # the card beside the adapter weights (`classify --adapter` reads it)
 # The pyfunc model's artifacts: the adapter folder (weights, PEFT config, card) and the maker list.
 ADAPTER_ARTIFACT, MAKERS_ARTIFACT = "adapter", "makers"
 
@@ -107,7 +107,7 @@ def answer_table(predictions, card: ClassifierCard) -> pd.DataFrame:
     """The output rows of classifier `Prediction`s: calibrated top three, and "unsure" below the threshold."""
     import numpy as np
 
-    from car_maker_pipeline.evaluation.calibration import softmax
+    from car_maker_pipeline.evaluation.metrics.calibration import softmax
 
     makers = card.makers
     rows = []
@@ -150,7 +150,7 @@ class MakerPredictor:
     def load(
         cls, card: ClassifierCard, adapter_dir: Path, *, device: str = "auto", dtype: str = "auto", batch_size: int = 16
     ) -> MakerPredictor:
-        from car_maker_pipeline.evaluation.classifier import MakerClassifier
+        from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
         from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
         from car_maker_pipeline.models.loading import ModelLoadError, attach_adapter, load_model_and_processor
 
@@ -186,7 +186,7 @@ class MakerPredictor:
         return self.classifier.makers
 
     def predict_images(self, images: Iterable) -> pd.DataFrame:
-        from car_maker_pipeline.evaluation.classifier import ThroughputStats
+        from car_maker_pipeline.evaluation.scoring.classifier import ThroughputStats
 
         images = list(images)
         with self._lock:

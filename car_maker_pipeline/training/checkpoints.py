@@ -1,29 +1,17 @@
-"""Checkpoints of a training folder: completion markers that bind content, quarantine, where to resume.
+"""Checkpoints of a training folder: which are complete, quarantine, where to resume.
 
 Every `checkpoint_every_n_steps` steps (and at the last step) the HF Trainer writes
 `output_dir/checkpoint-<step>`: the LoRA adapter (`adapter_model.safetensors` + `adapter_config.json`),
 the processor, optimizer, scheduler, RNG and trainer state. `CheckpointCompletionCallback` then
-writes `checkpoint_complete.json` last: the size and sha256 of every file, hashed once, as the
-files are made durable. A checkpoint is trusted only when its folder still holds exactly those
-files with those contents (`verify_checkpoint`): a save cut short by a crash or SIGKILL has no
-marker, and a file changed, truncated, deleted or added after the save no longer matches it.
+writes the completion marker last (`models/checkpoint_marker.py`: the size and sha256 of every
+file, hashed once as the files are made durable). A checkpoint is trusted only when its folder
+still holds exactly those files with those contents.
 
 Before resuming, every checkpoint that fails verification is moved to `output_dir/quarantine/`
 (with a `quarantine.json` saying why) and logged as a warning; training resumes from the newest
 checkpoint that passes and retrains the span after it, ending at the same global step as an
 uninterrupted run. An older damaged checkpoint is quarantined the same way and the run keeps its
-later ones (retraining it would mean retraining everything after it). Checkpoint scoring calls
-`verified_checkpoints` so that a checkpoint damaged after training is never scored or registered.
-
-Hashing cost: every file is hashed, the optimizer state included, because resuming loads all of
-them; a LoRA checkpoint holds no base weights, so even LFM2-VL-3B's is a few hundred MB at most,
-and sha256 reads about 1 GB/s. The hashes are not a signature: whoever can rewrite the files can
-rewrite the marker too. They catch corruption, partial copies and edits, not an attacker.
-
-Markers written before content hashes (`"files": {name: size}`) are still accepted when every
-size matches, with a warning that the checkpoint was checked by size only: their runs resume and
-score as before, but a same-size change to them cannot be detected. They are not rewritten with
-hashes, since nothing vouches for their current content.
+later ones (retraining it would mean retraining everything after it).
 
 The folder also keeps the settings it was started with (`lora_training_config.json`): a run resumes
 only with the same hyperparameters, makers and base model, since anything else would mix two runs.
@@ -31,13 +19,11 @@ only with the same hyperparameters, makers and base model, since anything else w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,94 +31,19 @@ from typing import Any
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from car_maker_pipeline.models.checkpoint_marker import (
+    mark_checkpoint_complete,
+    verify_checkpoint,
+)
 from car_maker_pipeline.storage import write_json_atomic
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_MARKER = "checkpoint_complete.json"
-CHECKPOINT_REQUIRED_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json")
-MARKER_FORMAT = 2  # 2: size and sha256 per file; markers without "format" list sizes only
 RUN_SETTINGS_FILE = "lora_training_config.json"
 QUARANTINE_DIR = "quarantine"
 QUARANTINE_NOTE = "quarantine.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _digest(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _checkpoint_files(path: Path) -> list[str]:
-    """The files a checkpoint's marker covers: everything but the marker and hidden temporaries."""
-    return [
-        str(p.relative_to(path))
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-        and p.name != CHECKPOINT_MARKER
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    ]
-
-
-_SIZE_ONLY_WARNED: set[Path] = set()
-
-
-def verify_checkpoint(path: str | os.PathLike, *, content: bool = True) -> list[str]:
-    """What is wrong with a checkpoint, in words; an empty list when it is the one that was marked complete.
-
-    `content=False` skips the hashes (marker, file list and sizes only): for a listing right after
-    this process wrote the markers. Everything that reads a checkpoint to use it verifies content.
-    """
-    path = Path(path)
-    marker = path / CHECKPOINT_MARKER
-    if not path.is_dir():
-        return [f"{path} does not exist"]
-    if not marker.is_file():
-        return ["no completion marker: the save was interrupted, or this pipeline did not write it"]
-    try:
-        recorded = json.loads(marker.read_text())["files"]
-        if not isinstance(recorded, dict):
-            raise TypeError("files is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return [f"unreadable completion marker ({type(error).__name__}: {error})"]
-    problems = [
-        f"{name} is not listed in the completion marker" for name in CHECKPOINT_REQUIRED_FILES if name not in recorded
-    ]
-    size_only = False
-    for name, expected in recorded.items():
-        file = path / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            problems.append(f"the completion marker lists {name!r}, a path outside the checkpoint")
-            continue
-        if isinstance(expected, int):  # a marker from before content hashes: {name: size}
-            expected, size_only = {"size": expected}, True
-        try:
-            if not file.is_file():
-                problems.append(f"{name} is missing")
-                continue
-            size = file.stat().st_size
-            if size != expected.get("size"):
-                problems.append(f"{name} has {size} bytes; {expected.get('size')} were written")
-            elif content and "sha256" in expected and _digest(file) != expected["sha256"]:
-                problems.append(f"{name} changed after it was written (sha256 differs)")
-        except (OSError, AttributeError) as error:
-            problems.append(f"{name} cannot be checked ({type(error).__name__}: {error})")
-    if size_only:
-        if not problems and path not in _SIZE_ONLY_WARNED:
-            _SIZE_ONLY_WARNED.add(path)
-            logger.warning(
-                "Checkpoint %s has a completion marker from before content hashes: checked by size only.", path
-            )
-    else:
-        added = sorted(set(_checkpoint_files(path)) - set(recorded))
-        problems += [f"{name} was added after the checkpoint was written" for name in added]
-    return problems
-
-
-def is_complete_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether `path` is a checkpoint this pipeline completed and nothing changed since (see verify_checkpoint)."""
-    return not verify_checkpoint(path)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> dict[int, Path]:
@@ -155,19 +66,6 @@ def complete_checkpoints(output_dir: str | os.PathLike, *, content: bool = True)
         for step, path in list_checkpoints(output_dir).items()
         if not verify_checkpoint(path, content=content)
     }
-
-
-def verified_checkpoints(checkpoints: Mapping[int, str | os.PathLike]) -> tuple[dict[int, Path], dict[int, list[str]]]:
-    """Split checkpoints (step -> path, e.g. from the lora_checkpoints manifest) into usable ones and
-    the problems of the others, so that a damaged checkpoint is never scored or registered."""
-    usable, rejected = {}, {}
-    for step, path in sorted(checkpoints.items()):
-        problems = verify_checkpoint(path)
-        if problems:
-            rejected[int(step)] = problems
-        else:
-            usable[int(step)] = Path(path)
-    return usable, rejected
 
 
 @dataclass(frozen=True)
@@ -206,30 +104,6 @@ def quarantine_unusable_checkpoints(output_dir: str | os.PathLike) -> list[Quara
         )
         moved.append(QuarantinedCheckpoint(step, target, problems))
     return moved
-
-
-def recorded_digest(path: str | os.PathLike, name: str) -> str:
-    """The sha256 the completion marker records for `name` (checked by `verify_checkpoint` before use);
-    hashed afresh for an old sizes-only marker, so callers never need to hash a checkpoint file again."""
-    path = Path(path)
-    try:
-        entry = json.loads((path / CHECKPOINT_MARKER).read_text())["files"][name]
-        if isinstance(entry, dict) and entry.get("sha256"):
-            return entry["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return _digest(path / name)
-
-
-def mark_checkpoint_complete(path: Path, global_step: int) -> None:
-    """Write the completion marker: size and sha256 of every file, each made durable before the marker."""
-    files = {}
-    for name in _checkpoint_files(path):
-        with open(path / name, "rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-            os.fsync(handle.fileno())
-        files[name] = {"size": (path / name).stat().st_size, "sha256": digest}
-    write_json_atomic(path / CHECKPOINT_MARKER, {"format": MARKER_FORMAT, "global_step": global_step, "files": files})
 
 
 class CheckpointCompletionCallback(TrainerCallback):

@@ -12,7 +12,7 @@ def marked_checkpoint(run_dir: Path, step: int, content: str | None = None) -> P
 
     Each file holds `content` formatted with its `name` and `step` (default: an empty JSON object).
     """
-    from car_maker_pipeline.training.checkpoints import mark_checkpoint_complete
+    from car_maker_pipeline.models.checkpoint_marker import mark_checkpoint_complete
 
     folder = Path(run_dir) / f"checkpoint-{step}"
     folder.mkdir(parents=True)

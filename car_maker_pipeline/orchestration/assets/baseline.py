@@ -53,7 +53,7 @@ def evaluation_inputs(
 ) -> dict:
     """The arguments every evaluation domain function takes: the store, where to record (MLflow is
     checked here, before any model work) and a loader for the partition's base model."""
-    from car_maker_pipeline.evaluation.recording import RecordTarget
+    from car_maker_pipeline.recording.baseline import RecordTarget
 
     pipeline_store = store.get()
     return {
@@ -84,7 +84,7 @@ def baseline_evaluation(
 ) -> dg.MaterializeResult:
     # torch and transformers are imported here, not at module load: every Dagster step process
     # imports the definitions, and most steps never touch a model.
-    from car_maker_pipeline.evaluation.recording import evaluate_and_record
+    from car_maker_pipeline.recording.baseline import evaluate_and_record
 
     key = context.partition_key
     recorded = evaluate_and_record(

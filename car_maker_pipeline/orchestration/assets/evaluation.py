@@ -53,7 +53,7 @@ def checkpoint_accuracy(
     mlflow_tracking: MlflowTracking,
 ):
     # torch and transformers are imported here, not at module load (see baseline_evaluation).
-    from car_maker_pipeline.evaluation.checkpoint_recording import evaluate_checkpoints_and_record
+    from car_maker_pipeline.recording.checkpoint_accuracy import evaluate_checkpoints_and_record
 
     key = context.partition_key
     record = evaluate_checkpoints_and_record(

@@ -54,14 +54,15 @@ def merged_model(
     store: StoreResource,
     mlflow_tracking: MlflowTracking,
 ):
+    from car_maker_pipeline.data.maker_dataset import MakerDataset
+    from car_maker_pipeline.recording.registry import champion_version, check_version_makers, load_version
     from car_maker_pipeline.serving.export import export_merged
-    from car_maker_pipeline.serving.registry import champion_version, check_version_makers, load_version
 
     pipeline_store = store.get()
     key = context.partition_key
     uri = mlflow_tracking.ensure_reachable(pipeline_store)
     champion = champion_version(uri, key)
-    dataset = pipeline_store.maker_dataset()
+    dataset = MakerDataset.current(pipeline_store)
     check_version_makers(champion, dataset.makers)
     pyfunc = load_version(uri, champion.name, str(champion.version), batch_size=config.batch_size)
     export, _, _ = export_merged(
@@ -116,9 +117,9 @@ def maker_predictions(
 ) -> dg.MaterializeResult:
     import pandas as pd
 
+    from car_maker_pipeline.recording.registry import champion_version, load_version
     from car_maker_pipeline.serving.batch import predict_folder
     from car_maker_pipeline.serving.predictor import IMAGE_COLUMN
-    from car_maker_pipeline.serving.registry import champion_version, load_version
 
     pipeline_store = store.get()
     key = context.partition_key

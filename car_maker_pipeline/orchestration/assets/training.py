@@ -40,12 +40,13 @@ def lora_checkpoints(
     models: VisionLanguageModels,
     mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
+    from car_maker_pipeline.data.maker_dataset import MakerDataset
     from car_maker_pipeline.training.partition import train_model
 
     key = context.partition_key
     pipeline_store = store.get()
     uri = mlflow_tracking.ensure_reachable(pipeline_store)
-    dataset_record = pipeline_store.maker_dataset()
+    dataset_record = MakerDataset.current(pipeline_store)
     trained = train_model(
         pipeline_store,
         key,

@@ -15,17 +15,18 @@ from pathlib import Path
 
 import mlflow
 
-from car_maker_pipeline.evaluation.calibrated import (
+from car_maker_pipeline.data.maker_dataset import MakerDataset
+from car_maker_pipeline.evaluation.answer_policy import (
     CalibrationFiles,
     CalibrationReport,
     calibrate,
     write_calibration,
 )
-from car_maker_pipeline.evaluation.calibration import CalibrationError
-from car_maker_pipeline.evaluation.classifier import MakerClassifier
-from car_maker_pipeline.evaluation.runner import EvaluationReport, evaluate_to_dir
-from car_maker_pipeline.evaluation.selective import check_target_precision
+from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError
+from car_maker_pipeline.evaluation.metrics.selective import check_target_precision
+from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.settings import CALIBRATION_SPLIT, DEFAULT_TARGET_PRECISION
+from car_maker_pipeline.evaluation.split_report import EvaluationReport, evaluate_to_dir
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import LoadedModel
@@ -139,7 +140,7 @@ def evaluate_and_record(
     exist, so a missing input fails before any model is built or loaded.
     """
     check_target_precision(target_precision)
-    makers_record = store.maker_dataset()
+    makers_record = MakerDataset.current(store)
     dataset = makers_record.load()
     if split not in dataset:
         raise ValueError(

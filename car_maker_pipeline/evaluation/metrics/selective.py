@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from car_maker_pipeline.evaluation.calibration import CalibrationError, as_confidence_correct
-from car_maker_pipeline.evaluation.metrics import wilson_interval
+from car_maker_pipeline.evaluation.metrics.accuracy import wilson_interval
+from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError, as_confidence_correct
 
 CURVE_COLUMNS = ("threshold", "answered", "coverage", "accuracy")
 
@@ -122,7 +122,7 @@ def risk_coverage_png(curves: dict[str, pd.DataFrame], path, title: str, target_
             raise CalibrationError(f"curve {name!r} lacks columns {missing}; pass risk_coverage(confidence, correct)")
     import matplotlib.pyplot as plt
 
-    from car_maker_pipeline.evaluation.reports import save_figure  # sets the Agg backend
+    from car_maker_pipeline.evaluation.metrics.figures import save_figure  # sets the Agg backend
 
     figure, axis = plt.subplots(figsize=(7, 4))
     lowest = 1.0 if target is None else target

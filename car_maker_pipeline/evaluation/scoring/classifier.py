@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from car_maker_pipeline.evaluation.decoding import AnswerTrie, score_answers
+from car_maker_pipeline.evaluation.scoring.answers import AnswerTrie, score_answers
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, image_token_count
 from car_maker_pipeline.model_inputs.images import MAX_BATCH_PIXELS, model_ready, padded_size
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate

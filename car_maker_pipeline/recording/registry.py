@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from car_maker_pipeline.evaluation.registration import REGISTERED_MODEL_PREFIX
 from car_maker_pipeline.serving.predictor import (
     ADAPTER_ARTIFACT,
     IMAGE_COLUMN,
@@ -32,8 +31,11 @@ from car_maker_pipeline.serving.predictor import (
     ClassifierCard,
 )
 
+REGISTERED_MODEL_PREFIX = "car-maker-"  # + the model key: one registered model per base model
 CHAMPION, CHALLENGER = "champion", "challenger"
-PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+# Logged as the model's code: the whole package, and the models-from-code file that MLflow runs to load it.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+PYFUNC_MODEL_FILE = PACKAGE_DIR / "serving" / "pyfunc_model.py"
 LOGGED_MODEL_NAME = "classifier"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # What the served model imports, pinned to the versions this environment runs (local labels such as
@@ -57,6 +59,14 @@ RUNTIME_CONFIG = {"device": "auto", "dtype": "auto", "batch_size": 16}
 
 def registered_name(model_key: str) -> str:
     return f"{REGISTERED_MODEL_PREFIX}{model_key}"
+
+
+def registered_versions(uri: str, name: str | None = None) -> list:
+    """The versions of `name`, or of every car-maker model when no name is given."""
+    from mlflow import MlflowClient
+
+    query = f"name = '{name}'" if name else f"name LIKE '{REGISTERED_MODEL_PREFIX}%'"
+    return list(MlflowClient(uri).search_model_versions(query))
 
 
 def model_uri(model_key: str, alias: str = CHAMPION) -> str:
@@ -240,8 +250,7 @@ def register_classifier(
     import mlflow
     from mlflow import MlflowClient
 
-    import car_maker_pipeline
-    from car_maker_pipeline.serving.lineage import log_dataset_inputs
+    from car_maker_pipeline.recording.lineage import log_dataset_inputs
 
     name = registered_name(candidate.model_key)
     client = MlflowClient(uri)
@@ -253,7 +262,7 @@ def register_classifier(
             python_model=str(PYFUNC_MODEL_FILE),
             artifacts=_stage_artifacts(candidate, Path(staging)),
             model_config={**candidate.card.model_config(), **RUNTIME_CONFIG},
-            code_paths=[str(Path(car_maker_pipeline.__file__).parent)],
+            code_paths=[str(PACKAGE_DIR)],
             signature=signature(),
             input_example=_input_example(dataset_record),
             pip_requirements=pinned_requirements(),

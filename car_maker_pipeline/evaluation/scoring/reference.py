@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from car_maker_pipeline.evaluation.decoding import AnswerTrie, Decoded
+from car_maker_pipeline.evaluation.scoring.answers import AnswerTrie, Decoded
 
 
 class TrieMask(LogitsProcessor):

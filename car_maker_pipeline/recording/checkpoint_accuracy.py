@@ -16,19 +16,27 @@ from pathlib import Path
 
 import mlflow
 
-from car_maker_pipeline.evaluation.calibrated import (
+from car_maker_pipeline.data.maker_dataset import MakerDataset
+from car_maker_pipeline.evaluation.answer_policy import (
     CalibrationFiles,
     CalibrationReport,
     write_calibration,
 )
-from car_maker_pipeline.evaluation.checkpoints import (
+from car_maker_pipeline.evaluation.checkpoint_scores import (
     VALIDATION,
     CheckpointEvaluationError,
     CheckpointScores,
     accuracy_chart,
     score_checkpoints,
 )
-from car_maker_pipeline.evaluation.recording import (
+from car_maker_pipeline.evaluation.metrics.figures import save_figure
+from car_maker_pipeline.evaluation.metrics.selective import check_target_precision
+from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, DEFAULT_TARGET_PRECISION, SELECTION_METRICS
+from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, budget_for_checkpoint
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
+from car_maker_pipeline.models.checkpoint_marker import verified_checkpoints
+from car_maker_pipeline.models.loading import LoadedModel
+from car_maker_pipeline.recording.baseline import (
     RecordTarget,
     budget_params,
     check_calibration_split,
@@ -36,18 +44,8 @@ from car_maker_pipeline.evaluation.recording import (
     log_calibration,
     log_params,
 )
-from car_maker_pipeline.evaluation.registration import (
-    registered_model_name,
-)
-from car_maker_pipeline.evaluation.reports import save_figure
-from car_maker_pipeline.evaluation.selective import check_target_precision
-from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, DEFAULT_TARGET_PRECISION, SELECTION_METRICS
-from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, budget_for_checkpoint
-from car_maker_pipeline.model_inputs.prompt import PromptTemplate
-from car_maker_pipeline.models.loading import LoadedModel
-from car_maker_pipeline.serving.registry import Candidate, RegisteredClassifier, register_classifier
+from car_maker_pipeline.recording.registry import Candidate, RegisteredClassifier, register_classifier, registered_name
 from car_maker_pipeline.store import BASELINE_EVALUATION, CHECKPOINT_ACCURACY, LORA_CHECKPOINTS, PipelineStore
-from car_maker_pipeline.training.checkpoints import verified_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +131,7 @@ def evaluate_checkpoints_and_record(
     training = store.read_manifest(LORA_CHECKPOINTS, model_key)
     baseline = store.read_manifest(BASELINE_EVALUATION, model_key)
     baseline_accuracy = baseline["summary"]["accuracy"]
-    dataset_record = store.maker_dataset()
+    dataset_record = MakerDataset.current(store)
     dataset = dataset_record.load()
     check_same_makers(training.get("makers"), dataset_record.makers, model_key)
     check_calibration_split(dataset[VALIDATION]["maker"])
@@ -167,7 +165,7 @@ def evaluate_checkpoints_and_record(
         out_root / "accuracy_by_step.png",
     )
     best = scores.best
-    name = registered_model_name(model_key)
+    name = registered_name(model_key)
     # Every checkpoint's reliability diagram and risk-coverage curve, for MLflow; the best one's in the metadata.
     step_calibrations = {
         step: write_calibration(calibrated_step, out_root / f"calibration-step-{step}", f"{model_key} step {step}")

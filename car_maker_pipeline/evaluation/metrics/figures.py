@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from car_maker_pipeline.evaluation.metrics import confusion_matrix
+from car_maker_pipeline.evaluation.metrics.accuracy import confusion_matrix
 
 
 def confusion_figure(predictions: pd.DataFrame, makers: list[str], title: str):

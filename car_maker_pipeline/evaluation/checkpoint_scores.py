@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from car_maker_pipeline.evaluation.calibrated import Calibration, calibrate
-from car_maker_pipeline.evaluation.classifier import MakerClassifier
-from car_maker_pipeline.evaluation.runner import EvaluationReport, evaluate_to_dir
+from car_maker_pipeline.evaluation.answer_policy import Calibration, calibrate
+from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, DEFAULT_TARGET_PRECISION, SELECTION_METRICS
+from car_maker_pipeline.evaluation.split_report import EvaluationReport, evaluate_to_dir
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
-from car_maker_pipeline.training.checkpoints import recorded_digest
+from car_maker_pipeline.models.checkpoint_marker import recorded_digest
 
 VALIDATION, TEST = "validation", "test"
 # Part of every cached result's name: results written before every maker's probability was scored

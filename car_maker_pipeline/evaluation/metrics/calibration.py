@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from car_maker_pipeline.evaluation.metrics import summarize
+from car_maker_pipeline.evaluation.metrics.accuracy import summarize
 
 # log T is searched on this range: below 0.05 or above 100 the softmax is practically one-hot or uniform,
 # so a fit at a bound says the scores are separable (or uninformative) rather than naming a useful scale.
@@ -294,7 +294,7 @@ def reliability_diagram_png(bins: pd.DataFrame, path, title: str) -> Path:
         raise CalibrationError(f"reliability bins lack columns {missing}; pass reliability_bins(confidence, correct)")
     import matplotlib.pyplot as plt
 
-    from car_maker_pipeline.evaluation.reports import save_figure  # sets the Agg backend
+    from car_maker_pipeline.evaluation.metrics.figures import save_figure  # sets the Agg backend
 
     ece = _ece_of_bins(bins)
     filled = bins[bins["images"] > 0]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from car_maker_pipeline.evaluation.calibration import (
+from car_maker_pipeline.evaluation.metrics.calibration import (
     CalibrationError,
     expected_calibration_error,
     fit_temperature,
@@ -33,7 +33,7 @@ from car_maker_pipeline.evaluation.calibration import (
     reliability_diagram_png,
     softmax,
 )
-from car_maker_pipeline.evaluation.selective import (
+from car_maker_pipeline.evaluation.metrics.selective import (
     apply_threshold,
     check_target_precision,
     choose_threshold,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from car_maker_pipeline.evaluation.classifier import MakerClassifier, evaluate_split
-from car_maker_pipeline.evaluation.metrics import AccuracySummary, per_maker_table, summarize
-from car_maker_pipeline.evaluation.reports import confusion_figure, misclassified_figure, save_figure
+from car_maker_pipeline.evaluation.metrics.accuracy import AccuracySummary, per_maker_table, summarize
+from car_maker_pipeline.evaluation.metrics.figures import confusion_figure, misclassified_figure, save_figure
+from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
 from car_maker_pipeline.storage import atomic_directory
 
 

@@ -1,0 +1,3 @@
+"""Metrics: numbers and charts from stored predictions, no model. `accuracy.py` (Wilson intervals,
+per-maker tables, confusion matrix), `calibration.py` (top-k, log loss, ECE, temperature),
+`selective.py` (risk-coverage, thresholds), `figures.py` (confusion matrix and misclassified grid)."""

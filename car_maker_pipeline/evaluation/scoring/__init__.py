@@ -1,0 +1,3 @@
+"""Scoring: the model's answers to pictures. `classifier.py` batches pictures and prompts;
+`answers.py` scores every maker's whole answer (and the greedy trie decoder); `reference.py` is the
+earlier generate-based decoder, kept as the tests' oracle."""
