@@ -12,6 +12,8 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# Materializations link to their MLflow runs here, where `make mlflow-ui` serves them.
+export CAR_MAKER_MLFLOW_UI ?= http://127.0.0.1:5000
 
 .PHONY: demo init test test-fast lint format ui mlflow-ui venv clean-demo
 

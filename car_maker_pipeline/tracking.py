@@ -217,10 +217,17 @@ def dagster_run_is_alive(instance):
 
 @contextmanager
 def mlflow_run(
-    uri: str, home: Path, run_name: str, tags: dict[str, str], run_id: str | None = None, orphans_of=None
+    uri: str,
+    home: Path,
+    run_name: str,
+    tags: dict[str, str],
+    run_id: str | None = None,
+    orphans_of=None,
+    system_metrics: bool = False,
 ) -> Iterator:
     """An MLflow run in the pipeline's experiment. `orphans_of`: a Dagster instance; runs with the same
-    tags (but the Dagster run id) left RUNNING by a killed process are deleted first."""
+    tags (but the Dagster run id) left RUNNING by a killed process are deleted first. `system_metrics`:
+    CPU, memory (and GPU) sampled into the run while it is open."""
     import mlflow
 
     exp = experiment_id(uri, home)
@@ -231,11 +238,14 @@ def mlflow_run(
     from car_maker_pipeline.storage import writer_id
 
     mlflow.set_tracking_uri(uri)
+    if system_metrics and "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     with mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else exp,
         run_name=None if run_id else run_name,
         tags={**tags, WRITER_TAG: writer_id()},
+        log_system_metrics=system_metrics,
     ) as run:
         yield run
 
@@ -252,3 +262,41 @@ def scrub_secrets(values: dict) -> dict:
         for key, value in values.items()
         if not key.lower().endswith(("_token", "token", "password", "secret")) and str(value) not in secrets
     }
+
+
+# Seconds between samples of MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and
+# memory where NVIDIA's library is present). MLflow's default of 10 s misses most of a short run;
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL still wins.
+SYSTEM_METRICS_INTERVAL_S = 2.0
+
+
+@contextmanager
+def system_metrics(run_id: str) -> Iterator[None]:
+    """Record system metrics into run `run_id` while the block runs (training reports through the client
+    API, outside an active run, so `start_run(log_system_metrics=True)` cannot do it there)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def ui_base(uri: str, ui_url: str | None = None) -> str | None:
+    """Where a person opens the MLflow UI for `uri`'s runs: `ui_url`, else the tracking server itself when
+    it speaks HTTP; None for a local store nobody serves (a link would lead nowhere)."""
+    base = ui_url or (uri if uri.startswith(("http://", "https://")) else None)
+    return redact_uri(base).rstrip("/") if base else None
+
+
+def run_link(base: str, uri: str, run_id: str) -> str:
+    import mlflow
+
+    experiment = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def model_version_link(base: str, name: str, version: str) -> str:
+    return f"{base}/#/models/{name}/versions/{version}"

@@ -15,6 +15,23 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    """Every demo source and tiny model the tests generate, in-process or in `dagster` subprocesses, is built
+    once per generation key and copied into each home (offline/generation_cache.py). The cache lives in
+    pytest's own cache folder, so a second run reuses it; `-p no:cacheprovider` gives each run its own."""
+    from car_maker_pipeline.offline.generation_cache import DEMO_CACHE_ENV
+
+    if DEMO_CACHE_ENV in os.environ:
+        return
+    if config.pluginmanager.has_plugin("cacheprovider") and getattr(config, "cache", None) is not None:
+        folder = config.cache.mkdir("car_maker_demo")
+    else:
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="car_maker_demo_cache-")
+    os.environ[DEMO_CACHE_ENV] = str(folder)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_stores(tmp_path, monkeypatch):
     """Every test gets its own pipeline home and MLflow store unless it sets one itself."""
@@ -55,9 +72,10 @@ def maker_dataset(raw_dataset, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from car_maker_pipeline.offline.tiny_models import build_tiny_model
+    """tiny-s with seed 0: the very bytes the demo profile's resources build (through the generation cache)."""
+    from car_maker_pipeline.offline.tiny_models import ensure_demo_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-s", "tiny-s", seed=0)
+    return ensure_demo_model(tmp_path_factory.mktemp("models"), "tiny-s", seed=0)
 
 
 @pytest.fixture(scope="session")

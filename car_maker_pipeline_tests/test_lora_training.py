@@ -31,10 +31,9 @@ FAKE_HF_TOKEN = "hf_FAKEtokenTHATmustNEVERbeSAVED0123456789"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from car_maker_pipeline.offline.tiny_models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("lora_model") / "tiny-s", "tiny-s", seed=0)
+def model_dir(tiny_model_dir):
+    """The session's tiny-s (conftest), under the name these tests have always used."""
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,11 @@ DROPPED_ROWS_FILE = "dropped_rows.json"  # every dropped row, next to the datase
 DROPPED_ROWS_SHOWN = 200  # rows of that table kept in the record (manifest and asset metadata)
 
 
+# Bumped when the build gives other rows or columns for the same source and parameters: a new dataset
+# folder, and (as the asset's code version) downstream models shown stale in Dagster.
+BUILD_VERSION = 3
+
+
 class MakerDatasetError(ValueError):
     """The source cannot be turned into a maker dataset; the message says why and what to do."""
 
@@ -46,7 +51,9 @@ class MakerDatasetParams:
     num_proc: int | None = None  # None: one process per core for large sources
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"validation_fraction": self.validation_fraction, "seed": self.seed, "v": 3}, sort_keys=True)
+        blob = json.dumps(
+            {"validation_fraction": self.validation_fraction, "seed": self.seed, "v": BUILD_VERSION}, sort_keys=True
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 

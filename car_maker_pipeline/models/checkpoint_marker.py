@@ -30,7 +30,9 @@ from car_maker_pipeline.storage import write_json_atomic
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
-CHECKPOINT_REQUIRED_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+CHECKPOINT_REQUIRED_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "trainer_state.json")
 MARKER_FORMAT = 2  # 2: size and sha256 per file; markers without "format" list sizes only
 
 

@@ -14,6 +14,8 @@ from car_maker_pipeline.redaction import leaks_secret, redact_text
 from car_maker_pipeline.settings import Profile, get_profile, pipeline_home
 from car_maker_pipeline.store import PipelineStore
 
+MLFLOW_UI_ENV = "CAR_MAKER_MLFLOW_UI"
+
 
 class StoreResource(dg.ConfigurableResource):
     """The pipeline's store (CAR_MAKER_HOME by default) for assets: `store.get()` is the plain object."""
@@ -135,6 +137,12 @@ class MlflowTracking(dg.ConfigurableResource):
     # within seconds (training buffers its metrics meanwhile). Environment variables still win.
     http_request_max_retries: int = Field(default=2, ge=0, description="MLFLOW_HTTP_REQUEST_MAX_RETRIES unless set.")
     http_request_timeout_s: int = Field(default=20, gt=0, description="MLFLOW_HTTP_REQUEST_TIMEOUT unless set.")
+    ui_url: str | None = Field(
+        default_factory=lambda: os.environ.get(MLFLOW_UI_ENV) or None,
+        description=f"Where people open the MLflow UI for these runs (default {MLFLOW_UI_ENV}; `make mlflow-ui` serves "
+        "http://127.0.0.1:5000). Each materialization links to its run and registered version there; unset, the "
+        "tracking server itself when it is http(s), else no links.",
+    )
 
     def uri(self, store: PipelineStore) -> str:
         from car_maker_pipeline.tracking import configured_tracking_uri
@@ -148,3 +156,15 @@ class MlflowTracking(dg.ConfigurableResource):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(self.http_request_max_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.http_request_timeout_s))
         return ensure_reachable(self.uri(store))
+
+    def links(self, uri: str, run_id: str | None = None, model_version: tuple[str, str] | None = None) -> dict:
+        """`MetadataValue.url`s to the MLflow run and the registered (name, version), where a UI serves them."""
+        from car_maker_pipeline.tracking import model_version_link, run_link, ui_base
+
+        base = ui_base(uri, self.ui_url)
+        if base is None:
+            return {}
+        links = {"mlflow_run": dg.MetadataValue.url(run_link(base, uri, run_id))} if run_id else {}
+        if model_version is not None:
+            links["registered_model_version"] = dg.MetadataValue.url(model_version_link(base, *model_version))
+        return links

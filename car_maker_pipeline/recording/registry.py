@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from car_maker_pipeline.models.checkpoint_marker import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from car_maker_pipeline.serving.predictor import (
     ADAPTER_ARTIFACT,
     IMAGE_COLUMN,
@@ -37,7 +38,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 PYFUNC_MODEL_FILE = PACKAGE_DIR / "serving" / "pyfunc_model.py"
 LOGGED_MODEL_NAME = "classifier"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 # What the served model imports, pinned to the versions this environment runs (local labels such as
 # +cu130 dropped: the same release installs from the index for CPU or GPU).
 SERVING_DISTRIBUTIONS = (

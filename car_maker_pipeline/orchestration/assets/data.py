@@ -11,6 +11,7 @@ from car_maker_pipeline.data.promotion import build_and_promote_maker_dataset
 from car_maker_pipeline.orchestration.deployment import OWNERS
 from car_maker_pipeline.orchestration.metadata import typed_table
 from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
+from car_maker_pipeline.orchestration.versions import code_version
 from car_maker_pipeline.redaction import redact_uri
 from car_maker_pipeline.store import CAR_MAKER_DATASET, RAW_STANFORD_CARS
 
@@ -25,6 +26,7 @@ class MakerDatasetConfig(dg.Config):
 @dg.asset(
     name=RAW_STANFORD_CARS,
     group_name="data",
+    code_version=code_version(RAW_STANFORD_CARS),
     owners=OWNERS,
     kinds={"huggingface", "arrow"},
     description=(
@@ -61,6 +63,7 @@ def raw_stanford_cars(
 @dg.asset(
     name=CAR_MAKER_DATASET,
     group_name="data",
+    code_version=code_version(CAR_MAKER_DATASET),
     owners=OWNERS,
     deps=[RAW_STANFORD_CARS],
     kinds={"huggingface", "arrow"},

@@ -5,6 +5,7 @@ from pydantic import Field
 
 from car_maker_pipeline.orchestration.deployment import MODEL_STEP
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
+from car_maker_pipeline.orchestration.versions import code_version, content_version
 from car_maker_pipeline.store import CAR_MAKER_DATASET, LORA_CHECKPOINTS
 from car_maker_pipeline.training.config import LoraHyperparameters
 
@@ -23,6 +24,7 @@ class LoraTrainingConfig(dg.Config, LoraHyperparameters):
 @dg.asset(
     name=LORA_CHECKPOINTS,
     group_name="training",
+    code_version=code_version(LORA_CHECKPOINTS),
     deps=[CAR_MAKER_DATASET],
     kinds={"pytorch", "huggingface", "mlflow"},
     **MODEL_STEP,
@@ -41,6 +43,7 @@ def lora_checkpoints(
     mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
     from car_maker_pipeline.data.maker_dataset import MakerDataset
+    from car_maker_pipeline.models.checkpoint_marker import ADAPTER_WEIGHTS, recorded_digest
     from car_maker_pipeline.training.partition import train_model
 
     key = context.partition_key
@@ -74,9 +77,14 @@ def lora_checkpoints(
             "train_seconds": result.train_seconds,
             "samples_per_second": trained.samples_per_second,
             "mlflow_run_id": trained.mlflow_run_id,
+            **mlflow_tracking.links(uri, run_id=trained.mlflow_run_id),
             "path": dg.MetadataValue.path(str(trained.output_dir)),
             "wall_seconds": trained.wall_seconds,
-        }
+        },
+        # The adapters themselves: a rerun that trains nothing new leaves checkpoint_accuracy up to date.
+        data_version=content_version(
+            {step: recorded_digest(path, ADAPTER_WEIGHTS) for step, path in result.checkpoints.items()}
+        ),
     )
 
 
