@@ -286,3 +286,44 @@ def test_twenty_runs_at_once_all_complete_and_the_ui_stays_responsive(server, da
     )
     assert len(answers) >= wall / 2, "the probe stalled"  # one probe per ~0.5-1 s for the whole load
     assert max(answers) < 1.0, f"GraphQL took {max(answers):.2f}s under load"
+
+
+STALE_QUERY = """
+query Stale($path: [String!]!, $partition: String) { assetNodeOrError(assetKey: {path: $path}) {
+    ... on AssetNode { staleStatus(partition: $partition)
+        staleCauses(partition: $partition) { key { path } category reason dependency { path } } } } }
+"""
+
+
+def _staleness(server, asset: str, partition: str | None = None) -> tuple[str, list[dict]]:
+    node = server.graphql(STALE_QUERY, {"path": [asset], "partition": partition})["assetNodeOrError"]
+    return node["staleStatus"], node["staleCauses"]
+
+
+def test_a_rebuilt_dataset_shows_the_models_trained_and_scored_on_the_old_one_as_stale(server, data_run):
+    """| state                                   | baseline_evaluation [tiny-m] | car_maker_dataset |
+    |-----------------------------------------|------------------------------|-------------------|
+    | scored on the current dataset           | FRESH                        | FRESH             |
+    | dataset rebuilt (other validation split) | STALE: car_maker_dataset data | FRESH             |
+    | scored again on the new dataset         | FRESH                        | FRESH             |
+    """
+    client = server.graphql_client()
+    baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 4}}}, "resources": SMALL_SOURCE}
+
+    def run(job, config, partition=None):
+        tags = {"dagster/partition": partition} if partition else {}
+        run_id = client.submit_job_execution(job, run_config=config, tags=tags)
+        assert server.wait_for_run(run_id, timeout=600) == "SUCCESS", server.log_tail()
+
+    run("baseline_job", baseline, "tiny-m")
+    assert _staleness(server, "baseline_evaluation", "tiny-m") == ("FRESH", [])
+    rebuilt = {"ops": {"car_maker_dataset": {"config": {"validation_fraction": 0.2}}}, "resources": SMALL_SOURCE}
+    run("data_job", rebuilt)
+    assert _staleness(server, "car_maker_dataset")[0] == "FRESH"
+    status, causes = _staleness(server, "baseline_evaluation", "tiny-m")
+    assert status == "STALE"
+    assert {"key": {"path": ["car_maker_dataset"]}, "category": "DATA", "reason": "has a new data version"} in [
+        {name: cause[name] for name in ("key", "category", "reason")} for cause in causes
+    ], causes
+    run("baseline_job", baseline, "tiny-m")
+    assert _staleness(server, "baseline_evaluation", "tiny-m")[0] == "FRESH"
