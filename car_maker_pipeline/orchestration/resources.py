@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
 
-from car_maker_pipeline.data.source import RawDataset, materialize_raw
 from car_maker_pipeline.data.source_schema import SourceError
 from car_maker_pipeline.redaction import leaks_secret, redact_text
 from car_maker_pipeline.settings import Profile, get_profile, pipeline_home
 from car_maker_pipeline.store import PipelineStore
+
+if TYPE_CHECKING:  # the definitions load in every Dagster process; `datasets` is imported by the steps that read data
+    from car_maker_pipeline.data.source import RawDataset
 
 MLFLOW_UI_ENV = "CAR_MAKER_MLFLOW_UI"
 
@@ -80,6 +83,8 @@ class StanfordCarsSource(dg.ConfigurableResource):
         return str(folder)
 
     def materialize(self, store: PipelineStore) -> RawDataset:
+        from car_maker_pipeline.data.source import materialize_raw
+
         token = os.environ.get(self.token_env) or None
         try:
             return materialize_raw(self.resolve(store), store.root, revision=self.revision, token=token)

@@ -22,7 +22,7 @@ import json
 
 import dagster as dg
 
-from car_maker_pipeline.data.maker_dataset import BUILD_VERSION
+from car_maker_pipeline.data.dataset_spec import BUILD_VERSION
 from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT
 from car_maker_pipeline.store import (
     BASELINE_EVALUATION,

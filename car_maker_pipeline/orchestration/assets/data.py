@@ -6,8 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from car_maker_pipeline.data import quality
-from car_maker_pipeline.data.maker_dataset import MakerDatasetParams
-from car_maker_pipeline.data.promotion import build_and_promote_maker_dataset
+from car_maker_pipeline.data.dataset_spec import MakerDatasetParams
 from car_maker_pipeline.orchestration.deployment import OWNERS
 from car_maker_pipeline.orchestration.metadata import typed_table
 from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
@@ -81,6 +80,8 @@ def raw_stanford_cars(
 def car_maker_dataset(context: dg.AssetExecutionContext, config: MakerDatasetConfig, store: StoreResource):
     # The checks run inside this step, before the dataset is made current: as a separate step they
     # would run after the manifest already pointed downstream assets at a dataset they then reject.
+    from car_maker_pipeline.data.promotion import build_and_promote_maker_dataset
+
     params = MakerDatasetParams(validation_fraction=config.validation_fraction, seed=config.seed)
     promotion = build_and_promote_maker_dataset(store.get(), params)
     check_results = [
