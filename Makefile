@@ -12,6 +12,8 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# Demo sources, tiny models and an empty MLflow store, built once and copied into each new home (settings.py).
+export CAR_MAKER_CACHE ?= $(CURDIR)/.car_maker_cache
 # Materializations link to their MLflow runs here, where `make mlflow-ui` serves them.
 export CAR_MAKER_MLFLOW_UI ?= http://127.0.0.1:5000
 
@@ -62,4 +64,4 @@ mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.car_maker_home/mlflow.db --host 127.0.0.1 --port 5000
 
 clean-demo:
-	rm -rf .car_maker_home .dagster_home
+	rm -rf .car_maker_home .dagster_home .car_maker_cache

@@ -16,20 +16,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_configure(config):
-    """Every demo source and tiny model the tests generate, in-process or in `dagster` subprocesses, is built
-    once per generation key and copied into each home (offline/generation_cache.py). The cache lives in
+    """Every demo source, tiny model and empty MLflow store the tests make, in-process or in `dagster`
+    subprocesses, is built once per key and copied into each home (CAR_MAKER_CACHE). The cache lives in
     pytest's own cache folder, so a second run reuses it; `-p no:cacheprovider` gives each run its own."""
-    from car_maker_pipeline.offline.generation_cache import DEMO_CACHE_ENV
+    from car_maker_pipeline.settings import CACHE_ENV
 
-    if DEMO_CACHE_ENV in os.environ:
+    if CACHE_ENV in os.environ:
         return
     if config.pluginmanager.has_plugin("cacheprovider") and getattr(config, "cache", None) is not None:
-        folder = config.cache.mkdir("car_maker_demo")
+        folder = config.cache.mkdir("car_maker_cache")
     else:
         import tempfile
 
-        folder = tempfile.mkdtemp(prefix="car_maker_demo_cache-")
-    os.environ[DEMO_CACHE_ENV] = str(folder)
+        folder = tempfile.mkdtemp(prefix="car_maker_cache-")
+    os.environ[CACHE_ENV] = str(folder)
 
 
 @pytest.fixture(autouse=True)

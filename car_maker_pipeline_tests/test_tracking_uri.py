@@ -88,3 +88,39 @@ def test_the_configured_uri_follows_car_maker_home(tmp_path, monkeypatch):
     assert sqlite_database(uri) == home / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert configured_tracking_uri(home) == "http://127.0.0.1:5000"
+
+
+def _schema(path) -> tuple[dict, list]:
+    """Every table and index with its definition's clauses as a set (MLflow's own migrations write a
+    table's constraints in an order that differs from one run to the next), and the alembic revision."""
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as database:
+        rows = database.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+        revision = database.execute("SELECT version_num FROM alembic_version").fetchall()
+    clauses = {
+        (kind, name): {line.strip().rstrip(",") for line in (sql or "").splitlines()} for kind, name, sql in rows
+    }
+    return clauses, revision
+
+
+def test_a_store_copied_from_the_cached_template_is_the_store_migrations_build(tmp_path, monkeypatch):
+    """| store                        | schema and alembic revision | Default experiment's artifacts |
+    |------------------------------|-----------------------------|--------------------------------|
+    | migrated in place (no cache) | MLflow's                    | beside it                      |
+    | copied from the template     | the same                    | beside it (not the template's) |
+    """
+    from car_maker_pipeline.settings import CACHE_ENV
+    from car_maker_pipeline.tracking import initialize_sqlite_store
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    copied = tmp_path / "copied" / "mlflow.db"
+    initialize_sqlite_store(default_tracking_uri(copied.parent))
+    monkeypatch.delenv(CACHE_ENV)
+    migrated = tmp_path / "migrated" / "mlflow.db"
+    initialize_sqlite_store(default_tracking_uri(migrated.parent))
+    assert _schema(copied) == _schema(migrated)
+    for store in (copied, migrated):
+        default = mlflow.MlflowClient(default_tracking_uri(store.parent)).get_experiment("0")
+        assert default.artifact_location == (store.parent / "mlflow-artifacts").as_uri() + "/0"
