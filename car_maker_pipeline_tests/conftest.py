@@ -16,6 +16,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_configure(config):
+    """Under pytest-xdist each worker's torch (and every process it starts) computes on one thread: two
+    workers with two threads each on two cores would spend their time waiting for each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["MKL_NUM_THREADS"] = "1"
+    _use_the_build_cache(config)
+
+
+def _use_the_build_cache(config):
     """Every demo source, tiny model and empty MLflow store the tests make, in-process or in `dagster`
     subprocesses, is built once per key and copied into each home (CAR_MAKER_CACHE). The cache lives in
     pytest's own cache folder, so a second run reuses it; `-p no:cacheprovider` gives each run its own."""

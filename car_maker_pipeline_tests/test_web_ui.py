@@ -205,6 +205,8 @@ def _pool_intervals(server, run_ids: list[str], steps: set[str]) -> list[tuple[f
 def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
     """Four partitions launched at once (three fine-tunings, one baseline): their steps take turns."""
     client = server.graphql_client()
+    # Steps in the run's own process (one process start per run, not two): the gpu pool binds either way.
+    in_process = {"execution": {"config": {"in_process": {}}}}
     training = {
         "ops": {
             "lora_checkpoints": {
@@ -212,8 +214,9 @@ def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
             }
         },
         "resources": SMALL_SOURCE,
+        **in_process,
     }
-    baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 8}}}, "resources": SMALL_SOURCE}
+    baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 8}}}, "resources": SMALL_SOURCE, **in_process}
     run_ids = [
         client.submit_job_execution(
             "training_job", run_config=training, asset_selection=["lora_checkpoints"], tags={"dagster/partition": model}
@@ -236,6 +239,7 @@ def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
         )
 
 
+@pytest.mark.serial  # its latency bound holds for this load alone, not beside another test's
 def test_twenty_runs_at_once_all_complete_and_the_ui_stays_responsive(server, data_run):
     """Twenty baseline runs requested together: the queue (4 at a time) and the gpu pool (1 step at a
     time) work through them while GraphQL keeps answering within a second."""
