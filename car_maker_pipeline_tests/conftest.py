@@ -24,6 +24,32 @@ def pytest_configure(config):
     _use_the_build_cache(config)
 
 
+def pytest_collection_modifyitems(config, items):
+    """For `--dist loadgroup`: a test file's tests stay on one worker (its module fixtures are built once),
+    unless a test names a group of its own (a long test that may run beside its neighbours)."""
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    # The longest groups first, alternating, so neither worker is left with a long one at the end.
+    rank = {group: position for position, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(rank)))
+
+
+# Groups of several minutes each on 2 cores (see `make test`'s slowest durations), longest first.
+LONGEST_FIRST = [
+    "faults-0",  # builds the fault tests' shared reference run first
+    "car_maker_pipeline_tests.test_web_ui",
+    "faults-1",
+    "car_maker_pipeline_tests.test_cli_end_to_end",
+    "faults-2",
+    "faults-mlflow-down",
+    "car_maker_pipeline_tests.test_postgres",
+    "car_maker_pipeline_tests.test_lora_training",
+    "car_maker_pipeline_tests.test_serving",
+    "car_maker_pipeline_tests.test_parallel_runs",
+]
+
+
 def _use_the_build_cache(config):
     """Every demo source, tiny model and empty MLflow store the tests make, in-process or in `dagster`
     subprocesses, is built once per key and copied into each home (CAR_MAKER_CACHE). The cache lives in

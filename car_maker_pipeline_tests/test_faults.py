@@ -39,6 +39,7 @@ import pandas as pd
 import pytest
 
 from car_maker_pipeline_tests.support.cli import REPO, cli_env, materialize, materialize_command
+from car_maker_pipeline_tests.support.shared import shared_across_workers
 
 pytestmark = pytest.mark.slow
 
@@ -96,16 +97,22 @@ def _latest_step_events(env, asset) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Every step once, uninterrupted: its outputs, and how long the step itself took."""
-    env = _prepare(tmp_path_factory.mktemp("reference"))
+def _uninterrupted(root: Path) -> dict[str, float]:
+    env = _prepare(root)
     durations = {}
     for asset, partition, config in STEPS:
         materialize(env, asset, partition, config)
         events = _latest_step_events(env, asset)
         durations[asset] = events["STEP_SUCCESS"] - events["STEP_START"]
-    return env, durations
+    return durations
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Every step once, uninterrupted: its outputs, and how long the step itself took. Built once for the
+    session, whichever worker's seed asks first (the seeds may run on different xdist workers)."""
+    root, durations = shared_across_workers(tmp_path_factory, "faults-reference", _uninterrupted)
+    return cli_env(root), durations
 
 
 def _kill_during_step(env, asset, partition, config, delay) -> dict:
@@ -205,7 +212,9 @@ def _kill_inside_step(env, asset, partition, config, delay) -> dict:
     return kill
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(
+    "seed", [pytest.param(seed, marks=pytest.mark.xdist_group(f"faults-{seed}")) for seed in SEEDS]
+)
 def test_sigkill_at_random_points_then_rerun_ends_like_an_uninterrupted_run(tmp_path, reference, seed):
     reference_env, durations = reference
     env = _prepare(tmp_path)
@@ -307,6 +316,7 @@ class MlflowServer:
         self.process = None
 
 
+@pytest.mark.xdist_group("faults-mlflow-down")
 def test_mlflow_down_mid_training_fails_clearly_and_the_rerun_completes_the_record(tmp_path):
     from car_maker_pipeline.training.checkpoints import complete_checkpoints
 
