@@ -25,28 +25,25 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """For `--dist loadgroup`: a test file's tests stay on one worker (its module fixtures are built once),
-    unless a test names a group of its own (a long test that may run beside its neighbours)."""
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    # The longest groups first, alternating, so neither worker is left with a long one at the end.
-    rank = {group: position for position, group in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(rank)))
+    """`make test` runs `--dist loadscope`: a test file's module-level tests stay on one worker (its module
+    fixtures are built once), and each test class is a unit of its own, so a few long tests sit in classes
+    to run beside their neighbours. The longest units start first, so no worker is left with one at the end."""
+    rank = {scope: position for position, scope in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("[")[0].rsplit("::", 1)[0], len(rank)))
 
 
-# Groups of several minutes each on 2 cores (see `make test`'s slowest durations), longest first.
+# Units of several minutes each on 2 cores (see `make test`'s slowest durations), longest first.
 LONGEST_FIRST = [
-    "faults-0",  # builds the fault tests' shared reference run first
-    "car_maker_pipeline_tests.test_web_ui",
-    "faults-1",
-    "car_maker_pipeline_tests.test_cli_end_to_end",
-    "faults-2",
-    "faults-mlflow-down",
-    "car_maker_pipeline_tests.test_postgres",
-    "car_maker_pipeline_tests.test_lora_training",
-    "car_maker_pipeline_tests.test_serving",
-    "car_maker_pipeline_tests.test_parallel_runs",
+    "car_maker_pipeline_tests/test_faults.py::TestSeed0",  # builds the fault tests' shared reference run
+    "car_maker_pipeline_tests/test_web_ui.py",
+    "car_maker_pipeline_tests/test_faults.py::TestSeed1",
+    "car_maker_pipeline_tests/test_cli_end_to_end.py",
+    "car_maker_pipeline_tests/test_faults.py::TestSeed2",
+    "car_maker_pipeline_tests/test_faults.py::TestMlflowOutage",
+    "car_maker_pipeline_tests/test_postgres.py",
+    "car_maker_pipeline_tests/test_lora_training.py",
+    "car_maker_pipeline_tests/test_serving.py",
+    "car_maker_pipeline_tests/test_parallel_runs.py",
 ]
 
 

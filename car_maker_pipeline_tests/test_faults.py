@@ -212,10 +212,7 @@ def _kill_inside_step(env, asset, partition, config, delay) -> dict:
     return kill
 
 
-@pytest.mark.parametrize(
-    "seed", [pytest.param(seed, marks=pytest.mark.xdist_group(f"faults-{seed}")) for seed in SEEDS]
-)
-def test_sigkill_at_random_points_then_rerun_ends_like_an_uninterrupted_run(tmp_path, reference, seed):
+def _sigkill_at_random_points_then_rerun(tmp_path, reference, seed):
     reference_env, durations = reference
     env = _prepare(tmp_path)
     rng = random.Random(seed)
@@ -263,6 +260,22 @@ def test_sigkill_at_random_points_then_rerun_ends_like_an_uninterrupted_run(tmp_
         }
     )
     assert _leftovers(env) == []
+
+
+# One class per seed: `make test` runs `--dist loadscope`, where each class may go to another worker.
+class TestSeed0:
+    def test_sigkill_at_random_points_then_rerun_ends_like_an_uninterrupted_run(self, tmp_path, reference):
+        _sigkill_at_random_points_then_rerun(tmp_path, reference, SEEDS[0])
+
+
+class TestSeed1:
+    def test_sigkill_at_random_points_then_rerun_ends_like_an_uninterrupted_run(self, tmp_path, reference):
+        _sigkill_at_random_points_then_rerun(tmp_path, reference, SEEDS[1])
+
+
+class TestSeed2:
+    def test_sigkill_at_random_points_then_rerun_ends_like_an_uninterrupted_run(self, tmp_path, reference):
+        _sigkill_at_random_points_then_rerun(tmp_path, reference, SEEDS[2])
 
 
 class MlflowServer:
@@ -316,8 +329,12 @@ class MlflowServer:
         self.process = None
 
 
-@pytest.mark.xdist_group("faults-mlflow-down")
-def test_mlflow_down_mid_training_fails_clearly_and_the_rerun_completes_the_record(tmp_path):
+class TestMlflowOutage:  # a unit of its own under `--dist loadscope`: it may run beside the seeds
+    def test_mlflow_down_mid_training_fails_clearly_and_the_rerun_completes_the_record(self, tmp_path):
+        _mlflow_down_mid_training(tmp_path)
+
+
+def _mlflow_down_mid_training(tmp_path):
     from car_maker_pipeline.training.checkpoints import complete_checkpoints
 
     server = MlflowServer(tmp_path / "mlflow").start()

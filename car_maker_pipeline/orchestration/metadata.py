@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # the evaluation modules import torch; step processes that on
 # Pictures inline in the event log are small copies: every materialization's metadata is stored in the
 # event log and sent to every browser that opens the asset, so it stays near 50 KB (the full-size
 # PNGs are beside the results and in the MLflow run's artifacts).
-THUMBNAIL_WIDTH = 480  # pixels: readable in the metadata panel
-THUMBNAIL_COLOURS = 48  # a chart's flat colours survive a small palette; the file shrinks severalfold
+THUMBNAIL_WIDTH = 400  # pixels: readable in the metadata panel
+THUMBNAIL_COLOURS = 32  # a chart's flat colours survive a small palette; the file shrinks severalfold
 
 
 def image_markdown(path: Path, alt: str) -> dg.MetadataValue:
