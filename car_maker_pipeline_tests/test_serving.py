@@ -288,6 +288,7 @@ def test_maker_predictions_classifies_the_folder_once_per_file_set(registered, c
 def test_champion_moves_only_when_validation_accuracy_beats_it(registered):
     """Last in the module: it moves the champion alias the other tests load."""
     from car_maker_pipeline.orchestration.assets.evaluation import checkpoint_accuracy
+    from car_maker_pipeline.recording.aliases import promote
     from car_maker_pipeline.recording.registry import Candidate, register_classifier
     from car_maker_pipeline.serving.predictor import ClassifierCard
     from car_maker_pipeline.tracking import mlflow_run
@@ -324,12 +325,15 @@ def test_champion_moves_only_when_validation_accuracy_beats_it(registered):
     adapter /= "artifacts/adapter"
     better = float(champion.tags["val_accuracy_exact"]) + 0.1
     with mlflow_run(tracking_uri(home), home, "registration-test", {"stage": "registration-test"}):
-        registered_better = register_classifier(
+        registered = register_classifier(
             Candidate(MODEL, adapter, ClassifierCard.read(adapter), better, 0.5),
             uri=tracking_uri(home),
+            home=home,
             dataset_record=MakerDataset.current(PipelineStore(home)),
             tags={"dagster_run_id": "registration-test"},
         )
+        assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"  # no alias while it runs
+    registered_better = promote(registered, uri=tracking_uri(home), home=home)
     assert registered_better.version == "3" and registered_better.decision.promoted
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "3"

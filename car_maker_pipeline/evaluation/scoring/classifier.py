@@ -269,7 +269,8 @@ class StoredPicture:
 
 
 def _opened(image):
-    return image.open() if isinstance(image, StoredPicture) else image
+    """A decoded picture as is; a stored one (`StoredPicture`, or any other with `size` and `open()`) opened now."""
+    return image if isinstance(image, Image.Image) else image.open()
 
 
 @dataclass
