@@ -13,6 +13,10 @@ makers with their probabilities instead. A registered model is loaded as the MLf
 pyfunc model it was registered as, so the answers are the ones `mlflow.pyfunc.load_model` and
 `mlflow models serve` give. The tracking store is MLFLOW_TRACKING_URI, or the pipeline's local
 sqlite store under CAR_MAKER_HOME.
+
+Only regular files are read (a named pipe, a device or a file over the 50 MiB limit is refused
+before a byte of it is read, `serving/files.py`), every file is checked before any model loads, and
+the images go to the model CHUNK_IMAGES at a time, so memory does not grow with their number.
 """
 
 from __future__ import annotations

@@ -139,8 +139,8 @@ def test_orphan_clean_up_deletes_only_provably_dead_runs_of_its_own_instance(tmp
         for name, (writer, run, _) in cases.items()
     }
     client.create_registered_model("car-maker-tiny-s")  # the live run of the other instance has registered v1
-    client.create_model_version("car-maker-tiny-s", "models:/m-x", run_id=runs["live-writer-other-instance"])
+    client.create_model_version("car-maker-tiny-s", tmp_path.as_uri(), run_id=runs["live-writer-other-instance"])
     deleted = set(delete_orphaned_runs(uri, experiment, tags, status_in(instance_a)))
     assert deleted == {runs[name] for name, (_, _, gone) in cases.items() if gone}
-    assert [v.version for v in client.search_model_versions("name = 'car-maker-tiny-s'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name = 'car-maker-tiny-s'")] == ["1"]
     assert status_in(instance_b)(live_b) == "running" and status_in(instance_a)(live_b) == "unknown"

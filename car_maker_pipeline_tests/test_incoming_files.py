@@ -20,6 +20,8 @@ Incoming folder (`classify_folder`, then `predict_folder`'s parquet and the sens
 `classify` on a FIFO, a socket, a device, a folder, a 2 GB sparse `car.mp4`: exit 2 with the reason,
 within seconds, without reading it (peak RSS far below the file). `--from-test -3`, `0`, `x`: a usage
 error, no traceback.
+
+Memory (slow): 4 files of 12 MB, then 16, read 4 at a time: the peak grows by less than two files.
 """
 
 from __future__ import annotations
@@ -232,3 +234,50 @@ def test_classify_from_test_wants_a_positive_count(count):
     result = classify("--from-test", count, timeout=60)
     assert result.returncode == 2 and "is not a number of images" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+FOLDER_PEAKS = (
+    "import json, sys\n"
+    "from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier\n"
+    "from car_maker_pipeline.models.loading import load_model_and_processor\n"
+    "from car_maker_pipeline.serving.batch import classify_folder, snapshot\n"
+    "from car_maker_pipeline.serving.predictor import MakerPredictor\n"
+    "loaded = load_model_and_processor(sys.argv[1])\n"
+    "predictor = MakerPredictor(MakerClassifier(loaded.model, loaded.processor, ['BMW', 'Audi'], batch_size=4))\n"
+    "peaks = []\n"
+    "for folder in sys.argv[2:]:\n"
+    "    table = classify_folder(predictor.predict_bytes, folder, snapshot(folder).files, model_name='m',\n"
+    "                            model_version='1', batch_size=4)\n"
+    "    assert table['error'].isna().all(), table['error'].tolist()\n"
+    "    peaks.append([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)\n"
+    "print(json.dumps(peaks))\n"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_peak_memory_is_one_batch_of_files_whatever_their_number(tiny_model_dir, tmp_path):
+    """4 files, the same 4 again, then 16 files of 12 MB (random pixels: the file is as large as its pixels),
+    read 4 at a time: the peak grows by less than two files, the allocator's noise (every file held at once
+    was 12 x 12 MB more)."""
+    import json
+
+    from car_maker_pipeline_tests.support.hostile_images import noise_png
+
+    photo = noise_png((2000, 2000), seed=1)
+    folders = {count: tmp_path / f"{count}-files" for count in (4, 16)}
+    for count, folder in folders.items():
+        folder.mkdir()
+        for index in range(count):
+            (folder / f"photo-{index:02d}.png").write_bytes(photo)
+    result = subprocess.run(
+        [sys.executable, "-c", FOLDER_PEAKS, str(tiny_model_dir), str(folders[4]), str(folders[4]), str(folders[16])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, four, sixteen = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"peak RSS after 4 files {four:.0f} MB, after 16 files {sixteen:.0f} MB")
+    assert sixteen - four < 2 * len(photo) / 1024**2, (four, sixteen)

@@ -100,7 +100,7 @@ REFUSED = [
         {"inputs": {"image": ["/home/me/car.jpg"]}},
         "application/json",
         400,
-        "row 0 holds text that is neither base64",
+        "row 0 is text, not an image, nor base64",
     ),
 ]
 

@@ -101,11 +101,14 @@ def classify_folder(
     chunk: list[tuple[str, bytes]] = []
     with Folder(folder) as opened:
         for name in files:
+            if len(chunk) == batch_size:  # classified before the next file is read, not beside it
+                rows.update(_predict_chunk(predict, chunk, failures))
+                chunk = []
             data, problem = _read(opened, name)
             if problem is not None:
                 rows[name] = _failed(problem)
                 continue
-            if chunk and (len(chunk) == batch_size or sum(len(b) for _, b in chunk) + len(data) > MAX_REQUEST_BYTES):
+            if chunk and sum(len(b) for _, b in chunk) + len(data) > MAX_REQUEST_BYTES:
                 rows.update(_predict_chunk(predict, chunk, failures))
                 chunk = []
             chunk.append((name, data))

@@ -73,13 +73,15 @@ def _read_open(fd: int, limit: int) -> bytes:
         raise _refusal(kind(info.st_mode))
     if info.st_size > limit:
         raise UnreadableFile(f"file of {info.st_size:,} bytes is over the {limit:,}-byte limit for one image")
-    chunks, total = [], 0
-    while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > limit:
-            raise UnreadableFile(f"file grew past the {limit:,}-byte limit for one image while it was read")
-    return b"".join(chunks)
+    # One read of the whole file (a regular file gives it at once), so it is never held twice while joined.
+    parts = [os.read(fd, info.st_size + 1)]
+    total = len(parts[0])
+    while total <= limit and (more := os.read(fd, limit + 1 - total)):  # it grew since fstat
+        parts.append(more)
+        total += len(more)
+    if total > limit:
+        raise UnreadableFile(f"file grew past the {limit:,}-byte limit for one image while it was read")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class _Link(Exception):

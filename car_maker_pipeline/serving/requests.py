@@ -81,6 +81,28 @@ def _describe(value) -> str:
     return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
+def _as_text(raw: bytes) -> str | None:
+    """The bytes as text when they are printable text (a short one: what a path or a name sent as bytes is)."""
+    try:
+        text = raw[:4096].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if len(raw) <= 4096 and text.isprintable() else None
+
+
+def _not_an_image_text(value: str, row: str) -> ImageInputError:
+    hint = (
+        "; it looks like a file path, and the model does not open files: send the file's bytes "
+        "(open(path, 'rb').read())"
+        if "/" in value or "\\" in value or "." in value[-6:]
+        else ""
+    )
+    return ImageInputError(
+        f"{row} is text, not an image, nor base64 or {{'b64': base64}} of one ({_describe(value)}){hint}; "
+        f"send {ACCEPTED_FORMS}"
+    )
+
+
 def row_image(value, row: str) -> bytes:
     """The image bytes a row holds (see the module docstring), or ImageInputError naming `row` and what to send."""
     if _null(value):
@@ -93,24 +115,16 @@ def row_image(value, row: str) -> bytes:
         except ImageInputError as problem:
             wrapped = _unwrapped(raw)
             decoded = _from_base64(wrapped if wrapped is not None else raw) if len(raw) > 0 else None
-            if decoded is None:
-                raise ImageInputError(f"{row}: {problem}") from None
-            return _checked_decoded(decoded, row)
+            if decoded is not None:
+                return _checked_decoded(decoded, row)
+            text = _as_text(raw) if len(raw) > 0 else None
+            raise (_not_an_image_text(text, row) if text else ImageInputError(f"{row}: {problem}")) from None
     if isinstance(value, (str, dict)):
         wrapped = _unwrapped(value)
         text = wrapped if wrapped is not None else value.encode("utf-8", "replace") if isinstance(value, str) else None
         decoded = _from_base64(text) if text else None
         if decoded is None:
-            hint = (
-                "; it looks like a file path, and the model does not open files: send the file's bytes "
-                "(open(path, 'rb').read())"
-                if isinstance(value, str) and ("/" in value or "\\" in value or "." in value[-6:])
-                else ""
-            )
-            raise ImageInputError(
-                f"{row} holds text that is neither base64 nor {{'b64': base64}} ({_describe(value)}){hint}; "
-                f"send {ACCEPTED_FORMS}"
-            )
+            raise _not_an_image_text(value if isinstance(value, str) else repr(value), row)
         return _checked_decoded(decoded, row)
     raise ImageInputError(
         f"{row} holds a value of type {type(value).__name__} ({_describe(value)}), not an image; send {ACCEPTED_FORMS}"

@@ -217,6 +217,7 @@ class MakerClassifier:
                 batch = [model_ready(_opened(images[i])) for i in chunk]
                 for index, prediction in zip(chunk, self._run_batch(batch)):
                     predictions[index] = prediction
+                del batch  # its pixels go now, not once the next batch is decoded beside them
         return predictions
 
 
