@@ -35,6 +35,7 @@ from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.recording.baseline import RecordTarget, evaluate_and_record
 from car_maker_pipeline.recording.checkpoint_accuracy import check_same_makers
 from car_maker_pipeline.serving.predictor import UNSURE, ClassifierCard, answer_table
+from car_maker_pipeline.store import CAR_MAKER_DATASET, PipelineStore
 
 DEMO_MAKERS = ["AM General", "Aston Martin", "BMW", "Land Rover", "Mercedes-Benz", "Rolls-Royce"]
 SHARED_PREFIX_MAKERS = ["Aston Martin", "Aston Martinez", "Land Rover", "Land Rovers", "Land Cruiser", "BMW"]
@@ -159,33 +160,24 @@ def test_target_precision_outside_zero_one_is_refused_as_config_is_read(value, a
             calibrate(frame, frame, makers, value)
 
 
-class _OneDataset:
-    """A store whose maker dataset is the fixture's, with validation cut down to one maker."""
-
-    def __init__(self, record):
-        self.record = record
-
-    def maker_dataset(self):
-        return self
-
-    @property
-    def makers(self):
-        return self.record.makers
-
-    def load(self):
-        dataset = self.record.load()
-        first = dataset["validation"][0]["maker"]
-        dataset["validation"] = dataset["validation"].filter(lambda maker: maker == first, input_columns="maker")
-        return dataset
+def _one_maker_store(record, root) -> PipelineStore:
+    """A store whose current maker dataset is the fixture's, with validation cut down to one maker."""
+    dataset = record.load()
+    first = dataset["validation"][0]["maker"]
+    dataset["validation"] = dataset["validation"].filter(lambda maker: maker == first, input_columns="maker")
+    dataset.save_to_disk(root / "one-maker")
+    store = PipelineStore(root / "home")
+    store.write_manifest(CAR_MAKER_DATASET, {**record.to_json(), "path": str(root / "one-maker")})
+    return store
 
 
-def test_a_validation_split_with_one_maker_is_refused_before_model_work(maker_dataset):
+def test_a_validation_split_with_one_maker_is_refused_before_model_work(maker_dataset, tmp_path):
     def load_model():
         raise AssertionError("the model was loaded before the validation split was checked")
 
     with pytest.raises(CalibrationError, match="holds 1 maker"):
         evaluate_and_record(
-            _OneDataset(maker_dataset),
+            _one_maker_store(maker_dataset, tmp_path),
             RecordTarget("sqlite:///unused.db", "run"),
             load_model,
             asset="baseline_evaluation",
