@@ -12,10 +12,11 @@ Incoming folder (`classify_folder`, then `predict_folder`'s parquet and the sens
 | a sparse file one byte over the limit              | refused from its size, unread                    |
 | a link to an image outside the folder; to a text file outside; to /etc/hostname by absolute path | refused, "outside this folder", nothing of it described |
 | a link to an image in the folder; a link to that link; an absolute link into the folder | classified like the image itself |
-| a link to nothing; a link to a subfolder's image; a link to the subfolder | refused with the reason |
+| a link to nothing; to a subfolder's image; to the subfolder; to a hidden file | refused with the reason |
 | an image named `caf\\xe9.png` (not UTF-8)           | refused, listed as `caf\\xe9.png` (escaped): rename it |
 | an image named with a newline; a 255-byte name; a 254-byte name of two-byte characters | classified |
 | a subfolder; a hidden file                         | not listed                                       |
+| names given with `/` or `..`; a folder gone since the listing | rows with the reason, nothing outside read |
 
 `classify` on a FIFO, a socket, a device, a folder, a 2 GB sparse `car.mp4`: exit 2 with the reason,
 within seconds, without reading it (peak RSS far below the file). `--from-test -3`, `0`, `x`: a usage
@@ -104,6 +105,7 @@ def hostile_folder(root: Path) -> tuple[Path, dict[str, str | None], list[socket
         "link-dangling.jpg": ("missing.jpg", "no such file"),
         "link-deep.jpg": ("subfolder/deep.jpg", "not a file directly in this folder"),
         "link-dir": ("subfolder", "a folder, not a regular file"),
+        "link-hidden.jpg": (".partial.jpg", "the hidden file"),
     }
     for name, (target, reason) in links.items():
         (folder / name).symlink_to(target)
@@ -155,6 +157,20 @@ def test_the_parquet_and_the_sensor_take_undecodable_names(predictor, tmp_path):
     with dg.build_sensor_context(resources=resources) as context:
         tick = incoming_images_sensor(context)
     assert [r.partition_key for r in tick.run_requests] == ["tiny-s"] and tick.cursor == batch.fingerprint
+
+
+def test_names_that_leave_the_folder_and_a_folder_gone_are_rows_not_failures(predictor, tmp_path):
+    folder, outside = tmp_path / "incoming", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(encoded())
+    (folder / "car.jpg").write_bytes(encoded())
+    names = ["car.jpg", "../outside/secret.jpg", "..", str(outside / "secret.jpg")]
+    rows = classify_folder(predictor.predict_bytes, folder, names, model_name="m", model_version="1")
+    assert rows["maker"][0] in MAKERS
+    assert all("is not the name of a file in this folder" in error for error in rows["error"][1:])
+    gone = classify_folder(predictor.predict_bytes, tmp_path / "gone", ["car.jpg"], model_name="m", model_version="1")
+    assert "the folder cannot be opened (FileNotFoundError" in gone["error"][0]
 
 
 def _within(seconds: float, work):

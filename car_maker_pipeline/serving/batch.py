@@ -95,28 +95,42 @@ def classify_folder(
     retried image by image, so a failure stays with the image that caused it; when the model fails
     on every readable image, the model is what is broken and its error is raised instead.
     """
+    try:
+        opened = Folder(folder)
+    except OSError as error:  # gone, or no folder, since it was listed: every file says so
+        problem = f"the folder cannot be opened ({type(error).__name__}: {error.strerror or error})"
+        return _table(files, {name: _failed(problem) for name in files}, model_name, model_version)
     rows: dict[str, dict] = {}
     failures: list[Exception] = []
-    sent = 0
-    chunk: list[tuple[str, bytes]] = []
-    with Folder(folder) as opened:
-        for name in files:
-            if len(chunk) == batch_size:  # classified before the next file is read, not beside it
-                rows.update(_predict_chunk(predict, chunk, failures))
-                chunk = []
-            data, problem = _read(opened, name)
-            if problem is not None:
-                rows[name] = _failed(problem)
-                continue
-            if chunk and sum(len(b) for _, b in chunk) + len(data) > MAX_REQUEST_BYTES:
-                rows.update(_predict_chunk(predict, chunk, failures))
-                chunk = []
-            chunk.append((name, data))
-            sent += 1
-        if chunk:
-            rows.update(_predict_chunk(predict, chunk, failures))
+    with opened:
+        sent = _classify_batches(predict, opened, files, batch_size, rows, failures)
     if sent and len(failures) == sent:
         raise failures[0]
+    return _table(files, rows, model_name, model_version)
+
+
+def _classify_batches(predict, opened: Folder, files, batch_size: int, rows: dict, failures: list) -> int:
+    """Read and classify `files` a batch at a time into `rows`; returns how many went to the model."""
+    sent, chunk = 0, []
+    for name in files:
+        if len(chunk) == batch_size:  # classified before the next file is read, not beside it
+            rows.update(_predict_chunk(predict, chunk, failures))
+            chunk = []
+        data, problem = _read(opened, name)
+        if problem is not None:
+            rows[name] = _failed(problem)
+            continue
+        if chunk and sum(len(blob) for _, blob in chunk) + len(data) > MAX_REQUEST_BYTES:
+            rows.update(_predict_chunk(predict, chunk, failures))
+            chunk = []
+        chunk.append((name, data))
+        sent += 1
+    if chunk:
+        rows.update(_predict_chunk(predict, chunk, failures))
+    return sent
+
+
+def _table(files, rows: dict, model_name: str, model_version: str) -> pd.DataFrame:
     frame = pd.DataFrame(
         [
             {"file_name": display_name(name), **rows[name], "model_name": model_name, "model_version": model_version}

@@ -134,6 +134,8 @@ class Folder:
         problem = name_problem(name)
         if problem:
             raise UnreadableFile(problem)
+        if "/" in name or name in (".", ".."):
+            raise UnreadableFile(f"{display_name(name)!r} is not the name of a file in this folder")
         try:
             fd = _open(name, _OPEN_FLAGS | os.O_NOFOLLOW, self.fd)
         except _Link:
@@ -154,6 +156,8 @@ class Folder:
         resolved = os.path.realpath(os.path.join(self.real, target))
         shown = display_name(os.fsdecode(target))
         if os.path.dirname(resolved) == self.real and resolved != self.real:
+            if os.path.basename(resolved).startswith("."):  # hidden: a copy that may still be in progress
+                raise UnreadableFile(f"a symbolic link to the hidden file {shown}, which is not read (yet)")
             return os.path.basename(resolved)
         if os.path.commonpath([resolved, self.real]) == self.real:
             raise UnreadableFile(
