@@ -136,15 +136,22 @@ def test_requests_over_the_bounds_are_refused_before_any_image_is_decoded(model,
     assert size.value.error_code == rows.value.error_code == "INVALID_PARAMETER_VALUE" and decoded == []
 
 
+PHOTOS = [encoded((64, 48), color=color) for color in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
+
+
+@pytest.fixture(scope="module")
+def alone(model):
+    """Each photo's probability, classified on its own."""
+    return [model.predict(pd.DataFrame({"image": [photo]})).iloc[0]["probability"] for photo in PHOTOS]
+
+
 @pytest.mark.parametrize(
     "index",
     [[7, 3, 5], ["b", "a", "c"], pd.Index([2, 0, 1], name="upload")],
     ids=["shuffled", "labels", "named"],
 )
-def test_answers_carry_the_callers_index(model, index):
-    photos = [encoded((64, 48), color=color) for color in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
-    alone = [model.predict(pd.DataFrame({"image": [photo]})).iloc[0]["probability"] for photo in photos]
-    frame = pd.DataFrame({"image": photos, "id": ["red", "green", "blue"]}, index=index)
+def test_answers_carry_the_callers_index(model, alone, index):
+    frame = pd.DataFrame({"image": PHOTOS, "id": ["red", "green", "blue"]}, index=index)
     answers = model.predict(frame)
     assert list(answers.index) == list(frame.index) and answers.index.name == frame.index.name
     joined = frame.iloc[::-1].join(answers)  # pairs by label, whatever the order

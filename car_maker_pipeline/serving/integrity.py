@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from car_maker_pipeline.models.checkpoint_marker import file_records, record_problems
@@ -90,8 +91,8 @@ def _versions_of(root: Path) -> list:
         run_id, model_id = mlmodel.get("run_id"), mlmodel.get("model_id")
     except (OSError, yaml.YAMLError, AttributeError):
         return []
-    if not run_id or not mlflow.is_tracking_uri_set():
-        return []  # no store to ask (MLflow's default would create one in the working directory)
+    if not re.fullmatch(r"[0-9a-f]{32}", str(run_id)) or not mlflow.is_tracking_uri_set():
+        return []  # not a run id to search by; or no store to ask (MLflow's default would create one here)
     versions = MlflowClient().search_model_versions(f"run_id = '{run_id}'")
     return [v for v in versions if not model_id or v.source == f"models:/{model_id}"]
 
