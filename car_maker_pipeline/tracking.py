@@ -28,17 +28,26 @@ def default_tracking_uri(home: Path) -> str:
     return sqlite_uri(home / "mlflow.db")
 
 
+_DECODED_BY_SQLALCHEMY = re.compile(r"\?|%(?=[0-9A-Fa-f]{2})")
+
+
 def sqlite_uri(path: Path) -> str:
     """The SQLAlchemy URI of a sqlite file, for any path (spaces, `?`, `#`, `%`, non-ASCII).
 
     SQLAlchemy reads the path up to the first `?` (where the query starts) and percent-decodes it,
-    so `?` and a `%` followed by two hex digits are percent-encoded; nothing else is. MLflow creates
-    the parent folder of the path as written in the URI, so every encoded character costs an empty
-    folder named after the encoding beside the real one (which it cannot be told not to make);
-    encoding only what SQLAlchemy would misread keeps that to paths with those two characters.
+    so `?` and a `%` followed by two hex digits are percent-encoded; nothing else is. MLflow, before
+    it connects, creates the parent folder of the path *as written in the URI* (not decoded), which
+    left an empty `runs%3Fstage=1` folder beside a home named `runs?stage=1`. So from the first path
+    component that needs encoding on, the slashes are encoded too (`%2F`, which SQLAlchemy decodes
+    back): the written path's parent is then a real folder above it, and MLflow creates nothing new.
     """
-    encoded = re.sub(r"%(?=[0-9A-Fa-f]{2})", "%25", str(Path(path).absolute())).replace("?", "%3F")
-    return "sqlite:///" + encoded
+    parts = Path(path).absolute().parts
+    first = next((i for i, part in enumerate(parts) if _DECODED_BY_SQLALCHEMY.search(part)), None)
+    if first is None:
+        return "sqlite:///" + str(Path(path).absolute())
+    plain = str(Path(*parts[:first]))
+    encoded = "%2F".join(part.replace("%", "%25").replace("?", "%3F") for part in parts[first:])
+    return "sqlite:///" + plain.rstrip("/") + "/" + encoded
 
 
 def sqlite_database(uri: str) -> Path | None:
@@ -223,25 +232,31 @@ def find_run(uri: str, exp_id: str, tags: dict[str, str]) -> str | None:
 WRITER_TAG = "writer"  # `<pid>@<host>` of the process logging an MLflow run, to recognise a killed one
 
 
-def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], is_alive) -> list[str]:
-    """Delete runs left RUNNING by a killed process (and any model version they registered).
+def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], status_of) -> list[str]:
+    """Delete runs left RUNNING by a killed process (and any model version they registered); only those.
 
-    A run matching `tags` that is still RUNNING although the Dagster run that opened it has ended
-    (`is_alive(dagster_run_id)` is False), or although the process that opened it (its `writer` tag,
-    `<pid>@<host>`) is dead on this host, was cut short mid-logging: a SIGKILLed command leaves its
-    Dagster run STARTED, so its status alone cannot tell. Evaluating the partition again records
-    everything afresh, so the half-written run would only be a duplicate.
+    A run matching `tags` that is still RUNNING was cut short mid-logging when it provably has no
+    live writer: the process that opened it (its `writer` tag, `<pid>@<host>`) is dead on this host,
+    or its writer ran on another host and its Dagster run has finished in *this* instance
+    (`status_of(dagster_run_id)` is "finished"). A SIGKILLed command leaves its Dagster run STARTED,
+    so that status alone cannot tell; and a run id this instance does not know ("unknown") belongs to
+    another Dagster instance sharing the MLflow store, whose live runs must never be touched. A writer
+    alive on this host keeps its run, whatever its Dagster run says. Evaluating the partition again
+    records everything afresh, so the half-written run would only be a duplicate.
     """
     from mlflow import MlflowClient
 
-    from car_maker_pipeline.storage import writer_alive
+    from car_maker_pipeline.storage import writer_alive, writer_on_this_host
 
     client = MlflowClient(uri)
     deleted = []
     for run in client.search_runs(
         [exp_id], filter_string=_tag_filter(tags, "attributes.status = 'RUNNING'"), max_results=100
     ):
-        if is_alive(run.data.tags.get("dagster_run_id")) and writer_alive(run.data.tags.get(WRITER_TAG)):
+        writer = run.data.tags.get(WRITER_TAG)
+        if writer_alive(writer) and (
+            writer_on_this_host(writer) or status_of(run.data.tags.get("dagster_run_id")) != "finished"
+        ):
             continue
         for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
             client.delete_model_version(version.name, version.version)
@@ -250,16 +265,16 @@ def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], is_alive) 
     return deleted
 
 
-def dagster_run_is_alive(instance):
-    """`is_alive` for `delete_orphaned_runs`: the Dagster run exists and has not finished."""
+def dagster_run_status(instance):
+    """`status_of` for `delete_orphaned_runs`: "finished", "running" or "unknown" (not a run of `instance`)."""
 
-    def is_alive(run_id: str | None) -> bool:
-        if not run_id:
-            return False
-        run = instance.get_run_by_id(run_id)
-        return run is not None and not run.is_finished
+    def status_of(run_id: str | None) -> str:
+        run = instance.get_run_by_id(run_id) if run_id else None
+        if run is None:
+            return "unknown"
+        return "finished" if run.is_finished else "running"
 
-    return is_alive
+    return status_of
 
 
 @contextmanager
@@ -280,7 +295,7 @@ def mlflow_run(
     exp = experiment_id(uri, home)
     if orphans_of is not None:
         delete_orphaned_runs(
-            uri, exp, {k: v for k, v in tags.items() if k != "dagster_run_id"}, dagster_run_is_alive(orphans_of)
+            uri, exp, {k: v for k, v in tags.items() if k != "dagster_run_id"}, dagster_run_status(orphans_of)
         )
     from car_maker_pipeline.storage import writer_id
 
@@ -295,6 +310,18 @@ def mlflow_run(
         log_system_metrics=system_metrics,
     ) as run:
         yield run
+
+
+@contextmanager
+def registry_lock(uri: str, home: Path, name: str) -> Iterator[None]:
+    """Held while the versions and aliases of registered model `name` change, so that two processes
+    (or two Dagster instances) sharing the tracking store take turns: a file lock beside a sqlite store,
+    else in the pipeline home."""
+    from car_maker_pipeline.locking import file_lock
+
+    database = sqlite_database(uri)
+    with file_lock((database.parent if database is not None else Path(home)) / f".registry-{name}.lock"):
+        yield
 
 
 def hf_token_env_names() -> tuple[str, ...]:

@@ -3,8 +3,9 @@
 For each home below, the default tracking URI is built, the store created through
 `ensure_reachable`, and a real MLflow run logged (param, metric, artifact), registered as a model
 version, and everything read back. The store must be `<home>/mlflow.db` and the artifacts under
-`<home>/mlflow-artifacts`, with no file written anywhere else (MLflow does leave an empty folder
-named after the percent-encoded path beside a home with `?` or `%XX` in it; see `sqlite_uri`):
+`<home>/mlflow-artifacts`, with nothing written or created anywhere else (MLflow creates the parent
+folder of the path as written in the URI: it left an empty `what%3Fnow` beside `what?now`, until the
+encoded part of the URI took its slashes with it; see `sqlite_uri`):
 
 | home folder name        | what a naive `sqlite:///{path}` did                   |
 |-------------------------|--------------------------------------------------------|
@@ -79,6 +80,7 @@ def test_mlflow_store_under_a_home_with_uri_characters(tmp_path, name):
         if path.is_file() and home not in path.parents and path.parent != tmp_path and "downloaded" not in path.parts
     ]
     assert outside == [], f"MLflow wrote outside {home}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([name, "note.txt", "downloaded"])
 
 
 def test_the_configured_uri_follows_car_maker_home(tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, budge
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.checkpoint_marker import ADAPTER_WEIGHTS, recorded_digest, verified_checkpoints
 from car_maker_pipeline.models.loading import LoadedModel
+from car_maker_pipeline.recording.aliases import RegisteredClassifier, promote
 from car_maker_pipeline.recording.baseline import (
     RecordTarget,
     budget_params,
@@ -44,7 +45,7 @@ from car_maker_pipeline.recording.baseline import (
     log_calibration,
     log_params,
 )
-from car_maker_pipeline.recording.registry import Candidate, RegisteredClassifier, register_classifier, registered_name
+from car_maker_pipeline.recording.registry import Candidate, register_classifier, registered_name
 from car_maker_pipeline.store import BASELINE_EVALUATION, CHECKPOINT_ACCURACY, LORA_CHECKPOINTS, PipelineStore
 
 logger = logging.getLogger(__name__)
@@ -213,10 +214,13 @@ def evaluate_checkpoints_and_record(
                 target_precision=target_precision,
             ),
             uri=target.tracking_uri,
+            home=store.root,
             dataset_record=dataset_record,
             tags={"dagster_run_id": target.dagster_run_id, **budget_params(in_force)},
         )
-        version = registered.version
+    # The run has ended FINISHED: only now may an alias name its version (never a failed or deleted run's).
+    registration = promote(registered, uri=target.tracking_uri, home=store.root)
+    version = registration.version
 
     store.write_manifest(
         CHECKPOINT_ACCURACY,
@@ -241,7 +245,7 @@ def evaluate_checkpoints_and_record(
         name,
         version,
         run.info.run_id,
-        registered,
+        registration,
         calibration,
         baseline.get("calibration"),
     )
