@@ -51,7 +51,8 @@ def test_an_mlflow_run_of_a_killed_command_is_deleted_although_its_dagster_run_l
     """A SIGKILLed `dagster asset materialize` leaves its Dagster run STARTED: the run's writer tells."""
     import mlflow
 
-    from car_maker_pipeline.tracking import WRITER_TAG, default_tracking_uri, delete_orphaned_runs, experiment_id
+    from car_maker_pipeline.mlflow_store import default_tracking_uri
+    from car_maker_pipeline.tracking import WRITER_TAG, delete_orphaned_runs, experiment_id
 
     uri = default_tracking_uri(tmp_path)
     experiment = experiment_id(uri, tmp_path)
@@ -103,7 +104,8 @@ def test_orphan_clean_up_deletes_only_provably_dead_runs_of_its_own_instance(tmp
     import dagster as dg
     import mlflow
 
-    from car_maker_pipeline.tracking import WRITER_TAG, default_tracking_uri, delete_orphaned_runs, experiment_id
+    from car_maker_pipeline.mlflow_store import default_tracking_uri
+    from car_maker_pipeline.tracking import WRITER_TAG, delete_orphaned_runs, experiment_id
     from car_maker_pipeline.tracking import dagster_run_status as status_in
 
     uri = default_tracking_uri(tmp_path)

@@ -312,8 +312,8 @@ def test_adapter_cards_of_both_formats_name_the_base_model(tiny_model_dir, tmp_p
 
 
 def test_no_champion_is_an_error_that_says_what_to_materialize(tmp_path):
+    from car_maker_pipeline.mlflow_store import initialize_sqlite_store
     from car_maker_pipeline.recording.registry import NoChampionError, champion_version
-    from car_maker_pipeline.tracking import initialize_sqlite_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     initialize_sqlite_store(uri)

@@ -24,14 +24,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
+from car_maker_pipeline.mlflow_store import default_tracking_uri, sqlite_database
 from car_maker_pipeline.store import PipelineStore
-from car_maker_pipeline.tracking import (
-    configured_tracking_uri,
-    default_tracking_uri,
-    ensure_reachable,
-    mlflow_run,
-    sqlite_database,
-)
+from car_maker_pipeline.tracking import configured_tracking_uri, ensure_reachable, mlflow_run
 
 HOME_NAMES = [
     "with space",
@@ -113,8 +108,8 @@ def test_a_store_copied_from_the_cached_template_is_the_store_migrations_build(t
     | migrated in place (no cache) | MLflow's                    | beside it                      |
     | copied from the template     | the same                    | beside it (not the template's) |
     """
+    from car_maker_pipeline.mlflow_store import initialize_sqlite_store
     from car_maker_pipeline.settings import CACHE_ENV
-    from car_maker_pipeline.tracking import initialize_sqlite_store
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     copied = tmp_path / "copied" / "mlflow.db"

@@ -63,7 +63,7 @@ def registered_classifier(home: Path):
 
 
 def tracking_uri(home: Path) -> str:
-    from car_maker_pipeline.tracking import default_tracking_uri
+    from car_maker_pipeline.mlflow_store import default_tracking_uri
 
     return default_tracking_uri(home)
 
