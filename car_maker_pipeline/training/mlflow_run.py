@@ -19,7 +19,7 @@ from car_maker_pipeline.redaction import redact_uri
 from car_maker_pipeline.storage import write_json_atomic
 from car_maker_pipeline.tracking import TrackingUnavailableError, experiment_id, find_run, mlflow_run, scrub_secrets
 from car_maker_pipeline.training.mlflow_callback import MlflowLossCallback
-from car_maker_pipeline.training.trainer import LoraTrainingResult
+from car_maker_pipeline.training.result import LoraTrainingResult
 
 RUN_ID_FILE = "mlflow_run.json"
 
