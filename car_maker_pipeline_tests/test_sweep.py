@@ -7,7 +7,7 @@
 | a sweep process killed (SIGKILL) mid-trial        | the rerun fails the stale trial and finishes n_trials     |
 | a 3-trial sweep on tiny-s                          | trials trained for real, scored per checkpoint; MLflow    |
 |                                                   | parent run + one child per trial; figures; best params in |
-|                                                   | the manifest; from_sweep trains them                     |
+|                                                   | the manifest, where from_sweep reads them               |
 | bad requests                                      | LoraTrainingError / ValueError naming the field, before   |
 |                                                   | any training                                              |
 """
@@ -119,6 +119,7 @@ def test_a_killed_sweep_resumes_and_the_killed_trial_fails_without_counting(tmp_
         ({"learnig_rate": {"low": 0.001, "high": 0.01}}, r"'learnig_rate' is not a LoraHyperparameters field"),
         ({"lora_r": {"choices": [8, 0]}}, r"lora_r=0 is not a usable value"),
         ({"max_steps": {"choices": [20]}}, r"max_steps=20 is not a usable value.*checkpoint_every_n_steps"),
+        ({"max_steps": {"choices": [40, 10]}, "checkpoint_every_n_steps": {"choices": [20]}}, r"max_steps=10 is not"),
         ({}, r"search space is empty"),
     ],
 )
@@ -144,7 +145,8 @@ def test_from_sweep_without_a_finished_sweep_says_what_to_materialize(maker_data
         sweep_best(PipelineStore(tmp_path / "home"), "tiny-s", maker_dataset)
 
 
-def test_a_sweep_trains_real_trials_records_them_and_its_best_configuration_trains(
+@pytest.mark.slow
+def test_a_sweep_trains_real_trials_and_records_them_and_its_best_configuration(
     tiny_model_dir, maker_dataset, tmp_path
 ):
     import mlflow
@@ -156,13 +158,15 @@ def test_a_sweep_trains_real_trials_records_them_and_its_best_configuration_trai
     store = PipelineStore(tmp_path / "home")
     uri = default_tracking_uri(store.root)
     base = LoraHyperparameters(per_device_train_batch_size=4, lora_r=4, bf16=False, warmup_steps=0)
-    space = {
+    space = {  # the shape of the README's recipe; checkpoint_every_n_steps is searched with max_steps
         "learning_rate": {"low": 0.001, "high": 0.01, "log": True},
         "max_steps": {"choices": [4]},
         "checkpoint_every_n_steps": {"choices": [2]},
     }
     settings = SweepSettings(n_trials=3, search_space=space, heartbeat_interval_s=2, pruner_startup_trials=1)
-    record = run_sweep(store, "tiny-s", str(tiny_model_dir), maker_dataset, base, settings, tracking_uri=uri, run_tags={})
+    record = run_sweep(
+        store, "tiny-s", str(tiny_model_dir), maker_dataset, base, settings, tracking_uri=uri, run_tags={}
+    )
     summary = record.summary
     assert summary["trials_complete"] + summary["trials_pruned"] == 3 and summary["trials_failed"] == 0
     assert 0.001 <= summary["best_params"]["learning_rate"] <= 0.01
@@ -179,5 +183,7 @@ def test_a_sweep_trains_real_trials_records_them_and_its_best_configuration_trai
     assert best["best_params"]["max_steps"] == 4 and best["best_value"] == summary["best_value"]
     assert json.loads(store.manifest_path(LORA_SWEEP, "tiny-s").read_text())["study_name"] == record.study_name
     # A rerun with the same request finds the study finished and trains nothing more.
-    again = run_sweep(store, "tiny-s", str(tiny_model_dir), maker_dataset, base, settings, tracking_uri=uri, run_tags={})
+    again = run_sweep(
+        store, "tiny-s", str(tiny_model_dir), maker_dataset, base, settings, tracking_uri=uri, run_tags={}
+    )
     assert again.study_name == record.study_name and len(again.trials) == 3

@@ -72,7 +72,7 @@ def _is_int(name: str) -> bool:
 def parse_search_space(space: dict[str, Any], base: LoraHyperparameters) -> dict[str, ParameterRange]:
     """The search space as ranges, or `LoraTrainingError` naming every field that is wrong and how."""
     problems, ranges = [], {}
-    for name, spec in space.items():
+    for name, spec in space.items():  # first each field alone
         if name not in LoraHyperparameters.model_fields or name in NOT_SEARCHABLE:
             known = ", ".join(sorted(set(LoraHyperparameters.model_fields) - NOT_SEARCHABLE))
             problems.append(f"{name!r} is not a LoraHyperparameters field (one of: {known})")
@@ -81,10 +81,13 @@ def parse_search_space(space: dict[str, Any], base: LoraHyperparameters) -> dict
             ranges[name] = ParameterRange(**spec) if isinstance(spec, dict) else ParameterRange(choices=spec)
         except (ValueError, TypeError) as error:
             problems.append(f"{name}: {_first_message(error)}")
-            continue
-        for value in _corners(name, ranges[name]):
+    # Then each value on the base settings with every other searched field at its first value (fields that
+    # bound each other, such as max_steps and checkpoint_every_n_steps, are searched together).
+    reference = {**base.to_json(), **{name: _corners(name, spec)[0] for name, spec in ranges.items()}}
+    for name, spec in ranges.items():
+        for value in _corners(name, spec):
             try:
-                LoraHyperparameters(**{**base.to_json(), name: value})
+                LoraHyperparameters(**{**reference, name: value})
             except ValueError as error:
                 problems.append(f"{name}={value!r} is not a usable value: {_first_message(error)}")
     if not ranges and not problems:

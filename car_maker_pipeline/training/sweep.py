@@ -181,8 +181,9 @@ def heartbeat(storage, trial_id: int, interval: int):
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    value: float | None  # None: pruned
+    value: float | None  # None: pruned, or failed
     pruned: bool
+    failed: str | None = None  # why the drawn configuration could not train (the trial fails, the sweep goes on)
 
 
 def run_study(
@@ -216,6 +217,11 @@ def run_study(
             except Exception:
                 study.tell(trial, state=TrialState.FAIL)
                 raise
+        if outcome.failed:
+            trial.set_user_attr("failed", outcome.failed)
+            study.tell(trial, state=TrialState.FAIL)
+            log.warning(f"trial {trial.number} failed: {outcome.failed}")
+            continue
         if outcome.pruned:
             study.tell(trial, state=TrialState.PRUNED)
         else:

@@ -111,7 +111,10 @@ def run_sweep(
 
     def run_trial(trial) -> TrialOutcome:
         values = suggest(trial, ranges)
-        hyper = LoraHyperparameters(**{**base.to_json(), **values})
+        try:
+            hyper = LoraHyperparameters(**{**base.to_json(), **values})
+        except ValueError as error:  # a combination of values that bound each other
+            return TrialOutcome(None, False, failed=f"{values}: {error}")
         child = client.create_run(
             experiment_id(tracking_uri, store.root),
             run_name=f"trial-{trial.number}",
