@@ -131,7 +131,7 @@ def test_trl_and_peft_settings_come_from_the_hyperparameters(tmp_path):
     ],
 )
 def test_training_folder_names_are_stable_across_releases(values, num_processes, folder_suffix):
-    assert LoraHyperparameters(**values).fingerprint(num_processes=num_processes) == folder_suffix
+    assert LoraHyperparameters(**values).legacy_fingerprint(num_processes=num_processes) == folder_suffix
 
 
 def test_a_setting_added_later_names_a_new_folder_only_when_changed():

@@ -19,10 +19,12 @@ from car_maker_pipeline.data.maker_dataset import MakerDataset
 from car_maker_pipeline.store import LORA_CHECKPOINTS, PipelineStore
 from car_maker_pipeline.tracking import system_metrics
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
+from car_maker_pipeline.training.continuation import find_training_dir
 from car_maker_pipeline.training.distributed import Launcher, train_distributed
 from car_maker_pipeline.training.mlflow_callback import PENDING_FILE, MlflowLossCallback
 from car_maker_pipeline.training.mlflow_run import complete_record, training_run_id
-from car_maker_pipeline.training.trainer import LoraTrainingResult, train_lora
+from car_maker_pipeline.training.result import LoraTrainingResult
+from car_maker_pipeline.training.trainer import train_lora
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +46,10 @@ def training_dir(
     hyperparameters: LoraHyperparameters,
     num_processes: int,
 ) -> Path:
-    """Same model, data and hyperparameters -> same folder, so a rerun resumes instead of starting over."""
-    fingerprint = hyperparameters.fingerprint(num_processes=num_processes)
-    return store.asset_dir(LORA_CHECKPOINTS, model_key) / f"{Path(dataset.path).name}-{fingerprint}"
+    """Same model, data and maths -> same folder, so a rerun resumes (or continues, or shortens the run)
+    instead of starting over; a folder named by an earlier release is found again (continuation.py)."""
+    root = store.asset_dir(LORA_CHECKPOINTS, model_key)
+    return find_training_dir(root, Path(dataset.path).name, hyperparameters, num_processes)
 
 
 def train_model(
