@@ -67,15 +67,21 @@ def task(tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 
 
-def test_the_run_config_is_the_hyperparameter_schema_plus_the_process_count():
+# The run config's own fields: how to launch, and where the settings come from; neither is a hyperparameter.
+RUN_ONLY_FIELDS = {"num_processes", "from_sweep"}
+
+
+def test_the_run_config_is_the_hyperparameter_schema_plus_the_launch_settings():
     from car_maker_pipeline.orchestration.assets.training import LoraTrainingConfig
 
     plain, run_config = LoraHyperparameters(), LoraTrainingConfig()
-    assert set(LoraTrainingConfig.model_fields) == set(LoraHyperparameters.model_fields) | {"num_processes"}
+    assert set(LoraTrainingConfig.model_fields) == set(LoraHyperparameters.model_fields) | RUN_ONLY_FIELDS
     assert isinstance(run_config, LoraHyperparameters)
-    assert run_config.to_json() == plain.to_json()  # the launch setting is not a hyperparameter
+    assert run_config.to_json() == plain.to_json()  # the launch settings are not hyperparameters
     chosen = {"learning_rate": 2e-4, "lora_r": 4, "target_modules": ["q_proj"], "warmup_steps": 0, "bf16": False}
-    assert LoraTrainingConfig(**chosen, num_processes=2).to_json() == LoraHyperparameters(**chosen).to_json()
+    launched = LoraTrainingConfig(**chosen, num_processes=2, from_sweep=True)
+    assert launched.to_json() == LoraHyperparameters(**chosen).to_json()
+    assert launched.fingerprint() == LoraHyperparameters(**chosen).fingerprint()
 
 
 def test_trl_and_peft_settings_come_from_the_hyperparameters(tmp_path):

@@ -4,6 +4,7 @@
 |-------------------------------------------------------------|--------------------------------------------------------------|
 | every maker's answer scored in one batched pass vs. brute force (one full forward pass per image and maker) | equal to 1e-5, demo makers and makers sharing prefixes, mixed picture sizes |
 | the scoring pass split by a small logit budget              | the same distribution, one pass more per group of makers     |
+| cache bytes per row: keys/values, 0-d counter, conv lists   | batch-shaped tensors only; counters and lists left out       |
 | all 49 real makers                                          | still two passes per batch; a distribution over all 49       |
 | a classified picture                                        | probabilities sum to 1; the maker is the most probable one   |
 | threshold and temperature                                   | chosen from validation only: changing test changes neither   |
@@ -97,6 +98,29 @@ def test_every_maker_is_scored_as_brute_force_would(tiny_model, maker_dataset, m
         expected = _brute_force(tiny_model.model, tiny_model.processor, classifier.prompt_text, picture, answers)
         np.testing.assert_allclose(scored.log_probs[row].exp().numpy(), expected, atol=1e-5)
         assert scored.makers[row] == makers[int(np.argmax(expected))]
+
+
+@pytest.mark.parametrize(
+    ("rows", "extra", "expected_per_row"),
+    [
+        (3, {}, 2 * 5 * 4),  # keys and values, float32, 5 values per row
+        (3, {"cumulative_length": torch.tensor(7)}, 2 * 5 * 4),  # a 0-d counter is the batch's, no row's
+        (3, {"offsets": torch.zeros(4, dtype=torch.int64)}, 2 * 5 * 4),  # not batch-shaped: not per row
+        (3, {"conv_states": [torch.zeros(3, 2)]}, 2 * 5 * 4),  # LFM2's conv state lists are not counted
+        (3, {"mask": torch.zeros(3, 5, dtype=torch.bool)}, 2 * 5 * 4 + 5),  # any other per-row tensor is
+    ],
+    ids=["keys-values", "counter", "other-shape", "conv-list", "per-row-mask"],
+)
+def test_the_cache_size_per_row_counts_the_tensors_held_per_row(rows, extra, expected_per_row):
+    class Layer:
+        def __init__(self):
+            self.keys, self.values = torch.zeros(rows, 5), torch.zeros(rows, 5)
+            vars(self).update(extra)
+
+    class Cache:
+        layers = [Layer(), Layer()]
+
+    assert cache_bytes_per_row(Cache(), rows) == 2 * expected_per_row
 
 
 def test_classified_pictures_carry_a_distribution_and_its_most_probable_maker(tiny_model, maker_dataset):

@@ -21,6 +21,7 @@ ASSETS = [
     "car_maker_dataset",
     "baseline_evaluation",
     "lora_checkpoints",
+    "lora_sweep",
     "checkpoint_accuracy",
     "merged_model",
     "maker_predictions",
@@ -30,6 +31,7 @@ LINEAGE = {
     ("raw_stanford_cars", "car_maker_dataset"),
     ("car_maker_dataset", "baseline_evaluation"),
     ("car_maker_dataset", "lora_checkpoints"),
+    ("car_maker_dataset", "lora_sweep"),
     ("baseline_evaluation", "checkpoint_accuracy"),
     ("lora_checkpoints", "checkpoint_accuracy"),
     ("checkpoint_accuracy", "merged_model"),
@@ -93,6 +95,7 @@ def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
         "car_maker_dataset": "data",
         "baseline_evaluation": "baseline",
         "lora_checkpoints": "training",
+        "lora_sweep": "sweep",
         "checkpoint_accuracy": "evaluation",
         "merged_model": "serving",
         "maker_predictions": "serving",
@@ -103,7 +106,8 @@ def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
     assert {"huggingface"} <= set(nodes["raw_stanford_cars"]["kinds"])
     assert {"pytorch", "huggingface", "mlflow"} <= set(nodes["lora_checkpoints"]["kinds"])
     assert {"pytorch", "mlflow"} <= set(nodes["checkpoint_accuracy"]["kinds"])
-    for key in ("baseline_evaluation", "lora_checkpoints", "checkpoint_accuracy", "merged_model", "maker_predictions"):
+    assert {"optuna", "pytorch", "mlflow"} <= set(nodes["lora_sweep"]["kinds"])
+    for key in ASSETS[2:]:  # every asset after the data is one partition per model
         assert nodes[key]["isPartitioned"]
         assert nodes[key]["partitionKeysByDimension"][0]["partitionKeys"] == ["tiny-s", "tiny-m", "tiny-l"]
     checks = {key: {c["name"] for c in node["assetChecksOrError"]["checks"]} for key, node in nodes.items()}
