@@ -24,7 +24,8 @@ from PIL import Image
 from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor
 
 from car_maker_pipeline.evaluation.scoring.answers import decode
-from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split, pixel_bounded_batches
+from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
+from car_maker_pipeline.evaluation.scoring.inputs import pixel_bounded_batches
 from car_maker_pipeline.evaluation.scoring.reference import generate_decode
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, ImageTokenBudgetError, image_token_count
 from car_maker_pipeline.offline.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, build_processor, build_tokenizer
@@ -108,9 +109,9 @@ def test_pixel_bounded_batches(areas, batch_size, bound, expected):
 class _BatchRecorder(MakerClassifier):
     """The real classifier, noting the decoded pixels of every batch it runs."""
 
-    def _run_batch(self, images, decoder=None):
+    def _prepare(self, images):
         self.batch_pixels = [*getattr(self, "batch_pixels", []), sum(i.size[0] * i.size[1] for i in images)]
-        return super()._run_batch(images, decoder)
+        return super()._prepare(images)
 
 
 def test_large_pictures_run_in_smaller_batches_with_the_same_answers(tiny_model, maker_dataset):
@@ -130,22 +131,22 @@ def test_large_pictures_run_in_smaller_batches_with_the_same_answers(tiny_model,
 class _PixelLifetimes(MakerClassifier):
     """The real classifier, checking at each batch that no earlier batch's pictures are still alive."""
 
-    def _run_batch(self, images, decoder=None):
+    def _prepare(self, images):
         gc.collect()
         self.alive_before_batch = [
             *getattr(self, "alive_before_batch", []),
             sum(r() is not None for r in getattr(self, "seen", [])),
         ]
         self.seen = [*getattr(self, "seen", []), *(weakref.ref(image) for image in images)]
-        return super()._run_batch(images, decoder)
+        return super()._prepare(images)
 
 
 def test_evaluate_split_frees_each_batch_of_pixels_before_the_next(tiny_model, maker_dataset):
     classifier = _PixelLifetimes(tiny_model.model, tiny_model.processor, DEMO_MAKERS, batch_size=4, sort_window=8)
     run = evaluate_split(classifier, maker_dataset.load()["test"], max_images=20)
     assert len(run.predictions) == 20
-    assert len(classifier.alive_before_batch) == 1 + 5  # the warm-up batch, then 20 pictures in batches of 4
-    assert classifier.alive_before_batch == [0] * 6, "decoded pictures of finished batches were still held"
+    assert len(classifier.alive_before_batch) == 5  # 20 pictures in batches of 4, the warm-up reusing the first
+    assert classifier.alive_before_batch == [0] * 5, "decoded pictures of finished batches were still held"
 
 
 @pytest.mark.parametrize("kind", ["tiny", "real"])

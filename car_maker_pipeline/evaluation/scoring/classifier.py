@@ -9,7 +9,6 @@ left-padded batches: one pass over the prompts, one batched pass over all the an
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,11 +17,11 @@ import datasets
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from car_maker_pipeline.evaluation.scoring.answers import AnswerTrie, score_answers
+from car_maker_pipeline.evaluation.scoring.inputs import StoredPicture, opened, pixel_bounded_batches, ready_size
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, image_token_count
-from car_maker_pipeline.model_inputs.images import MAX_BATCH_PIXELS, model_ready, padded_size
+from car_maker_pipeline.model_inputs.images import MAX_BATCH_PIXELS, model_ready
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 
 END_OF_TURN = "<|im_end|>"
@@ -167,29 +166,40 @@ class MakerClassifier:
         """One batch, in the order given (no sorting): `classify` is the one to call for many images."""
         return self._run_batch([model_ready(image) for image in images])
 
-    @torch.inference_mode()
     def _run_batch(self, images: Sequence, decoder=None) -> list[Prediction]:
         """One batch of model-ready pictures, every maker scored; a `decoder(model, inputs, trie, pad_id)`
         replaces that with a greedy path (the benchmark times greedy trie decoding and `generate` so)."""
+        return self._score(self._prepare(images), self.stats, decoder)
+
+    def _prepare(self, images: Sequence) -> PreparedBatch:
+        """The CPU half of a batch, which needs no model: the processor's tensors of model-ready pictures."""
         inputs = self.processor(
             images=[[image] for image in images],
             text=[self.prompt_text] * len(images),
             padding=True,
             return_tensors="pt",
-        ).to(self.device)
+        )
+        return PreparedBatch(dict(inputs), [self.image_tokens(image) for image in images])
+
+    @torch.inference_mode()
+    def _score(self, batch: PreparedBatch, stats: ThroughputStats, decoder=None) -> list[Prediction]:
+        """The model's half: a prepared batch on the device, every maker's answer scored (or `decoder`'s path)."""
+        inputs = {
+            name: value.to(self.device) if torch.is_tensor(value) else value for name, value in batch.inputs.items()
+        }
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         decoder = decoder or self.decoder
         if decoder is None:
-            decoded = score_answers(self.model, dict(inputs), self.makers, [self.answers[m] for m in self.makers])
+            decoded = score_answers(self.model, inputs, self.makers, [self.answers[m] for m in self.makers])
         else:
-            decoded = decoder(self.model, dict(inputs), self.trie, self.pad_id)
+            decoded = decoder(self.model, inputs, self.trie, self.pad_id)
         mask = inputs["attention_mask"]
-        self.stats.add_batch(
+        stats.add_batch(
             real_tokens=int(mask.sum()),
             padded_tokens=int(mask.numel()),
             forward_passes=decoded.forward_passes,
-            image_tokens=[self.image_tokens(image) for image in images],
+            image_tokens=batch.image_tokens,
         )
         log_probs = getattr(decoded, "log_probs", None)
         return [
@@ -207,71 +217,68 @@ class MakerClassifier:
         pixel memory while they wait in a window, nor after their batch. A batch also ends before its decoded
         pictures pass `max_batch_pixels`, so a run of large photos goes through in smaller batches.
         """
+        return self.classify_each(images, [None], {None: self.stats}).predictions[None]
+
+    def classify_each(
+        self, images: Iterable, adapters: Sequence[str | None], stats: dict | None = None, warm_up: bool = False
+    ) -> OnePass:
+        """`classify` under each of the model's `adapters` (PEFT adapter names; None: the model as it is),
+        preparing every batch once: each is decoded and processed, then scored by every adapter in turn.
+
+        Scoring 8 checkpoints of one run so costs one preparation of the pictures instead of 8 (LFM2-VL's
+        image processor alone is most of the evaluation at realistic photo sizes). `stats` (per adapter)
+        are added to; `warm_up` scores the first batch once untimed first (one-off kernel and allocator
+        set-up). The active adapter is restored afterwards.
+        """
         images = list(images)
-        predictions: list[Prediction | None] = [None] * len(images)
+        stats = stats if stats is not None else {adapter: ThroughputStats() for adapter in adapters}
+        result = OnePass({adapter: [None] * len(images) for adapter in adapters}, dict.fromkeys(adapters, 0.0))
+        active = getattr(self.model, "active_adapter", None) if any(a is not None for a in adapters) else None
+        try:
+            for chunk, batch in self._prepared_batches(images):
+                if warm_up:
+                    started = time.perf_counter()
+                    self._score(batch, ThroughputStats())
+                    result.warm_up_seconds, warm_up = time.perf_counter() - started, False
+                for adapter in adapters:
+                    started = time.perf_counter()
+                    if adapter is not None:
+                        self.model.set_adapter(adapter)
+                    predictions = self._score(batch, stats[adapter])
+                    result.model_seconds[adapter] += time.perf_counter() - started
+                    for index, prediction in zip(chunk, predictions):
+                        result.predictions[adapter][index] = prediction
+                del batch  # its tensors go now, not once the next batch is prepared beside them
+        finally:
+            if active is not None:
+                self.model.set_adapter(active)
+        return result
+
+    def _prepared_batches(self, images: list):
+        """(indices, prepared batch) for every batch of `images`, cost-sorted within each window."""
         window = self.batch_size * self.sort_window
         for start in range(0, len(images), window):
-            sizes = {i: _ready_size(images[i]) for i in range(start, min(start + window, len(images)))}
+            sizes = {i: ready_size(images[i]) for i in range(start, min(start + window, len(images)))}
             ordered = sorted(sizes, key=lambda i: (self.image_tokens(sizes[i]), i))
             for chunk in pixel_bounded_batches(ordered, sizes, self.batch_size, self.max_batch_pixels):
-                batch = [model_ready(_opened(images[i])) for i in chunk]
-                for index, prediction in zip(chunk, self._run_batch(batch)):
-                    predictions[index] = prediction
-                del batch  # its pixels go now, not once the next batch is decoded beside them
-        return predictions
+                yield chunk, self._prepare([model_ready(opened(images[i])) for i in chunk])
 
 
-def pixel_bounded_batches(
-    ordered: Sequence[int], sizes: dict[int, tuple[int, int]], batch_size: int, max_pixels: int
-) -> list[list[int]]:
-    """`ordered` cut into consecutive batches of at most `batch_size` pictures and `max_pixels`
-    decoded pixels (`sizes[i]`: picture i's width and height); a picture alone may exceed it."""
-    batches: list[list[int]] = []
-    batch, pixels = [], 0
-    for index in ordered:
-        area = sizes[index][0] * sizes[index][1]
-        if batch and (len(batch) == batch_size or pixels + area > max_pixels):
-            batches.append(batch)
-            batch, pixels = [], 0
-        batch.append(index)
-        pixels += area
-    if batch:
-        batches.append(batch)
-    return batches
+@dataclass
+class PreparedBatch:
+    """A batch as the processor made it (CPU tensors), with each picture's image tokens."""
+
+    inputs: dict
+    image_tokens: list[int]
 
 
-def _ready_size(image) -> tuple[int, int]:
-    """The size `model_ready` will give `image`, from its header (stored pictures are within the limits)."""
-    return padded_size(*image.size)
+@dataclass
+class OnePass:
+    """`classify_each`'s answers per adapter, in input order, and where its time went."""
 
-
-@dataclass(frozen=True)
-class StoredPicture:
-    """An image file as stored (bytes or a path): its size read from the header, its pixels decoded
-    only when its batch runs and dropped with the batch.
-
-    Why not a lazily opened `PIL.Image`: once its batch decodes it, the image object keeps the
-    pixels for as long as it lives, so a sorting window of 2,048 realistic photos held them all
-    (6.7 GB for 1,005 test pictures, measured) although each batch needed only its own.
-    """
-
-    data: bytes | None
-    path: str | None
-    size: tuple[int, int]
-
-    @classmethod
-    def of(cls, cell: dict) -> StoredPicture:
-        data, path = cell.get("bytes") or None, cell.get("path")
-        with Image.open(io.BytesIO(data) if data else path) as header:
-            return cls(data, None if data else path, header.size)
-
-    def open(self) -> Image.Image:
-        return Image.open(io.BytesIO(self.data) if self.data else self.path)
-
-
-def _opened(image):
-    """A decoded picture as is; a stored one (`StoredPicture`, or any other with `size` and `open()`) opened now."""
-    return image if isinstance(image, Image.Image) else image.open()
+    predictions: dict[str | None, list]
+    model_seconds: dict[str | None, float]  # per adapter: its forward passes
+    warm_up_seconds: float = 0.0
 
 
 @dataclass
@@ -287,11 +294,21 @@ class EvaluationRun:
 
 
 def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = None) -> EvaluationRun:
-    """Classify every image of a maker-dataset split (or the first `max_images`).
+    """Classify every image of a maker-dataset split (or the first `max_images`) with the model as it is."""
+    return evaluate_split_each(classifier, split, [None], max_images)[None]
+
+
+def evaluate_split_each(
+    classifier: MakerClassifier, split, adapters: Sequence[str | None], max_images: int | None = None
+) -> dict[str | None, EvaluationRun]:
+    """`evaluate_split` under each of the model's `adapters`, every picture read and prepared once.
 
     Rows are read one sorting window at a time as undecoded bytes (`classify` sorts them by cost and
     decodes a batch at a time, `StoredPicture`), so memory holds one window's compressed files and
-    one batch's pixels (at most `max_batch_pixels`), whatever the split's size.
+    one batch's pixels (at most `max_batch_pixels`), whatever the split's size. The first batch is
+    scored once untimed (the first forward pass pays one-off set-up, which would dominate images/s
+    on a small split). Each adapter's `seconds` are its own forward passes plus an equal share of
+    the rest (reading, preparing), so they add up to the pass's wall time.
     """
     if split.num_rows == 0:
         raise ClassifierError(
@@ -299,26 +316,31 @@ def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = 
         )
     if max_images is not None:
         split = split.select(range(min(max_images, split.num_rows)))
-    # One untimed batch first: the first forward pass pays one-off kernel and allocator set-up,
-    # which would otherwise dominate images/s on a small split.
-    classifier.classify_batch(split.select(range(min(classifier.batch_size, split.num_rows)))["image"])
-    classifier.stats = ThroughputStats()
-    started = time.perf_counter()
-    rows = []
+    adapters = list(adapters)
+    stats = {adapter: ThroughputStats() for adapter in adapters}
+    model_seconds, rows = dict.fromkeys(adapters, 0.0), {adapter: [] for adapter in adapters}
+    started, warm_up = time.perf_counter(), 0.0
     window = classifier.batch_size * classifier.sort_window
     stored = split.cast_column("image", datasets.Image(decode=False))
     for start in range(0, split.num_rows, window):
         part = stored[start : start + window]
         pictures = [StoredPicture.of(cell) for cell in part["image"]]
-        for offset, (maker, prediction) in enumerate(zip(part["maker"], classifier.classify(pictures))):
-            rows.append(
-                {
-                    "index": start + offset,
-                    "true_maker": maker,
-                    "predicted_maker": prediction.maker,
-                    "score": prediction.score,
-                    "log_probs": list(prediction.log_probs) if prediction.log_probs is not None else None,
-                }
-            )
-    seconds = time.perf_counter() - started
-    return EvaluationRun(pd.DataFrame(rows), seconds, classifier.stats.summary())
+        one = classifier.classify_each(pictures, adapters, stats, warm_up=start == 0)
+        warm_up += one.warm_up_seconds
+        for adapter in adapters:
+            model_seconds[adapter] += one.model_seconds[adapter]
+            for offset, (maker, prediction) in enumerate(zip(part["maker"], one.predictions[adapter])):
+                rows[adapter].append(
+                    {
+                        "index": start + offset,
+                        "true_maker": maker,
+                        "predicted_maker": prediction.maker,
+                        "score": prediction.score,
+                        "log_probs": list(prediction.log_probs) if prediction.log_probs is not None else None,
+                    }
+                )
+    shared = (time.perf_counter() - started - warm_up - sum(model_seconds.values())) / len(adapters)
+    return {
+        adapter: EvaluationRun(pd.DataFrame(rows[adapter]), model_seconds[adapter] + shared, stats[adapter].summary())
+        for adapter in adapters
+    }
