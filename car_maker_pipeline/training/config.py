@@ -51,6 +51,10 @@ RUN_LENGTH_FIELDS = frozenset({"max_steps", "early_stopping_patience", "early_st
 # does not until the decay begins: a run of them can be extended soundly (continuation.py).
 EXTENDABLE_SCHEDULES = ("warmup_stable_decay", "constant", "constant_with_warmup", "inverse_sqrt")
 
+# Defaults as they were when `legacy_fingerprint` was frozen, for settings whose default changed since
+# (unset now means "chosen from the machine"), so an old folder's name is still computed the same way.
+_LEGACY_DEFAULTS = {"dataloader_num_workers": 0}
+
 # The fields the run config offered when training folders were first named after a hash of the
 # hyperparameters (`legacy_fingerprint`, the names folders got before the maths alone keyed them).
 _ALWAYS_FINGERPRINTED = (
@@ -147,7 +151,12 @@ class LoraHyperparameters(BaseModel):
     bf16: bool | None = Field(
         default=None, description="bf16 mixed precision; unset: on a CUDA GPU that supports it, fp32 otherwise."
     )
-    dataloader_num_workers: int = Field(default=0, ge=0)
+    dataloader_num_workers: int | None = Field(
+        default=None,
+        ge=0,
+        description="Processes decoding and preparing batches ahead of the model (torch's DataLoader); unset: "
+        "chosen from the machine (`machine_data_workers`). Changes no maths, so never the training folder.",
+    )
     # The image-token budget (the processor's own settings; unset keeps the model's). Recorded with the
     # run, so its checkpoints are evaluated with the budget they were trained with.
     min_image_tokens: int | None = Field(default=None, gt=0, description="Fewest image tokens per picture.")
@@ -239,11 +248,10 @@ class LoraHyperparameters(BaseModel):
     def legacy_fingerprint(self, **launch_settings: Any) -> str:
         """The name earlier releases gave a training folder (every setting, max_steps included), so a folder
         made by them is found again and resumes. Frozen: never change it."""
-        defaults = LoraHyperparameters().to_json()
+        defaults, mine = LoraHyperparameters().to_json() | _LEGACY_DEFAULTS, self.to_json()
+        mine.update({name: value for name, value in _LEGACY_DEFAULTS.items() if mine[name] is None})
         values = {
-            name: value
-            for name, value in self.to_json().items()
-            if name in _ALWAYS_FINGERPRINTED or value != defaults[name]
+            name: value for name, value in mine.items() if name in _ALWAYS_FINGERPRINTED or value != defaults[name]
         }
         values.update(launch_settings)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
@@ -279,6 +287,12 @@ class LoraHyperparameters(BaseModel):
     def image_token_budget(self) -> ImageTokenBudget:
         return ImageTokenBudget(self.min_image_tokens, self.max_image_tokens, self.do_image_splitting)
 
+    def data_workers(self) -> int:
+        """The DataLoader workers this run uses: the setting, or `machine_data_workers()` when unset."""
+        from car_maker_pipeline.machine import machine_data_workers
+
+        return self.dataloader_num_workers if self.dataloader_num_workers is not None else machine_data_workers()
+
     def use_bf16(self) -> bool:
         import torch
 
@@ -291,6 +305,7 @@ class LoraHyperparameters(BaseModel):
         import torch
         from trl import SFTConfig
 
+        workers = self.data_workers()
         return SFTConfig(
             output_dir=str(output_dir),
             learning_rate=self.learning_rate,
@@ -326,7 +341,8 @@ class LoraHyperparameters(BaseModel):
             packing=False,
             remove_unused_columns=False,  # the collator needs the `image` column
             dataset_kwargs={"skip_prepare_dataset": True},
-            dataloader_num_workers=self.dataloader_num_workers,
+            dataloader_num_workers=workers,
+            dataloader_persistent_workers=workers > 0,  # forked once per run, not at every epoch and evaluation
             ddp_find_unused_parameters=False,  # under DDP every LoRA weight takes part in every forward pass
             report_to="none",  # our own MLflow callback logs to the pipeline's run (see mlflow_callback.py)
             push_to_hub=False,

@@ -1,4 +1,4 @@
-"""Where the evaluator's time goes: every checkpoint scored on one pass over the pictures.
+"""Where the time goes: every checkpoint scored on one pass over the pictures; data workers from the machine.
 
 | case                                                         | expected                                                   |
 |--------------------------------------------------------------|------------------------------------------------------------|
@@ -6,6 +6,8 @@
 | processor calls while scoring 3 checkpoints                  | each validation and test picture prepared once (not 3 times) |
 | a 4th checkpoint added, scored again                         | only it is scored (one preparation per picture); the cached results are not rewritten |
 | all scored, asked again                                      | no picture prepared at all                                  |
+| data workers: no GPU (any cores) / GPU with 16, 4, 2, 1 cores / 16 cores shared by 4 processes / 64 cores | 0 / 8 (capped), 3, 1, 0 / 3 / 8 |
+| training config with workers unset, 0 or 3                   | SFTConfig gets the machine's choice, 0, 3 (persistent workers when > 0); one folder name for all, old and new |
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 
 from car_maker_pipeline.evaluation.checkpoint_scores import score_checkpoints
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
+from car_maker_pipeline.machine import MAX_DATA_WORKERS, machine_data_workers
 from car_maker_pipeline.models.checkpoint_marker import mark_checkpoint_complete
 from car_maker_pipeline.models.loading import attach_adapter
 
@@ -110,3 +113,37 @@ def test_every_checkpoint_is_scored_on_one_preparation_of_each_picture(
     assert list(more.table["step"]) == [10, 20, 30, 40]
     _, prepared = _scored(tiny_model, maker_dataset, checkpoints, tmp_path)
     assert prepared == 0
+
+
+@pytest.mark.parametrize(
+    ("cpus", "cuda", "local_processes", "expected"),
+    [
+        (2, False, 1, 0),
+        (64, False, 1, 0),  # no GPU waits for the data: the model's threads take every core
+        (16, True, 1, MAX_DATA_WORKERS),
+        (4, True, 1, 3),
+        (2, True, 1, 1),
+        (1, True, 1, 0),
+        (16, True, 4, 3),  # four training processes share the cores
+        (64, True, 1, MAX_DATA_WORKERS),
+    ],
+)
+def test_data_workers_are_chosen_from_the_machine(cpus, cuda, local_processes, expected):
+    assert machine_data_workers(cpus=cpus, cuda=cuda, local_processes=local_processes) == expected
+
+
+def test_data_workers_reach_the_trainer_and_never_name_the_folder(tmp_path, monkeypatch):
+    from car_maker_pipeline.training.config import LoraHyperparameters
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    machine = machine_data_workers()
+    for setting, expected in ((None, machine), (0, 0), (3, 3)):
+        hyper = LoraHyperparameters(dataloader_num_workers=setting)
+        config = hyper.to_sft_config(str(tmp_path), evaluate=False)
+        assert (config.dataloader_num_workers, config.dataloader_persistent_workers) == (expected, expected > 0)
+    names = {
+        (LoraHyperparameters(dataloader_num_workers=w).fingerprint(num_processes=1),
+         LoraHyperparameters(dataloader_num_workers=w).legacy_fingerprint(num_processes=1))
+        for w in (None, 0)
+    }  # fmt: skip
+    assert len(names) == 1, "unset and 0 (the earlier default) must name the same folder, old scheme and new"
