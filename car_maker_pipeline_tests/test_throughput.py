@@ -6,13 +6,20 @@
 | processor calls while scoring 3 checkpoints                  | each validation and test picture prepared once (not 3 times) |
 | a 4th checkpoint added, scored again                         | only it is scored (one preparation per picture); the cached results are not rewritten |
 | all scored, asked again                                      | no picture prepared at all                                  |
+| `prefetched`: 0-3 threads, depth 1-3, jobs of random durations | results in input order; never more than depth results waiting; jobs read only as far as the look-ahead |
+| `prefetched`: a job fails                                    | its error raised at its turn, after the results before it   |
+| `evaluate_split` with 2 preparing threads vs none            | the same log-probabilities (1e-5); each batch's processor never shared by two threads |
 | data workers: no GPU (any cores) / GPU with 16, 4, 2, 1 cores / 16 cores shared by 4 processes / 64 cores | 0 / 8 (capped), 3, 1, 0 / 3 / 8 |
+| a process importing the package, OMP_WAIT_POLICY unset / ACTIVE | PASSIVE / ACTIVE (the user's wins), set before torch is loaded |
 | training config with workers unset, 0 or 3                   | SFTConfig gets the machine's choice, 0, 3 (persistent workers when > 0); one folder name for all, old and new |
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -147,3 +154,106 @@ def test_data_workers_reach_the_trainer_and_never_name_the_folder(tmp_path, monk
         for w in (None, 0)
     }  # fmt: skip
     assert len(names) == 1, "unset and 0 (the earlier default) must name the same folder, old scheme and new"
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_pipeline_processes_let_compute_threads_sleep_unless_told_otherwise(given, expected):
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    probe = "import os, sys, car_maker_pipeline; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [expected, "False"], "set before torch loads, so its OpenMP runtime reads it"
+
+
+@pytest.mark.parametrize(("workers", "depth"), [(0, 2), (1, 1), (2, 2), (3, 1), (3, 3)])
+def test_prefetched_keeps_order_and_bounds_what_waits(workers, depth):
+    import random
+    import threading
+    import time
+
+    from car_maker_pipeline.evaluation.scoring.inputs import prefetched
+
+    lock, state = threading.Lock(), {"read": 0, "done": 0, "consumed": 0, "most_waiting": 0, "most_read_ahead": 0}
+    rng = random.Random(workers * 10 + depth)
+    delays = [rng.uniform(0, 0.004) for _ in range(25)]
+
+    def jobs():
+        for job in range(len(delays)):
+            with lock:
+                state["read"] += 1
+                state["most_read_ahead"] = max(state["most_read_ahead"], state["read"] - state["consumed"])
+            yield job
+
+    def prepare(job):
+        time.sleep(delays[job])
+        with lock:
+            state["done"] += 1
+            state["most_waiting"] = max(state["most_waiting"], state["done"] - state["consumed"])
+        return job * job
+
+    results = []
+    for result in prefetched(jobs(), prepare, workers, depth):
+        results.append(result)
+        time.sleep(0.002)  # the model's turn
+        with lock:
+            state["consumed"] += 1
+    assert results == [job * job for job in range(len(delays))]
+    bound = 1 if workers == 0 else depth + 1  # the result in use and those prepared ahead
+    assert state["most_waiting"] <= bound and state["most_read_ahead"] <= bound, state
+
+
+def test_prefetched_raises_a_failed_job_at_its_turn():
+    from car_maker_pipeline.evaluation.scoring.inputs import prefetched
+
+    def prepare(job):
+        if job == 2:
+            raise ValueError("picture 2 cannot be decoded")
+        return job
+
+    results = prefetched(range(6), prepare, workers=2, depth=2)
+    assert [next(results), next(results)] == [0, 1]
+    with pytest.raises(ValueError, match="picture 2"):
+        next(results)
+
+
+class OneThreadAtATime:
+    """The real processor, failing when two threads call this very object at once."""
+
+    threads: set = set()  # every thread that called any copy
+
+    def __init__(self, processor):
+        self._processor, self._inside = processor, 0
+
+    def __call__(self, *args, **kwargs):
+        import threading
+        import time
+
+        self._inside += 1
+        try:
+            assert self._inside == 1, "one processor used by two threads at once"
+            OneThreadAtATime.threads.add(threading.current_thread().name)
+            time.sleep(0.005)  # widen the window another thread would need to collide
+            return self._processor(*args, **kwargs)
+        finally:
+            self._inside -= 1
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # copy.deepcopy looks for hooks before __init__'s attributes exist
+            raise AttributeError(name)
+        return getattr(self._processor, name)
+
+
+def test_batches_prepared_in_threads_score_as_in_one(tiny_model, maker_dataset):
+    test = maker_dataset.load()["test"]
+    makers = list(maker_dataset.makers)
+    alone = evaluate_split(
+        MakerClassifier(tiny_model.model, tiny_model.processor, makers, batch_size=4, workers=0), test
+    )
+    OneThreadAtATime.threads = set()
+    guarded = OneThreadAtATime(tiny_model.processor)
+    threaded = MakerClassifier(tiny_model.model, guarded, makers, batch_size=4, workers=2, prefetch=2)
+    run = evaluate_split(threaded, test)
+    np.testing.assert_allclose(_log_probs(run.predictions), _log_probs(alone.predictions), atol=1e-5)
+    assert len(OneThreadAtATime.threads) == 2, OneThreadAtATime.threads
+    assert all(name.startswith("prepare-batch") for name in OneThreadAtATime.threads)

@@ -13,3 +13,7 @@ CALIBRATION_SPLIT = "validation"
 # loss, then the later step.
 SELECTION_METRICS = {"val_accuracy": "validation accuracy", "val_coverage_at_target": "validation coverage at target"}
 DEFAULT_SELECTION_METRIC = "val_accuracy"
+# Batches the evaluator prepares ahead of the model (when it prepares in threads): enough to hide one
+# slow batch (a run of large photos) behind the model, few enough that memory holds at most one more
+# than this many batches of the processor's tensors.
+DEFAULT_PREFETCH = 2

@@ -9,6 +9,8 @@ left-padded batches: one pass over the prompts, one batched pass over all the an
 
 from __future__ import annotations
 
+import copy
+import queue
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,17 +20,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from car_maker_pipeline.evaluation.scoring.answers import AnswerTrie, score_answers
-from car_maker_pipeline.evaluation.scoring.inputs import StoredPicture, opened, pixel_bounded_batches, ready_size
+from car_maker_pipeline.evaluation.scoring.answers import (
+    END_OF_TURN,
+    AnswerTrie,
+    ClassifierError,
+    answer_token_ids,
+    score_answers,
+)
+from car_maker_pipeline.evaluation.scoring.inputs import (
+    StoredPicture,
+    opened,
+    pixel_bounded_batches,
+    prefetched,
+    ready_size,
+)
+from car_maker_pipeline.evaluation.settings import DEFAULT_PREFETCH
+from car_maker_pipeline.machine import machine_prepare_workers
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, image_token_count
 from car_maker_pipeline.model_inputs.images import MAX_BATCH_PIXELS, model_ready
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
-
-END_OF_TURN = "<|im_end|>"
-
-
-class ClassifierError(ValueError):
-    """The model, processor or maker list cannot be used for constrained classification."""
 
 
 @dataclass(frozen=True)
@@ -38,39 +48,6 @@ class Prediction:
     # log-probability of every maker (the classifier's order), normalised over the makers; None from
     # a greedy decoder, which scores only the path it takes
     log_probs: tuple[float, ...] | None = None
-
-
-def answer_token_ids(processor, prompt: PromptTemplate, makers: Sequence[str]) -> tuple[str, dict[str, list[int]]]:
-    """The prompt text (up to the answer) and, per maker, the answer's token ids up to end of turn.
-
-    The answer ids are cut from the tokenization of the whole conversation, so they are the tokens
-    the model sees in training, whatever the tokenizer does at the prompt/answer boundary.
-    """
-    tokenizer = processor.tokenizer
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if end_id is None or end_id == tokenizer.unk_token_id:
-        raise ClassifierError(f"The tokenizer has no {END_OF_TURN!r} token; a ChatML chat template is required.")
-    messages = prompt.messages(list(makers))
-    prompt_text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    answers: dict[str, list[int]] = {}
-    for maker in makers:
-        if not maker.strip():
-            raise ClassifierError(f"Maker name {maker!r} is blank; every maker needs a name the model can say.")
-        full_text = processor.apply_chat_template(messages + prompt.answer_messages(maker), tokenize=False)
-        full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-        if full_ids[: len(prompt_ids)] != prompt_ids:
-            raise ClassifierError("The chat template renders the prompt differently with and without the answer.")
-        rest = full_ids[len(prompt_ids) :]
-        if end_id not in rest:
-            raise ClassifierError(f"The chat template does not close the answer {maker!r} with {END_OF_TURN!r}.")
-        ids = rest[: rest.index(end_id)]
-        if not ids:
-            raise ClassifierError(f"Maker name {maker!r} tokenizes to nothing; it cannot be scored.")
-        answers[maker] = ids + [end_id]
-    if len({tuple(ids) for ids in answers.values()}) != len(answers):
-        raise ClassifierError("Two makers tokenize to the same answer; they could not be told apart.")
-    return prompt_text, answers
 
 
 @dataclass
@@ -116,6 +93,8 @@ class MakerClassifier:
         sort_window: int = 64,
         decoder=None,
         max_batch_pixels: int = MAX_BATCH_PIXELS,
+        workers: int | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
     ):
         if not makers:
             raise ClassifierError("The maker list is empty; there is nothing to classify into.")
@@ -140,6 +119,14 @@ class MakerClassifier:
         self.budget = (budget or ImageTokenBudget()).apply(processor)
         self.sort_window = max(1, sort_window)
         self.max_batch_pixels = max_batch_pixels
+        # Threads preparing batches ahead of the model (None: `machine_prepare_workers`), and how many
+        # prepared batches may wait for it (the memory bound: `prefetch` + 1 batches at a time).
+        self.prefetch = max(1, prefetch)
+        # Processors free for a thread to use: one is never called by two threads at once (a tokenizer
+        # is not thread-safe). Copies are made before the threads start, never of one in use.
+        self._processors: queue.SimpleQueue = queue.SimpleQueue()
+        self._processors.put(processor)
+        self._processor_count = 1
         # None: every maker's answer is scored; a greedy `decoder(model, inputs, trie, pad_id)` (such as
         # `decoding.decode`) follows one path instead and gives no distribution (the benchmark compares them).
         self.decoder = decoder
@@ -152,6 +139,7 @@ class MakerClassifier:
         )
         tokenizer.padding_side = "left"  # generation continues from the right edge of every row
         self.device = next(model.parameters()).device
+        self.workers = machine_prepare_workers(self.device.type == "cuda") if workers is None else max(0, workers)
 
     @property
     def prompt_hash(self) -> str:
@@ -172,14 +160,23 @@ class MakerClassifier:
         return self._score(self._prepare(images), self.stats, decoder)
 
     def _prepare(self, images: Sequence) -> PreparedBatch:
-        """The CPU half of a batch, which needs no model: the processor's tensors of model-ready pictures."""
-        inputs = self.processor(
-            images=[[image] for image in images],
-            text=[self.prompt_text] * len(images),
-            padding=True,
-            return_tensors="pt",
-        )
-        return PreparedBatch(dict(inputs), [self.image_tokens(image) for image in images])
+        """The CPU half of a batch, which needs no model: the processor's tensors of model-ready pictures
+        (in pinned memory when the model is on CUDA, so the copy to the device can overlap)."""
+        processor = self._processors.get()
+        try:
+            inputs = processor(
+                images=[[image] for image in images],
+                text=[self.prompt_text] * len(images),
+                padding=True,
+                return_tensors="pt",
+            )
+        finally:
+            self._processors.put(processor)
+        pin = self.device.type == "cuda"
+        tensors = {
+            name: value.pin_memory() if pin and torch.is_tensor(value) else value for name, value in inputs.items()
+        }
+        return PreparedBatch(tensors, [self.image_tokens(image) for image in images])
 
     @torch.inference_mode()
     def _score(self, batch: PreparedBatch, stats: ThroughputStats, decoder=None) -> list[Prediction]:
@@ -255,13 +252,23 @@ class MakerClassifier:
         return result
 
     def _prepared_batches(self, images: list):
-        """(indices, prepared batch) for every batch of `images`, cost-sorted within each window."""
+        """(indices, prepared batch) for every batch of `images`, cost-sorted within each window, in
+        order; prepared by `workers` threads up to `prefetch` batches ahead of the model (`prefetched`)."""
+
+        def prepare(chunk: list[int]) -> tuple[list[int], PreparedBatch]:
+            return chunk, self._prepare([model_ready(opened(images[i])) for i in chunk])
+
+        while self._processor_count < self.workers:
+            self._processors.put(copy.deepcopy(self.processor))
+            self._processor_count += 1
+        return prefetched(self._chunks(images), prepare, self.workers, self.prefetch)
+
+    def _chunks(self, images: list):
         window = self.batch_size * self.sort_window
         for start in range(0, len(images), window):
             sizes = {i: ready_size(images[i]) for i in range(start, min(start + window, len(images)))}
             ordered = sorted(sizes, key=lambda i: (self.image_tokens(sizes[i]), i))
-            for chunk in pixel_bounded_batches(ordered, sizes, self.batch_size, self.max_batch_pixels):
-                yield chunk, self._prepare([model_ready(opened(images[i])) for i in chunk])
+            yield from pixel_bounded_batches(ordered, sizes, self.batch_size, self.max_batch_pixels)
 
 
 @dataclass

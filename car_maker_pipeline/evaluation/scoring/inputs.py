@@ -1,14 +1,33 @@
-"""The evaluator's input side: stored pictures, read lazily, and cost-bounded batches of them."""
+"""The evaluator's input side: stored pictures, cost-bounded batches, and batches prepared ahead.
+
+Preparing a batch (reading the bytes, decoding, RGB and padding, LFM2-VL's image processor) is CPU
+work that does not need the model, so `prefetched` can run it in a small pool of threads, a bounded
+number of batches ahead of the model, and hand the batches back in order.
+
+Why threads and not a torch `DataLoader` with worker processes: the expensive parts (Pillow's JPEG
+decoder, the processor's torch resizes) release the GIL, so threads run them in parallel; a thread
+shares the evaluator's memory, so nothing is pickled (a window of compressed photos, every batch's
+pixels) and no process holding the model and an MLflow monitor thread is forked at every evaluation
+(a 36-image validation split is evaluated at every checkpoint); and a thread may use CUDA (pinned
+memory, or the processor on the GPU), which a forked worker cannot. Order and the memory bound are
+explicit: at most `depth` prepared batches wait, consumed in submission order.
+"""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from PIL import Image
 
 from car_maker_pipeline.model_inputs.images import padded_size
+
+Job = TypeVar("Job")
+Prepared = TypeVar("Prepared")
 
 
 @dataclass(frozen=True)
@@ -62,3 +81,35 @@ def pixel_bounded_batches(
     if batch:
         batches.append(batch)
     return batches
+
+
+def prefetched(jobs: Iterable[Job], prepare: Callable[[Job], Prepared], workers: int, depth: int) -> Iterator[Prepared]:
+    """`prepare(job)` of every job, in the order of `jobs`, computed by `workers` threads up to `depth`
+    jobs ahead of the one the caller is using (`workers=0`: one at a time in the caller's thread).
+
+    `jobs` is read lazily, only as far as the look-ahead needs. At most `depth` prepared results wait
+    besides the one handed out, so memory stays bounded whatever the number of jobs; an error in
+    `prepare` is raised here, at its job's turn, and a caller that stops early cancels what is queued.
+    """
+    if workers <= 0:
+        for job in jobs:
+            yield prepare(job)
+        return
+    depth = max(1, depth)
+    pending: deque = deque()
+    source = iter(jobs)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prepare-batch")
+    try:
+        for job in source:
+            pending.append(pool.submit(prepare, job))
+            if len(pending) >= depth:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for job in source:  # refill before handing out, so a worker is busy while the caller runs
+                pending.append(pool.submit(prepare, job))
+                break
+            yield result
+            del result  # the caller's batch goes with the caller, not with this frame
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
