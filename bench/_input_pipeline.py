@@ -54,3 +54,34 @@ def print_workers_table(sizes: str, result: dict) -> None:
         )
     )
     print(f"answers different from 0 workers: {result['different_answers']}")
+
+
+def compare_draft(model, processor, makers: list[str], split, repeats: int, batch_size: int) -> dict:
+    """Full decode against draft decode (`draft_decode`): agreement of every maker's probability and
+    of the answers, and images/s (median over repetitions of draft / full)."""
+    import numpy as np
+
+    from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
+
+    sides = {
+        draft: MakerClassifier(model, processor, makers, batch_size=batch_size, workers=0, draft_decode=draft)
+        for draft in (False, True)
+    }
+    runs = {draft: evaluate_split(classifier, split).predictions for draft, classifier in sides.items()}
+    probabilities = {draft: np.exp(np.array(run["log_probs"].tolist())) for draft, run in runs.items()}
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    for repetition in range(repeats):
+        for draft in (False, True) if repetition % 2 == 0 else (True, False):
+            started = time.perf_counter()
+            evaluate_split(sides[draft], split)
+            seconds[draft].append(time.perf_counter() - started)
+    return {
+        "images": split.num_rows,
+        "max_probability_difference": float(np.abs(probabilities[True] - probabilities[False]).max()),
+        "answers_changed": int((runs[True]["predicted_maker"] != runs[False]["predicted_maker"]).sum()),
+        "images_per_second": {
+            "full": split.num_rows / median(seconds[False]),
+            "draft": split.num_rows / median(seconds[True]),
+        },
+        "ratio_draft_vs_full": median([full / draft for full, draft in zip(seconds[False], seconds[True])]),
+    }

@@ -53,7 +53,8 @@ CPU, so it defaults to 8 images, 1 repetition, batch 8 and no training.
 
 Input pipeline: `--input-pipeline` instead times `evaluate_split` over the stored test pictures
 (decoding and preparation included) with 0, 1 and 2 threads preparing batches ahead of the model
-(`bench/_input_pipeline.py`); nothing else runs.
+(`bench/_input_pipeline.py`), then full against draft decoding (`draft_decode`: the largest
+difference of any maker's probability, answers changed, images/s); nothing else runs.
 
 Adapters: a random-weight model is at chance for ours and never says a valid maker in free text, so
 the comparison is repeated on LoRA adapters: `--adapter PATH` (a PEFT adapter dir, loaded with
@@ -82,7 +83,7 @@ from _common import (  # noqa: E402
     save_results,
 )
 from _evaluator_methods import MAX_NEW_TOKENS, compare, load_base, load_with_adapter, print_tables  # noqa: E402
-from _input_pipeline import compare_workers, print_workers_table  # noqa: E402
+from _input_pipeline import compare_draft, compare_workers, print_workers_table  # noqa: E402
 
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier  # noqa: E402
 from car_maker_pipeline.offline.real_shape import build_real_shape_model  # noqa: E402
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load_base(model_dir)
         pipeline = compare_workers(model, processor, makers, part, repeats, batch_size)
         print_workers_table(args.sizes, pipeline)
+        pipeline["draft_decode"] = compare_draft(model, processor, makers, part, repeats, batch_size)
+        print(f"draft decode against full: {pipeline['draft_decode']}")
         save_results(
             args.out, NAME, machine, library_versions("torch", "transformers"), started_all, mode="input-pipeline",
             torch_threads=torch.get_num_threads(), sizes=args.sizes, batch_size=batch_size, input_pipeline=pipeline,

@@ -9,6 +9,8 @@
 | `prefetched`: 0-3 threads, depth 1-3, jobs of random durations | results in input order; never more than depth results waiting; jobs read only as far as the look-ahead |
 | `prefetched`: a job fails                                    | its error raised at its turn, after the results before it   |
 | `evaluate_split` with 2 preparing threads vs none            | the same log-probabilities (1e-5); each batch's processor never shared by two threads |
+| draft size for random photo sizes, tiny and real processors | None, or a 1/2-1/8 size with the same tiles, resized size and image tokens, every target no larger than it |
+| a stored 5,616 x 3,744 JPEG opened for the real processor / a 3,000 x 2,000 JPEG (its tiles need every pixel) | decoded at the draft size / at full size |
 | data workers: no GPU (any cores) / GPU with 16, 4, 2, 1 cores / 16 cores shared by 4 processes / 64 cores | 0 / 8 (capped), 3, 1, 0 / 3 / 8 |
 | a process importing the package, OMP_WAIT_POLICY unset / ACTIVE | PASSIVE / ACTIVE (the user's wins), set before torch is loaded |
 | training config with workers unset, 0 or 3                   | SFTConfig gets the machine's choice, 0, 3 (persistent workers when > 0); one folder name for all, old and new |
@@ -257,3 +259,58 @@ def test_batches_prepared_in_threads_score_as_in_one(tiny_model, maker_dataset):
     np.testing.assert_allclose(_log_probs(run.predictions), _log_probs(alone.predictions), atol=1e-5)
     assert len(OneThreadAtATime.threads) == 2, OneThreadAtATime.threads
     assert all(name.startswith("prepare-batch") for name in OneThreadAtATime.threads)
+
+
+def _image_processor(kind: str, tiny_model):
+    """The demo models' image processor (the session's tiny model's) or LFM2-VL's real one."""
+    from transformers import Lfm2VlImageProcessor
+
+    return tiny_model.processor.image_processor if kind == "tiny" else Lfm2VlImageProcessor()
+
+
+@pytest.mark.parametrize("kind", ["tiny", "real"])
+def test_a_draft_size_changes_nothing_the_processor_decides(kind, tiny_model):
+    from car_maker_pipeline.model_inputs.image_tokens import draft_size, image_token_count, processor_layout
+
+    processor = _image_processor(kind, tiny_model)
+    rng = np.random.default_rng(11)
+    sizes = [(5616, 3744), (1600, 1200), (640, 480), (128, 96), (4000, 600)]
+    sizes += [(int(w), int(h)) for w, h in rng.integers(48, 6000, size=(200, 2))]
+    drafted = 0
+    for width, height in sizes:
+        reduced = draft_size(processor, width, height)
+        if reduced is None:
+            continue
+        drafted += 1
+        assert any(reduced == (-(-width // s), -(-height // s)) for s in (2, 4, 8)), (width, height, reduced)
+        assert processor_layout(processor, *reduced) == processor_layout(processor, width, height)
+        assert image_token_count(processor, *reduced) == image_token_count(processor, width, height)
+        grid, resized, _ = processor_layout(processor, width, height)
+        assert resized[0] <= reduced[0] and resized[1] <= reduced[1], "the processor would upscale the draft"
+    assert drafted > 20, "large photos must be drafted, or the test checks nothing"
+    assert draft_size(processor, 128, 96) is None or kind == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("size", "kind", "drafted"),
+    [((5616, 3744), "JPEG", True), ((3000, 2000), "JPEG", False)],
+)
+def test_a_stored_jpeg_is_decoded_at_the_draft_size(size, kind, drafted):
+    import io
+
+    from PIL import Image
+
+    from car_maker_pipeline.evaluation.scoring.inputs import StoredPicture, opened
+    from car_maker_pipeline.model_inputs.image_tokens import draft_size
+
+    processor = _image_processor("real", None)
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 200)).save(buffer, format=kind)
+    stored = StoredPicture.of({"bytes": buffer.getvalue(), "path": None})
+    full, reduced = opened(stored), opened(stored, processor)
+    expected = draft_size(processor, *size) if drafted else size  # 3000 x 2000: its tiles need every pixel
+    assert expected is not None and reduced.size == expected and full.size == size
+    shapes = [
+        processor(images=[[p.convert("RGB")]], return_tensors="pt")["pixel_values"].shape for p in (full, reduced)
+    ]
+    assert shapes[0] == shapes[1]

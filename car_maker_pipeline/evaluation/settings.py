@@ -17,3 +17,6 @@ DEFAULT_SELECTION_METRIC = "val_accuracy"
 # slow batch (a run of large photos) behind the model, few enough that memory holds at most one more
 # than this many batches of the processor's tensors.
 DEFAULT_PREFETCH = 2
+# Large stored JPEGs decoded at a reduced size where the image processor shrinks them anyway
+# (`Image.draft`): off until its agreement with a full decode is measured (bench/README.md).
+DRAFT_DECODE = False

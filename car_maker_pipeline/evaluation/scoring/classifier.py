@@ -34,7 +34,7 @@ from car_maker_pipeline.evaluation.scoring.inputs import (
     prefetched,
     ready_size,
 )
-from car_maker_pipeline.evaluation.settings import DEFAULT_PREFETCH
+from car_maker_pipeline.evaluation.settings import DEFAULT_PREFETCH, DRAFT_DECODE
 from car_maker_pipeline.machine import machine_prepare_workers
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, image_token_count
 from car_maker_pipeline.model_inputs.images import MAX_BATCH_PIXELS, model_ready
@@ -95,6 +95,7 @@ class MakerClassifier:
         max_batch_pixels: int = MAX_BATCH_PIXELS,
         workers: int | None = None,
         prefetch: int = DEFAULT_PREFETCH,
+        draft_decode: bool = DRAFT_DECODE,
     ):
         if not makers:
             raise ClassifierError("The maker list is empty; there is nothing to classify into.")
@@ -122,6 +123,7 @@ class MakerClassifier:
         # Threads preparing batches ahead of the model (None: `machine_prepare_workers`), and how many
         # prepared batches may wait for it (the memory bound: `prefetch` + 1 batches at a time).
         self.prefetch = max(1, prefetch)
+        self.draft_decode = draft_decode  # large stored JPEGs decoded at a reduced size (`opened`)
         # Processors free for a thread to use: one is never called by two threads at once (a tokenizer
         # is not thread-safe). Copies are made before the threads start, never of one in use.
         self._processors: queue.SimpleQueue = queue.SimpleQueue()
@@ -256,7 +258,8 @@ class MakerClassifier:
         order; prepared by `workers` threads up to `prefetch` batches ahead of the model (`prefetched`)."""
 
         def prepare(chunk: list[int]) -> tuple[list[int], PreparedBatch]:
-            return chunk, self._prepare([model_ready(opened(images[i])) for i in chunk])
+            drafts = self.processor.image_processor if self.draft_decode else None
+            return chunk, self._prepare([model_ready(opened(images[i], drafts)) for i in chunk])
 
         while self._processor_count < self.workers:
             self._processors.put(copy.deepcopy(self.processor))

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from PIL import Image
 
+from car_maker_pipeline.model_inputs.image_tokens import draft_size
 from car_maker_pipeline.model_inputs.images import padded_size
 
 Job = TypeVar("Job")
@@ -59,9 +60,21 @@ def ready_size(image) -> tuple[int, int]:
     return padded_size(*image.size)
 
 
-def opened(image) -> Image.Image:
-    """A decoded picture as is; a stored one (`StoredPicture`, or any other with `size` and `open()`) opened now."""
-    return image if isinstance(image, Image.Image) else image.open()
+def opened(image, image_processor=None) -> Image.Image:
+    """A decoded picture as is; a stored one (`StoredPicture`, or any other with `size` and `open()`) opened now.
+
+    With `image_processor`, a stored JPEG that the processor will shrink anyway is decoded at a reduced
+    size (`Image.draft`, libjpeg's DCT scaling) wherever `draft_size` says the processor treats it
+    exactly as the full picture: same tiles, same image tokens, only downscaling.
+    """
+    if isinstance(image, Image.Image):
+        return image
+    picture = image.open()
+    if image_processor is not None and picture.format == "JPEG" and padded_size(*picture.size) == picture.size:
+        reduced = draft_size(image_processor, *picture.size)
+        if reduced is not None:
+            picture.draft(None, reduced)
+    return picture
 
 
 def pixel_bounded_batches(
