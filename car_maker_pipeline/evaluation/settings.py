@@ -18,5 +18,6 @@ DEFAULT_SELECTION_METRIC = "val_accuracy"
 # than this many batches of the processor's tensors.
 DEFAULT_PREFETCH = 2
 # Large stored JPEGs decoded at a reduced size where the image processor shrinks them anyway
-# (`Image.draft`): off until its agreement with a full decode is measured (bench/README.md).
+# (`Image.draft`). Off: training decodes at full size, and the agreement with a full decode was
+# measured on the tiny models only (bench/README.md, *Draft decoding*).
 DRAFT_DECODE = False
