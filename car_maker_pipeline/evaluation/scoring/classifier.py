@@ -155,7 +155,8 @@ class MakerClassifier:
     def _score(self, batch: PreparedBatch, stats: ThroughputStats, decoder=None) -> list[Prediction]:
         """The model's half: a prepared batch on the device, every maker's answer scored (or `decoder`'s path)."""
         inputs = {
-            name: value.to(self.device) if torch.is_tensor(value) else value for name, value in batch.inputs.items()
+            name: value.to(self.device, non_blocking=True) if torch.is_tensor(value) else value
+            for name, value in batch.inputs.items()
         }
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
