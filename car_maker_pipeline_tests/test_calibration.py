@@ -7,6 +7,8 @@
 | top-k on 5 rows with ties (ranks 0,1,3,0,1)            | k=1 0.4, k=2 0.8, k=3 0.8, k=4 1.0, k=10 1.0 (clipped)   |
 | macro accuracy, unbalanced makers                      | mean recall over present makers, differs from accuracy   |
 | log-loss of p(true) 0.5/0.25, 1, 0 (clipped)           | 1.5 ln 2, 0, -ln eps                                     |
+| log-loss of random probabilities                       | sklearn.metrics.log_loss                                 |
+| Wilson interval, n 1..60, every k                      | scipy.stats.binomtest(k, n).proportion_ci("wilson")      |
 | reliability bins / ECE on 6 images in 4 bins           | per-bin table by hand; ECE 0.95 / 6                      |
 | edge confidences 0, 0.25, 0.5, 1                       | left edge inclusive, 1 in the last bin                   |
 | probabilities not summing to 1, truth out of range     | CalibrationError naming the row / index                  |
@@ -180,6 +182,24 @@ def test_macro_accuracy_spec(truth, predicted, makers, macro, accuracy):
 def test_log_loss_spec(p_true, eps, expected):
     probabilities = np.array([[p, 1 - p] for p in p_true])
     assert log_loss(probabilities, np.zeros(len(p_true), dtype=int), eps) == pytest.approx(expected)
+
+
+def test_log_loss_matches_scikit_learn():
+    from sklearn.metrics import log_loss as sklearn_log_loss
+
+    rng = np.random.default_rng(8)
+    probabilities = softmax(rng.normal(0, 2, (300, 5)))
+    truth = rng.integers(0, 5, 300)
+    assert log_loss(probabilities, truth) == pytest.approx(sklearn_log_loss(truth, probabilities, labels=range(5)))
+
+
+def test_wilson_interval_matches_scipy():
+    from scipy import stats
+
+    for total in range(1, 61):
+        for correct in range(total + 1):
+            expected = stats.binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
+            assert wilson_interval(correct, total) == pytest.approx((expected.low, expected.high), abs=1e-9)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1.0, -1e-3])

@@ -8,7 +8,7 @@ Monte Carlo tolerance of three binomial standard errors, 3 sqrt(0.05 x 0.95 / 10
 | distribution  | validation | target | certified threshold                        | today's rule (lowest level meeting it) |
 |---------------|------------|--------|--------------------------------------------|----------------------------------------|
 | calibrated    | 300        | 90%    | fails <= 0.071; answers in >= 60% of draws  | fails > 0.071                          |
-| overconfident | 2000       | 95%    | fails <= 0.071; answers in >= 20% of draws  | fails > 0.071                          |
+| overconfident | 500        | 80%    | fails <= 0.071; answers in >= 90% of draws  | fails > 0.071                          |
 | separable     | 36         | 99%    | fails <= 0.071 (answers nothing: 36 images cannot certify 99%) | fails > 0.071; >= 50% of validations separable |
 | separable     | 300        | 90%    | fails <= 0.071; answers in >= 95% of draws  | (meets 90% too)                        |
 
@@ -59,7 +59,7 @@ TOLERANCE = 3 * math.sqrt(DELTA * (1 - DELTA) / DRAWS)  # three standard errors 
     ("distribution", "validation", "target", "answers_at_least", "separable_at_least"),
     [
         ("calibrated", 300, 0.90, 0.60, None),
-        ("overconfident", 2000, 0.95, 0.20, None),
+        ("overconfident", 500, 0.80, 0.90, None),
         ("separable", 36, 0.99, 0.0, 0.50),
     ],
 )

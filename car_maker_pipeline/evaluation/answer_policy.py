@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -61,8 +60,6 @@ from car_maker_pipeline.evaluation.metrics.selective import (
 )
 from car_maker_pipeline.evaluation.settings import DEFAULT_DELTA, DEFAULT_TARGET_PRECISION, TEMPERATURE_FOLD_SHARE
 from car_maker_pipeline.storage import atomic_directory
-
-logger = logging.getLogger(__name__)
 
 CALIBRATION_BINS = 15
 RISK_COVERAGE_FILE, RELIABILITY_FILE, RISK_COVERAGE_CHART, SUMMARY_FILE = (
@@ -250,8 +247,6 @@ def calibrate(
         raise CalibrationError(f"{len(keys)} fold keys for {len(val_truth)} validation rows; pass one per row")
     fitting = temperature_fold(keys)
     choice = choose_temperature(val_log_probs[fitting], val_truth[fitting])
-    if choice.refused:
-        logger.warning("Temperature T = 1 kept: %s.", choice.refused)
     probabilities = softmax(test_log_probs)
     raw = probability_metrics(probabilities, test_truth, bins=CALIBRATION_BINS)
 
