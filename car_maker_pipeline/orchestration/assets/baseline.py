@@ -29,7 +29,7 @@ class EvaluationConfig(dg.Config):
         le=1,
         description="Share of the answers (not 'unsure') that must be right on new images: the confidence threshold "
         "for it is certified on validation (Learn then Test), measured on test, and below it the registered model "
-        "answers 'unsure'. In (0, 1]; 0.99 on real data, 0.9 on the demo profile.",
+        "answers 'unsure'. In (0, 1]; 0.99 on real data, 0.95 on the demo profile.",
     )
     delta: float = Field(
         default=DEFAULT_DELTA,
