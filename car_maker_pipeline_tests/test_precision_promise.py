@@ -25,6 +25,7 @@ Rule and its parts:
 | target 100%                                                 | not certified; the message says no finite number certifies it  |
 | delta 0, 1, 1.5, -0.1, NaN, True, "0.05", None               | CalibrationError naming the value; refused by both configs     |
 | temperature fold of keys                                    | about a quarter; a key's fold never changes when others join   |
+| fold keys of scored validation rows                         | their pixel hashes in row order; another build's rows refused   |
 | temperature on a fold all right / all wrong / one maker / at the bound | refused: T = 1 and the reason                       |
 | temperature on ordinary scores                              | the fit, inside the range                                      |
 | calibrate                                                   | folds disjoint; labels of one fold never move the other's choice |
@@ -39,7 +40,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from car_maker_pipeline.evaluation.answer_policy import calibrate, choose_temperature, temperature_fold
+from car_maker_pipeline.evaluation.answer_policy import calibrate, choose_temperature, fold_keys, temperature_fold
 from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError, softmax
 from car_maker_pipeline.evaluation.metrics.certification import (
     NOTHING_ANSWERED,
@@ -216,6 +217,17 @@ def test_the_temperature_fold_is_a_quarter_and_never_moves_a_key():
     grown = temperature_fold(keys + [f"added-{i}" for i in range(500)])
     assert (grown[: len(keys)] == fold).all()
     assert (temperature_fold(list(reversed(keys))) == fold[::-1]).all()  # a key's fold, not its position
+
+
+def test_fold_keys_are_the_scored_rows_pixel_hashes():
+    import datasets
+
+    split = datasets.Dataset.from_dict({"content_hash": ["h0", "h1", "h2"], "maker": ["A", "B", "A"]})
+    assert fold_keys(split, pd.DataFrame({"index": [2, 0, 1]})) == ["h2", "h0", "h1"]
+    assert fold_keys(split.remove_columns("content_hash"), pd.DataFrame({"index": [0, 1, 2]})) is None
+    for index in ([0, 1], [0, 1, 3]):
+        with pytest.raises(CalibrationError, match="materialize the evaluation again"):
+            fold_keys(split, pd.DataFrame({"index": index}))
 
 
 def _scores(rng, images, makers=4, strength=2.0):

@@ -108,6 +108,11 @@ def fold_keys(split, predictions: pd.DataFrame) -> list[str] | None:
     if "content_hash" not in split.column_names:
         return None
     hashes = column(split, "content_hash")
+    if len(predictions) != len(hashes) or not predictions["index"].between(0, len(hashes) - 1).all():
+        raise CalibrationError(
+            f"{len(predictions)} validation predictions do not match the {len(hashes)} rows of car_maker_dataset's "
+            "validation split (they were scored on another build); materialize the evaluation again."
+        )
     return [hashes[int(index)] for index in predictions["index"]]
 
 
