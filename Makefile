@@ -12,6 +12,10 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# Demo sources, tiny models and an empty MLflow store, built once and copied into each new home (settings.py).
+export CAR_MAKER_CACHE ?= $(CURDIR)/.car_maker_cache
+# Materializations link to their MLflow runs here, where `make mlflow-ui` serves them.
+export CAR_MAKER_MLFLOW_UI ?= http://127.0.0.1:5000
 
 .PHONY: demo init test test-fast lint format ui mlflow-ui venv clean-demo
 
@@ -33,8 +37,12 @@ init: $(STAMP)
 demo: init
 	$(BIN)/python -m car_maker_pipeline.demo
 
+# Two workers (pytest-xdist), a test file per worker at a time so its module fixtures are built once (a few long
+# tests sit in classes of their own, which loadscope sends apart; conftest.py);
+# then, alone on the machine, the few tests that measure how the pipeline behaves under load (`serial`).
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=25 -n 2 --dist loadscope -m "not serial"
+	$(BIN)/python -m pytest -ra --durations=10 -m serial
 
 # `make lint` fails on a lint error or unformatted file (ruff), an import that climbs a layer or closes a cycle
 # (lint-imports), or a dependency imported but not declared, or declared but not imported (deptry); all
@@ -51,7 +59,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -ra -m "not slow"
+	$(BIN)/python -m pytest -ra -n 2 --dist loadscope -m "not slow and not serial"
 
 ui: init
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
@@ -60,4 +68,4 @@ mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.car_maker_home/mlflow.db --host 127.0.0.1 --port 5000
 
 clean-demo:
-	rm -rf .car_maker_home .dagster_home
+	rm -rf .car_maker_home .dagster_home .car_maker_cache

@@ -14,41 +14,78 @@ threshold promises (the registered card's certificate), or that nothing could be
 pyfunc model it was registered as, so the answers are the ones `mlflow.pyfunc.load_model` and
 `mlflow models serve` give. The tracking store is MLFLOW_TRACKING_URI, or the pipeline's local
 sqlite store under CAR_MAKER_HOME.
+
+Only regular files are read (a named pipe, a device or a file over the 50 MiB limit is refused
+before a byte of it is read, `serving/files.py`), every file is checked before any model loads, and
+the images go to the model CHUNK_IMAGES at a time, so memory does not grow with their number.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from car_maker_pipeline.serving.files import UnreadableFile, read_file
 from car_maker_pipeline.serving.images import ImageInputError, decode_image
 from car_maker_pipeline.serving.predictor import UNSURE
+
+# Images per call of the model: one request's worth (the pyfunc model's own bound), so memory holds
+# one chunk of file bytes and one batch of pixels however many files are named.
+CHUNK_IMAGES = 32
 
 
 class ClassifyError(RuntimeError):
     """Something the person running the command can fix; printed without a traceback."""
 
 
-def read_images(paths: list[str]) -> list[bytes]:
-    """The files' bytes, each checked to decode as an image by the rule the model applies."""
-    blobs = []
+def check_images(paths: list[str]) -> list[int]:
+    """Each file's size, after checking that it is a regular file under the size limit that decodes as an
+    image by the rule the model applies (one file in memory at a time); the first that is not fails."""
+    sizes = []
     for path in paths:
         try:
-            data = Path(path).read_bytes()
-            decode_image(data)
-        except FileNotFoundError as error:
-            raise ClassifyError(f"{path}: no such file.") from error
-        except (ImageInputError, OSError) as error:
+            data = read_file(path)
+            with decode_image(data):
+                pass
+        except (UnreadableFile, ImageInputError) as error:
             raise ClassifyError(
-                f"{path}: not a readable image ({error}). Pass a JPEG, PNG or other image Pillow can open."
+                f"{path}: not a readable image ({error}). Pass a JPEG, PNG or other image file Pillow can open."
             ) from error
-        blobs.append(data)
+        sizes.append(len(data))
+    return sizes
+
+
+def chunks(sizes: list[int], limit_bytes: int | None = None) -> list[range]:
+    """Consecutive ranges of at most CHUNK_IMAGES items and `limit_bytes` bytes (one item alone may exceed it)."""
+    from car_maker_pipeline.serving.requests import MAX_REQUEST_BYTES
+
+    limit_bytes = limit_bytes or MAX_REQUEST_BYTES
+    ranges, start, total = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and (index - start == CHUNK_IMAGES or total + size > limit_bytes):
+            ranges.append(range(start, index))
+            start, total = index, 0
+        total += size
+    if start < len(sizes):
+        ranges.append(range(start, len(sizes)))
+    return ranges
+
+
+def read_chunk(paths: list[str], rows: range) -> list[bytes]:
+    blobs = []
+    for row in rows:
+        try:
+            blobs.append(read_file(paths[row]))
+        except UnreadableFile as error:
+            raise ClassifyError(f"{paths[row]}: changed while the images were classified ({error}).") from error
     return blobs
 
 
-def test_split_images(count: int) -> tuple[list[str], list[bytes], list[str]]:
-    """The first `count` images of the materialized car_maker_dataset's test split: names, PNG bytes, true makers."""
+def test_split_images(count: int) -> tuple[list[str], Callable[[range], list[bytes]], list[str]]:
+    """The first `count` images of the materialized car_maker_dataset's test split: names, a reader of
+    PNG bytes for a range of them (encoded only when asked), true makers."""
     from car_maker_pipeline.data.maker_dataset import MakerDataset, column
     from car_maker_pipeline.serving.images import encode_png
     from car_maker_pipeline.store import MissingUpstreamError, PipelineStore
@@ -59,8 +96,11 @@ def test_split_images(count: int) -> tuple[list[str], list[bytes], list[str]]:
         raise ClassifyError(str(error)) from error
     test = record.load()["test"]
     rows = test.select(range(min(count, test.num_rows)))
-    blobs = [encode_png(image) for image in rows["image"]]  # lossless: the model sees the stored pixels
-    return [f"test[{i}]" for i in range(len(blobs))], blobs, column(rows, "maker")
+
+    def encoded(chunk: range) -> list[bytes]:  # lossless: the model sees the stored pixels
+        return [encode_png(image) for image in rows.select(chunk)["image"]]
+
+    return [f"test[{i}]" for i in range(rows.num_rows)], encoded, column(rows, "maker")
 
 
 def model_uri(uri: str, model: str | None, version: str | None) -> str:
@@ -136,7 +176,10 @@ def load_registered(uri: str, tracking_uri: str):
     except MlflowException as error:
         raise ClassifyError(f"Cannot load {uri} from {redact_uri(tracking_uri)}: {error.message}") from error
     if (local / "MLmodel").exists():
-        model = mlflow.pyfunc.load_model(str(local))
+        try:
+            model = mlflow.pyfunc.load_model(str(local))
+        except MlflowException as error:  # such as a version changed after registration
+            raise ClassifyError(f"Cannot load {uri}: {error.message}") from error
         announce((model.model_config or {}).get("certification"))
         return lambda blobs: model.predict(pd.DataFrame({IMAGE_COLUMN: blobs}))
     if (local / CARD_FILE).exists():  # a version registered before classifiers were pyfunc models
@@ -163,12 +206,22 @@ def announce(certification: str | None) -> None:
     print(f"# {certification or 'no certified precision was registered with this model'}", file=sys.stderr)
 
 
+def positive_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of images; give a whole number of 1 or more")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m car_maker_pipeline.classify", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="*", help="image files")
     parser.add_argument(
         "--from-test",
-        type=int,
+        type=positive_count,
         metavar="N",
         help="classify the first N images of the materialized car_maker_dataset's test split instead",
     )
@@ -185,30 +238,38 @@ def main(argv: list[str] | None = None) -> int:
     truth: list[str] | None = None
     try:
         if args.from_test:
-            labels, blobs, truth = test_split_images(args.from_test)
+            labels, read, truth = test_split_images(args.from_test)
+            ranges = chunks([0] * len(labels))
         else:
-            labels, blobs = args.images, read_images(args.images)  # an unreadable file fails before any model loads
-        if args.adapter is not None:
-            predict = load_adapter(args.adapter)
-        else:
-            from car_maker_pipeline.store import PipelineStore
-            from car_maker_pipeline.tracking import TrackingUnavailableError, configured_tracking_uri, ensure_reachable
-
-            configured = args.tracking_uri or configured_tracking_uri(PipelineStore.from_env().root)
-            try:  # also takes user:password@ out of the URI, so no MLflow error below can print it
-                tracking_uri = ensure_reachable(configured)
-            except TrackingUnavailableError as error:
-                raise ClassifyError(str(error)) from None
-            uri = model_uri(tracking_uri, args.model, args.version)
-            print(describe(uri, tracking_uri), file=sys.stderr)
-            predict = load_registered(uri, tracking_uri)
+            labels = args.images
+            ranges = chunks(check_images(labels))  # an unreadable file fails before any model loads
+            read = lambda rows: read_chunk(labels, rows)  # noqa: E731
+        predict = load_predict(args)
+        for rows in ranges:
+            answers = predict(read(rows))
+            for i, row in zip(rows, answers.to_dict("records")):
+                print(f"{labels[i]}\t{answer_text(row)}" + (f"\ttrue: {truth[i]}" if truth else ""))
     except ClassifyError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    answers = predict(blobs)
-    for i, (label, row) in enumerate(zip(labels, answers.to_dict("records"))):
-        print(f"{label}\t{answer_text(row)}" + (f"\ttrue: {truth[i]}" if truth else ""))
     return 0
+
+
+def load_predict(args):
+    """`predict(blobs)` of the adapter folder or registered model the arguments name."""
+    if args.adapter is not None:
+        return load_adapter(args.adapter)
+    from car_maker_pipeline.store import PipelineStore
+    from car_maker_pipeline.tracking import TrackingUnavailableError, configured_tracking_uri, ensure_reachable
+
+    configured = args.tracking_uri or configured_tracking_uri(PipelineStore.from_env().root)
+    try:  # also takes user:password@ out of the URI, so no MLflow error below can print it
+        tracking_uri = ensure_reachable(configured)
+    except TrackingUnavailableError as error:
+        raise ClassifyError(str(error)) from None
+    uri = model_uri(tracking_uri, args.model, args.version)
+    print(describe(uri, tracking_uri), file=sys.stderr)
+    return load_registered(uri, tracking_uri)
 
 
 def answer_text(row: dict) -> str:

@@ -6,6 +6,7 @@ from car_maker_pipeline.orchestration.assets.baseline import baseline_assets
 from car_maker_pipeline.orchestration.assets.data import data_assets
 from car_maker_pipeline.orchestration.assets.evaluation import evaluation_assets
 from car_maker_pipeline.orchestration.assets.serving import IncomingImages, serving_assets
+from car_maker_pipeline.orchestration.assets.sweep import sweep_assets
 from car_maker_pipeline.orchestration.assets.training import training_assets
 from car_maker_pipeline.orchestration.automation import automation_jobs, schedules, sensors
 from car_maker_pipeline.orchestration.deployment import executor
@@ -19,7 +20,7 @@ from car_maker_pipeline.orchestration.resources import (
 )
 
 defs = dg.Definitions(
-    assets=[*data_assets, *baseline_assets, *training_assets, *evaluation_assets, *serving_assets],
+    assets=[*data_assets, *baseline_assets, *training_assets, *sweep_assets, *evaluation_assets, *serving_assets],
     jobs=[*jobs, *automation_jobs],
     schedules=schedules,
     sensors=[*sensors, *incoming_sensors],

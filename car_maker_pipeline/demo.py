@@ -10,8 +10,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from car_maker_pipeline.store import BASELINE_EVALUATION, CAR_MAKER_DATASET, CHECKPOINT_ACCURACY
+
+LOG_FILE = "demo.log"  # under DAGSTER_HOME: everything the jobs print besides the demo's own lines
+FAILURE_TAIL_LINES = 60
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,20 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     profile = get_profile()
     instance = prepare_instance()
     store = PipelineStore.from_env()
+    log_path = Path(os.environ["DAGSTER_HOME"]) / LOG_FILE
     print(f"profile {profile.name}; data under {store.root}; Dagster runs in {os.environ['DAGSTER_HOME']}", flush=True)
+    print(f"step logs, library warnings and progress bars go to {log_path}", flush=True)
     stages = [("data_job", None)] + [(job, key) for key in profile.model_keys for job in PER_MODEL_JOBS]
     for job_name, partition in stages:
         started = time.perf_counter()
         label = job_name + (f" [{partition}]" if partition else "")
-        print(f"-> {label} ...", flush=True)
-        result = defs.resolve_job_def(job_name).execute_in_process(
-            instance=instance, partition_key=partition, raise_on_error=False
-        )
+        with output_to(log_path):
+            result = defs.resolve_job_def(job_name).execute_in_process(
+                instance=instance, partition_key=partition, raise_on_error=False
+            )
         status = "ok" if result.success else "FAILED"
-        print(f"   {label}: {status} in {time.perf_counter() - started:.0f}s (run {result.run_id})", flush=True)
+        print(f"{label}: {status} in {time.perf_counter() - started:.0f}s (run {result.run_id})", flush=True)
         if not result.success:
+            tail = log_path.read_text(errors="replace").splitlines()[-FAILURE_TAIL_LINES:]
+            print("\n".join(tail), file=sys.stderr)
             print(
-                f"   see `dagster dev -w workspace.yaml` (run {result.run_id}) for the failing step's logs",
+                f"   the end of {log_path} is above; `dagster dev -w workspace.yaml` shows run {result.run_id}",
                 file=sys.stderr,
             )
             return 1
@@ -44,6 +54,28 @@ def main(argv: list[str] | None = None) -> int:
             seed_incoming_images(store)
     print_summary(store, profile.model_keys)
     return 0
+
+
+@contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Everything written to stdout and stderr inside the block, by Python or by libraries below it
+    (Dagster's event lines, warnings, progress bars), appended to `path` instead of the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 PER_MODEL_JOBS = ["baseline_job", "training_job", "serving_job"]
@@ -55,7 +87,7 @@ def seed_incoming_images(store) -> None:
 
     written = write_demo_images(store.root / INCOMING_FOLDER, MakerDataset.current(store))
     if written:
-        print(f"   wrote {len(written)} files to {store.root / INCOMING_FOLDER} for maker_predictions", flush=True)
+        print(f"wrote {len(written)} files to {store.root / INCOMING_FOLDER} for maker_predictions", flush=True)
 
 
 def print_summary(store, model_keys: list[str]) -> None:

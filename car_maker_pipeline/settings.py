@@ -4,7 +4,8 @@ Stanford Cars and LFM2-VL models from the Hugging Face Hub.
 The profile is one switch, the environment variable `CAR_MAKER_PROFILE` (`demo`, the default, or
 `real`), read when the Dagster definitions load, because the model partitions depend on it.
 Where generated data, models, checkpoints and stores live is `CAR_MAKER_HOME` (default
-`.car_maker_home` under the working directory).
+`.car_maker_home` under the working directory). `CAR_MAKER_CACHE`, when set, names a folder where what
+every new home would build identically is built once and copied from (unset: each home builds its own).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 PROFILE_ENV = "CAR_MAKER_PROFILE"
 HOME_ENV = "CAR_MAKER_HOME"
+CACHE_ENV = "CAR_MAKER_CACHE"
 DEMO = "demo"
 REAL = "real"
 
@@ -60,3 +62,10 @@ def get_profile(name: str | None = None) -> Profile:
 
 def pipeline_home() -> Path:
     return Path(os.environ.get(HOME_ENV) or Path.cwd() / ".car_maker_home").resolve()
+
+
+def cache_root() -> Path | None:
+    """The build cache (`CAR_MAKER_CACHE`), or None: a folder for what the pipeline builds byte for byte the
+    same in every new home (demo sources, tiny models, an empty MLflow store), built there once and copied."""
+    value = os.environ.get(CACHE_ENV)
+    return Path(value).expanduser() if value else None

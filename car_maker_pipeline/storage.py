@@ -34,6 +34,12 @@ def writer_alive(writer: str | None) -> bool:
     return _pid_alive(int(pid))
 
 
+def writer_on_this_host(writer: str | None) -> bool:
+    """Whether a `writer_id()` names a process of this host (whose pid `writer_alive` can check)."""
+    pid, _, host = (writer or "").partition("@")
+    return pid.isdigit() and host == socket.gethostname()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

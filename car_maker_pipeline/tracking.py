@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from car_maker_pipeline.mlflow_store import default_tracking_uri, initialize_sqlite_store, sqlite_database
 from car_maker_pipeline.redaction import redact_text, redact_uri
 
 EXPERIMENT = "car_maker_pipeline"
@@ -21,66 +21,9 @@ class TrackingUnavailableError(RuntimeError):
     """The configured MLflow tracking server cannot be reached."""
 
 
-def default_tracking_uri(home: Path) -> str:
-    return sqlite_uri(home / "mlflow.db")
-
-
-def sqlite_uri(path: Path) -> str:
-    """The SQLAlchemy URI of a sqlite file, for any path (spaces, `?`, `#`, `%`, non-ASCII).
-
-    SQLAlchemy reads the path up to the first `?` (where the query starts) and percent-decodes it,
-    so `?` and a `%` followed by two hex digits are percent-encoded; nothing else is. MLflow creates
-    the parent folder of the path as written in the URI, so every encoded character costs an empty
-    folder named after the encoding beside the real one (which it cannot be told not to make);
-    encoding only what SQLAlchemy would misread keeps that to paths with those two characters.
-    """
-    encoded = re.sub(r"%(?=[0-9A-Fa-f]{2})", "%25", str(Path(path).absolute())).replace("?", "%3F")
-    return "sqlite:///" + encoded
-
-
-def sqlite_database(uri: str) -> Path | None:
-    """The file a `sqlite:///` URI names, read as SQLAlchemy reads it; None for other URIs and in-memory stores."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database)
-
-
 def configured_tracking_uri(home: Path) -> str:
     """MLFLOW_TRACKING_URI when set, else the local sqlite store under the pipeline's home."""
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(home)
-
-
-def initialize_sqlite_store(uri: str) -> None:
-    """Create a local sqlite store whole or not at all.
-
-    MLflow builds a new sqlite store by running its schema migrations in place; a process killed
-    during them leaves a half-migrated file that every later run fails on. Here the migrations run
-    on a temporary file, which is then linked into place only if no store exists yet.
-    """
-    path = sqlite_database(uri)
-    if path is None or path.exists():
-        return
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    from car_maker_pipeline.storage import remove_stale_temporaries, temporary_prefix
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent)
-    tmp = path.with_name(temporary_prefix(path.name) + "init")
-    tmp.unlink(missing_ok=True)
-    store = SqlAlchemyStore(sqlite_uri(tmp), (path.parent / "mlflow-artifacts").as_uri())
-    store.engine.dispose()
-    try:
-        os.link(tmp, path)  # atomic, and never over a store another process created meanwhile
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def ensure_reachable(uri: str, timeout_s: float = 5.0) -> str:
@@ -176,25 +119,31 @@ def find_run(uri: str, exp_id: str, tags: dict[str, str]) -> str | None:
 WRITER_TAG = "writer"  # `<pid>@<host>` of the process logging an MLflow run, to recognise a killed one
 
 
-def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], is_alive) -> list[str]:
-    """Delete runs left RUNNING by a killed process (and any model version they registered).
+def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], status_of) -> list[str]:
+    """Delete runs left RUNNING by a killed process (and any model version they registered); only those.
 
-    A run matching `tags` that is still RUNNING although the Dagster run that opened it has ended
-    (`is_alive(dagster_run_id)` is False), or although the process that opened it (its `writer` tag,
-    `<pid>@<host>`) is dead on this host, was cut short mid-logging: a SIGKILLed command leaves its
-    Dagster run STARTED, so its status alone cannot tell. Evaluating the partition again records
-    everything afresh, so the half-written run would only be a duplicate.
+    A run matching `tags` that is still RUNNING was cut short mid-logging when it provably has no
+    live writer: the process that opened it (its `writer` tag, `<pid>@<host>`) is dead on this host,
+    or its writer ran on another host and its Dagster run has finished in *this* instance
+    (`status_of(dagster_run_id)` is "finished"). A SIGKILLed command leaves its Dagster run STARTED,
+    so that status alone cannot tell; and a run id this instance does not know ("unknown") belongs to
+    another Dagster instance sharing the MLflow store, whose live runs must never be touched. A writer
+    alive on this host keeps its run, whatever its Dagster run says. Evaluating the partition again
+    records everything afresh, so the half-written run would only be a duplicate.
     """
     from mlflow import MlflowClient
 
-    from car_maker_pipeline.storage import writer_alive
+    from car_maker_pipeline.storage import writer_alive, writer_on_this_host
 
     client = MlflowClient(uri)
     deleted = []
     for run in client.search_runs(
         [exp_id], filter_string=_tag_filter(tags, "attributes.status = 'RUNNING'"), max_results=100
     ):
-        if is_alive(run.data.tags.get("dagster_run_id")) and writer_alive(run.data.tags.get(WRITER_TAG)):
+        writer = run.data.tags.get(WRITER_TAG)
+        if writer_alive(writer) and (
+            writer_on_this_host(writer) or status_of(run.data.tags.get("dagster_run_id")) != "finished"
+        ):
             continue
         for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
             client.delete_model_version(version.name, version.version)
@@ -203,41 +152,63 @@ def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], is_alive) 
     return deleted
 
 
-def dagster_run_is_alive(instance):
-    """`is_alive` for `delete_orphaned_runs`: the Dagster run exists and has not finished."""
+def dagster_run_status(instance):
+    """`status_of` for `delete_orphaned_runs`: "finished", "running" or "unknown" (not a run of `instance`)."""
 
-    def is_alive(run_id: str | None) -> bool:
-        if not run_id:
-            return False
-        run = instance.get_run_by_id(run_id)
-        return run is not None and not run.is_finished
+    def status_of(run_id: str | None) -> str:
+        run = instance.get_run_by_id(run_id) if run_id else None
+        if run is None:
+            return "unknown"
+        return "finished" if run.is_finished else "running"
 
-    return is_alive
+    return status_of
 
 
 @contextmanager
 def mlflow_run(
-    uri: str, home: Path, run_name: str, tags: dict[str, str], run_id: str | None = None, orphans_of=None
+    uri: str,
+    home: Path,
+    run_name: str,
+    tags: dict[str, str],
+    run_id: str | None = None,
+    orphans_of=None,
+    system_metrics: bool = False,
 ) -> Iterator:
     """An MLflow run in the pipeline's experiment. `orphans_of`: a Dagster instance; runs with the same
-    tags (but the Dagster run id) left RUNNING by a killed process are deleted first."""
+    tags (but the Dagster run id) left RUNNING by a killed process are deleted first. `system_metrics`:
+    CPU, memory (and GPU) sampled into the run while it is open."""
     import mlflow
 
     exp = experiment_id(uri, home)
     if orphans_of is not None:
         delete_orphaned_runs(
-            uri, exp, {k: v for k, v in tags.items() if k != "dagster_run_id"}, dagster_run_is_alive(orphans_of)
+            uri, exp, {k: v for k, v in tags.items() if k != "dagster_run_id"}, dagster_run_status(orphans_of)
         )
     from car_maker_pipeline.storage import writer_id
 
     mlflow.set_tracking_uri(uri)
+    if system_metrics and "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     with mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else exp,
         run_name=None if run_id else run_name,
         tags={**tags, WRITER_TAG: writer_id()},
+        log_system_metrics=system_metrics,
     ) as run:
         yield run
+
+
+@contextmanager
+def registry_lock(uri: str, home: Path, name: str) -> Iterator[None]:
+    """Held while the versions and aliases of registered model `name` change, so that two processes
+    (or two Dagster instances) sharing the tracking store take turns: a file lock beside a sqlite store,
+    else in the pipeline home."""
+    from car_maker_pipeline.locking import file_lock
+
+    database = sqlite_database(uri)
+    with file_lock((database.parent if database is not None else Path(home)) / f".registry-{name}.lock"):
+        yield
 
 
 def hf_token_env_names() -> tuple[str, ...]:
@@ -252,3 +223,41 @@ def scrub_secrets(values: dict) -> dict:
         for key, value in values.items()
         if not key.lower().endswith(("_token", "token", "password", "secret")) and str(value) not in secrets
     }
+
+
+# Seconds between samples of MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and
+# memory where NVIDIA's library is present). MLflow's default of 10 s misses most of a short run;
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL still wins.
+SYSTEM_METRICS_INTERVAL_S = 2.0
+
+
+@contextmanager
+def system_metrics(run_id: str) -> Iterator[None]:
+    """Record system metrics into run `run_id` while the block runs (training reports through the client
+    API, outside an active run, so `start_run(log_system_metrics=True)` cannot do it there)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def ui_base(uri: str, ui_url: str | None = None) -> str | None:
+    """Where a person opens the MLflow UI for `uri`'s runs: `ui_url`, else the tracking server itself when
+    it speaks HTTP; None for a local store nobody serves (a link would lead nowhere)."""
+    base = ui_url or (uri if uri.startswith(("http://", "https://")) else None)
+    return redact_uri(base).rstrip("/") if base else None
+
+
+def run_link(base: str, uri: str, run_id: str) -> str:
+    import mlflow
+
+    experiment = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def model_version_link(base: str, name: str, version: str) -> str:
+    return f"{base}/#/models/{name}/versions/{version}"

@@ -180,3 +180,56 @@ def test_the_image_token_budget_is_applied_and_recorded(pipeline):
     _, metadata = _baseline(pipeline, {"max_image_tokens": 24, "max_images": 8})
     assert metadata["image_token_budget"].value["image_max_tokens"] == 24
     assert metadata["image_tokens_mean"].value <= 24
+
+
+# What a materialization leaves in the event log, and where it points:
+#
+# | case                                   | expected                                                        |
+# |----------------------------------------|-----------------------------------------------------------------|
+# | a baseline materialization's metadata  | at most about 50 KB serialized (charts inline as small copies)   |
+# | MLflow UI address configured           | url metadata to the run, under that address                     |
+# | local store, no UI address             | no link (it would lead nowhere)                                 |
+# | the same evaluation again              | the same data version (named by its inputs, not by the run)     |
+# | another image-token budget             | another data version                                            |
+# | the evaluation's MLflow run            | system metrics (CPU, memory) sampled while it scored            |
+METADATA_BUDGET_BYTES = 50_000
+
+
+def test_an_evaluation_links_to_its_run_stays_lean_and_is_versioned_by_its_inputs(pipeline, monkeypatch):
+    from dagster._serdes import serialize_value
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    home, resources, instance, _ = pipeline
+    resources = {**resources, "mlflow_tracking": MlflowTracking(ui_url="http://mlflow.example:5000/")}
+    run_config = {"ops": {"baseline_evaluation": {"config": {"max_images": 12}}}}
+
+    def materialize(config=run_config):
+        result = dg.materialize(
+            [baseline_evaluation], resources=resources, instance=instance, partition_key="tiny-s", run_config=config
+        )
+        return result.asset_materializations_for_node("baseline_evaluation")[0]
+
+    first, again = materialize(), materialize()
+    metadata = first.metadata
+    size = len(serialize_value(metadata))
+    assert size <= METADATA_BUDGET_BYTES, f"{size} bytes of metadata"
+    assert metadata["confusion_matrix"].value.startswith("![confusion matrix](data:image/png;base64,")
+    run_id = metadata["mlflow_run_id"].value
+    link = metadata["mlflow_run"].value
+    assert link.startswith("http://mlflow.example:5000/#/experiments/") and link.endswith(f"/runs/{run_id}")
+    assert first.tags["dagster/data_version"] == again.tags["dagster/data_version"]
+    other = materialize({"ops": {"baseline_evaluation": {"config": {"max_images": 12, "max_image_tokens": 24}}}})
+    assert other.tags["dagster/data_version"] != first.tags["dagster/data_version"]
+
+    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    sampled = {key for key in client.get_run(run_id).data.metrics if key.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= sampled
+
+    local = dg.materialize(
+        [baseline_evaluation],
+        resources={**resources, "mlflow_tracking": MlflowTracking(ui_url=None)},
+        instance=instance,
+        partition_key="tiny-s",
+        run_config=run_config,
+    )
+    assert "mlflow_run" not in local.asset_materializations_for_node("baseline_evaluation")[0].metadata

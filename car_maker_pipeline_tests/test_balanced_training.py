@@ -271,11 +271,11 @@ def test_resume_continues_a_balanced_augmented_run_exactly(tiny_model_dir, unbal
     ],
 )
 def test_folder_names_are_unchanged_while_the_new_fields_keep_their_defaults(values, num_processes, before_the_fields):
-    assert LoraHyperparameters(**values).fingerprint(num_processes=num_processes) == before_the_fields
+    assert LoraHyperparameters(**values).legacy_fingerprint(num_processes=num_processes) == before_the_fields
     explicit = LoraHyperparameters(**values, sampling="natural", augmentation=False)
-    assert explicit.fingerprint(num_processes=num_processes) == before_the_fields
+    assert explicit.legacy_fingerprint(num_processes=num_processes) == before_the_fields
     changed = {
-        LoraHyperparameters(**values, **new).fingerprint(num_processes=num_processes)
+        LoraHyperparameters(**values, **new).legacy_fingerprint(num_processes=num_processes)
         for new in ({"sampling": "balanced"}, {"augmentation": True}, {"sampling": "balanced", "augmentation": True})
     }
     assert len(changed) == 3 and before_the_fields not in changed

@@ -10,7 +10,7 @@ baseline and the checkpoint evaluations are then recorded by calling the domain 
 | registered version read back by `classify`  | the card's makers, base model, certificate; the best checkpoint's adapter |
 | recorded again under another run id         | scores reused (no re-evaluation), a new registered version       |
 | robustness off                              | no corruption table in the record, the manifest or MLflow        |
-| run left RUNNING by a dead Dagster run       | deleted before recording; another model's run is kept           |
+| run left RUNNING by a dead Dagster run       | deleted before recording; another model's run, and a run of another Dagster instance, kept |
 | missing lora_checkpoints / baseline / data  | MissingUpstreamError naming it; the model is never loaded        |
 | a split the dataset does not have           | ValueError naming the split and the ones there are; no model    |
 """
@@ -265,11 +265,16 @@ def test_a_run_left_running_by_a_dead_dagster_run_is_deleted_first(trained):
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("car_maker_pipeline").experiment_id
     tags = {"model_key": KEY, "stage": "checkpoint_accuracy", "training_run_id": training_run}
-    orphan = client.create_run(experiment, tags={**tags, "dagster_run_id": "killed-run"}).info.run_id
-    other_model = client.create_run(experiment, tags={**tags, "model_key": "tiny-m", "dagster_run_id": "killed-run"})
-    record = _record(trained, "after-kill-run", instance=dg.DagsterInstance.ephemeral())
+    instance = dg.DagsterInstance.ephemeral()
+    killed = instance.create_run_for_job(dg.GraphDefinition("scoring").to_job())
+    instance.report_run_failed(killed)  # this instance's run, ended: its RUNNING MLflow run was cut short
+    orphan = client.create_run(experiment, tags={**tags, "dagster_run_id": killed.run_id}).info.run_id
+    other_model = client.create_run(experiment, tags={**tags, "model_key": "tiny-m", "dagster_run_id": killed.run_id})
+    other_instance = client.create_run(experiment, tags={**tags, "dagster_run_id": "a-run-of-another-instance"})
+    record = _record(trained, "after-kill-run", instance=instance)
     assert client.get_run(orphan).info.lifecycle_stage == "deleted"
     assert client.get_run(other_model.info.run_id).info.lifecycle_stage == "active"
+    assert client.get_run(other_instance.info.run_id).info.lifecycle_stage == "active"  # not provably dead
     assert client.get_run(record.mlflow_run_id).info.status == "FINISHED"
 
 

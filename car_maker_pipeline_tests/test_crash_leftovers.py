@@ -51,7 +51,8 @@ def test_an_mlflow_run_of_a_killed_command_is_deleted_although_its_dagster_run_l
     """A SIGKILLed `dagster asset materialize` leaves its Dagster run STARTED: the run's writer tells."""
     import mlflow
 
-    from car_maker_pipeline.tracking import WRITER_TAG, default_tracking_uri, delete_orphaned_runs, experiment_id
+    from car_maker_pipeline.mlflow_store import default_tracking_uri
+    from car_maker_pipeline.tracking import WRITER_TAG, delete_orphaned_runs, experiment_id
 
     uri = default_tracking_uri(tmp_path)
     experiment = experiment_id(uri, tmp_path)
@@ -70,7 +71,7 @@ def test_an_mlflow_run_of_a_killed_command_is_deleted_although_its_dagster_run_l
         ).info.run_id
         for name, writer in writers.items()
     }
-    deleted = delete_orphaned_runs(uri, experiment, tags, is_alive=lambda dagster_run_id: True)
+    deleted = delete_orphaned_runs(uri, experiment, tags, status_of=lambda dagster_run_id: "running")
     assert deleted == [runs["killed"]]
     assert client.get_run(runs["killed"]).info.lifecycle_stage == "deleted"
     assert all(
@@ -84,3 +85,64 @@ def test_writer_ids_name_this_process_and_a_dead_one_is_recognised():
     assert writer_id() == f"{os.getpid()}@{socket.gethostname()}" and writer_alive(writer_id())
     assert not writer_alive(f"{_dead_pid()}@{socket.gethostname()}")
     assert writer_alive(f"{_dead_pid()}@another-host") and writer_alive(None) and writer_alive("garbled")
+
+
+def test_orphan_clean_up_deletes_only_provably_dead_runs_of_its_own_instance(tmp_path):
+    """Two real Dagster instances on one MLflow store. An MLflow run is deleted only when it has no live
+    writer: its writer's pid is dead on this host, or its writer is elsewhere and its Dagster run has
+    finished in *this* instance. Another instance's run id means nothing here, so its run is kept.
+
+    | writer                    | Dagster run (as instance A sees it)  | A's clean-up |
+    |---------------------------|--------------------------------------|--------------|
+    | this host, pid dead       | another instance's (unknown to A)    | deleted      |
+    | this host, pid alive      | A's, finished                        | kept         |
+    | this host, pid alive      | another instance's                   | kept (the defect: it was deleted, with its version) |
+    | another host              | A's, finished                        | deleted      |
+    | another host              | A's, still running                   | kept         |
+    | another host              | another instance's                   | kept         |
+    """
+    import dagster as dg
+    import mlflow
+
+    from car_maker_pipeline.mlflow_store import default_tracking_uri
+    from car_maker_pipeline.tracking import WRITER_TAG, delete_orphaned_runs, experiment_id
+    from car_maker_pipeline.tracking import dagster_run_status as status_in
+
+    uri = default_tracking_uri(tmp_path)
+    experiment = experiment_id(uri, tmp_path)
+    client = mlflow.MlflowClient(uri)
+    host = socket.gethostname()
+    instance_a, instance_b = dg.DagsterInstance.ephemeral(), dg.DagsterInstance.ephemeral()
+
+    job = dg.GraphDefinition("scoring").to_job()
+
+    def dagster_run(instance, finished: bool) -> str:
+        run = instance.create_run_for_job(job)
+        if finished:
+            instance.report_run_failed(run)
+        return run.run_id
+
+    finished_a, running_a, live_b = (
+        dagster_run(instance_a, True),
+        dagster_run(instance_a, False),
+        dagster_run(instance_b, False),
+    )
+    cases = {
+        "dead-writer": (f"{_dead_pid()}@{host}", live_b, True),
+        "live-writer-finished-run": (f"{os.getpid()}@{host}", finished_a, False),
+        "live-writer-other-instance": (f"{os.getpid()}@{host}", live_b, False),
+        "other-host-finished": (f"{_dead_pid()}@another-pod", finished_a, True),
+        "other-host-running": (f"{_dead_pid()}@another-pod", running_a, False),
+        "other-host-other-instance": (f"{_dead_pid()}@another-pod", live_b, False),
+    }
+    tags = {"model_key": "tiny-s", "stage": "checkpoint_accuracy"}
+    runs = {
+        name: client.create_run(experiment, tags={**tags, "dagster_run_id": run, WRITER_TAG: writer}).info.run_id
+        for name, (writer, run, _) in cases.items()
+    }
+    client.create_registered_model("car-maker-tiny-s")  # the live run of the other instance has registered v1
+    client.create_model_version("car-maker-tiny-s", tmp_path.as_uri(), run_id=runs["live-writer-other-instance"])
+    deleted = set(delete_orphaned_runs(uri, experiment, tags, status_in(instance_a)))
+    assert deleted == {runs[name] for name, (_, _, gone) in cases.items() if gone}
+    assert [str(v.version) for v in client.search_model_versions("name = 'car-maker-tiny-s'")] == ["1"]
+    assert status_in(instance_b)(live_b) == "running" and status_in(instance_a)(live_b) == "unknown"

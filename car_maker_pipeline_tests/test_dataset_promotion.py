@@ -232,10 +232,10 @@ def test_each_blocking_check_alone_keeps_a_dataset_from_becoming_current(tmp_pat
 
 def test_after_a_refusal_the_baseline_scores_the_previous_dataset(tmp_path, good_source, home_with_good_dataset):
     """Downstream for real: a baseline materialized after the refusal evaluates the good dataset's rows."""
+    from car_maker_pipeline.mlflow_store import default_tracking_uri
     from car_maker_pipeline.orchestration.assets.baseline import baseline_evaluation
     from car_maker_pipeline.orchestration.resources import MlflowTracking, VisionLanguageModels
     from car_maker_pipeline.store import BASELINE_EVALUATION
-    from car_maker_pipeline.tracking import default_tracking_uri
 
     home, good = home_with_good_dataset
     assert not materialize_data(home, leaked_source(good_source, tmp_path / "leaked", reencode=False)).success

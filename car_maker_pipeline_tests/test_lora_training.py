@@ -31,10 +31,9 @@ FAKE_HF_TOKEN = "hf_FAKEtokenTHATmustNEVERbeSAVED0123456789"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from car_maker_pipeline.offline.tiny_models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("lora_model") / "tiny-s", "tiny-s", seed=0)
+def model_dir(tiny_model_dir):
+    """The session's tiny-s (conftest), under the name these tests have always used."""
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +67,21 @@ def task(tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 
 
-def test_the_run_config_is_the_hyperparameter_schema_plus_the_process_count():
+# The run config's own fields: how to launch, and where the settings come from; neither is a hyperparameter.
+RUN_ONLY_FIELDS = {"num_processes", "from_sweep"}
+
+
+def test_the_run_config_is_the_hyperparameter_schema_plus_the_launch_settings():
     from car_maker_pipeline.orchestration.assets.training import LoraTrainingConfig
 
     plain, run_config = LoraHyperparameters(), LoraTrainingConfig()
-    assert set(LoraTrainingConfig.model_fields) == set(LoraHyperparameters.model_fields) | {"num_processes"}
+    assert set(LoraTrainingConfig.model_fields) == set(LoraHyperparameters.model_fields) | RUN_ONLY_FIELDS
     assert isinstance(run_config, LoraHyperparameters)
-    assert run_config.to_json() == plain.to_json()  # the launch setting is not a hyperparameter
+    assert run_config.to_json() == plain.to_json()  # the launch settings are not hyperparameters
     chosen = {"learning_rate": 2e-4, "lora_r": 4, "target_modules": ["q_proj"], "warmup_steps": 0, "bf16": False}
-    assert LoraTrainingConfig(**chosen, num_processes=2).to_json() == LoraHyperparameters(**chosen).to_json()
+    launched = LoraTrainingConfig(**chosen, num_processes=2, from_sweep=True)
+    assert launched.to_json() == LoraHyperparameters(**chosen).to_json()
+    assert launched.fingerprint() == LoraHyperparameters(**chosen).fingerprint()
 
 
 def test_trl_and_peft_settings_come_from_the_hyperparameters(tmp_path):
@@ -132,7 +137,7 @@ def test_trl_and_peft_settings_come_from_the_hyperparameters(tmp_path):
     ],
 )
 def test_training_folder_names_are_stable_across_releases(values, num_processes, folder_suffix):
-    assert LoraHyperparameters(**values).fingerprint(num_processes=num_processes) == folder_suffix
+    assert LoraHyperparameters(**values).legacy_fingerprint(num_processes=num_processes) == folder_suffix
 
 
 def test_a_setting_added_later_names_a_new_folder_only_when_changed():

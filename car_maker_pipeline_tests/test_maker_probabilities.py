@@ -4,6 +4,7 @@
 |-------------------------------------------------------------|--------------------------------------------------------------|
 | every maker's answer scored in one batched pass vs. brute force (one full forward pass per image and maker) | equal to 1e-5, demo makers and makers sharing prefixes, mixed picture sizes |
 | the scoring pass split by a small logit budget              | the same distribution, one pass more per group of makers     |
+| cache bytes per row: keys/values, 0-d counter, conv lists   | batch-shaped tensors only; counters and lists left out       |
 | all 49 real makers                                          | still two passes per batch; a distribution over all 49       |
 | a classified picture                                        | probabilities sum to 1; the maker is the most probable one   |
 | threshold and temperature                                   | chosen from validation only: changing test changes neither   |
@@ -35,6 +36,7 @@ from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.recording.baseline import RecordTarget, evaluate_and_record
 from car_maker_pipeline.recording.checkpoint_accuracy import check_same_makers
 from car_maker_pipeline.serving.predictor import UNSURE, ClassifierCard, answer_table
+from car_maker_pipeline.store import CAR_MAKER_DATASET, PipelineStore
 
 DEMO_MAKERS = ["AM General", "Aston Martin", "BMW", "Land Rover", "Mercedes-Benz", "Rolls-Royce"]
 SHARED_PREFIX_MAKERS = ["Aston Martin", "Aston Martinez", "Land Rover", "Land Rovers", "Land Cruiser", "BMW"]
@@ -98,6 +100,29 @@ def test_every_maker_is_scored_as_brute_force_would(tiny_model, maker_dataset, m
         assert scored.makers[row] == makers[int(np.argmax(expected))]
 
 
+@pytest.mark.parametrize(
+    ("rows", "extra", "expected_per_row"),
+    [
+        (3, {}, 2 * 5 * 4),  # keys and values, float32, 5 values per row
+        (3, {"cumulative_length": torch.tensor(7)}, 2 * 5 * 4),  # a 0-d counter is the batch's, no row's
+        (3, {"offsets": torch.zeros(4, dtype=torch.int64)}, 2 * 5 * 4),  # not batch-shaped: not per row
+        (3, {"conv_states": [torch.zeros(3, 2)]}, 2 * 5 * 4),  # LFM2's conv state lists are not counted
+        (3, {"mask": torch.zeros(3, 5, dtype=torch.bool)}, 2 * 5 * 4 + 5),  # any other per-row tensor is
+    ],
+    ids=["keys-values", "counter", "other-shape", "conv-list", "per-row-mask"],
+)
+def test_the_cache_size_per_row_counts_the_tensors_held_per_row(rows, extra, expected_per_row):
+    class Layer:
+        def __init__(self):
+            self.keys, self.values = torch.zeros(rows, 5), torch.zeros(rows, 5)
+            vars(self).update(extra)
+
+    class Cache:
+        layers = [Layer(), Layer()]
+
+    assert cache_bytes_per_row(Cache(), rows) == 2 * expected_per_row
+
+
 def test_classified_pictures_carry_a_distribution_and_its_most_probable_maker(tiny_model, maker_dataset):
     classifier = MakerClassifier(tiny_model.model, tiny_model.processor, DEMO_MAKERS, batch_size=4)
     for prediction in classifier.classify(_pictures(maker_dataset)):
@@ -159,34 +184,26 @@ def test_target_precision_outside_zero_one_is_refused_as_config_is_read(value, a
             calibrate(frame, frame, makers, value)
 
 
-class _OneMakerValidation:
-    """The fixture's maker dataset record, with validation cut down to one maker when loaded."""
+def _store_with_one_validation_maker(record, root):
+    """A real store whose current maker dataset is the fixture's, with validation cut down to one maker."""
+    from dataclasses import asdict
 
-    def __init__(self, record):
-        self.record = record
-
-    @property
-    def makers(self):
-        return self.record.makers
-
-    def load(self):
-        dataset = self.record.load()
-        first = dataset["validation"][0]["maker"]
-        dataset["validation"] = dataset["validation"].filter(lambda maker: maker == first, input_columns="maker")
-        return dataset
+    dataset = record.load()
+    first = dataset["validation"][0]["maker"]
+    dataset["validation"] = dataset["validation"].filter(lambda maker: maker == first, input_columns="maker")
+    dataset.save_to_disk(str(root / "one_validation_maker"))
+    store = PipelineStore(root)
+    store.write_manifest(CAR_MAKER_DATASET, {**asdict(record), "path": str(root / "one_validation_maker")})
+    return store
 
 
-def test_a_validation_split_with_one_maker_is_refused_before_model_work(maker_dataset, monkeypatch, tmp_path):
-    from car_maker_pipeline.data.maker_dataset import MakerDataset
-    from car_maker_pipeline.store import PipelineStore
-
+def test_a_validation_split_with_one_maker_is_refused_before_model_work(maker_dataset, tmp_path):
     def load_model():
         raise AssertionError("the model was loaded before the validation split was checked")
 
-    monkeypatch.setattr(MakerDataset, "current", classmethod(lambda cls, store: _OneMakerValidation(maker_dataset)))
     with pytest.raises(CalibrationError, match="holds 1 maker"):
         evaluate_and_record(
-            PipelineStore(tmp_path / "home"),
+            _store_with_one_validation_maker(maker_dataset, tmp_path),
             RecordTarget("sqlite:///unused.db", "run"),
             load_model,
             asset="baseline_evaluation",

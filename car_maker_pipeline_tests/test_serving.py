@@ -7,10 +7,10 @@ demo test images are written to the incoming folder, as `make demo` does. Then:
 |-------------------------------------------|-------------------------------------------------------|------|
 | the registered version                    | MLmodel: signature, input example, pinned requirements, model config; tags, aliases, the run's dataset inputs | test_the_registered_version_is_a_standard_mlflow_model |
 | `mlflow.pyfunc.load_model(...@champion)` in a fresh process | `classify` on the same files               | test_pyfunc_in_a_fresh_process_predicts_what_classify_prints |
-| `mlflow models serve` over HTTP           | `classify`; 7 bad requests each a 400 naming the problem, and the server still answering | test_scoring_server_answers_like_classify_and_refuses_bad_requests |
+| `mlflow models serve` over HTTP           | `classify`; 7 bad requests each a 400 naming the problem, the server still answering, its peak RSS moved by < 100 MB (printed) | test_scoring_server_answers_like_classify_and_refuses_bad_requests |
 | `merged_model` (plain transformers, fresh process, no PEFT imported) | the adapter, same evaluator, test split | test_merged_model_answers_like_the_adapter_without_peft |
 | `maker_predictions` over the folder       | `classify`; unreadable files listed with the reason; the sensor | test_maker_predictions_classifies_the_folder_once_per_file_set |
-| a second and third registration           | champion moves only to a better validation accuracy   | test_champion_moves_only_when_validation_accuracy_beats_it (last: it moves the alias) |
+| a second and third registration           | champion moves only to a better validation accuracy, and only once the registering run has finished | test_champion_moves_only_when_validation_accuracy_beats_it (last: it moves the alias) |
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from car_maker_pipeline_tests.support.serving import (
     TEST_PER_MAKER,
     ScoringServer,
     command_env,
+    peak_rss_kb,
     registered_classifier,
     tracking_uri,
 )
@@ -187,11 +188,15 @@ def test_scoring_server_answers_like_classify_and_refuses_bad_requests(registere
         status, body = server.invoke(frame(*(path.read_bytes() for path in good)))
         assert status == 200, body
         assert_same_answers([(p["answer"], p["probability"]) for p in body["predictions"]], classify_answers)
+        answering = peak_rss_kb(server.process.pid) / 1024
         for label, request, problem in BAD_REQUESTS:
             status, body = server.invoke(request)
             assert 400 <= status < 500 and problem in body["message"], (label, status, body)
             status, body = server.invoke(frame(good[0].read_bytes()))  # and it keeps answering
             assert status == 200 and body["predictions"][0]["answer"] == classify_answers[0][0], label
+        hostile = peak_rss_kb(server.process.pid) / 1024
+    print(f"scoring server peak RSS: {answering:.0f} MB answering, {hostile:.0f} MB after the bad requests")
+    assert hostile - answering < 100  # a bad request is refused before it costs memory
 
 
 ADAPTER_FREE_EVALUATION = textwrap.dedent(
@@ -294,6 +299,7 @@ def test_maker_predictions_classifies_the_folder_once_per_file_set(registered, c
 def test_champion_moves_only_when_validation_accuracy_beats_it(registered):
     """Last in the module: it moves the champion alias the other tests load."""
     from car_maker_pipeline.orchestration.assets.evaluation import checkpoint_accuracy
+    from car_maker_pipeline.recording.aliases import promote
     from car_maker_pipeline.recording.registry import Candidate, register_classifier
     from car_maker_pipeline.serving.predictor import ClassifierCard
     from car_maker_pipeline.tracking import mlflow_run
@@ -330,12 +336,15 @@ def test_champion_moves_only_when_validation_accuracy_beats_it(registered):
     adapter /= "artifacts/adapter"
     better = float(champion.tags["val_accuracy_exact"]) + 0.1
     with mlflow_run(tracking_uri(home), home, "registration-test", {"stage": "registration-test"}):
-        registered_better = register_classifier(
+        registered = register_classifier(
             Candidate(MODEL, adapter, ClassifierCard.read(adapter), better, 0.5),
             uri=tracking_uri(home),
+            home=home,
             dataset_record=MakerDataset.current(PipelineStore(home)),
             tags={"dagster_run_id": "registration-test"},
         )
+        assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"  # no alias while it runs
+    registered_better = promote(registered, uri=tracking_uri(home), home=home)
     assert registered_better.version == "3" and registered_better.decision.promoted
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "3"

@@ -36,9 +36,9 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from car_maker_pipeline.recording.registry import ChampionRecord, decide_champion
-from car_maker_pipeline.serving.batch import MAX_FILE_BYTES, PREDICTION_COLUMNS, classify_folder, snapshot
-from car_maker_pipeline.serving.images import ImageInputError, decode_image
+from car_maker_pipeline.recording.aliases import ChampionRecord, decide_champion
+from car_maker_pipeline.serving.batch import PREDICTION_COLUMNS, classify_folder, snapshot
+from car_maker_pipeline.serving.images import MAX_IMAGE_BYTES, ImageInputError, decode_image
 from car_maker_pipeline_tests.support.hostile_images import (
     encoded,
     jpeg_declaring,
@@ -156,7 +156,7 @@ def incoming_folder(root):
     for name, (data, _) in files.items():
         (folder / name).write_bytes(data)
     with open(folder / "h-huge.raw", "wb") as handle:  # sparse: no disk used, but over the byte limit
-        handle.truncate(MAX_FILE_BYTES + 1)
+        handle.truncate(MAX_IMAGE_BYTES + 1)
     (folder / ".partial-upload.jpg").write_bytes(encoded())
     (folder / "subfolder").mkdir()
     reasons = {name: reason for name, (_, reason) in files.items()}
@@ -312,8 +312,8 @@ def test_adapter_cards_of_both_formats_name_the_base_model(tiny_model_dir, tmp_p
 
 
 def test_no_champion_is_an_error_that_says_what_to_materialize(tmp_path):
+    from car_maker_pipeline.mlflow_store import initialize_sqlite_store
     from car_maker_pipeline.recording.registry import NoChampionError, champion_version
-    from car_maker_pipeline.tracking import initialize_sqlite_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     initialize_sqlite_store(uri)

@@ -3,8 +3,9 @@
 For each home below, the default tracking URI is built, the store created through
 `ensure_reachable`, and a real MLflow run logged (param, metric, artifact), registered as a model
 version, and everything read back. The store must be `<home>/mlflow.db` and the artifacts under
-`<home>/mlflow-artifacts`, with no file written anywhere else (MLflow does leave an empty folder
-named after the percent-encoded path beside a home with `?` or `%XX` in it; see `sqlite_uri`):
+`<home>/mlflow-artifacts`, with nothing written or created anywhere else (MLflow creates the parent
+folder of the path as written in the URI: it left an empty `what%3Fnow` beside `what?now`, until the
+encoded part of the URI took its slashes with it; see `sqlite_uri`):
 
 | home folder name        | what a naive `sqlite:///{path}` did                   |
 |-------------------------|--------------------------------------------------------|
@@ -23,14 +24,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
+from car_maker_pipeline.mlflow_store import default_tracking_uri, sqlite_database
 from car_maker_pipeline.store import PipelineStore
-from car_maker_pipeline.tracking import (
-    configured_tracking_uri,
-    default_tracking_uri,
-    ensure_reachable,
-    mlflow_run,
-    sqlite_database,
-)
+from car_maker_pipeline.tracking import configured_tracking_uri, ensure_reachable, mlflow_run
 
 HOME_NAMES = [
     "with space",
@@ -79,6 +75,7 @@ def test_mlflow_store_under_a_home_with_uri_characters(tmp_path, name):
         if path.is_file() and home not in path.parents and path.parent != tmp_path and "downloaded" not in path.parts
     ]
     assert outside == [], f"MLflow wrote outside {home}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([name, "note.txt", "downloaded"])
 
 
 def test_the_configured_uri_follows_car_maker_home(tmp_path, monkeypatch):
@@ -88,3 +85,39 @@ def test_the_configured_uri_follows_car_maker_home(tmp_path, monkeypatch):
     assert sqlite_database(uri) == home / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert configured_tracking_uri(home) == "http://127.0.0.1:5000"
+
+
+def _schema(path) -> tuple[dict, list]:
+    """Every table and index with its definition's clauses as a set (MLflow's own migrations write a
+    table's constraints in an order that differs from one run to the next), and the alembic revision."""
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as database:
+        rows = database.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+        revision = database.execute("SELECT version_num FROM alembic_version").fetchall()
+    clauses = {
+        (kind, name): {line.strip().rstrip(",") for line in (sql or "").splitlines()} for kind, name, sql in rows
+    }
+    return clauses, revision
+
+
+def test_a_store_copied_from_the_cached_template_is_the_store_migrations_build(tmp_path, monkeypatch):
+    """| store                        | schema and alembic revision | Default experiment's artifacts |
+    |------------------------------|-----------------------------|--------------------------------|
+    | migrated in place (no cache) | MLflow's                    | beside it                      |
+    | copied from the template     | the same                    | beside it (not the template's) |
+    """
+    from car_maker_pipeline.mlflow_store import initialize_sqlite_store
+    from car_maker_pipeline.settings import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    copied = tmp_path / "copied" / "mlflow.db"
+    initialize_sqlite_store(default_tracking_uri(copied.parent))
+    monkeypatch.delenv(CACHE_ENV)
+    migrated = tmp_path / "migrated" / "mlflow.db"
+    initialize_sqlite_store(default_tracking_uri(migrated.parent))
+    assert _schema(copied) == _schema(migrated)
+    for store in (copied, migrated):
+        default = mlflow.MlflowClient(default_tracking_uri(store.parent)).get_experiment("0")
+        assert default.artifact_location == (store.parent / "mlflow-artifacts").as_uri() + "/0"

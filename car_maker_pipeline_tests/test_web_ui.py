@@ -21,6 +21,7 @@ ASSETS = [
     "car_maker_dataset",
     "baseline_evaluation",
     "lora_checkpoints",
+    "lora_sweep",
     "checkpoint_accuracy",
     "merged_model",
     "maker_predictions",
@@ -30,6 +31,7 @@ LINEAGE = {
     ("raw_stanford_cars", "car_maker_dataset"),
     ("car_maker_dataset", "baseline_evaluation"),
     ("car_maker_dataset", "lora_checkpoints"),
+    ("car_maker_dataset", "lora_sweep"),
     ("baseline_evaluation", "checkpoint_accuracy"),
     ("lora_checkpoints", "checkpoint_accuracy"),
     ("checkpoint_accuracy", "merged_model"),
@@ -93,6 +95,7 @@ def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
         "car_maker_dataset": "data",
         "baseline_evaluation": "baseline",
         "lora_checkpoints": "training",
+        "lora_sweep": "sweep",
         "checkpoint_accuracy": "evaluation",
         "merged_model": "serving",
         "maker_predictions": "serving",
@@ -103,7 +106,8 @@ def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
     assert {"huggingface"} <= set(nodes["raw_stanford_cars"]["kinds"])
     assert {"pytorch", "huggingface", "mlflow"} <= set(nodes["lora_checkpoints"]["kinds"])
     assert {"pytorch", "mlflow"} <= set(nodes["checkpoint_accuracy"]["kinds"])
-    for key in ("baseline_evaluation", "lora_checkpoints", "checkpoint_accuracy", "merged_model", "maker_predictions"):
+    assert {"optuna", "pytorch", "mlflow"} <= set(nodes["lora_sweep"]["kinds"])
+    for key in ASSETS[2:]:  # every asset after the data is one partition per model
         assert nodes[key]["isPartitioned"]
         assert nodes[key]["partitionKeysByDimension"][0]["partitionKeys"] == ["tiny-s", "tiny-m", "tiny-l"]
     checks = {key: {c["name"] for c in node["assetChecksOrError"]["checks"]} for key, node in nodes.items()}
@@ -205,6 +209,8 @@ def _pool_intervals(server, run_ids: list[str], steps: set[str]) -> list[tuple[f
 def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
     """Four partitions launched at once (three fine-tunings, one baseline): their steps take turns."""
     client = server.graphql_client()
+    # Steps in the run's own process (one process start per run, not two): the gpu pool binds either way.
+    in_process = {"execution": {"config": {"in_process": {}}}}
     training = {
         "ops": {
             "lora_checkpoints": {
@@ -212,8 +218,9 @@ def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
             }
         },
         "resources": SMALL_SOURCE,
+        **in_process,
     }
-    baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 8}}}, "resources": SMALL_SOURCE}
+    baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 8}}}, "resources": SMALL_SOURCE, **in_process}
     run_ids = [
         client.submit_job_execution(
             "training_job", run_config=training, asset_selection=["lora_checkpoints"], tags={"dagster/partition": model}
@@ -236,6 +243,7 @@ def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
         )
 
 
+@pytest.mark.serial  # its latency bound holds for this load alone, not beside another test's
 def test_twenty_runs_at_once_all_complete_and_the_ui_stays_responsive(server, data_run):
     """Twenty baseline runs requested together: the queue (4 at a time) and the gpu pool (1 step at a
     time) work through them while GraphQL keeps answering within a second."""
@@ -286,3 +294,44 @@ def test_twenty_runs_at_once_all_complete_and_the_ui_stays_responsive(server, da
     )
     assert len(answers) >= wall / 2, "the probe stalled"  # one probe per ~0.5-1 s for the whole load
     assert max(answers) < 1.0, f"GraphQL took {max(answers):.2f}s under load"
+
+
+STALE_QUERY = """
+query Stale($path: [String!]!, $partition: String) { assetNodeOrError(assetKey: {path: $path}) {
+    ... on AssetNode { staleStatus(partition: $partition)
+        staleCauses(partition: $partition) { key { path } category reason dependency { path } } } } }
+"""
+
+
+def _staleness(server, asset: str, partition: str | None = None) -> tuple[str, list[dict]]:
+    node = server.graphql(STALE_QUERY, {"path": [asset], "partition": partition})["assetNodeOrError"]
+    return node["staleStatus"], node["staleCauses"]
+
+
+def test_a_rebuilt_dataset_shows_the_models_trained_and_scored_on_the_old_one_as_stale(server, data_run):
+    """| state                                   | baseline_evaluation [tiny-m] | car_maker_dataset |
+    |-----------------------------------------|------------------------------|-------------------|
+    | scored on the current dataset           | FRESH                        | FRESH             |
+    | dataset rebuilt (other validation split) | STALE: car_maker_dataset data | FRESH             |
+    | scored again on the new dataset         | FRESH                        | FRESH             |
+    """
+    client = server.graphql_client()
+    baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 4}}}, "resources": SMALL_SOURCE}
+
+    def run(job, config, partition=None):
+        tags = {"dagster/partition": partition} if partition else {}
+        run_id = client.submit_job_execution(job, run_config=config, tags=tags)
+        assert server.wait_for_run(run_id, timeout=600) == "SUCCESS", server.log_tail()
+
+    run("baseline_job", baseline, "tiny-m")
+    assert _staleness(server, "baseline_evaluation", "tiny-m") == ("FRESH", [])
+    rebuilt = {"ops": {"car_maker_dataset": {"config": {"validation_fraction": 0.2}}}, "resources": SMALL_SOURCE}
+    run("data_job", rebuilt)
+    assert _staleness(server, "car_maker_dataset")[0] == "FRESH"
+    status, causes = _staleness(server, "baseline_evaluation", "tiny-m")
+    assert status == "STALE"
+    assert {"key": {"path": ["car_maker_dataset"]}, "category": "DATA", "reason": "has a new data version"} in [
+        {name: cause[name] for name in ("key", "category", "reason")} for cause in causes
+    ], causes
+    run("baseline_job", baseline, "tiny-m")
+    assert _staleness(server, "baseline_evaluation", "tiny-m")[0] == "FRESH"

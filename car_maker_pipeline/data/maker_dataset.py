@@ -9,8 +9,6 @@ the raw store it reads (which `datasets` would otherwise fill with cache files).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -22,6 +20,14 @@ import datasets
 import numpy as np
 import pandas as pd
 
+from car_maker_pipeline.data.dataset_spec import (  # noqa: F401 (TRAIN...column: where callers find them)
+    BUILD_VERSION,
+    TEST,
+    TRAIN,
+    VALIDATION,
+    MakerDatasetParams,
+    column,
+)
 from car_maker_pipeline.data.decoding import BAD_LABEL, DUPLICATE, TOO_LARGE, UNDECODABLE, Refusal, decode_checked
 from car_maker_pipeline.data.decoding import decode_once as decode_once  # where callers have always found it
 from car_maker_pipeline.data.labels import label_mapping, map_label, unified_names
@@ -29,7 +35,6 @@ from car_maker_pipeline.data.makers import makers_for_class_names, parse_class_n
 from car_maker_pipeline.storage import atomic_directory, read_json, write_json_atomic
 from car_maker_pipeline.store import CAR_MAKER_DATASET, PipelineStore
 
-TRAIN, VALIDATION, TEST = "train", "validation", "test"
 _COMPLETE = "_DATASET_COMPLETE.json"
 DROPPED_ROWS_FILE = "dropped_rows.json"  # every dropped row, next to the dataset it was dropped from
 DROPPED_ROWS_SHOWN = 200  # rows of that table kept in the record (manifest and asset metadata)
@@ -37,17 +42,6 @@ DROPPED_ROWS_SHOWN = 200  # rows of that table kept in the record (manifest and 
 
 class MakerDatasetError(ValueError):
     """The source cannot be turned into a maker dataset; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class MakerDatasetParams:
-    validation_fraction: float = 0.1
-    seed: int = 0
-    num_proc: int | None = None  # None: one process per core for large sources
-
-    def fingerprint(self) -> str:
-        blob = json.dumps({"validation_fraction": self.validation_fraction, "seed": self.seed, "v": 3}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
 @dataclass
@@ -116,11 +110,6 @@ class MakerDataset:
     def dropped_rows_table(self) -> pd.DataFrame:
         """The listed dropped rows: split, row index, reason, detail."""
         return pd.DataFrame(self.dropped_rows, columns=["split", "index", "reason", "detail"])
-
-
-def column(part: datasets.Dataset, name: str) -> list:
-    """One column as a Python list, read through Arrow: `part[name]` would decode every image of the row."""
-    return part.with_format("arrow")[name].to_pylist()
 
 
 def _image_bytes(raw: dict | None) -> bytes | Refusal | None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
+from car_maker_pipeline.data.dataset_spec import TEST, TRAIN, VALIDATION, column
 
-from car_maker_pipeline.data.maker_dataset import TEST, TRAIN, VALIDATION, column
+if TYPE_CHECKING:
+    import datasets
 
 
 def check_no_test_leakage(dataset: datasets.DatasetDict) -> tuple[bool, dict]:

@@ -6,7 +6,10 @@ split, or refuse one, without importing another reader.
 
 from __future__ import annotations
 
-import datasets
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where a split is checked: this module's error class is imported far more widely
+    import datasets
 
 REQUIRED_COLUMNS = ("image", "label")
 
@@ -17,6 +20,8 @@ class SourceError(ValueError):
 
 def check_features(features: datasets.Features, columns: list[str], split: str, source: str, where: str = "") -> None:
     """Stanford-Cars shape of one split (or one file of it): an Image column and a ClassLabel label column."""
+    import datasets
+
     file_note = f" ({where})" if where else ""
     missing = [column for column in REQUIRED_COLUMNS if column not in columns]
     if missing:

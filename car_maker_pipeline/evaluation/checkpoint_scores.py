@@ -25,7 +25,7 @@ from car_maker_pipeline.evaluation.settings import (
 from car_maker_pipeline.evaluation.split_report import EvaluationReport, evaluate_to_dir
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
-from car_maker_pipeline.models.checkpoint_marker import recorded_digest
+from car_maker_pipeline.models.checkpoint_marker import ADAPTER_WEIGHTS, recorded_digest
 
 VALIDATION, TEST = "validation", "test"
 # Part of every cached result's name: results written before every maker's probability was scored
@@ -71,7 +71,7 @@ def results_dir(out_root: Path, label: str, budget: ImageTokenBudget, adapter: P
     """
     digest = hashlib.sha256(json.dumps({**budget.to_json(), "scoring": SCORING}, sort_keys=True).encode())
     if adapter is not None:
-        digest.update(recorded_digest(adapter, "adapter_model.safetensors").encode())
+        digest.update(recorded_digest(adapter, ADAPTER_WEIGHTS).encode())
     return out_root / f"{label}-{digest.hexdigest()[:10]}"
 
 

@@ -30,13 +30,55 @@ from car_maker_pipeline.storage import write_json_atomic
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
-CHECKPOINT_REQUIRED_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+CHECKPOINT_REQUIRED_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "trainer_state.json")
 MARKER_FORMAT = 2  # 2: size and sha256 per file; markers without "format" list sizes only
 
 
-def _digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's content, read in chunks (never whole into memory)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def file_records(folder: Path, names: list[str]) -> dict[str, dict]:
+    """`{name: {"size", "sha256"}}` of files under `folder`: what a marker (or a registered version) records."""
+    return {name: {"size": (folder / name).stat().st_size, "sha256": file_digest(folder / name)} for name in names}
+
+
+def record_problems(
+    folder: Path,
+    recorded: Mapping[str, dict],
+    present: list[str],
+    *,
+    content: bool = True,
+    written: str = "written",
+    subject: str = "the checkpoint",
+    record: str = "the completion marker",
+) -> list[str]:
+    """What differs between the files under `folder` and `recorded` (`file_records`), in words naming each file:
+    missing, another size, another sha256 (with `content`), a path outside the folder, or `present` but not
+    recorded. `written`, `subject` and `record` word the messages ("... changed after it was written")."""
+    problems = []
+    for name, expected in recorded.items():
+        file = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            problems.append(f"{record} lists {name!r}, a path outside {subject}")
+            continue
+        try:
+            if not file.is_file():
+                problems.append(f"{name} is missing")
+                continue
+            size = file.stat().st_size
+            if size != expected.get("size"):
+                problems.append(f"{name} has {size} bytes; {expected.get('size')} were {written}")
+            elif content and "sha256" in expected and file_digest(file) != expected["sha256"]:
+                problems.append(f"{name} changed after it was {written} (sha256 differs)")
+        except (OSError, AttributeError) as error:
+            problems.append(f"{name} cannot be checked ({type(error).__name__}: {error})")
+    problems += [f"{name} was added after {subject} was {written}" for name in sorted(set(present) - set(recorded))]
+    return problems
 
 
 def _checkpoint_files(path: Path) -> list[str]:
@@ -74,34 +116,16 @@ def verify_checkpoint(path: str | os.PathLike, *, content: bool = True) -> list[
     problems = [
         f"{name} is not listed in the completion marker" for name in CHECKPOINT_REQUIRED_FILES if name not in recorded
     ]
-    size_only = False
-    for name, expected in recorded.items():
-        file = path / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            problems.append(f"the completion marker lists {name!r}, a path outside the checkpoint")
-            continue
-        if isinstance(expected, int):  # a marker from before content hashes: {name: size}
-            expected, size_only = {"size": expected}, True
-        try:
-            if not file.is_file():
-                problems.append(f"{name} is missing")
-                continue
-            size = file.stat().st_size
-            if size != expected.get("size"):
-                problems.append(f"{name} has {size} bytes; {expected.get('size')} were written")
-            elif content and "sha256" in expected and _digest(file) != expected["sha256"]:
-                problems.append(f"{name} changed after it was written (sha256 differs)")
-        except (OSError, AttributeError) as error:
-            problems.append(f"{name} cannot be checked ({type(error).__name__}: {error})")
-    if size_only:
-        if not problems and path not in _SIZE_ONLY_WARNED:
-            _SIZE_ONLY_WARNED.add(path)
-            logger.warning(
-                "Checkpoint %s has a completion marker from before content hashes: checked by size only.", path
-            )
-    else:
-        added = sorted(set(_checkpoint_files(path)) - set(recorded))
-        problems += [f"{name} was added after the checkpoint was written" for name in added]
+    # A marker from before content hashes lists {name: size}: those files are checked by size only.
+    size_only = any(isinstance(expected, int) for expected in recorded.values())
+    normalized = {name: {"size": v} if isinstance(v, int) else v for name, v in recorded.items()}
+    if not all(isinstance(v, dict) for v in normalized.values()):
+        return problems + ["unreadable completion marker (an entry is neither a size nor a record)"]
+    present = recorded if size_only else _checkpoint_files(path)  # old markers are not checked for added files
+    problems += record_problems(path, normalized, list(present), content=content)
+    if size_only and not problems and path not in _SIZE_ONLY_WARNED:
+        _SIZE_ONLY_WARNED.add(path)
+        logger.warning("Checkpoint %s has a completion marker from before content hashes: checked by size only.", path)
     return problems
 
 
@@ -133,15 +157,14 @@ def recorded_digest(path: str | os.PathLike, name: str) -> str:
             return entry["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return _digest(path / name)
+    return file_digest(path / name)
 
 
 def mark_checkpoint_complete(path: Path, global_step: int) -> None:
     """Write the completion marker: size and sha256 of every file, each made durable before the marker."""
-    files = {}
-    for name in _checkpoint_files(path):
+    names = _checkpoint_files(path)
+    for name in names:
         with open(path / name, "rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
             os.fsync(handle.fileno())
-        files[name] = {"size": (path / name).stat().st_size, "sha256": digest}
+    files = file_records(path, names)
     write_json_atomic(path / CHECKPOINT_MARKER, {"format": MARKER_FORMAT, "global_step": global_step, "files": files})

@@ -46,6 +46,7 @@ from PIL import Image
 from car_maker_pipeline.data.classes import stanford_cars_class_names
 from car_maker_pipeline.offline.card import dataset_card
 from car_maker_pipeline.offline.corruptions import ALL_CORRUPTIONS, corrupt_image, encode_image, pick_format
+from car_maker_pipeline.offline.generation_cache import via_cache
 from car_maker_pipeline.offline.population import (
     IMAGE_SIZE_MODES,
     drawing_size,
@@ -311,7 +312,8 @@ def generate_demo_source(
 
 
 def ensure_demo_source(parent: Path, **settings) -> Path:
-    """The demo source for these `generate_demo_source` settings under `parent`, generated on first use.
+    """The demo source for these `generate_demo_source` settings under `parent`, generated on first use
+    (or copied from the generation cache, `generation_cache.py`, when one is configured).
 
     One folder per distinct setting: the name lists the settings that differ from the defaults, so
     a default source keeps the folder name it always had.
@@ -340,5 +342,5 @@ def ensure_demo_source(parent: Path, **settings) -> Path:
     folder = parent / name
     if not (folder / "data").is_dir():
         settings = {key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()}
-        generate_demo_source(folder, **settings)
+        via_cache(folder, "sources", lambda out: (out / "data").is_dir() or generate_demo_source(out, **settings))
     return folder

@@ -41,6 +41,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from car_maker_pipeline.offline.generation_cache import via_cache
 from car_maker_pipeline.offline.tokenizer import (
     BOS_TOKEN,
     DOWNSAMPLE_FACTOR,
@@ -267,5 +268,9 @@ def _write_model(path: Path, name: str, spec: TinyModelSpec, seed: int) -> None:
 
 
 def ensure_demo_model(parent: Path, name: str, seed: int = 0) -> Path:
-    """The tiny model `name` under `parent`, built on first use (one folder per name and seed)."""
-    return build_tiny_model(parent / f"{name}-seed{seed}", name, seed=seed)
+    """The tiny model `name` under `parent`, built on first use (one folder per name and seed), or copied
+    from the generation cache (`generation_cache.py`) when one is configured."""
+    target = parent / f"{name}-seed{seed}"
+    if target.exists():  # complete (checked against name and seed), or an error if it is something else
+        return build_tiny_model(target, name, seed=seed)
+    return via_cache(target, "models", lambda out: build_tiny_model(out, name, seed=seed))

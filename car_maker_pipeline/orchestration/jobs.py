@@ -31,4 +31,11 @@ serving_job = dg.define_asset_job(
     description="Export one model's (a partition's) champion merged, and classify the incoming images with it.",
 )
 
-jobs = [data_job, baseline_job, training_job, serving_job]
+sweep_job = dg.define_asset_job(
+    "sweep_job",
+    selection=dg.AssetSelection.groups("sweep"),
+    partitions_def=model_partitions,
+    description="Search one model's (a partition's) LoRA hyperparameters with Optuna.",
+)
+
+jobs = [data_job, baseline_job, training_job, serving_job, sweep_job]

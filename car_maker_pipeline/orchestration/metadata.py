@@ -9,6 +9,7 @@ formatted percentages); only pictures go through markdown, which has the one ima
 from __future__ import annotations
 
 import base64
+import io
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,10 +23,25 @@ if TYPE_CHECKING:  # the evaluation modules import torch; step processes that on
     from car_maker_pipeline.recording.checkpoint_accuracy import CheckpointRecord
 
 
+# Pictures inline in the event log are small copies: every materialization's metadata is stored in the
+# event log and sent to every browser that opens the asset, so it stays near 50 KB (the full-size
+# PNGs are beside the results and in the MLflow run's artifacts).
+THUMBNAIL_WIDTH = 400  # pixels: readable in the metadata panel
+THUMBNAIL_COLOURS = 32  # a chart's flat colours survive a small palette; the file shrinks severalfold
+
+
 def image_markdown(path: Path, alt: str) -> dg.MetadataValue:
-    """A PNG inline in the Dagster UI (metadata has no image type; markdown with a data URI renders)."""
-    encoded = base64.b64encode(path.read_bytes()).decode()
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")
+    """A small copy of a PNG inline in the Dagster UI (metadata has no image type; markdown with a data URI
+    renders), and where the full-size one is."""
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        picture.thumbnail((THUMBNAIL_WIDTH, 4 * THUMBNAIL_WIDTH))
+        small = picture.convert("RGB").quantize(colors=THUMBNAIL_COLOURS)
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG", optimize=True)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})\n\nFull size: `{path}`")
 
 
 RISK_COVERAGE_ROWS = 50  # a curve has a row per distinct confidence; the UI table shows an even sample

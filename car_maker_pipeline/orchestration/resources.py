@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
 
-from car_maker_pipeline.data.source import RawDataset, materialize_raw
 from car_maker_pipeline.data.source_schema import SourceError
 from car_maker_pipeline.redaction import leaks_secret, redact_text
 from car_maker_pipeline.settings import Profile, get_profile, pipeline_home
 from car_maker_pipeline.store import PipelineStore
+
+if TYPE_CHECKING:  # the definitions load in every Dagster process; `datasets` is imported by the steps that read data
+    from car_maker_pipeline.data.source import RawDataset
+
+MLFLOW_UI_ENV = "CAR_MAKER_MLFLOW_UI"
 
 
 class StoreResource(dg.ConfigurableResource):
@@ -80,6 +85,8 @@ class StanfordCarsSource(dg.ConfigurableResource):
         return str(folder)
 
     def materialize(self, store: PipelineStore) -> RawDataset:
+        from car_maker_pipeline.data.source import materialize_raw
+
         token = os.environ.get(self.token_env) or None
         try:
             return materialize_raw(self.resolve(store), store.root, revision=self.revision, token=token)
@@ -137,6 +144,12 @@ class MlflowTracking(dg.ConfigurableResource):
     # within seconds (training buffers its metrics meanwhile). Environment variables still win.
     http_request_max_retries: int = Field(default=2, ge=0, description="MLFLOW_HTTP_REQUEST_MAX_RETRIES unless set.")
     http_request_timeout_s: int = Field(default=20, gt=0, description="MLFLOW_HTTP_REQUEST_TIMEOUT unless set.")
+    ui_url: str | None = Field(
+        default_factory=lambda: os.environ.get(MLFLOW_UI_ENV) or None,
+        description=f"Where people open the MLflow UI for these runs (default {MLFLOW_UI_ENV}; `make mlflow-ui` serves "
+        "http://127.0.0.1:5000). Each materialization links to its run and registered version there; unset, the "
+        "tracking server itself when it is http(s), else no links.",
+    )
 
     def uri(self, store: PipelineStore) -> str:
         from car_maker_pipeline.tracking import configured_tracking_uri
@@ -150,3 +163,15 @@ class MlflowTracking(dg.ConfigurableResource):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(self.http_request_max_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.http_request_timeout_s))
         return ensure_reachable(self.uri(store))
+
+    def links(self, uri: str, run_id: str | None = None, model_version: tuple[str, str] | None = None) -> dict:
+        """`MetadataValue.url`s to the MLflow run and the registered (name, version), where a UI serves them."""
+        from car_maker_pipeline.tracking import model_version_link, run_link, ui_base
+
+        base = ui_base(uri, self.ui_url)
+        if base is None:
+            return {}
+        links = {"mlflow_run": dg.MetadataValue.url(run_link(base, uri, run_id))} if run_id else {}
+        if model_version is not None:
+            links["registered_model_version"] = dg.MetadataValue.url(model_version_link(base, *model_version))
+        return links

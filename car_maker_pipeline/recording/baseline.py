@@ -64,13 +64,15 @@ class RecordTarget:
 def evaluation_run(
     target: RecordTarget, store: PipelineStore, run_name: str, model_key: str, stage: str, **tags: str
 ) -> Iterator:
-    """The MLflow run of one evaluation, active inside the block."""
+    """The MLflow run of one evaluation, active inside the block: open while the model scores, so its
+    system metrics (CPU, memory, GPU) show whether the accelerator was kept busy."""
     with mlflow_run(
         target.tracking_uri,
         store.root,
         run_name=run_name,
         tags={"dagster_run_id": target.dagster_run_id, "model_key": model_key, "stage": stage, **tags},
         orphans_of=target.dagster_instance,
+        system_metrics=True,
     ) as run:
         yield run
 
@@ -167,45 +169,50 @@ def evaluate_and_record(
         loaded.model, loaded.processor, makers_record.makers, prompt=prompt, batch_size=batch_size, budget=budget
     )
     out_dir = store.asset_dir(asset, model_key) / target.dagster_run_id
-    report = evaluate_to_dir(classifier, dataset, split, out_dir, title=f"{model_key} {stage}", max_images=max_images)
-    calibration = None
-    if calibrate_on is not None:
-        validation = evaluate_to_dir(
-            classifier, dataset, calibrate_on, out_dir.with_name(f"{out_dir.name}-{calibrate_on}"), "", figures=False
-        )
-        val_predictions = validation.predictions()
-        calibrated = calibrate(
-            val_predictions,
-            report.predictions(),
-            classifier.makers,
-            target_precision,
-            delta=delta,
-            fold_keys=fold_keys(dataset[calibrate_on], val_predictions),
-        )
-        calibration = write_calibration(
-            calibrated,
-            out_dir.with_name(f"{out_dir.name}-calibration"),
-            f"{model_key} {stage}",
-        )
-    params = {
-        "model_key": model_key,
-        "model_id": loaded.path_or_id,
-        "model_revision": loaded.revision,
-        "dataset_revision": makers_record.source_revision,
-        "dataset_path": Path(makers_record.path).name,
-        "prompt_hash": classifier.prompt_hash,
-        "num_images": report.summary.num_images,
-        "batch_size": batch_size,
-        "device": loaded.device,
-        "dtype": loaded.dtype,
-        "split": split,
-        "sample_cap": max_images,
-        "target_precision": target_precision,
-        "delta": delta,
-        "calibration_split": calibrate_on,
-        **budget_params(classifier.budget),
-    }
     with evaluation_run(target, store, f"{stage}-{model_key}", model_key, stage) as run:
+        report = evaluate_to_dir(
+            classifier, dataset, split, out_dir, title=f"{model_key} {stage}", max_images=max_images
+        )
+        calibration = None
+        if calibrate_on is not None:
+            validation = evaluate_to_dir(
+                classifier,
+                dataset,
+                calibrate_on,
+                out_dir.with_name(f"{out_dir.name}-{calibrate_on}"),
+                "",
+                figures=False,
+            )
+            val_predictions = validation.predictions()
+            calibrated = calibrate(
+                val_predictions,
+                report.predictions(),
+                classifier.makers,
+                target_precision,
+                delta=delta,
+                fold_keys=fold_keys(dataset[calibrate_on], val_predictions),
+            )
+            calibration = write_calibration(
+                calibrated, out_dir.with_name(f"{out_dir.name}-calibration"), f"{model_key} {stage}"
+            )
+        params = {
+            "model_key": model_key,
+            "model_id": loaded.path_or_id,
+            "model_revision": loaded.revision,
+            "dataset_revision": makers_record.source_revision,
+            "dataset_path": Path(makers_record.path).name,
+            "prompt_hash": classifier.prompt_hash,
+            "num_images": report.summary.num_images,
+            "batch_size": batch_size,
+            "device": loaded.device,
+            "dtype": loaded.dtype,
+            "split": split,
+            "sample_cap": max_images,
+            "target_precision": target_precision,
+            "delta": delta,
+            "calibration_split": calibrate_on,
+            **budget_params(classifier.budget),
+        }
         log_params(params)
         log_report(report)
         if calibration is not None:

@@ -40,8 +40,9 @@ from car_maker_pipeline.evaluation.settings import (
 )
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, budget_for_checkpoint
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
-from car_maker_pipeline.models.checkpoint_marker import verified_checkpoints
+from car_maker_pipeline.models.checkpoint_marker import ADAPTER_WEIGHTS, recorded_digest, verified_checkpoints
 from car_maker_pipeline.models.loading import LoadedModel
+from car_maker_pipeline.recording.aliases import RegisteredClassifier, promote
 from car_maker_pipeline.recording.baseline import (
     RecordTarget,
     budget_params,
@@ -50,7 +51,7 @@ from car_maker_pipeline.recording.baseline import (
     log_calibration,
     log_params,
 )
-from car_maker_pipeline.recording.registry import Candidate, RegisteredClassifier, register_classifier, registered_name
+from car_maker_pipeline.recording.registry import Candidate, register_classifier, registered_name
 from car_maker_pipeline.store import BASELINE_EVALUATION, CHECKPOINT_ACCURACY, LORA_CHECKPOINTS, PipelineStore
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ class CheckpointRecord:
     @property
     def best_calibration(self) -> CalibrationReport:
         return self.scores.calibrations[self.best_step].report
+
+    @property
+    def best_adapter_digest(self) -> str:
+        """sha256 of the chosen checkpoint's adapter weights, as its completion marker records it."""
+        return recorded_digest(self.scores.best_checkpoint, ADAPTER_WEIGHTS)
 
     @property
     def best_step(self) -> int:
@@ -150,42 +156,42 @@ def evaluate_checkpoints_and_record(
     if mismatch:
         warn(mismatch)
     loaded = load_model()
-    scores = score_checkpoints(
-        loaded.model,
-        loaded.processor,
-        checkpoints,
-        dataset,
-        dataset_record.makers,
-        out_root,
-        baseline_accuracy=baseline_accuracy,
-        val_loss={int(step): loss for step, loss in training["val_loss"]},
-        prompt=prompt,
-        batch_size=batch_size,
-        corrupted_splits=dataset_record.corrupted_splits if robustness else [],
-        budget=budget,
-        target_precision=target_precision,
-        selection_metric=selection_metric,
-        delta=delta,
-    )
-    in_force = ImageTokenBudget.of(loaded.processor)
-    table_path = out_root / "checkpoint_accuracy.parquet"
-    scores.table.to_parquet(table_path, index=False)
-    chart_path = save_figure(
-        accuracy_chart(scores.table, baseline_accuracy, f"{model_key}: accuracy by checkpoint"),
-        out_root / "accuracy_by_step.png",
-    )
-    best = scores.best
-    name = registered_name(model_key)
-    # Every checkpoint's reliability diagram and risk-coverage curve, for MLflow; the best one's in the metadata.
-    step_calibrations = {
-        step: write_calibration(calibrated_step, out_root / f"calibration-step-{step}", f"{model_key} step {step}")
-        for step, calibrated_step in scores.calibrations.items()
-    }
-    calibration = step_calibrations[scores.best_step]
-    calibrated = calibration.report()
-
     run_name, training_run = f"checkpoints-{model_key}", training["mlflow_run_id"]
     with evaluation_run(target, store, run_name, model_key, STAGE, training_run_id=training_run) as run:
+        scores = score_checkpoints(
+            loaded.model,
+            loaded.processor,
+            checkpoints,
+            dataset,
+            dataset_record.makers,
+            out_root,
+            baseline_accuracy=baseline_accuracy,
+            val_loss={int(step): loss for step, loss in training["val_loss"]},
+            prompt=prompt,
+            batch_size=batch_size,
+            corrupted_splits=dataset_record.corrupted_splits if robustness else [],
+            budget=budget,
+            target_precision=target_precision,
+            selection_metric=selection_metric,
+            delta=delta,
+        )
+        in_force = ImageTokenBudget.of(loaded.processor)
+        table_path = out_root / "checkpoint_accuracy.parquet"
+        scores.table.to_parquet(table_path, index=False)
+        chart_path = save_figure(
+            accuracy_chart(scores.table, baseline_accuracy, f"{model_key}: accuracy by checkpoint"),
+            out_root / "accuracy_by_step.png",
+        )
+        best = scores.best
+        name = registered_name(model_key)
+        # Every checkpoint's reliability diagram and risk-coverage curve, for MLflow; the best one's in the metadata.
+        step_calibrations = {
+            step: write_calibration(calibrated_step, out_root / f"calibration-step-{step}", f"{model_key} step {step}")
+            for step, calibrated_step in scores.calibrations.items()
+        }
+        calibration = step_calibrations[scores.best_step]
+        calibrated = calibration.report()
+
         log_params(
             {
                 "model_key": model_key,
@@ -217,10 +223,13 @@ def evaluate_checkpoints_and_record(
                 **calibrated.card_fields(),
             ),
             uri=target.tracking_uri,
+            home=store.root,
             dataset_record=dataset_record,
             tags={"dagster_run_id": target.dagster_run_id, **budget_params(in_force)},
         )
-        version = registered.version
+    # The run has ended FINISHED: only now may an alias name its version (never a failed or deleted run's).
+    registration = promote(registered, uri=target.tracking_uri, home=store.root)
+    version = registration.version
 
     store.write_manifest(
         CHECKPOINT_ACCURACY,
@@ -245,7 +254,7 @@ def evaluate_checkpoints_and_record(
         name,
         version,
         run.info.run_id,
-        registered,
+        registration,
         calibration,
         baseline.get("calibration"),
     )

@@ -1,14 +1,12 @@
-"""The chosen checkpoint as a registered MLflow model: logged as a pyfunc, versioned, and aliased.
+"""The chosen checkpoint as a registered MLflow model: logged as a pyfunc, versioned, bound to its files.
 
 `register_classifier` runs inside the checkpoint evaluation's MLflow run. It logs the adapter as a
 models-from-code pyfunc model (`pyfunc_model.py`) with a signature, an input example, pinned pip
-requirements and this package as code, registers it as a new version of `car-maker-<model>` with
-the tags the registry has always carried, records which data the run saw (`log_dataset_inputs`),
-and moves the aliases:
-
-- `challenger` always names the newest version;
-- `champion` moves to it only when its validation accuracy beats the current champion's on the same
-  maker list (a first version becomes champion). Equal is not better: the champion stays.
+requirements and this package as code, and registers it as a new version of `car-maker-<model>`
+with the tags the registry has always carried and the size and sha256 of every file of the logged
+model (`artifact_files`, checked whenever the model is loaded: `serving/integrity.py`); it records
+which data the run saw (`log_dataset_inputs`). Once that run has ended, `aliases.promote` moves
+`@challenger` and `@champion`.
 
 `classify`, the scoring server and the batch predictions load `models:/car-maker-<model>@champion`.
 """
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from car_maker_pipeline.models.checkpoint_marker import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from car_maker_pipeline.serving.predictor import (
     ADAPTER_ARTIFACT,
     IMAGE_COLUMN,
@@ -32,12 +31,12 @@ from car_maker_pipeline.serving.predictor import (
 )
 
 REGISTERED_MODEL_PREFIX = "car-maker-"  # + the model key: one registered model per base model
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHAMPION, CHALLENGER = "champion", "challenger"  # the validation-best version, the newest (aliases.py)
 # Logged as the model's code: the whole package, and the models-from-code file that MLflow runs to load it.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 PYFUNC_MODEL_FILE = PACKAGE_DIR / "serving" / "pyfunc_model.py"
 LOGGED_MODEL_NAME = "classifier"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 # What the served model imports, pinned to the versions this environment runs (local labels such as
 # +cu130 dropped: the same release installs from the index for CPU or GPU).
 SERVING_DISTRIBUTIONS = (
@@ -132,91 +131,6 @@ class Candidate:
         return cls(model_key, Path(checkpoint), card, float(val_accuracy), float(test_accuracy))
 
 
-@dataclass(frozen=True)
-class ChampionRecord:
-    version: str
-    val_accuracy: float | None
-    maker_list_hash: str | None
-
-
-@dataclass(frozen=True)
-class AliasDecision:
-    promoted: bool
-    reason: str
-    candidate_val_accuracy: float
-    champion_before: ChampionRecord | None
-
-    @property
-    def label(self) -> str:
-        return "promoted" if self.promoted else "kept"
-
-
-def decide_champion(val_accuracy: float, makers_hash: str, champion: ChampionRecord | None) -> AliasDecision:
-    """Whether the new version takes the `champion` alias (pure: the rule, apart from MLflow)."""
-    if champion is None:
-        return AliasDecision(True, "no champion yet: the first version becomes champion", val_accuracy, None)
-    if champion.maker_list_hash != makers_hash or champion.val_accuracy is None:
-        return AliasDecision(
-            False,
-            f"champion v{champion.version} classifies into another maker list, so the accuracies do not compare; "
-            "it stays champion (move the alias by hand if the new maker list is the one to serve)",
-            val_accuracy,
-            champion,
-        )
-    if val_accuracy > champion.val_accuracy:
-        return AliasDecision(
-            True,
-            f"validation accuracy {val_accuracy:.4f} beats champion v{champion.version}'s {champion.val_accuracy:.4f}",
-            val_accuracy,
-            champion,
-        )
-    return AliasDecision(
-        False,
-        f"validation accuracy {val_accuracy:.4f} does not beat champion v{champion.version}'s "
-        f"{champion.val_accuracy:.4f}; it stays champion",
-        val_accuracy,
-        champion,
-    )
-
-
-@dataclass(frozen=True)
-class RegisteredClassifier:
-    name: str
-    version: str
-    decision: AliasDecision
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-    def metadata(self) -> dict:
-        """The asset's metadata: the version, the alias decision and both accuracies compared."""
-        before = self.decision.champion_before
-        return {
-            "model_uri": self.uri,
-            "champion_decision": f"{self.decision.label}: {self.decision.reason}",
-            "champion_version": self.version if self.decision.promoted else (before.version if before else ""),
-            "challenger_val_accuracy": self.decision.candidate_val_accuracy,
-            "previous_champion_version": before.version if before else "",
-            "previous_champion_val_accuracy": before.val_accuracy
-            if before and before.val_accuracy is not None
-            else float("nan"),
-        }
-
-
-def current_champion(client, name: str) -> ChampionRecord | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:  # no registered model yet, or no champion alias on it
-        return None
-    exact = version.tags.get("val_accuracy_exact", version.tags.get("val_accuracy"))
-    return ChampionRecord(
-        str(version.version), float(exact) if exact is not None else None, version.tags.get("maker_list_hash")
-    )
-
-
 def _stage_artifacts(candidate: Candidate, folder: Path) -> dict[str, str]:
     adapter = folder / ADAPTER_ARTIFACT
     adapter.mkdir(parents=True)
@@ -237,33 +151,54 @@ def _input_example(dataset_record):
     return pd.DataFrame({IMAGE_COLUMN: [encode_png(validation[0]["image"])]})
 
 
+def pyfunc_arguments(candidate: Candidate, staging: Path, dataset_record) -> dict:
+    """What `mlflow.pyfunc.log_model` (or `save_model`) is given for a candidate; artifacts staged in `staging`."""
+    return {
+        "python_model": str(PYFUNC_MODEL_FILE),
+        "artifacts": _stage_artifacts(candidate, staging),
+        "model_config": {**candidate.card.model_config(), **RUNTIME_CONFIG},
+        "code_paths": [str(PACKAGE_DIR)],
+        "signature": signature(),
+        "input_example": _input_example(dataset_record),
+        "pip_requirements": pinned_requirements(),
+    }
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A version just registered, before its aliases move (`aliases.promote`)."""
+
+    name: str
+    version: str
+    run_id: str  # the MLflow run that registered it
+    val_accuracy: float
+    maker_list_hash: str
+
+
 def register_classifier(
-    candidate: Candidate, *, uri: str, dataset_record, tags: dict[str, str]
-) -> RegisteredClassifier:
-    """Log, register and alias the candidate inside the active MLflow run; see the module docstring.
+    candidate: Candidate, *, uri: str, home: Path, dataset_record, tags: dict[str, str]
+) -> RegisteredVersion:
+    """Log and register the candidate inside the active MLflow run; see the module docstring.
 
     `tags` are the version's tags beyond those derived from the candidate (the Dagster run id).
     """
     import mlflow
-    from mlflow import MlflowClient
 
     from car_maker_pipeline.recording.lineage import log_dataset_inputs
+    from car_maker_pipeline.serving.integrity import ARTIFACT_FILES_TAG, artifact_record
+    from car_maker_pipeline.tracking import registry_lock
 
     name = registered_name(candidate.model_key)
-    client = MlflowClient(uri)
     makers_hash = maker_list_hash(candidate.card.makers)
     log_dataset_inputs(dataset_record)
     with tempfile.TemporaryDirectory(prefix="car-maker-pyfunc-") as staging:
         info = mlflow.pyfunc.log_model(
-            name=LOGGED_MODEL_NAME,
-            python_model=str(PYFUNC_MODEL_FILE),
-            artifacts=_stage_artifacts(candidate, Path(staging)),
-            model_config={**candidate.card.model_config(), **RUNTIME_CONFIG},
-            code_paths=[str(PACKAGE_DIR)],
-            signature=signature(),
-            input_example=_input_example(dataset_record),
-            pip_requirements=pinned_requirements(),
+            name=LOGGED_MODEL_NAME, **pyfunc_arguments(candidate, Path(staging), dataset_record)
         )
+    with tempfile.TemporaryDirectory(prefix="car-maker-logged-") as copy:
+        # The files as the artifact store holds them (a local store is read in place, a remote one downloaded).
+        logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=copy))
+        files = artifact_record(logged)
     version_tags = {
         "base_model_id": candidate.card.base_model,
         "base_model_revision": candidate.card.base_model_revision,
@@ -274,11 +209,12 @@ def register_classifier(
         "val_accuracy_exact": repr(float(candidate.val_accuracy)),
         "maker_list_hash": makers_hash,
         "num_makers": str(len(candidate.card.makers)),
+        ARTIFACT_FILES_TAG: files,
     }
-    champion = current_champion(client, name)
-    registered = mlflow.register_model(info.model_uri, name, tags=version_tags)
+    with registry_lock(uri, home, name):
+        registered = mlflow.register_model(info.model_uri, name, tags=version_tags)
     version = str(registered.version)
-    client.update_registered_model(
+    mlflow.MlflowClient(uri).update_registered_model(
         name,
         description=(
             "Car-maker classifier: a LoRA-tuned vision-language model as an MLflow pyfunc model (one image per "
@@ -287,22 +223,8 @@ def register_classifier(
             "version, @challenger the newest; base model and accuracies are in the version tags."
         ),
     )
-    decision = decide_champion(candidate.val_accuracy, makers_hash, champion)
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    if decision.promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    record = {
-        "champion_decision": decision.label,
-        "champion_decision_reason": decision.reason,
-        "compared_with_version": champion.version if champion else "",
-    }
-    for key, value in record.items():
-        client.set_model_version_tag(name, version, key, value)
-    mlflow.set_tags({**record, "registered_model": f"{name}/{version}"})
-    mlflow.log_metric("challenger_val_accuracy", candidate.val_accuracy)
-    if champion is not None and champion.val_accuracy is not None:
-        mlflow.log_metric("champion_val_accuracy_before", champion.val_accuracy)
-    return RegisteredClassifier(name, version, decision)
+    mlflow.set_tag("registered_model", f"{name}/{version}")
+    return RegisteredVersion(name, version, mlflow.active_run().info.run_id, float(candidate.val_accuracy), makers_hash)
 
 
 class NoChampionError(LookupError):

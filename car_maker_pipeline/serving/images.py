@@ -22,23 +22,48 @@ class ImageInputError(ValueError):
     """Bytes that are not a usable image; the message says what is wrong with them."""
 
 
+# The bytes one image file may have. A car photo is a few MB; the bound is checked from the file's
+# size (or the request's length) before a byte of it is read, so a 2 GB upload never reaches memory.
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+
+
+def _opened(data: bytes) -> Image.Image:
+    """The image Pillow opens (header only, no pixel decoded), refused when its size costs too much."""
+    with warnings.catch_warnings():
+        # Pillow only warns between its own limits; the pixel bound below is the one that decides.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(io.BytesIO(data))
+    width, height = opened.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageInputError(_bomb_message(f"{width}x{height} = {width * height:,}"))
+    problem = size_problem(width, height)  # e.g. an 8,000,000 x 8 strip, refused from its header
+    if problem is not None:
+        raise ImageInputError(f"image refused: {problem}; crop or resize it")
+    return opened
+
+
+def check_header(data: bytes | bytearray | memoryview | None) -> tuple[int, int]:
+    """(width, height) that the header declares, or ImageInputError; no pixel is decoded, so a
+    truncated body passes here and is caught by `decode_image`."""
+    return _decode(data, load=False).size
+
+
 def decode_image(data: bytes | bytearray | memoryview | None) -> Image.Image:
     """The decoded picture (first frame, upright), or ImageInputError naming the problem."""
+    return _decode(data, load=True)
+
+
+def _decode(data, *, load: bool) -> Image.Image:
     if data is None or len(data) == 0:
         raise ImageInputError("the image is empty (0 bytes); send the bytes of a JPEG, PNG or other image file")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageInputError(f"{len(data):,} bytes is over the {MAX_IMAGE_BYTES:,}-byte limit for one image")
     data = bytes(data)
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its own limits; the pixel bound below is the one that decides.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
-            width, height = opened.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ImageInputError(_bomb_message(f"{width}x{height} = {width * height:,}"))
-            problem = size_problem(width, height)  # e.g. an 8,000,000 x 8 strip, refused from its header
-            if problem is not None:
-                raise ImageInputError(f"image refused: {problem}; crop or resize it")
-            opened.load()  # first frame of an animation; raises on truncated or corrupt data
+        opened = _opened(data)
+        if not load:
+            return opened
+        opened.load()  # first frame of an animation; raises on truncated or corrupt data
     except ImageInputError:
         raise
     except Image.DecompressionBombError as error:  # Pillow's own guard, past twice its warning size

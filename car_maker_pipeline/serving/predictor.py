@@ -200,12 +200,34 @@ class MakerPredictor:
             predictions = self.classifier.classify(images) if images else []
         return answer_table(predictions, self.card)
 
-    def predict_bytes(self, blobs: Sequence) -> pd.DataFrame:
-        """Decode every image first, so one bad image fails the call before any model work (naming its row)."""
-        images = []
-        for row, blob in enumerate(blobs):
+    def predict_bytes(self, blobs: Sequence, labels: Sequence[str] | None = None) -> pd.DataFrame:
+        """One row per image of encoded `blobs`, in order; `labels` name them in errors (default `row <i>`).
+
+        Every image is decoded once first, one at a time, its pixels dropped at once: one bad image
+        fails the call (naming it) before any model work, and memory never holds more than one of
+        them. Then the classifier decodes each batch again as it runs (`ServedPicture`), so peak
+        memory is one batch of pixels (`MAX_BATCH_PIXELS`), whatever the number of images.
+        """
+        labels = list(labels) if labels is not None else [f"row {row}" for row in range(len(blobs))]
+        pictures = []
+        for blob, label in zip(blobs, labels):
             try:
-                images.append(decode_image(blob))
+                with decode_image(blob) as image:
+                    size = image.size
             except ImageInputError as error:
-                raise ImageInputError(f"row {row}: {error}") from error
-        return self.predict_images(images)
+                raise ImageInputError(f"{label}: {error}") from error
+            pictures.append(ServedPicture(bytes(blob), size))
+        return self.predict_images(pictures)
+
+
+@dataclass(frozen=True)
+class ServedPicture:
+    """Image bytes from outside, already checked by `decode_image`: the upright size is known, and
+    the pixels are decoded (upright, by the same rule) only when the picture's batch runs and dropped
+    with it (the classifier opens anything with `size` and `open()` that way, as its `StoredPicture`)."""
+
+    data: bytes
+    size: tuple[int, int]
+
+    def open(self):
+        return decode_image(self.data)

@@ -138,34 +138,31 @@ def resume_point(output_dir: Path) -> tuple[Path | None, list[QuarantinedCheckpo
     return (done[max(done)] if done else None), quarantined
 
 
-def finished_state(checkpoint: Path | None) -> dict[str, Any] | None:
-    """The trainer state of `checkpoint` when it is the last step of its run, else None."""
-    if checkpoint is None:
-        return None
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return state if state.get("max_steps", -1) > 0 and state["global_step"] >= state["max_steps"] else None
-
-
 def check_run_settings(
-    output_dir: Path, hyperparameters: LoraHyperparameters, makers: list[str], model_dir: str
+    output_dir: Path, hyperparameters: LoraHyperparameters, makers: list[str], model_dir: str, *, record: bool = True
 ) -> None:
-    """Record the folder's settings, or refuse when it holds checkpoints of a run with other settings.
+    """Record the folder's settings, or refuse when it holds checkpoints of a run with other maths.
 
-    A hyperparameter added to the schema after the folder was started compares as its default, and
-    one no longer in the schema is ignored, so an upgrade alone never blocks a resume.
+    Only what changes the optimizer's computation is compared (`LoraHyperparameters.maths`): a run's
+    length, early stopping and the non-mathematical settings may differ (continuation.py decides what
+    another length means). A hyperparameter added to the schema after the folder was started compares
+    as its default, and one no longer in the schema is ignored, so an upgrade alone never blocks a
+    resume. `record=False` only checks.
     """
     wanted = {"config": hyperparameters.to_json(), "makers": list(makers), "model": str(model_dir)}
     path = output_dir / RUN_SETTINGS_FILE
     if path.is_file() and complete_checkpoints(output_dir, content=False):
         stored = json.loads(path.read_text())
-        defaults = LoraHyperparameters().to_json()
-        stored_config = {**defaults, **stored.get("config", {})}
-        changed = [name for name, value in wanted["config"].items() if stored_config.get(name) != value]
+        known = {k: v for k, v in stored.get("config", {}).items() if k in LoraHyperparameters.model_fields}
+        stored_maths = {**LoraHyperparameters().to_json(), **known}
+        mine = hyperparameters.maths()
+        changed = [name for name, value in mine.items() if stored_maths.get(name) != value]
         changed += [name for name in ("makers", "model") if stored.get(name) != wanted[name]]
         if changed:
             raise LoraTrainingError(
                 f"{output_dir} holds checkpoints of a run with different settings ({', '.join(changed)}). "
                 "Resume with the same settings, or use a new output_dir."
             )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, wanted)
+    if record:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, wanted)

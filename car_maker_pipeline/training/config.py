@@ -36,9 +36,23 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "linear_2",
 )
 
+# Settings that do not change what the optimizer computes: how data is loaded, how validation is
+# batched, how often the loss is logged, how many checkpoints are kept. Changing one never forks the
+# training folder (nor is it compared when a folder is resumed). Add a field here when it is
+# introduced, if it is of that kind.
+NON_MATHEMATICAL_FIELDS = frozenset(
+    {"dataloader_num_workers", "per_device_eval_batch_size", "logging_steps", "save_total_limit"}
+)
+# Settings that decide where a run ends, not what any step computes: a run of otherwise equal settings
+# is continued, shortened or stopped in the same folder (continuation.py, early_stopping.py).
+RUN_LENGTH_FIELDS = frozenset({"max_steps", "early_stopping_patience", "early_stopping_min_delta", "fresh_start"})
+
+# Schedules whose learning rate at a step does not depend on the run's length, or (warmup-stable-decay)
+# does not until the decay begins: a run of them can be extended soundly (continuation.py).
+EXTENDABLE_SCHEDULES = ("warmup_stable_decay", "constant", "constant_with_warmup", "inverse_sqrt")
+
 # The fields the run config offered when training folders were first named after a hash of the
-# hyperparameters. They are always hashed; any other field only when it differs from its default,
-# so a folder trained before that field could be set keeps its name and resumes.
+# hyperparameters (`legacy_fingerprint`, the names folders got before the maths alone keyed them).
 _ALWAYS_FINGERPRINTED = (
     "learning_rate",
     "max_steps",
@@ -74,8 +88,13 @@ class LoraHyperparameters(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    learning_rate: float = Field(default=5e-3, gt=0, description="Peak learning rate (linear decay after warm-up).")
-    max_steps: int = Field(default=400, gt=0, description="Optimizer steps.")
+    learning_rate: float = Field(default=5e-3, gt=0, description="Peak learning rate (after warm-up).")
+    max_steps: int = Field(
+        default=400,
+        gt=0,
+        description="Optimizer steps. Raising it on a finished run of otherwise equal settings continues that run "
+        "(warmup_stable_decay, constant schedules); lowering it uses its checkpoints up to that step.",
+    )
     per_device_train_batch_size: int = Field(default=32, gt=0, description="Images per step and process.")
     per_device_eval_batch_size: int = Field(default=32, gt=0, description="Images per validation forward pass.")
     gradient_accumulation_steps: int = Field(default=1, gt=0)
@@ -98,8 +117,27 @@ class LoraHyperparameters(BaseModel):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations: less memory, slower.")
     warmup_steps: int = Field(default=5, ge=0)
     lr_scheduler_type: Literal[
-        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
-    ] = "linear"
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+        "warmup_stable_decay",
+    ] = Field(
+        default="linear",
+        description="transformers' schedule. warmup_stable_decay (warm-up, constant, then a cosine decay over the "
+        "last `decay_fraction` of the steps) is the one for runs that may be extended: a continued run resumes "
+        "from its last checkpoint before the decay and ends equal to an uninterrupted run of the new length. "
+        "linear (the default) and cosine decay to zero over max_steps and cannot be extended.",
+    )
+    decay_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        description="warmup_stable_decay only: the share of max_steps spent decaying (rounded to whole steps).",
+    )
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
     logging_steps: int = Field(default=10, gt=0, description="Log the training loss every N steps.")
@@ -142,6 +180,21 @@ class LoraHyperparameters(BaseModel):
         "and changed nothing beyond seed noise with balanced sampling (bench/README.md).",
     )
 
+    early_stopping_patience: int | None = Field(
+        default=None,
+        gt=0,
+        description="Stop after this many checkpoints without a gain of at least early_stopping_min_delta in "
+        "validation accuracy (the constrained classifier's, scored at every checkpoint). Unset: train to max_steps.",
+    )
+    early_stopping_min_delta: float = Field(
+        default=0.0, ge=0, lt=1, description="The least gain in validation accuracy that counts as progress."
+    )
+    fresh_start: bool = Field(
+        default=False,
+        description="Train from step 0 in a folder of its own (named with max_steps too) instead of continuing "
+        "or shortening a run of otherwise equal settings: for a longer run of a schedule that cannot be extended.",
+    )
+
     @model_validator(mode="after")
     def _checkpoints_fit_in_the_run(self):
         if self.checkpoint_every_n_steps > self.max_steps:
@@ -158,8 +211,34 @@ class LoraHyperparameters(BaseModel):
         """The hyperparameters alone (a subclass's own fields, such as a launch setting, are left out)."""
         return self.model_dump(mode="json", include=set(LoraHyperparameters.model_fields))
 
+    def maths(self) -> dict[str, Any]:
+        """The settings that decide what each optimizer step computes: everything but the non-mathematical
+        settings and those that only decide where the run ends (its length, early stopping)."""
+        values = {
+            name: value
+            for name, value in self.to_json().items()
+            if name not in NON_MATHEMATICAL_FIELDS and name not in RUN_LENGTH_FIELDS
+        }
+        if self.lr_scheduler_type != "warmup_stable_decay":
+            values.pop("decay_fraction")  # read by that schedule alone
+        return values
+
     def fingerprint(self, **launch_settings: Any) -> str:
-        """Ten hex digits naming these hyperparameters (plus `launch_settings`), stable across releases."""
+        """Ten hex digits naming the maths of these hyperparameters (plus `launch_settings`).
+
+        A setting at its default is left out of the hash, so adding a setting to the schema keeps every
+        folder's name; a non-mathematical setting or the run's length never enters it.
+        """
+        defaults = LoraHyperparameters().to_json()
+        values = {name: value for name, value in self.maths().items() if value != defaults[name]}
+        payload = {"maths": values, **launch_settings}
+        if self.fresh_start:  # a run of its own length, in a folder of its own
+            payload["max_steps"] = self.max_steps
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+
+    def legacy_fingerprint(self, **launch_settings: Any) -> str:
+        """The name earlier releases gave a training folder (every setting, max_steps included), so a folder
+        made by them is found again and resumes. Frozen: never change it."""
         defaults = LoraHyperparameters().to_json()
         values = {
             name: value
@@ -168,6 +247,34 @@ class LoraHyperparameters(BaseModel):
         }
         values.update(launch_settings)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+
+    def same_maths(self, other: LoraHyperparameters) -> list[str]:
+        """The mathematical settings in which `other` differs from these (empty: the same run)."""
+        mine, theirs = self.maths(), other.maths()
+        return sorted(name for name in mine if mine[name] != theirs.get(name))
+
+    def decay_steps(self, max_steps: int | None = None) -> int:
+        """warmup_stable_decay: the steps of the decay for a run of `max_steps` (default: this run's)."""
+        steps = self.max_steps if max_steps is None else max_steps
+        return min(steps, max(1, round(steps * self.decay_fraction)))
+
+    def scheduler_kwargs(self, max_steps: int | None = None) -> dict[str, Any]:
+        """transformers' `lr_scheduler_kwargs` for a run of `max_steps` (default: this run's)."""
+        if self.lr_scheduler_type == "warmup_stable_decay":
+            return {"num_decay_steps": self.decay_steps(max_steps)}
+        return {}
+
+    def length_independent_steps(self, max_steps: int | None = None) -> int:
+        """How many leading optimizer steps of a run of `max_steps` use a learning rate that does not depend on
+        `max_steps`: a checkpoint at or before that step is also a checkpoint of a run of any other length
+        with the same property (continuation.py). The whole run for constant schedules, up to the decay for
+        warmup_stable_decay, only the warm-up for the schedules that decay over the whole run."""
+        steps = self.max_steps if max_steps is None else max_steps
+        if self.lr_scheduler_type == "warmup_stable_decay":
+            return steps - self.decay_steps(steps)
+        if self.lr_scheduler_type in EXTENDABLE_SCHEDULES:
+            return steps
+        return min(self.warmup_steps, steps)
 
     def image_token_budget(self) -> ImageTokenBudget:
         return ImageTokenBudget(self.min_image_tokens, self.max_image_tokens, self.do_image_splitting)
@@ -195,6 +302,7 @@ class LoraHyperparameters(BaseModel):
             gradient_checkpointing_kwargs={"use_reentrant": False} if self.gradient_checkpointing else None,
             warmup_steps=self.warmup_steps,
             lr_scheduler_type=self.lr_scheduler_type,
+            lr_scheduler_kwargs=self.scheduler_kwargs(),
             weight_decay=self.weight_decay,
             max_grad_norm=self.max_grad_norm,
             seed=self.seed,

@@ -30,7 +30,8 @@ import datasets
 from car_maker_pipeline.storage import write_json_atomic
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
 from car_maker_pipeline.training.mlflow_callback import MlflowLossCallback
-from car_maker_pipeline.training.trainer import LoraTrainingResult, train_lora
+from car_maker_pipeline.training.result import LoraTrainingResult
+from car_maker_pipeline.training.trainer import train_lora
 
 REQUEST_FILE = "distributed_request.json"
 

@@ -19,7 +19,7 @@ from car_maker_pipeline.redaction import redact_uri
 from car_maker_pipeline.storage import write_json_atomic
 from car_maker_pipeline.tracking import TrackingUnavailableError, experiment_id, find_run, mlflow_run, scrub_secrets
 from car_maker_pipeline.training.mlflow_callback import MlflowLossCallback
-from car_maker_pipeline.training.trainer import LoraTrainingResult
+from car_maker_pipeline.training.result import LoraTrainingResult
 
 RUN_ID_FILE = "mlflow_run.json"
 
@@ -74,3 +74,9 @@ def complete_record(
     with mlflow_run(uri, home, run_name=f"lora-{model_key}", tags=run_tags, run_id=run_id):
         mlflow.log_metrics({f"adapted_layers_{name}": count for name, count in result.adapted_layers.items()})
         mlflow.log_metric("global_step", result.global_step)
+        for step, scores in sorted(result.validation_scores.items()):  # the constrained classifier's, per checkpoint
+            mlflow.log_metrics({f"checkpoint_{name}": value for name, value in scores.items()}, step=step)
+        mlflow.set_tags({"max_steps": result.max_steps, "last_request": result.plan or "trained"})
+        if result.stop:  # why and where the run ended before max_steps
+            mlflow.set_tags({"stopped_at_step": result.stop["step"], "stop_reason": result.stop["reason"]})
+            mlflow.log_metric("steps_saved", result.max_steps - result.stop["step"])

@@ -17,11 +17,14 @@ from pathlib import Path
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset
 from car_maker_pipeline.store import LORA_CHECKPOINTS, PipelineStore
+from car_maker_pipeline.tracking import system_metrics
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
+from car_maker_pipeline.training.continuation import find_training_dir
 from car_maker_pipeline.training.distributed import Launcher, train_distributed
 from car_maker_pipeline.training.mlflow_callback import PENDING_FILE, MlflowLossCallback
 from car_maker_pipeline.training.mlflow_run import complete_record, training_run_id
-from car_maker_pipeline.training.trainer import LoraTrainingResult, train_lora
+from car_maker_pipeline.training.result import LoraTrainingResult
+from car_maker_pipeline.training.trainer import train_lora
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +46,10 @@ def training_dir(
     hyperparameters: LoraHyperparameters,
     num_processes: int,
 ) -> Path:
-    """Same model, data and hyperparameters -> same folder, so a rerun resumes instead of starting over."""
-    fingerprint = hyperparameters.fingerprint(num_processes=num_processes)
-    return store.asset_dir(LORA_CHECKPOINTS, model_key) / f"{Path(dataset.path).name}-{fingerprint}"
+    """Same model, data and maths -> same folder, so a rerun resumes (or continues, or shortens the run)
+    instead of starting over; a folder named by an earlier release is found again (continuation.py)."""
+    root = store.asset_dir(LORA_CHECKPOINTS, model_key)
+    return find_training_dir(root, Path(dataset.path).name, hyperparameters, num_processes)
 
 
 def train_model(
@@ -83,30 +87,32 @@ def train_model(
     run_id = training_run_id(out_dir, tracking_uri, store.root, model_key, run_tags, params)
     losses = MlflowLossCallback(run_id, tracking_uri, pending_path=out_dir / PENDING_FILE)
     started = time.perf_counter()
-    if num_processes > 1:
-        result, world_size = train_distributed(
-            num_processes,
-            launch,
-            model_dir=base_model,
-            dataset_path=dataset_record.path,
-            makers=dataset_record.makers,
-            output_dir=out_dir,
-            hyperparameters=hyperparameters,
-            mlflow_run_id=run_id,
-            tracking_uri=tracking_uri,
-            pending_path=losses.pending_path,
-        )
-    else:
-        result = train_lora(
-            base_model,
-            dataset["train"],
-            dataset["validation"],
-            dataset_record.makers,
-            out_dir,
-            hyperparameters,
-            callbacks=[losses],
-        )
-        world_size = 1
+    # The machine's CPU, memory (and GPU) while it trains, sampled into the training run.
+    with system_metrics(run_id):
+        if num_processes > 1:
+            result, world_size = train_distributed(
+                num_processes,
+                launch,
+                model_dir=base_model,
+                dataset_path=dataset_record.path,
+                makers=dataset_record.makers,
+                output_dir=out_dir,
+                hyperparameters=hyperparameters,
+                mlflow_run_id=run_id,
+                tracking_uri=tracking_uri,
+                pending_path=losses.pending_path,
+            )
+        else:
+            result = train_lora(
+                base_model,
+                dataset["train"],
+                dataset["validation"],
+                dataset_record.makers,
+                out_dir,
+                hyperparameters,
+                callbacks=[losses],
+            )
+            world_size = 1
     wall_seconds = time.perf_counter() - started
     complete_record(
         losses,

@@ -14,97 +14,31 @@ fixed by the seed and the epoch, so a resumed run still ends where an uninterrup
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trl import SFTTrainer
 
-from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import load_model_and_processor
 from car_maker_pipeline.training.augmentation import AugmentedRows
-from car_maker_pipeline.training.checkpoints import (
-    CheckpointCompletionCallback,
-    QuarantinedCheckpoint,
-    check_run_settings,
-    complete_checkpoints,
-    finished_state,
-    resume_point,
-)
+from car_maker_pipeline.training.checkpoints import CheckpointCompletionCallback, check_run_settings, resume_point
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
+from car_maker_pipeline.training.continuation import ScheduleSaves, decay_start, move_superseded, plan_run
+from car_maker_pipeline.training.early_stopping import CheckpointValidation, EarlyStopping, Listener, read_scores
+from car_maker_pipeline.training.result import LoraTrainingResult, build_result
 from car_maker_pipeline.training.sampling import TrainDraws, trainer_draws
 from car_maker_pipeline.training.sft_data import build_sft_dataset
 from car_maker_pipeline.training.targets import component_of, count_adapted_layers, match_target_modules
 
+__all__ = ["LoraSFTTrainer", "LoraTrainingResult", "build_trainer", "load_base_model", "train_lora"]
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LoraTrainingResult:
-    output_dir: Path
-    checkpoints: dict[int, Path]  # complete checkpoints by global step
-    final_checkpoint: Path  # the checkpoint at `global_step`: adapter + processor
-    global_step: int
-    max_steps: int
-    train_loss: list[tuple[int, float]]  # (step, loss) as logged
-    val_loss: list[tuple[int, float]]  # (step, eval_loss), one per checkpoint
-    log_history: list[dict[str, Any]]  # the Trainer's full log history
-    adapted_layers: dict[str, int]  # per component: vision_tower, projector, language_model
-    adapted_layers_by_target: dict[str, int]  # per configured target module name
-    trainable_parameters: int
-    total_parameters: int
-    resumed_from: Path | None
-    train_seconds: float
-    quarantined: list[QuarantinedCheckpoint] = field(default_factory=list)  # moved aside by this call, and why
-    # The processor's image-token settings the run trained with (ImageTokenBudget fields, all filled):
-    # its checkpoints are evaluated with the same unless the evaluation says otherwise.
-    image_token_budget: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, payload: dict[str, Any]) -> LoraTrainingResult:
-        """The result another process reported (distributed training): everything but the full log history."""
-        return cls(
-            output_dir=Path(payload["output_dir"]),
-            checkpoints={int(step): Path(path) for step, path in payload["checkpoints"].items()},
-            final_checkpoint=Path(payload["final_checkpoint"]),
-            global_step=int(payload["global_step"]),
-            max_steps=int(payload["max_steps"]),
-            train_loss=[(int(step), float(loss)) for step, loss in payload["train_loss"]],
-            val_loss=[(int(step), float(loss)) for step, loss in payload["val_loss"]],
-            log_history=[],
-            adapted_layers=dict(payload["adapted_layers"]),
-            adapted_layers_by_target=dict(payload["adapted_layers_by_target"]),
-            trainable_parameters=int(payload["trainable_parameters"]),
-            total_parameters=int(payload["total_parameters"]),
-            resumed_from=Path(payload["resumed_from"]) if payload["resumed_from"] else None,
-            train_seconds=float(payload["train_seconds"]),
-            quarantined=[QuarantinedCheckpoint.from_json(q) for q in payload.get("quarantined", [])],
-            image_token_budget=dict(payload.get("image_token_budget", {})),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "output_dir": str(self.output_dir),
-            "checkpoints": {str(step): str(path) for step, path in sorted(self.checkpoints.items())},
-            "final_checkpoint": str(self.final_checkpoint),
-            "global_step": self.global_step,
-            "max_steps": self.max_steps,
-            "train_loss": self.train_loss,
-            "val_loss": self.val_loss,
-            "adapted_layers": self.adapted_layers,
-            "adapted_layers_by_target": self.adapted_layers_by_target,
-            "trainable_parameters": self.trainable_parameters,
-            "total_parameters": self.total_parameters,
-            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-            "train_seconds": self.train_seconds,
-            "quarantined": [q.to_json() for q in self.quarantined],
-            "image_token_budget": self.image_token_budget,
-        }
 
 
 class LoraSFTTrainer(SFTTrainer):
@@ -253,70 +187,104 @@ def train_lora(
     hyperparameters: LoraHyperparameters = LoraHyperparameters(),
     callbacks: Sequence[Any] | None = None,
     prompt: PromptTemplate | None = None,
+    listeners: Sequence[Listener] = (),
 ) -> LoraTrainingResult:
     """Train a LoRA adapter on `model_dir`; resume from the newest complete checkpoint in `output_dir`.
 
     `train_dataset`/`eval_dataset`: `datasets.Dataset` with `image` (PIL) and `maker` (str) columns.
     `callbacks`: extra `transformers.TrainerCallback`s (e.g. to report to MLflow); they see every
     log, evaluation and save. Raises `LoraTrainingError` before training when a target module
-    matches nothing, the data has a maker outside `makers`, or `output_dir` holds another run.
-    A run that already reached `max_steps` is not trained again: its result comes back as it was.
-    Checkpoints that fail verification are quarantined first (listed in `quarantined`); the run
+    matches nothing, the data has a maker outside `makers`, `output_dir` holds another run, or the
+    request would extend a run whose schedule cannot be extended (continuation.py).
+    A run that already reached `max_steps` (or stopped early) is not trained again: its result comes
+    back as it was; a smaller `max_steps` gives the checkpoints up to that step; a larger one continues
+    the run. Checkpoints that fail verification are quarantined first (listed in `quarantined`); the run
     resumes from the newest good one and retrains the steps after it.
+    `listeners` see the constrained classifier's validation scores at every checkpoint and may stop the
+    run (a sweep's pruner); `hyperparameters.early_stopping_patience` adds the early-stopping rule.
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings the Hub at trainer creation otherwise
     out = Path(output_dir)
+    check_run_settings(out, hyperparameters, list(makers), str(model_dir), record=False)
+    plan_run(out, hyperparameters)  # a request that cannot be met soundly fails before any work
+    early = (
+        EarlyStopping(hyperparameters.early_stopping_patience, hyperparameters.early_stopping_min_delta)
+        if hyperparameters.early_stopping_patience
+        else None
+    )
+    watchers = [*([early] if early else []), *listeners]
+    if watchers and eval_dataset is None:
+        raise LoraTrainingError("Early stopping and sweeps score checkpoints on validation: pass a validation split.")
     trainer, matched = build_trainer(
         model_dir, train_dataset, eval_dataset, makers, out, hyperparameters, callbacks, prompt
     )
     check_run_settings(out, hyperparameters, list(makers), str(model_dir))
-    resume, quarantined = resume_point(out)
-    finished = finished_state(resume)
-    if finished is not None:
-        logger.info("Run in %s already finished at step %s; not training again.", out, finished["global_step"])
-        return _result(out, trainer, matched, finished, resume, 0.0, quarantined)
+    _, quarantined = resume_point(out)
+    plan = plan_run(out, hyperparameters)
+    superseded = move_superseded(out, plan.superseded)
+    if superseded:
+        logger.info("Continuing to %s steps: moved %s aside to retrain them", plan.schedule_steps, superseded)
+    resume = plan.resume_from
+    resumed_step = int(resume.name.split("-")[-1]) if resume is not None else 0
+    common = {"plan": plan.describe(), "superseded": plan.superseded}
+    stopped_at = early.stop_step(read_scores(out, up_to=resumed_step)) if early else None
+    if plan.final_step is not None or stopped_at is not None:
+        final = plan.final_step if stopped_at is None else min(stopped_at, plan.final_step or stopped_at)
+        scores = read_scores(out, up_to=final)
+        stop = {"step": final, "reason": early.reason(final, scores)} if stopped_at is not None else None
+        logger.info("Run in %s %s; not training again.", out, stop["reason"] if stop else plan.describe())
+        state = json.loads((out / f"checkpoint-{final}" / "trainer_state.json").read_text())
+        state["max_steps"] = hyperparameters.max_steps
+        return build_result(
+            out,
+            trainer,
+            matched,
+            state,
+            resume,
+            0.0,
+            quarantined,
+            up_to=final,
+            stop=stop,
+            validation_scores=scores,
+            **common,
+        )
 
     counts, _ = count_adapted_layers(trainer.model)
-    logger.info("LoRA adapts %s layers (%s)", sum(counts.values()), counts)
-    if resume is not None:
-        logger.info("Resuming LoRA training from %s", resume)
+    logger.info("LoRA adapts %s layers (%s); %s", sum(counts.values()), counts, plan.describe())
+    # The schedule's length: the request's, or the longer run's when shortening one not yet at that step.
+    trainer.args.max_steps = plan.schedule_steps
+    trainer.args.lr_scheduler_kwargs = hyperparameters.scheduler_kwargs(plan.schedule_steps)
+    trainer.add_callback(ScheduleSaves(decay_start(hyperparameters, plan.schedule_steps), plan.stop_at))
+    validation = None
+    if watchers:
+        validation = CheckpointValidation(
+            trainer.processing_class,
+            eval_dataset,
+            makers,
+            out,
+            watchers,
+            prompt=prompt,
+            batch_size=hyperparameters.per_device_eval_batch_size,
+            resumed_at=resumed_step,
+        )
+        trainer.add_callback(validation)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     state = {
         "global_step": trainer.state.global_step,
-        "max_steps": trainer.state.max_steps,
+        "max_steps": hyperparameters.max_steps,
         "log_history": trainer.state.log_history,
     }
-    return _result(out, trainer, matched, state, resume, time.perf_counter() - started, quarantined)
-
-
-def _result(
-    out: Path, trainer, matched, state: dict[str, Any], resumed_from, seconds, quarantined
-) -> LoraTrainingResult:
-    """What the run produced; `state` is the trainer state (`global_step`, `max_steps`, `log_history`)."""
-    global_step, log_history = int(state["global_step"]), state["log_history"]
-    counts, _ = count_adapted_layers(trainer.model)
-    checkpoints = complete_checkpoints(out, content=False)  # verified before resuming, or just written
-    final = checkpoints.get(global_step)
-    if final is None and not trainer.is_world_process_zero():
-        final = out / f"checkpoint-{global_step}"  # rank 0 writes the completion marker, maybe a moment later
-    if final is None:
-        raise RuntimeError(f"Training ended at step {global_step} but {out} holds no complete checkpoint for it.")
-    return LoraTrainingResult(
-        output_dir=out,
-        checkpoints=checkpoints,
-        final_checkpoint=final,
-        global_step=global_step,
-        max_steps=int(state["max_steps"]),
-        train_loss=[(int(e["step"]), float(e["loss"])) for e in log_history if "loss" in e],
-        val_loss=[(int(e["step"]), float(e["eval_loss"])) for e in log_history if "eval_loss" in e],
-        log_history=list(log_history),
-        adapted_layers=counts,
-        adapted_layers_by_target={target: len(names) for target, names in matched.items()},
-        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        total_parameters=sum(p.numel() for p in trainer.model.parameters()),
-        resumed_from=resumed_from,
-        train_seconds=seconds,
-        quarantined=quarantined,
-        image_token_budget=ImageTokenBudget.of(trainer.processing_class).to_json(),
+    return build_result(
+        out,
+        trainer,
+        matched,
+        state,
+        resume,
+        time.perf_counter() - started,
+        quarantined,
+        up_to=plan.up_to,
+        stop=validation.stop if validation else None,
+        validation_scores=dict(validation.scores) if validation else {},
+        **common,
     )

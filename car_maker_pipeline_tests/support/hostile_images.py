@@ -53,3 +53,26 @@ def rotated_jpeg(size=(64, 48)) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6
     return encoded(size, exif=exif.tobytes())
+
+
+def large_png(width: int, height: int, color=(90, 120, 150)) -> bytes:
+    """A one-colour PNG of width x height: a few KB on the wire, width x height x 3 bytes once decoded."""
+    return encoded((width, height), fmt="PNG", color=color)
+
+
+def noise_png(size: tuple[int, int], seed: int) -> bytes:
+    """A PNG of random pixels: incompressible, so the file is about width x height x 3 bytes."""
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def padded_png(total_bytes: int) -> bytes:
+    """A valid small PNG of `total_bytes`: a private ancillary chunk after the pixels carries the rest."""
+    image = encoded((32, 32), fmt="PNG")
+    body, end = image[:-12], image[-12:]  # the IEND chunk is the last 12 bytes
+    padding = total_bytes - len(image) - 12
+    return body + _png_chunk(b"prVt", b"\0" * max(padding, 0)) + end

@@ -26,6 +26,7 @@ def demo_split_rows(per_maker: int) -> int:
 def materialized_demo_data(home: Path, train_per_maker: int, test_per_maker: int, corruptions: list[str]):
     """(resources, instance, result) after materializing raw_stanford_cars and car_maker_dataset (with its
     blocking checks) in `home`."""
+    from car_maker_pipeline.mlflow_store import default_tracking_uri
     from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, raw_stanford_cars
     from car_maker_pipeline.orchestration.resources import (
         MlflowTracking,
@@ -33,7 +34,6 @@ def materialized_demo_data(home: Path, train_per_maker: int, test_per_maker: int
         StoreResource,
         VisionLanguageModels,
     )
-    from car_maker_pipeline.tracking import default_tracking_uri
 
     resources = {
         "store": StoreResource(home=str(home)),

@@ -63,7 +63,9 @@ def registered_classifier(home: Path):
 
 
 def tracking_uri(home: Path) -> str:
-    return f"sqlite:///{home / 'mlflow.db'}"
+    from car_maker_pipeline.mlflow_store import default_tracking_uri
+
+    return default_tracking_uri(home)
 
 
 def command_env(home: Path) -> dict[str, str]:
@@ -148,3 +150,39 @@ class ScoringServer:
             return status, json.loads(raw)
         except ValueError:
             return status, raw.decode(errors="replace")
+
+
+def saved_classifier(folder: Path, tiny_model_dir: Path, dataset_record, batch_size: int = 2) -> Path:
+    """The pyfunc classifier saved by path, never registered, as `register_classifier` logs it: the tiny model
+    with a fresh (untrained) LoRA adapter, for tests of what the model takes in, not of what it learnt."""
+    import mlflow
+    from peft import get_peft_model
+
+    from car_maker_pipeline.models.loading import load_model_and_processor
+    from car_maker_pipeline.recording.registry import Candidate, pyfunc_arguments
+    from car_maker_pipeline.serving.predictor import ClassifierCard
+    from car_maker_pipeline.training.config import LoraHyperparameters
+
+    loaded = load_model_and_processor(str(tiny_model_dir))
+    adapter = folder / "adapter"
+    get_peft_model(loaded.model, LoraHyperparameters().to_peft_config()).save_pretrained(adapter)
+    card = ClassifierCard.for_base_model(str(tiny_model_dir), loaded.revision, list(dataset_record.makers))
+    arguments = pyfunc_arguments(Candidate(MODEL, adapter, card, 0.5, 0.5), folder / "staging", dataset_record)
+    arguments["model_config"]["batch_size"] = batch_size  # small batches: one batch is a few images
+    mlflow.pyfunc.save_model(str(folder / "model"), **arguments)
+    return folder / "model"
+
+
+def peak_rss_kb(pid: int) -> int:
+    """The largest VmHWM (peak resident memory) among `pid` and its descendants, from /proc."""
+    peaks, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        peaks += [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")]
+        pending += [int(child) for child in children]
+    return max(peaks, default=0)

@@ -156,11 +156,14 @@ def _answer_log_likelihoods(model, cache, mask, last_position, first, answers, c
 
 
 def cache_bytes_per_row(cache, rows: int) -> int:
-    """What one row of the prompt's cache occupies: every tensor its layers hold as attributes (the
-    attention layers' keys and values, which grow with the prompt; LFM2's conv layers keep a few
-    tokens of state, not among them and negligible next to a 2,000-token photo's keys and values)."""
+    """What one row of the prompt's cache occupies: every tensor its layers hold per row, as
+    attributes whose first dimension is the batch (the attention layers' keys and values, which grow
+    with the prompt). Counters the layers keep for the whole batch (a length as a 0-d tensor) are no
+    row's; LFM2's conv layers keep a few tokens of state in lists, not among them and negligible next
+    to a 2,000-token photo's keys and values."""
     tensors = [value for layer in getattr(cache, "layers", []) for value in vars(layer).values()]
-    return sum(t.nelement() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) // max(rows, 1)
+    per_row = [t for t in tensors if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows]
+    return sum(t.nelement() * t.element_size() for t in per_row) // max(rows, 1)
 
 
 @torch.inference_mode()

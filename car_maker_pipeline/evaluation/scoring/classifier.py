@@ -217,6 +217,7 @@ class MakerClassifier:
                 batch = [model_ready(_opened(images[i])) for i in chunk]
                 for index, prediction in zip(chunk, self._run_batch(batch)):
                     predictions[index] = prediction
+                del batch  # its pixels go now, not once the next batch is decoded beside them
         return predictions
 
 
@@ -269,7 +270,8 @@ class StoredPicture:
 
 
 def _opened(image):
-    return image.open() if isinstance(image, StoredPicture) else image
+    """A decoded picture as is; a stored one (`StoredPicture`, or any other with `size` and `open()`) opened now."""
+    return image if isinstance(image, Image.Image) else image.open()
 
 
 @dataclass

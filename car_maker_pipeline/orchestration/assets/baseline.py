@@ -9,6 +9,7 @@ from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAUL
 from car_maker_pipeline.orchestration.deployment import MODEL_STEP
 from car_maker_pipeline.orchestration.metadata import evaluation_metadata, log_answer_policy
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
+from car_maker_pipeline.orchestration.versions import code_version, content_version
 from car_maker_pipeline.store import BASELINE_EVALUATION, CAR_MAKER_DATASET
 
 
@@ -74,6 +75,7 @@ def evaluation_inputs(
 @dg.asset(
     name=BASELINE_EVALUATION,
     group_name="baseline",
+    code_version=code_version(BASELINE_EVALUATION),
     deps=[CAR_MAKER_DATASET],
     kinds={"pytorch", "huggingface", "mlflow"},
     **MODEL_STEP,
@@ -95,8 +97,9 @@ def baseline_evaluation(
     from car_maker_pipeline.recording.baseline import evaluate_and_record
 
     key = context.partition_key
+    inputs = evaluation_inputs(context, store, models, mlflow_tracking)
     recorded = evaluate_and_record(
-        **evaluation_inputs(context, store, models, mlflow_tracking),
+        **inputs,
         asset=BASELINE_EVALUATION,
         model_key=key,
         stage="baseline",
@@ -111,7 +114,14 @@ def baseline_evaluation(
     context.log.info(f"{key} baseline: {recorded.report.describe()}")
     if recorded.calibration is not None:
         log_answer_policy(context, f"{key} baseline", recorded.calibration_report)
-    return dg.MaterializeResult(metadata=evaluation_metadata(recorded))
+    # Named by what decided the scores (model and dataset revisions, prompt, budget, split...), not by the run.
+    return dg.MaterializeResult(
+        metadata={
+            **evaluation_metadata(recorded),
+            **mlflow_tracking.links(inputs["target"].tracking_uri, run_id=recorded.mlflow_run_id),
+        },
+        data_version=content_version(recorded.params),
+    )
 
 
 baseline_assets = [baseline_evaluation]

@@ -6,11 +6,11 @@ import dagster as dg
 from pydantic import Field
 
 from car_maker_pipeline.data import quality
-from car_maker_pipeline.data.maker_dataset import MakerDatasetParams
-from car_maker_pipeline.data.promotion import build_and_promote_maker_dataset
+from car_maker_pipeline.data.dataset_spec import MakerDatasetParams
 from car_maker_pipeline.orchestration.deployment import OWNERS
 from car_maker_pipeline.orchestration.metadata import typed_table
 from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
+from car_maker_pipeline.orchestration.versions import code_version
 from car_maker_pipeline.redaction import redact_uri
 from car_maker_pipeline.store import CAR_MAKER_DATASET, RAW_STANFORD_CARS
 
@@ -25,6 +25,7 @@ class MakerDatasetConfig(dg.Config):
 @dg.asset(
     name=RAW_STANFORD_CARS,
     group_name="data",
+    code_version=code_version(RAW_STANFORD_CARS),
     owners=OWNERS,
     kinds={"huggingface", "arrow"},
     description=(
@@ -61,6 +62,7 @@ def raw_stanford_cars(
 @dg.asset(
     name=CAR_MAKER_DATASET,
     group_name="data",
+    code_version=code_version(CAR_MAKER_DATASET),
     owners=OWNERS,
     deps=[RAW_STANFORD_CARS],
     kinds={"huggingface", "arrow"},
@@ -78,6 +80,8 @@ def raw_stanford_cars(
 def car_maker_dataset(context: dg.AssetExecutionContext, config: MakerDatasetConfig, store: StoreResource):
     # The checks run inside this step, before the dataset is made current: as a separate step they
     # would run after the manifest already pointed downstream assets at a dataset they then reject.
+    from car_maker_pipeline.data.promotion import build_and_promote_maker_dataset
+
     params = MakerDatasetParams(validation_fraction=config.validation_fraction, seed=config.seed)
     promotion = build_and_promote_maker_dataset(store.get(), params)
     check_results = [

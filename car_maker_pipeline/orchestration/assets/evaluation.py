@@ -10,6 +10,7 @@ from car_maker_pipeline.orchestration.assets.baseline import EvaluationConfig, e
 from car_maker_pipeline.orchestration.deployment import MODEL_STEP
 from car_maker_pipeline.orchestration.metadata import checkpoint_metadata, checkpoint_observations, log_answer_policy
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
+from car_maker_pipeline.orchestration.versions import code_version, content_version
 from car_maker_pipeline.store import BASELINE_EVALUATION, CHECKPOINT_ACCURACY, LORA_CHECKPOINTS
 
 BEATS_BASELINE = "best_checkpoint_beats_baseline"
@@ -29,6 +30,7 @@ class CheckpointEvaluationConfig(EvaluationConfig):
 @dg.asset(
     name=CHECKPOINT_ACCURACY,
     group_name="evaluation",
+    code_version=code_version(CHECKPOINT_ACCURACY),
     deps=[LORA_CHECKPOINTS, BASELINE_EVALUATION],
     kinds={"pytorch", "mlflow"},
     **MODEL_STEP,
@@ -57,8 +59,9 @@ def checkpoint_accuracy(
     from car_maker_pipeline.recording.checkpoint_accuracy import evaluate_checkpoints_and_record
 
     key = context.partition_key
+    inputs = evaluation_inputs(context, store, models, mlflow_tracking)
     record = evaluate_checkpoints_and_record(
-        **evaluation_inputs(context, store, models, mlflow_tracking),
+        **inputs,
         model_key=key,
         prompt=config.prompt(),
         batch_size=config.batch_size,
@@ -72,7 +75,18 @@ def checkpoint_accuracy(
     log_answer_policy(context, f"{key} step {record.best_step}", record.best_calibration)
     for observation in checkpoint_observations(record, CHECKPOINT_ACCURACY, key):
         context.log_event(observation)
-    yield dg.MaterializeResult(metadata=checkpoint_metadata(record))
+    # What is served: the chosen adapter and the card it is registered with.
+    served = {
+        "adapter": record.best_adapter_digest,
+        "temperature": record.best_calibration.temperature,
+        "threshold": record.best_calibration.threshold,
+    }
+    links = mlflow_tracking.links(
+        inputs["target"].tracking_uri,
+        run_id=record.mlflow_run_id,
+        model_version=(record.registered_model, record.registered_version),
+    )
+    yield dg.MaterializeResult(metadata={**checkpoint_metadata(record), **links}, data_version=content_version(served))
     yield dg.AssetCheckResult(
         check_name=BEATS_BASELINE,
         passed=record.beats_baseline,

@@ -8,6 +8,7 @@ from pydantic import Field
 from car_maker_pipeline.orchestration.deployment import MODEL_STEP
 from car_maker_pipeline.orchestration.metadata import typed_table
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource
+from car_maker_pipeline.orchestration.versions import code_version, content_version
 from car_maker_pipeline.store import CHECKPOINT_ACCURACY, MAKER_PREDICTIONS, MERGED_MODEL, PipelineStore
 
 
@@ -32,6 +33,7 @@ class MergedModelConfig(dg.Config):
 @dg.asset(
     name=MERGED_MODEL,
     group_name="serving",
+    code_version=code_version(MERGED_MODEL),
     deps=[CHECKPOINT_ACCURACY],
     kinds={"pytorch", "huggingface", "safetensors"},
     **MODEL_STEP,
@@ -86,7 +88,8 @@ def merged_model(
             "merged_images_per_second": export.merged_images_per_second,
             "adapter_images_per_second": export.adapter_images_per_second,
             "size_mb": export.size_bytes / 1e6,
-        }
+        },
+        data_version=content_version({"registered_model": export.registered_model, "version": export.version}),
     )
     yield dg.AssetCheckResult(
         check_name="merged_answers_equal_adapter",
@@ -99,6 +102,7 @@ def merged_model(
 @dg.asset(
     name=MAKER_PREDICTIONS,
     group_name="serving",
+    code_version=code_version(MAKER_PREDICTIONS),
     deps=[CHECKPOINT_ACCURACY],
     kinds={"pytorch", "mlflow", "parquet"},
     **MODEL_STEP,
@@ -153,7 +157,8 @@ def maker_predictions(
             "model": f"{champion.name} v{version} (@champion)",
             "makers": typed_table(counts),
             "unreadable_files": typed_table(failed[["file_name", "error"]].reset_index(drop=True)),
-        }
+        },
+        data_version=content_version({"folder": batch.fingerprint, "model": champion.name, "version": version}),
     )
 
 

@@ -5,6 +5,7 @@ from pydantic import Field
 
 from car_maker_pipeline.orchestration.deployment import MODEL_STEP
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
+from car_maker_pipeline.orchestration.versions import code_version, content_version
 from car_maker_pipeline.store import CAR_MAKER_DATASET, LORA_CHECKPOINTS
 from car_maker_pipeline.training.config import LoraHyperparameters
 
@@ -18,11 +19,17 @@ class LoraTrainingConfig(dg.Config, LoraHyperparameters):
         description="Training processes. Above 1: `accelerate launch` (DDP; gloo on CPU, NCCL on GPUs) through Dagster "
         "Pipes; the batch size is per process.",
     )
+    from_sweep: bool = Field(
+        default=False,
+        description="Train the best configuration of this model's latest lora_sweep: its parameters replace these "
+        "settings' (the others stay). Scored and registered like any run; champion only by the validation rule.",
+    )
 
 
 @dg.asset(
     name=LORA_CHECKPOINTS,
     group_name="training",
+    code_version=code_version(LORA_CHECKPOINTS),
     deps=[CAR_MAKER_DATASET],
     kinds={"pytorch", "huggingface", "mlflow"},
     **MODEL_STEP,
@@ -41,18 +48,25 @@ def lora_checkpoints(
     mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
     from car_maker_pipeline.data.maker_dataset import MakerDataset
+    from car_maker_pipeline.models.checkpoint_marker import ADAPTER_WEIGHTS, recorded_digest
     from car_maker_pipeline.training.partition import train_model
+    from car_maker_pipeline.training.sweep_runs import sweep_best
 
     key = context.partition_key
     pipeline_store = store.get()
     uri = mlflow_tracking.ensure_reachable(pipeline_store)
     dataset_record = MakerDataset.current(pipeline_store)
+    hyperparameters, swept = LoraHyperparameters(**config.to_json()), {}
+    if config.from_sweep:  # before any model loads: no finished sweep is an error naming what to materialize
+        swept = sweep_best(pipeline_store, key, dataset_record)
+        hyperparameters = LoraHyperparameters(**{**config.to_json(), **swept["best_params"]})
+        context.log.info(f"{key}: training {swept['study_name']}'s best configuration {swept['best_params']}")
     trained = train_model(
         pipeline_store,
         key,
         models.path_or_id(key, pipeline_store),
         dataset_record,
-        config,
+        hyperparameters,
         num_processes=config.num_processes,
         tracking_uri=uri,
         run_tags={"dagster_run_id": context.run_id},
@@ -74,10 +88,39 @@ def lora_checkpoints(
             "train_seconds": result.train_seconds,
             "samples_per_second": trained.samples_per_second,
             "mlflow_run_id": trained.mlflow_run_id,
+            **mlflow_tracking.links(uri, run_id=trained.mlflow_run_id),
             "path": dg.MetadataValue.path(str(trained.output_dir)),
             "wall_seconds": trained.wall_seconds,
-        }
+            "max_steps": result.max_steps,
+            "run_plan": result.plan,
+            "superseded_checkpoints": dg.MetadataValue.json(result.superseded),
+            **stop_metadata(result),
+            **(
+                {"from_sweep": swept["study_name"], "sweep_params": dg.MetadataValue.json(swept["best_params"])}
+                if swept
+                else {}
+            ),
+        },
+        # The adapters themselves: a rerun that trains nothing new leaves checkpoint_accuracy up to date.
+        data_version=content_version(
+            {step: recorded_digest(path, ADAPTER_WEIGHTS) for step, path in result.checkpoints.items()}
+        ),
     )
+
+
+def stop_metadata(result) -> dict:
+    """Why and where a run ended before max_steps (early stopping), and the validation scores it watched."""
+    if not result.stop:
+        return {"stopped_early": False}
+    return {
+        "stopped_early": True,
+        "stopped_at_step": result.stop["step"],
+        "stop_reason": result.stop["reason"],
+        "steps_saved": result.max_steps - result.stop["step"],
+        "checkpoint_val_accuracy": dg.MetadataValue.json(
+            {str(step): scores["val_accuracy"] for step, scores in sorted(result.validation_scores.items())}
+        ),
+    }
 
 
 training_assets = [lora_checkpoints]

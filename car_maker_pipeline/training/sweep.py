@@ -1,0 +1,246 @@
+"""A hyperparameter sweep over LoRA runs with Optuna: the study, its storage, and the loop that runs trials.
+
+The study lives in an Optuna `RDBStorage`: sqlite under CAR_MAKER_HOME by default
+(`lora_sweep/optuna.db`), or any SQLAlchemy URL (PostgreSQL in the scale-out profile,
+`CAR_MAKER_OPTUNA_STORAGE`). Its name is a digest of what decides its trials (the base settings' maths,
+the search space, the objective, the seed, the dataset), so a rerun of the same request continues the
+same study until `n_trials` have finished (complete or pruned), and two processes on one study share it:
+
+- a trial is created only under a file lock beside the study, after counting the finished and
+  running ones, so two processes never create more trials than asked; Optuna numbers them, and
+  each process tells only its own, so none is duplicated or lost;
+- each running trial records a heartbeat; one whose process died is marked failed by
+  `fail_stale_trials` once it misses `grace_period_s`, and does not count. A process waits for the
+  trials others are running rather than overshooting `n_trials`;
+- the sampler (TPE by default) is seeded per trial number, from `seed`: the same study gives the same
+  draws whichever process runs a trial, and two processes do not draw the same configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from optuna.trial import TrialState
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, SELECTION_METRICS
+from car_maker_pipeline.locking import file_lock
+from car_maker_pipeline.training.config import LoraHyperparameters
+from car_maker_pipeline.training.search_space import DEFAULT_SEARCH_SPACE, parse_search_space
+
+logger = logging.getLogger(__name__)
+
+STORAGE_ENV = "CAR_MAKER_OPTUNA_STORAGE"
+STUDY_DB = "optuna.db"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class SweepSettings(BaseModel):
+    """How to search: the trials, the space, the objective, the pruner, the seed, the heartbeat."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_trials: int = Field(
+        default=12, gt=0, description="Trials to finish (complete or pruned); failed ones do not count."
+    )
+    search_space: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEFAULT_SEARCH_SPACE),
+        description="LoraHyperparameters field -> {low, high, log} or {choices: [...]}; other fields keep "
+        "lora_checkpoints' values.",
+    )
+    objective: str = Field(
+        default=DEFAULT_SELECTION_METRIC,
+        description="What a trial maximises, on validation, at its best checkpoint: "
+        + "; ".join(f"{key}: {label}" for key, label in SELECTION_METRICS.items()),
+    )
+    pruner: Literal["median", "percentile", "successive_halving", "hyperband", "none"] = Field(
+        default="median", description="Optuna pruner fed every checkpoint's validation score (MedianPruner by default)."
+    )
+    pruner_startup_trials: int = Field(default=3, ge=0, description="median/percentile: trials before any pruning.")
+    pruner_warmup_steps: int = Field(
+        default=0, ge=0, description="median/percentile: steps before a trial may be pruned."
+    )
+    seed: int = Field(default=0, ge=0, description="Seeds the sampler (TPE), per trial number.")
+    heartbeat_interval_s: int = Field(default=10, gt=0, description="How often a running trial says it is alive.")
+    grace_period_s: int | None = Field(
+        default=None, gt=0, description="A running trial silent this long is failed (default 3 heartbeats)."
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description=f"SQLAlchemy URL of the study's database; unset: {STORAGE_ENV}, else sqlite under CAR_MAKER_HOME.",
+    )
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, value: str) -> str:
+        if value not in SELECTION_METRICS:
+            raise ValueError(f"unknown objective {value!r}; use one of {', '.join(SELECTION_METRICS)}")
+        return value
+
+
+def storage_url(settings: SweepSettings, sweep_root: Path) -> str:
+    url = settings.storage_url or os.environ.get(STORAGE_ENV)
+    if url:
+        return url
+    sweep_root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{sweep_root / STUDY_DB}"
+
+
+def open_storage(url: str, settings: SweepSettings, lock_path: Path | None = None) -> optuna.storages.RDBStorage:
+    """Optuna's RDBStorage with heartbeats; created under `lock_path`, since two processes creating a new
+    database's tables at once collide."""
+    grace = settings.grace_period_s or 3 * settings.heartbeat_interval_s
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    with warnings.catch_warnings(), file_lock(lock_path) if lock_path else nullcontext():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are marked experimental
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine, heartbeat_interval=settings.heartbeat_interval_s, grace_period=grace
+        )
+
+
+def study_name(model_key: str, dataset_name: str, base: LoraHyperparameters, settings: SweepSettings) -> str:
+    """Same request, same study: what decides the trials, digested (not n_trials, which only says how many)."""
+    request = {
+        "maths": base.maths(),
+        "max_steps": base.max_steps,
+        "early_stopping": [base.early_stopping_patience, base.early_stopping_min_delta],
+        "space": settings.search_space,
+        "objective": settings.objective,
+        "seed": settings.seed,
+        "pruner": [settings.pruner, settings.pruner_startup_trials, settings.pruner_warmup_steps],
+    }
+    digest = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"lora-{model_key}-{dataset_name}-{digest}"
+
+
+def make_pruner(settings: SweepSettings) -> optuna.pruners.BasePruner:
+    if settings.pruner == "median":
+        return optuna.pruners.MedianPruner(settings.pruner_startup_trials, settings.pruner_warmup_steps)
+    if settings.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(25.0, settings.pruner_startup_trials, settings.pruner_warmup_steps)
+    if settings.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if settings.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+def load_study(name: str, storage, settings: SweepSettings, trial_number: int = 0) -> optuna.Study:
+    """The study, created on first use, with a sampler seeded for the trial about to be drawn."""
+    sampler = optuna.samplers.TPESampler(seed=settings.seed * 100_003 + trial_number)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per reload of the study
+    return optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        sampler=sampler,
+        pruner=make_pruner(settings),
+        load_if_exists=True,
+    )
+
+
+def validate_request(base: LoraHyperparameters, settings: SweepSettings) -> None:
+    """Every mistake in a sweep request, before any study or trial (LoraTrainingError)."""
+    parse_search_space(settings.search_space, base)
+
+
+@contextmanager
+def heartbeat(storage, trial_id: int, interval: int):
+    """Record the trial's heartbeat every `interval` seconds while the body runs (Optuna's optimize() does
+    the same for the trials it runs; ask-and-tell trials need it done for them)."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.is_set():
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as error:  # noqa: BLE001 - a missed beat only risks the trial being failed later
+                logger.warning("Heartbeat of trial %s not recorded: %s", trial_id, error)
+            stop.wait(interval)
+
+    thread = threading.Thread(target=beat, name=f"optuna-heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    value: float | None  # None: pruned, or failed
+    pruned: bool
+    failed: str | None = None  # why the drawn configuration could not train (the trial fails, the sweep goes on)
+
+
+def run_study(
+    name: str,
+    storage,
+    settings: SweepSettings,
+    lock_path: Path,
+    run_trial: Callable[[optuna.Trial], TrialOutcome],
+    log=logger,
+) -> optuna.Study:
+    """Run trials until `n_trials` have finished in the study, sharing it with any other process."""
+    while True:
+        with file_lock(lock_path):
+            study = load_study(name, storage, settings)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a dead process's trial: failed, not counted
+            trials = study.get_trials(deepcopy=False)
+            finished = sum(t.state in FINISHED for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if finished >= settings.n_trials:
+                return study
+            trial = None
+            if finished + running < settings.n_trials:
+                study = load_study(name, storage, settings, trial_number=len(trials))
+                trial = study.ask()
+        if trial is None:  # the remaining trials are running elsewhere: wait for them, or for them to go stale
+            time.sleep(settings.heartbeat_interval_s)
+            continue
+        with heartbeat(storage, trial._trial_id, settings.heartbeat_interval_s):  # noqa: SLF001 - Optuna's own id
+            try:
+                outcome = run_trial(trial)
+            except Exception:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+        if outcome.failed:
+            trial.set_user_attr("failed", outcome.failed)
+            study.tell(trial, state=TrialState.FAIL)
+            log.warning(f"trial {trial.number} failed: {outcome.failed}")
+            continue
+        if outcome.pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, outcome.value)
+        log.info(f"trial {trial.number}: {'pruned' if outcome.pruned else outcome.value}")
+
+
+def summary(study: optuna.Study) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    count = lambda state: sum(t.state == state for t in trials)  # noqa: E731
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    return {
+        "best_params": dict(best.params) if best else {},
+        "best_value": float(best.value) if best else float("nan"),
+        "best_trial": best.number if best else None,
+        "trials_complete": count(TrialState.COMPLETE),
+        "trials_pruned": count(TrialState.PRUNED),
+        "trials_failed": count(TrialState.FAIL),
+    }
