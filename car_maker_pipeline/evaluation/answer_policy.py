@@ -103,7 +103,7 @@ def temperature_fold(keys: Sequence[str], share: float = TEMPERATURE_FOLD_SHARE)
 def fold_keys(split, predictions: pd.DataFrame) -> list[str] | None:
     """Each scored validation row's pixel hash (`content_hash` of car_maker_dataset), the key of its fold;
     None for a split without one (the rows' positions decide then)."""
-    from car_maker_pipeline.data.maker_dataset import column
+    from car_maker_pipeline.data.dataset_spec import column
 
     if "content_hash" not in split.column_names:
         return None
