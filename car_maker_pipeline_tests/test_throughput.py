@@ -4,7 +4,7 @@
 |--------------------------------------------------------------|------------------------------------------------------------|
 | 3 checkpoints (random LoRA weights) scored by `score_checkpoints` | every maker's log-probability per image equals each checkpoint scored alone on its own model, to 1e-5; the checkpoints differ |
 | processor calls while scoring 3 checkpoints                  | each validation and test picture prepared once (not 3 times) |
-| a 4th checkpoint added, scored again                         | only it is scored (one preparation per picture); the cached results are not rewritten |
+| a 4th checkpoint added, scored again with 2 preparing threads | only it is scored (one preparation per picture); the cached results are not rewritten |
 | all scored, asked again                                      | no picture prepared at all                                  |
 | `prefetched`: 0-3 threads, depth 1-3, jobs of random durations | results in input order; never more than depth results waiting; jobs read only as far as the look-ahead |
 | `prefetched`: a job fails                                    | its error raised at its turn, after the results before it   |
@@ -36,16 +36,26 @@ SPLITS = ("validation", "test")
 
 
 class CountingProcessor:
-    """The real processor, counting the pictures it is asked to prepare."""
+    """The real processor, counting the pictures it is asked to prepare (its copies, made for preparing
+    threads, count into the same tally)."""
 
-    def __init__(self, processor):
-        self._processor, self.pictures = processor, 0
+    def __init__(self, processor, tally: list | None = None):
+        self._processor, self._tally = processor, tally if tally is not None else [0]
+
+    @property
+    def pictures(self) -> int:
+        return self._tally[0]
 
     def __call__(self, *args, images=None, **kwargs):
-        self.pictures += len(images or [])
+        self._tally[0] += len(images or [])
         return self._processor(*args, images=images, **kwargs)
 
+    def __deepcopy__(self, memo):
+        return CountingProcessor(copy.deepcopy(self._processor, memo), self._tally)
+
     def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
         return getattr(self._processor, name)
 
 
@@ -74,7 +84,7 @@ def checkpoints(tiny_model, tmp_path_factory):
     return folders
 
 
-def _scored(tiny_model, maker_dataset, checkpoints: dict, out_root):
+def _scored(tiny_model, maker_dataset, checkpoints: dict, out_root, prepare_workers: int = 0):
     processor = CountingProcessor(tiny_model.processor)
     scores = score_checkpoints(
         copy.deepcopy(tiny_model.model),
@@ -85,6 +95,7 @@ def _scored(tiny_model, maker_dataset, checkpoints: dict, out_root):
         out_root,
         baseline_accuracy=None,
         batch_size=8,
+        prepare_workers=prepare_workers,
     )
     return scores, processor.pictures
 
@@ -116,7 +127,7 @@ def test_every_checkpoint_is_scored_on_one_preparation_of_each_picture(
     written = {
         key: report.predictions_path.stat().st_mtime_ns for key, report in scores.reports.items() if key[0] != "base"
     }
-    more, prepared = _scored(tiny_model, maker_dataset, checkpoints, tmp_path)
+    more, prepared = _scored(tiny_model, maker_dataset, checkpoints, tmp_path, prepare_workers=2)
     assert prepared == rows, "only the new checkpoint is scored, on one preparation of each picture"
     assert {key: more.reports[key].predictions_path.stat().st_mtime_ns for key in written} == written
     assert list(more.table["step"]) == [10, 20, 30, 40]

@@ -20,6 +20,7 @@ from car_maker_pipeline.evaluation.answer_policy import Calibration, calibrate, 
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.settings import (
     DEFAULT_DELTA,
+    DEFAULT_PREFETCH,
     DEFAULT_SELECTION_METRIC,
     DEFAULT_TARGET_PRECISION,
     SELECTION_METRICS,
@@ -121,6 +122,8 @@ def score_checkpoints(
     val_loss: dict[int, float] | None = None,
     prompt: PromptTemplate | None = None,
     batch_size: int = 16,
+    prepare_workers: int | None = None,
+    prefetch: int = DEFAULT_PREFETCH,
     corrupted_splits: list[str] | None = None,
     budget: ImageTokenBudget | None = None,
     target_precision: float = DEFAULT_TARGET_PRECISION,
@@ -140,7 +143,10 @@ def score_checkpoints(
             "There are no complete checkpoints to evaluate; materialize lora_checkpoints first."
         )
     model = attach_adapters(base_model, checkpoints)
-    classifier = MakerClassifier(model, processor, makers, prompt=prompt, batch_size=batch_size, budget=budget)
+    classifier = MakerClassifier(
+        model, processor, makers, prompt=prompt, batch_size=batch_size, budget=budget, workers=prepare_workers,
+        prefetch=prefetch,
+    )  # fmt: skip
     reports: dict[tuple[int | str, str], EvaluationReport] = {}
     step_dirs = {
         step: results_dir(out_root, f"step-{step}", classifier.budget, path) for step, path in checkpoints.items()
