@@ -12,7 +12,7 @@ import os
 # How torch's OpenMP threads wait for work, read by the OpenMP runtime once, when torch loads. By
 # default they spin before they sleep; beside another busy process (a `nice 19` job on the same 2
 # cores) a spinning thread holds a core its neighbour would run on, and the thread it waits for cannot
-# run: the demo took 33 minutes instead of 10, its user CPU time mostly spinning. Passive threads
+# run: the demo took 33 minutes instead of 10 beside one, with 2,721 s of user CPU time. Passive threads
 # sleep at once (bench/README.md, *Threads beside a neighbour*). A value set by the user wins.
 THREAD_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
