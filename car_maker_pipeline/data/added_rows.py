@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pandas as pd
 
 from car_maker_pipeline.data.dataset_spec import TEST, TRAIN, VALIDATION, column
 from car_maker_pipeline.data.decoding import BAD_LABEL, DUPLICATE, Refusal, decode_checked
@@ -164,3 +165,13 @@ class SourceIndex:
 
 
 ADDABLE_SPLITS = (TRAIN, VALIDATION)
+
+
+def before_after_table(record) -> pd.DataFrame:
+    """Rows per maker in train and validation before and after the additions (a MakerDataset `record`)."""
+    before = record.images_per_maker_before_additions or {s: record.images_per_maker.get(s, {}) for s in ADDABLE_SPLITS}
+    columns = {}
+    for split in ADDABLE_SPLITS:
+        columns[f"{split}_before"] = [before.get(split, {}).get(maker, 0) for maker in record.makers]
+        columns[f"{split}_after"] = [record.images_per_maker.get(split, {}).get(maker, 0) for maker in record.makers]
+    return pd.DataFrame({"maker": record.makers, **columns})
