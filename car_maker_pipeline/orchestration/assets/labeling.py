@@ -5,11 +5,20 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from car_maker_pipeline.orchestration.assets.serving import IncomingImages
 from car_maker_pipeline.orchestration.deployment import OWNERS
-from car_maker_pipeline.orchestration.metadata import typed_table
+from car_maker_pipeline.orchestration.metadata import image_markdown, typed_table
+from car_maker_pipeline.orchestration.partitions import model_partitions
 from car_maker_pipeline.orchestration.resources import StoreResource
 from car_maker_pipeline.orchestration.versions import code_version, content_version
-from car_maker_pipeline.store import LABELED_ADDITIONS, RAW_STANFORD_CARS, PipelineStore
+from car_maker_pipeline.store import (
+    CAR_MAKER_DATASET,
+    LABELED_ADDITIONS,
+    MAKER_PREDICTIONS,
+    RAW_STANFORD_CARS,
+    REVIEW_QUEUE,
+    PipelineStore,
+)
 
 REFUSED_ROWS_SHOWN = 200  # rows of the refused table kept in the materialization (all are beside each batch)
 
@@ -92,4 +101,67 @@ def labeled_additions(
     )
 
 
-labeling_assets = [labeled_additions]
+class ReviewQueueConfig(dg.Config):
+    max_items: int = Field(default=50, gt=0, description="Images in the queue (the highest-ranked readable ones).")
+
+
+@dg.asset(
+    name=REVIEW_QUEUE,
+    group_name="labeling",
+    code_version=code_version(REVIEW_QUEUE),
+    owners=OWNERS,
+    deps=[MAKER_PREDICTIONS, CAR_MAKER_DATASET],
+    partitions_def=model_partitions,
+    kinds={"json", "csv"},
+    description=(
+        "The incoming images the champion doubts most, for a person to label: `unsure` answers first, then by the "
+        "acquisition score (1 - margin between the two best makers) x sqrt(rarity of the top maker in train). "
+        "Written as Label Studio tasks (image inline, the model's answer pre-filled), a CSV and a contact sheet; "
+        "a reviewed export dropped into the additions folder becomes a batch."
+    ),
+)
+def review_queue(
+    context: dg.AssetExecutionContext,
+    config: ReviewQueueConfig,
+    store: StoreResource,
+    incoming_images: IncomingImages,
+) -> dg.MaterializeResult:
+    import pandas as pd
+
+    from car_maker_pipeline.data.maker_dataset import MakerDataset
+    from car_maker_pipeline.labeling.review_queue import SHEET_FILE, write_review_queue
+
+    pipeline_store = store.get()
+    key = context.partition_key
+    predicted = pipeline_store.read_manifest(MAKER_PREDICTIONS, key)
+    dataset = MakerDataset.current(pipeline_store)
+    out_dir = pipeline_store.asset_dir(REVIEW_QUEUE, key) / f"{predicted['fingerprint']}-{config.max_items}"
+    queue = write_review_queue(
+        pd.read_parquet(predicted["path"]),
+        incoming_images.folder(pipeline_store),
+        out_dir,
+        train_counts=dataset.images_per_maker.get("train", {}),
+        makers=dataset.makers,
+        model=predicted["model"],
+        predictions_path=predicted["path"],
+        max_items=config.max_items,
+    )
+    pipeline_store.write_manifest(REVIEW_QUEUE, queue.to_json(), partition=key)
+    table = pd.read_csv(Path(queue.path) / "queue.csv")
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(queue.path),
+            "model": queue.model,
+            "queued": queue.queued,
+            "unsure": queue.unsure,
+            "candidates": queue.candidates,
+            "queue": typed_table(table.head(REFUSED_ROWS_SHOWN)),
+            "contact_sheet": image_markdown(Path(queue.path) / SHEET_FILE, "review queue"),
+        },
+        data_version=content_version(
+            {"predictions": predicted["path"], "dataset": dataset.path, "max": config.max_items}
+        ),
+    )
+
+
+labeling_assets = [labeled_additions, review_queue]
