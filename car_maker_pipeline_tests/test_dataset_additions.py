@@ -6,11 +6,13 @@
 | 2 | rows per maker                                       | the record holds train/validation per maker before and after        | (same) |
 | 3 | an addition whose pixels are already in the dataset  | dropped at build time too, listed with its batch and file           | test_an_addition_already_in_the_dataset_is_dropped_at_build |
 | 4 | a folder dropped into CAR_MAKER_HOME/additions, then Dagster | labeled_additions lists it; car_maker_dataset's metadata shows before/after; its data version changes (training turns stale); an unchanged rerun keeps it | test_dropped_folder_reaches_the_dataset_through_dagster |
+| 5 | a finished training run on a dataset with a batch            | its MLflow inputs: train, validation and `labeled_additions/<batch>` (context: its split); the version description names the batch | test_training_run_records_each_batch_it_saw |
 """
 
 from __future__ import annotations
 
 import io
+import json
 
 import dagster as dg
 import numpy as np
@@ -122,3 +124,33 @@ def test_dropped_folder_reaches_the_dataset_through_dagster(tmp_path):
     third = dg.materialize(assets, resources=resources, instance=instance)
     assert dataset_version(third) == dataset_version(second)
     assert len(list((home / "labeled_additions" / "source_index").iterdir())) == 1
+
+
+def test_training_run_records_each_batch_it_saw(tmp_path, raw_dataset):
+    """`record_training_inputs` logs train, validation and every batch into the finished training run; the
+    registered version's description (`additions_note`) names the batches."""
+    from mlflow import MlflowClient
+
+    from car_maker_pipeline.mlflow_store import default_tracking_uri
+    from car_maker_pipeline.recording.lineage import additions_note, record_training_inputs
+    from car_maker_pipeline.tracking import mlflow_run
+
+    batch = stored_batch(tmp_path / "a", "batch-a", "train", [(picture(1), "BMW"), (picture(2), "BMW")])
+    record = build_maker_dataset(raw_dataset.load(), tmp_path / "ds", source_revision="rev", additions=[batch])
+    home = tmp_path / "home"
+    uri = default_tracking_uri(home)
+    with mlflow_run(uri, home, run_name="lora-tiny-s", tags={"model": "tiny-s"}) as run:
+        run_id = run.info.run_id
+    record_training_inputs(record, uri, home, run_id)
+    inputs = MlflowClient(uri).get_run(run_id).inputs.dataset_inputs
+    contexts = {i.dataset.name: next(t.value for t in i.tags if t.key == "mlflow.data.context") for i in inputs}
+    assert contexts == {
+        "car_maker_dataset/train": "train",
+        "car_maker_dataset/validation": "validation",
+        "labeled_additions/batch-a": "train",
+    }
+    batch_input = next(i for i in inputs if i.dataset.name == "labeled_additions/batch-a")
+    assert json.loads(batch_input.dataset.profile)["num_rows"] == 2
+    assert "batch-a (2 rows, train)" in additions_note(record)
+    record.additions = []
+    assert additions_note(record) == ""  # a dataset of the source alone: the description stays general
