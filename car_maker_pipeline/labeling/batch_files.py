@@ -106,7 +106,7 @@ def _folder_batch(folder: Path) -> BatchFiles:
             if stat.S_ISLNK(info.st_mode):
                 digest.update(b"L" + relative + b"\0" + os.fsencode(os.readlink(path)) + b"\n")
             elif stat.S_ISREG(info.st_mode):
-                digest.update(b"F" + relative + b"\0" + _file_digest(path) + b"\n")
+                digest.update(b"F" + relative + b"\0" + _file_digest(path, info) + b"\n")
             elif not stat.S_ISDIR(info.st_mode):
                 digest.update(b"O" + relative + b"\0" + kind(info.st_mode).encode() + b"\n")
     top = [n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(folder / n)]
@@ -120,8 +120,15 @@ def _folder_batch(folder: Path) -> BatchFiles:
     return BatchFiles(folder.name, folder, layout, digest.hexdigest(), _split_of(folder), newest)
 
 
-def _file_digest(path: str) -> bytes:
-    with open(path, "rb", buffering=0) as handle:
+def _file_digest(path: str, info: os.stat_result) -> bytes:
+    """sha256 of a regular file's bytes; for one too large to be an image or an index, of its size and time
+    (it is refused unread anyway, and a change still makes a new batch)."""
+    if info.st_size > MAX_INDEX_BYTES:
+        return hashlib.sha256(f"{info.st_size}:{info.st_mtime_ns}".encode()).digest()
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for a pipe or a device since the listing
+            return kind(os.fstat(fd).st_mode).encode()
         return hashlib.file_digest(handle, "sha256").digest()
 
 
