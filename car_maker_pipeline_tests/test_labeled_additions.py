@@ -14,6 +14,7 @@
 | 10 | the same image twice in a batch; again in a later batch       | first kept; then `duplicate`, `duplicate of the dataset`       | test_duplicates_in_and_across_batches_are_refused |
 | 11 | a batch renamed after ingestion; then one file changed        | same batch id, not re-ingested; a changed file: a new batch, the old one stored | test_renamed_batch_is_the_same_and_a_changed_file_is_a_new_batch |
 | 12 | `split.txt` = validation; = `holdout`                         | batch goes to validation; AdditionsError naming the batch     | test_split_marker |
+| 13 | a batch with a CSV and a JSON beside a good batch              | AdditionsError naming it; the good batch stored whole         | test_a_batch_with_two_index_files_is_named_and_the_others_are_stored |
 """
 
 from __future__ import annotations
@@ -226,3 +227,13 @@ def test_split_marker(tmp_path, index):
     put(tmp_path / "additions" / "odd", "split.txt", b"holdout")
     with pytest.raises(AdditionsError, match=r"'odd'.*split.txt.*'holdout'"):
         ingest(tmp_path, index)
+
+
+def test_a_batch_with_two_index_files_is_named_and_the_others_are_stored(tmp_path, index):
+    put(tmp_path / "additions" / "a-good", "BMW/a.png", picture(1))
+    put(tmp_path / "additions" / "b-two-indexes", "labels.csv", b"path,label\n")
+    put(tmp_path / "additions" / "b-two-indexes", "export.json", b"[]")
+    with pytest.raises(AdditionsError, match=r"'b-two-indexes' holds 2 index files"):
+        ingest(tmp_path, index)
+    [stored] = list((tmp_path / "store").iterdir())
+    assert json.loads((stored / "batch.json").read_text())["name"] == "a-good"

@@ -109,11 +109,7 @@ def ingest_additions(folder: Path, store_dir: Path, index: SourceIndex) -> Addit
     (and what to do) after the others are stored, so the caller leaves the current state unchanged.
     """
     labels, failures = Labels(index), []
-    listed: list[BatchFiles] = []
-    try:
-        listed = list_batches(folder)
-    except BatchError as error:
-        failures.append(str(error))
+    listed = list_batches(folder, errors=failures)  # a batch unreadable as a whole is named, the others go on
     stored = {
         b.batch_id: _load(store_dir / b.batch_id) for b in listed if (store_dir / b.batch_id / RECORD_FILE).exists()
     }

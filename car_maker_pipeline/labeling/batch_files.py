@@ -68,8 +68,12 @@ class BatchFiles:
         return f"batch-{self.fingerprint[:12]}"
 
 
-def list_batches(additions: Path) -> list[BatchFiles]:
-    """Every batch in the additions folder, in name order (a missing folder holds none)."""
+def list_batches(additions: Path, errors: list[str] | None = None) -> list[BatchFiles]:
+    """Every batch in the additions folder, in name order (a missing folder holds none).
+
+    A batch that cannot be read at all raises BatchError, or, when `errors` is given, is left out and
+    its message appended there, so the others can still be ingested.
+    """
     try:
         entries = sorted(os.scandir(additions), key=lambda entry: entry.name)
     except (FileNotFoundError, NotADirectoryError):
@@ -78,13 +82,17 @@ def list_batches(additions: Path) -> list[BatchFiles]:
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.is_dir(follow_symlinks=False):
-            batches.append(_folder_batch(Path(entry.path)))
-        elif entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
-            digest = hashlib.sha256(_read_index(Path(entry.path), entry.name)).hexdigest()
-            batches.append(
-                BatchFiles(entry.name, Path(entry.path), "label studio", digest, "train", _mtime(entry.path))
-            )
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                batches.append(_folder_batch(Path(entry.path)))
+            elif entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
+                digest = hashlib.sha256(_read_index(Path(entry.path), entry.name)).hexdigest()
+                mtime = _mtime(entry.path)
+                batches.append(BatchFiles(entry.name, Path(entry.path), "label studio", digest, "train", mtime))
+        except BatchError as error:
+            if errors is None:
+                raise
+            errors.append(str(error))
     return batches
 
 
