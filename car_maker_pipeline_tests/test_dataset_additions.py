@@ -15,20 +15,12 @@ import io
 import json
 
 import dagster as dg
-import numpy as np
-from PIL import Image
 
 from car_maker_pipeline.data.added_rows import SOURCE, AddedBatch, write_added_rows
 from car_maker_pipeline.data.dataset_spec import column
 from car_maker_pipeline.data.decoding import DUPLICATE, decode_checked
 from car_maker_pipeline.data.maker_dataset import build_maker_dataset
-
-
-def picture(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+from car_maker_pipeline_tests.support.labeling import picture
 
 
 def stored_batch(folder, batch_id: str, split: str, rows: list[tuple[bytes, str]]) -> AddedBatch:

@@ -35,7 +35,7 @@ from car_maker_pipeline.labeling.additions import ingest_additions
 from car_maker_pipeline.labeling.batch_files import NO_LABEL
 from car_maker_pipeline.labeling.review_queue import write_review_queue
 from car_maker_pipeline.serving.batch import PREDICTION_COLUMNS
-from car_maker_pipeline_tests.test_review_queue import picture, prediction
+from car_maker_pipeline_tests.support.labeling import picture, prediction
 
 LABEL_STUDIO = os.environ.get("CAR_MAKER_LABEL_STUDIO") or shutil.which("label-studio")
 pytestmark = [

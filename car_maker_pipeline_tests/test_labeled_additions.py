@@ -23,9 +23,7 @@ import io
 import json
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from car_maker_pipeline.data.added_rows import SourceIndex
 from car_maker_pipeline.data.decoding import DUPLICATE, TOO_LARGE, UNDECODABLE
@@ -33,19 +31,12 @@ from car_maker_pipeline.labeling.additions import DUPLICATE_OF_DATASET, UNKNOWN_
 from car_maker_pipeline.labeling.batch_files import NO_LABEL, OUTSIDE
 from car_maker_pipeline.labeling.label_studio import data_uri
 from car_maker_pipeline.serving.images import MAX_IMAGE_BYTES
+from car_maker_pipeline_tests.support.labeling import picture
 
 
 @pytest.fixture(scope="module")
 def index(raw_dataset):
     return SourceIndex.of(raw_dataset.load())
-
-
-def picture(seed: int, fmt: str = "PNG") -> bytes:
-    """A small noise picture: unlike any drawn demo car, unlike any other seed."""
-    pixels = np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def put(folder, relative: str, data: bytes) -> None:

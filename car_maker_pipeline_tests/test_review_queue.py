@@ -10,13 +10,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
 import xml.etree.ElementTree as ElementTree
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -28,15 +26,9 @@ from car_maker_pipeline.labeling.additions import ingest_additions
 from car_maker_pipeline.labeling.batch_files import NO_LABEL
 from car_maker_pipeline.labeling.review_queue import QUEUE_COLUMNS, SPREADSHEET, rank, write_review_queue
 from car_maker_pipeline.serving.batch import PREDICTION_COLUMNS
+from car_maker_pipeline_tests.support.labeling import picture, prediction
 
 COUNTS = {"BMW": 40, "AM General": 10, "Land Rover": 20}
-
-
-def prediction(name, maker, p, maker_2, p_2, answer=None, error=None) -> dict:
-    row = dict.fromkeys(PREDICTION_COLUMNS)
-    row.update(file_name=name, maker=maker, probability=p, maker_2=maker_2, probability_2=p_2, error=error)
-    row.update(answer=answer or maker, model_name="car-maker-tiny-s", model_version="1")
-    return row
 
 
 def table() -> pd.DataFrame:
@@ -51,13 +43,6 @@ def table() -> pd.DataFrame:
         ],
         columns=PREDICTION_COLUMNS,
     )
-
-
-def picture(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture
