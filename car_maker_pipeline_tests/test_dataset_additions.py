@@ -6,6 +6,7 @@
 | 2 | rows per maker                                       | the record holds train/validation per maker before and after        | (same) |
 | 3 | an addition whose pixels are already in the dataset  | dropped at build time too, listed with its batch and file           | test_an_addition_already_in_the_dataset_is_dropped_at_build |
 | 4 | a folder dropped into CAR_MAKER_HOME/additions, then Dagster | labeled_additions lists it; car_maker_dataset's metadata shows before/after; its data version changes (training turns stale); an unchanged rerun keeps it | test_dropped_folder_reaches_the_dataset_through_dagster |
+| 4b | then lora_checkpoints (2 steps, slow)                 | the training run's MLflow inputs name the batch; its metadata lists it | test_the_next_training_run_lists_the_batch_among_its_inputs |
 | 5 | a finished training run on a dataset with a batch            | its MLflow inputs: train, validation and `labeled_additions/<batch>` (context: its split); the version description names the batch | test_training_run_records_each_batch_it_saw |
 """
 
@@ -15,6 +16,7 @@ import io
 import json
 
 import dagster as dg
+import pytest
 
 from car_maker_pipeline.data.added_rows import SOURCE, AddedBatch, write_added_rows
 from car_maker_pipeline.data.dataset_spec import column
@@ -86,19 +88,31 @@ def test_an_addition_already_in_the_dataset_is_dropped_at_build(tmp_path, raw_da
     assert dropped["reason"] == DUPLICATE and dropped["split"] == "train"
 
 
-def test_dropped_folder_reaches_the_dataset_through_dagster(tmp_path):
+@pytest.fixture(scope="module")
+def dropped(tmp_path_factory):
+    """A demo store whose data assets were materialized, then again after a folder was dropped into additions/:
+    (home, resources, instance, first result, second result)."""
     from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, raw_stanford_cars
     from car_maker_pipeline.orchestration.assets.labeling import AdditionsFolder, labeled_additions
     from car_maker_pipeline_tests.support.pipeline import materialized_demo_data
 
-    home = tmp_path / "home"
+    home = tmp_path_factory.mktemp("dropped") / "home"
     resources, instance, first = materialized_demo_data(home, train_per_maker=4, test_per_maker=2, corruptions=[])
     resources = {**resources, "additions": AdditionsFolder()}
     for seed, label in enumerate(["BMW", "bmw", "Rolls-Royce", "Tesla"]):
         (home / "additions" / "new-photos" / label).mkdir(parents=True, exist_ok=True)
         (home / "additions" / "new-photos" / label / f"{seed}.png").write_bytes(picture(seed))
-    assets = [raw_stanford_cars, labeled_additions, car_maker_dataset]
-    second = dg.materialize(assets, resources=resources, instance=instance)
+    second = dg.materialize(
+        [raw_stanford_cars, labeled_additions, car_maker_dataset], resources=resources, instance=instance
+    )
+    return home, resources, instance, first, second
+
+
+def test_dropped_folder_reaches_the_dataset_through_dagster(dropped):
+    from car_maker_pipeline.orchestration.assets.data import car_maker_dataset, raw_stanford_cars
+    from car_maker_pipeline.orchestration.assets.labeling import labeled_additions
+
+    home, resources, instance, first, second = dropped
     added = second.asset_materializations_for_node("labeled_additions")[0].metadata
     assert (added["num_batches"].value, added["accepted_rows"].value, added["refused_count"].value) == (1, 3, 1)
     metadata = second.asset_materializations_for_node("car_maker_dataset")[0].metadata
@@ -113,9 +127,35 @@ def test_dropped_folder_reaches_the_dataset_through_dagster(tmp_path):
         return event.materialization.tags["dagster/data_version"]
 
     assert dataset_version(second) != dataset_version(first)
+    assets = [raw_stanford_cars, labeled_additions, car_maker_dataset]
     third = dg.materialize(assets, resources=resources, instance=instance)
     assert dataset_version(third) == dataset_version(second)
     assert len(list((home / "labeled_additions" / "source_index").iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_the_next_training_run_lists_the_batch_among_its_inputs(dropped):
+    """lora_checkpoints (2 steps) on the dataset with the dropped batch: its MLflow run's inputs name the batch."""
+    from mlflow import MlflowClient
+
+    from car_maker_pipeline.orchestration.assets.training import lora_checkpoints
+
+    home, resources, instance, _, second = dropped
+    [batch] = second.asset_materializations_for_node("car_maker_dataset")[0].metadata["additions"].value
+    training = {"max_steps": 2, "checkpoint_every_n_steps": 2, "per_device_train_batch_size": 4}
+    result = dg.materialize(
+        [lora_checkpoints],
+        resources=resources,
+        instance=instance,
+        partition_key="tiny-s",
+        run_config={"ops": {"lora_checkpoints": {"config": training}}},
+    )
+    metadata = result.asset_materializations_for_node("lora_checkpoints")[0].metadata
+    assert metadata["additions_batches"].value == [batch["batch_id"]]
+    run = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_run(metadata["mlflow_run_id"].value)
+    names = {i.dataset.name for i in run.inputs.dataset_inputs}
+    assert f"labeled_additions/{batch['batch_id']}" in names and "car_maker_dataset/train" in names
+    assert run.info.status == "FINISHED"
 
 
 def test_training_run_records_each_batch_it_saw(tmp_path, raw_dataset):
