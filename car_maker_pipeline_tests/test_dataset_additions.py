@@ -155,7 +155,7 @@ def test_the_next_training_run_lists_the_batch_among_its_inputs(dropped):
     run = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_run(metadata["mlflow_run_id"].value)
     names = {i.dataset.name for i in run.inputs.dataset_inputs}
     assert f"labeled_additions/{batch['batch_id']}" in names and "car_maker_dataset/train" in names
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags["additions_batches"] == batch["batch_id"]
 
 
 def test_training_run_records_each_batch_it_saw(tmp_path, raw_dataset):

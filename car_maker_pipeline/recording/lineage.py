@@ -76,5 +76,7 @@ def additions_note(record) -> str:
 
 def record_training_inputs(record, uri: str, home, run_id: str) -> None:
     """Log what a finished training run saw (train, validation, each batch) into that run."""
-    with mlflow_run(uri, home, run_name="", tags={}, run_id=run_id):
+    additions = getattr(record, "additions", None) or []
+    tags = {"additions_batches": ",".join(b["batch_id"] for b in additions)} if additions else {}
+    with mlflow_run(uri, home, run_name="", tags=tags, run_id=run_id):
         log_dataset_inputs(record, splits=(TRAIN, VALIDATION))
