@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -102,13 +103,17 @@ class Labels:
         )
 
 
-def ingest_additions(folder: Path, store_dir: Path, index: SourceIndex) -> Additions:
+def ingest_additions(folder: Path, store_dir: Path, index: SourceIndex | Callable[[], SourceIndex]) -> Additions:
     """Ingest every new batch in `folder` into `store_dir/<batch id>/`; the current batches, in ingestion order.
+
+    `index` may be a function giving it: it is then called only when a new batch is to be checked (the
+    source's pixel index decodes every source image the first time).
 
     Every readable new batch is stored; if any batch cannot be read at all, AdditionsError names it
     (and what to do) after the others are stored, so the caller leaves the current state unchanged.
     """
-    labels, failures = Labels(index), []
+    failures: list[str] = []
+    labels: Labels | None = None
     listed = list_batches(folder, errors=failures)  # a batch unreadable as a whole is named, the others go on
     stored = {
         b.batch_id: _load(store_dir / b.batch_id) for b in listed if (store_dir / b.batch_id / RECORD_FILE).exists()
@@ -121,6 +126,9 @@ def ingest_additions(folder: Path, store_dir: Path, index: SourceIndex) -> Addit
     for batch in listed:
         if batch.batch_id in stored or batch.batch_id in result.new:
             continue
+        if labels is None:
+            index = index() if callable(index) else index
+            labels = Labels(index)
         try:
             record = _ingest(batch, store_dir / batch.batch_id, labels, index, seen)
         except BatchError as error:

@@ -62,9 +62,9 @@ def labeled_additions(
     root = pipeline_store.asset_dir(LABELED_ADDITIONS)
     folder = additions.folder(pipeline_store)
     with pipeline_store.lock(LABELED_ADDITIONS):
-        index = SourceIndex.cached(RawDataset.current(pipeline_store), root / "source_index")
+        raw = RawDataset.current(pipeline_store)  # read first: no source, no additions
         try:
-            result = ingest_additions(folder, root / "batches", index)
+            result = ingest_additions(folder, root / "batches", lambda: SourceIndex.cached(raw, root / "source_index"))
         except AdditionsError as error:
             raise dg.Failure(description=str(error), allow_retries=False) from None
         pipeline_store.write_manifest(LABELED_ADDITIONS, result.to_json())
