@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import math
 import shutil
 import sys
@@ -180,6 +181,86 @@ def t_interval(values: list[float]) -> list[float]:
     return [float(np.mean(values) - half), float(np.mean(values) + half)]
 
 
+def report(runs: list[dict], rarest: str, steps: int, seeds: list[int]) -> dict:
+    """Print the per-arm table and the paired queue - random differences; the summaries, for the JSON."""
+    summaries, rows = {}, []
+    for arm in ARMS:
+        mine = [r for r in runs if r["arm"] == arm]
+        pooled = sum(r["correct"] for r in mine), sum(r["images"] for r in mine)
+        rare = sum(r["per_maker"][rarest][0] for r in mine), sum(r["per_maker"][rarest][1] for r in mine)
+        answered = sum(r["answered"] for r in mine)
+        answered_right = sum(round(r["answered_accuracy"] * r["answered"]) for r in mine if r["answered"])
+        gains = {key: [value / LABELS for value in paired(runs, arm, "none", key)] for key in METRICS}
+        summaries[arm] = {
+            "accuracy_mean": float(np.mean([r["accuracy"] for r in mine])),
+            "accuracy_pooled_ci": list(wilson_interval(*pooled)),
+            "macro_accuracy_mean": float(np.mean([r["macro_accuracy"] for r in mine])),
+            "macro_accuracy_per_seed": [r["macro_accuracy"] for r in mine],
+            "rarest_accuracy": rare[0] / rare[1],
+            "rarest_ci": list(wilson_interval(*rare)),
+            "coverage_mean": float(np.mean([r["coverage"] for r in mine])),
+            "coverage_per_seed": [r["coverage"] for r in mine],
+            "answered_accuracy_pooled": answered_right / answered if answered else math.nan,
+            "answered_ci": list(wilson_interval(answered_right, answered)),
+            "gain_per_label": {key: float(np.mean(v)) for key, v in gains.items()},
+            "gain_per_label_t95": {key: t_interval(v) for key, v in gains.items()},
+        }
+        s = summaries[arm]
+        gain = (
+            ""
+            if arm == "none"
+            else " / ".join(
+                f"{100 * s['gain_per_label'][key]:+.3f} [{100 * s['gain_per_label_t95'][key][0]:+.3f}, "
+                f"{100 * s['gain_per_label_t95'][key][1]:+.3f}]"
+                for key in ("accuracy", "macro_accuracy")
+            )
+        )
+        rows.append(
+            [
+                arm,
+                f"{s['accuracy_mean']:.1%} [{s['accuracy_pooled_ci'][0]:.1%}, {s['accuracy_pooled_ci'][1]:.1%}]",
+                f"{s['macro_accuracy_mean']:.1%}",
+                f"{s['rarest_accuracy']:.1%} [{s['rarest_ci'][0]:.1%}, {s['rarest_ci'][1]:.1%}]",
+                f"{s['coverage_mean']:.1%} (answered {s['answered_accuracy_pooled']:.1%} "
+                f"[{s['answered_ci'][0]:.1%}, {s['answered_ci'][1]:.1%}])",
+                gain,
+            ]
+        )
+    print(f"\ntiny-s, {steps} steps, seeds {seeds}; report half of test ({runs[0]['images']} images):")
+    headers = ["arm", "accuracy (mean) [pooled 95% Wilson]", "macro (mean)", f"{rarest} pooled [Wilson]"]
+    headers += ["coverage @99% (answered acc. [Wilson])", "gain / label vs none, pts: accuracy / macro [t95]"]
+    print(format_table(headers, rows))
+    differences = {key: paired(runs, "queue", "random", key) for key in METRICS}
+    summaries["queue_minus_random"] = {
+        key: {"mean": float(np.mean(v)), "t95": t_interval(v), "per_seed": v} for key, v in differences.items()
+    }
+    print("\nqueue - random, paired by seed (points) [95% t-interval over seeds]:")
+    print(
+        format_table(
+            ["metric", "mean", "t95", "per seed"],
+            [
+                [
+                    key,
+                    f"{100 * np.mean(v):+.1f}",
+                    "[{:+.1f}, {:+.1f}]".format(*(100 * x for x in t_interval(v))),
+                    " / ".join(f"{100 * x:+.1f}" for x in v),
+                ]
+                for key, v in differences.items()
+            ],
+        )
+    )
+    return summaries
+
+
+METRICS = ("accuracy", "macro_accuracy", "coverage")
+
+
+def paired(runs: list[dict], arm: str, other: str, key: str) -> list[float]:
+    """arm - other for `key`, seed by seed (the seeds both arms ran)."""
+    theirs = {r["seed"]: r[key] for r in runs if r["arm"] == other}
+    return [r[key] - theirs[r["seed"]] for r in runs if r["arm"] == arm and r["seed"] in theirs]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=STEPS)
@@ -187,7 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "car_maker_bench" / NAME)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{NAME}.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--from-results", type=Path, help="print the tables of a saved results file, train nothing")
     args = parser.parse_args(argv)
+    if args.from_results:
+        saved = json.loads(args.from_results.read_text())
+        counts = saved["base_train_per_maker"]
+        report(saved["runs"], min(counts, key=counts.get), saved["steps"], saved["seeds"])
+        return 0
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     quiet_libraries()
@@ -234,52 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    summaries, rows = {}, []
-    for arm in ARMS:
-        mine = [r for r in runs if r["arm"] == arm]
-        pooled = sum(r["correct"] for r in mine), sum(r["images"] for r in mine)
-        rare = sum(r["per_maker"][rarest][0] for r in mine), sum(r["per_maker"][rarest][1] for r in mine)
-        answered = sum(r["answered"] for r in mine)
-        answered_right = sum(round(r["answered_accuracy"] * r["answered"]) for r in mine if r["answered"])
-        base_runs = {r["seed"]: r for r in runs if r["arm"] == "none"}
-        gains = {
-            key: [(r[key] - base_runs[r["seed"]][key]) / LABELS for r in mine]
-            for key in ("accuracy", "macro_accuracy", "coverage")
-        }
-        summaries[arm] = {
-            "accuracy_mean": float(np.mean([r["accuracy"] for r in mine])),
-            "accuracy_pooled_ci": list(wilson_interval(*pooled)),
-            "macro_accuracy_mean": float(np.mean([r["macro_accuracy"] for r in mine])),
-            "macro_accuracy_per_seed": [r["macro_accuracy"] for r in mine],
-            "rarest_accuracy": rare[0] / rare[1],
-            "rarest_ci": list(wilson_interval(*rare)),
-            "coverage_mean": float(np.mean([r["coverage"] for r in mine])),
-            "coverage_per_seed": [r["coverage"] for r in mine],
-            "answered_accuracy_pooled": answered_right / answered if answered else math.nan,
-            "answered_ci": list(wilson_interval(answered_right, answered)),
-            "gain_per_label": {key: float(np.mean(v)) for key, v in gains.items()},
-            "gain_per_label_t95": {key: t_interval(v) for key, v in gains.items()},
-        }
-        s = summaries[arm]
-        rows.append(
-            [
-                arm,
-                f"{s['accuracy_mean']:.1%} [{s['accuracy_pooled_ci'][0]:.1%}, {s['accuracy_pooled_ci'][1]:.1%}]",
-                f"{s['macro_accuracy_mean']:.1%}",
-                f"{s['rarest_accuracy']:.1%} [{s['rarest_ci'][0]:.1%}, {s['rarest_ci'][1]:.1%}]",
-                f"{s['coverage_mean']:.1%} (answered {s['answered_accuracy_pooled']:.1%} "
-                f"[{s['answered_ci'][0]:.1%}, {s['answered_ci'][1]:.1%}])",
-                ""
-                if arm == "none"
-                else f"{100 * s['gain_per_label']['accuracy']:+.3f} pts "
-                f"[{100 * s['gain_per_label_t95']['accuracy'][0]:+.3f}, {100 * s['gain_per_label_t95']['accuracy'][1]:+.3f}]",
-                "" if arm == "none" else f"{100 * s['gain_per_label']['macro_accuracy']:+.3f} pts",
-            ]
-        )
-    print(f"\ntiny-s, {args.steps} steps, seeds {args.seeds}; report half of test ({runs[0]['images']} images):")
-    headers = ["arm", "accuracy (mean) [pooled 95% Wilson]", "macro (mean)", f"{rarest} pooled [Wilson]"]
-    headers += ["coverage @99% (answered acc. [Wilson])", "accuracy gain / label [t95]", "macro gain / label"]
-    print(format_table(headers, rows))
+    summaries = report(runs, rarest, args.steps, args.seeds)
     save_results(
         args.out,
         NAME,
