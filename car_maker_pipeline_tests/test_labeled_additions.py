@@ -14,7 +14,7 @@
 | 10 | the same image twice in a batch; again in a later batch       | first kept; then `duplicate`, `duplicate of the dataset`       | test_duplicates_in_and_across_batches_are_refused |
 | 11 | a batch renamed after ingestion; then one file changed        | same batch id, not re-ingested; a changed file: a new batch, the old one stored | test_renamed_batch_is_the_same_and_a_changed_file_is_a_new_batch |
 | 12 | `split.txt` = validation; = `holdout`                         | batch goes to validation; AdditionsError naming the batch     | test_split_marker |
-| 13 | a batch with a CSV and a JSON beside a good batch              | AdditionsError naming it; the good batch stored whole         | test_a_batch_with_two_index_files_is_named_and_the_others_are_stored |
+| 13 | a batch with a CSV and a JSON; a CSV loose in additions/; a good batch | AdditionsError naming both; the good batch stored whole | test_a_batch_with_two_index_files_is_named_and_the_others_are_stored |
 | 14 | no new batch (empty folder, or all ingested)                  | the source's pixel index is never built                       | test_the_source_index_is_built_only_for_a_new_batch |
 """
 
@@ -225,7 +225,8 @@ def test_a_batch_with_two_index_files_is_named_and_the_others_are_stored(tmp_pat
     put(tmp_path / "additions" / "a-good", "BMW/a.png", picture(1))
     put(tmp_path / "additions" / "b-two-indexes", "labels.csv", b"path,label\n")
     put(tmp_path / "additions" / "b-two-indexes", "export.json", b"[]")
-    with pytest.raises(AdditionsError, match=r"'b-two-indexes' holds 2 index files"):
+    put(tmp_path / "additions", "c-loose.csv", b"path,label\nx.png,BMW\n")
+    with pytest.raises(AdditionsError, match=r"2 batch.*'b-two-indexes' holds 2 index files.*'c-loose.csv' is a CSV"):
         ingest(tmp_path, index)
     [stored] = list((tmp_path / "store").iterdir())
     assert json.loads((stored / "batch.json").read_text())["name"] == "a-good"

@@ -85,6 +85,11 @@ def list_batches(additions: Path, errors: list[str] | None = None) -> list[Batch
         try:
             if entry.is_dir(follow_symlinks=False):
                 batches.append(_folder_batch(Path(entry.path)))
+            elif entry.name.endswith(".csv"):
+                raise BatchError(
+                    f"Batch {entry.name!r} is a CSV directly in the additions folder; its paths need a batch folder: "
+                    "put it in a folder of its own with the images it names."
+                )
             elif entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
                 digest = hashlib.sha256(_read_index(Path(entry.path), entry.name)).hexdigest()
                 mtime = _mtime(entry.path)
