@@ -38,10 +38,12 @@ demo: init
 	$(BIN)/python -m car_maker_pipeline.demo
 
 # Two workers (pytest-xdist), a test file per worker at a time so its module fixtures are built once (a few long
-# tests sit in classes of their own, which loadscope sends apart; conftest.py);
+# tests sit in classes of their own, which loadscope sends apart), in the order conftest.py gives them, the
+# longest first (xdist would otherwise reorder them by their number of tests, and leave a long one for the end);
 # then, alone on the machine, the few tests that measure how the pipeline behaves under load (`serial`).
+XDIST = -n 2 --dist loadscope --no-loadscope-reorder
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra --durations=25 -n 2 --dist loadscope -m "not serial"
+	$(BIN)/python -m pytest -ra --durations=25 $(XDIST) -m "not serial"
 	$(BIN)/python -m pytest -ra --durations=10 -m serial
 
 # `make lint` fails on a lint error or unformatted file (ruff), an import that climbs a layer or closes a cycle
@@ -59,7 +61,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -ra -n 2 --dist loadscope -m "not slow and not serial"
+	$(BIN)/python -m pytest -ra $(XDIST) -m "not slow and not serial"
 
 ui: init
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -6,8 +6,8 @@
 
 What is compared
 ----------------
-Training data: the demo profile's default source, 6 makers at Stanford Cars' real proportions
-(`demo_balance: stanford`, offline/population.py), 60 train images per maker on average: 324 train
+Training data: the demo profile's source as it was when these figures were taken, 6 makers at Stanford
+Cars' real proportions (`demo_balance: stanford`, offline/population.py), 60 train images per maker on average: 324 train
 rows after the validation split, from 145 BMW down to 11 AM General. The test split is drawn at the
 same proportions but larger than the demo's (100 per maker on average, so AM General has 21 test
 pictures per seed instead of 6); the train split is the demo's own, image for image.
@@ -67,7 +67,7 @@ from car_maker_pipeline.training.config import LoraHyperparameters  # noqa: E402
 from car_maker_pipeline.training.trainer import train_lora  # noqa: E402
 
 NAME = "bench_balancing"
-TRAIN_PER_MAKER, TEST_PER_MAKER = 60, 100  # train: the demo profile's default; test: enough rare-maker pictures
+TRAIN_PER_MAKER, TEST_PER_MAKER = 60, 100  # train: the demo's default then (360 now); test: enough rare-maker pictures
 BALANCE = "stanford"
 # Where tiny-s has learnt the task but not finished it (natural sampling: macro accuracy ~55% at 150 steps,
 # ~67% at 200), and 12 runs fit in about 10 minutes on 2 busy cores (~0.3 s a step with one thread).

@@ -8,8 +8,9 @@
     python -m car_maker_pipeline.classify --from-test 5                # the first 5 test images of car_maker_dataset
 
 Prints one line per image: path, maker, probability; below the confidence threshold registered with
-the model (chosen on validation for a target precision), `unsure` and the three most probable
-makers with their probabilities instead. A registered model is loaded as the MLflow
+the model (certified on validation for a target precision), `unsure` and the three most probable
+makers with their probabilities instead. Before the answers, on stderr, it prints once what that
+threshold promises (the registered card's certificate), or that nothing could be certified. A registered model is loaded as the MLflow
 pyfunc model it was registered as, so the answers are the ones `mlflow.pyfunc.load_model` and
 `mlflow models serve` give. The tracking store is MLFLOW_TRACKING_URI, or the pipeline's local
 sqlite store under CAR_MAKER_HOME.
@@ -179,6 +180,7 @@ def load_registered(uri: str, tracking_uri: str):
             model = mlflow.pyfunc.load_model(str(local))
         except MlflowException as error:  # such as a version changed after registration
             raise ClassifyError(f"Cannot load {uri}: {error.message}") from error
+        announce((model.model_config or {}).get("certification"))
         return lambda blobs: model.predict(pd.DataFrame({IMAGE_COLUMN: blobs}))
     if (local / CARD_FILE).exists():  # a version registered before classifiers were pyfunc models
         return load_adapter(local)
@@ -195,7 +197,13 @@ def load_adapter(adapter_dir: Path):
         predictor = MakerPredictor.load(ClassifierCard.read(adapter_dir), adapter_dir)
     except ModelLoadError as error:
         raise ClassifyError(str(error)) from error
+    announce(predictor.card.certification)
     return predictor.predict_bytes
+
+
+def announce(certification: str | None) -> None:
+    """The model's promise, once, before any answer (on stderr: stdout stays one line per image)."""
+    print(f"# {certification or 'no certified precision was registered with this model'}", file=sys.stderr)
 
 
 def positive_count(text: str) -> int:

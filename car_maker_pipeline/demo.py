@@ -116,33 +116,54 @@ def print_summary(store, model_keys: list[str]) -> None:
         )
         print(
             table[
-                ["step", "val_accuracy", "accuracy", "ci_low", "ci_high", "change_vs_baseline", "coverage_at_target"]
+                [
+                    "step",
+                    "val_accuracy",
+                    "accuracy",
+                    "ci_low",
+                    "ci_high",
+                    "change_vs_baseline",
+                    "val_coverage_at_target",
+                    "coverage_at_target",
+                ]
             ].to_string(index=False, float_format=lambda v: f"{v:.3f}")
         )
     print_calibration(store, model_keys)
 
 
 def print_calibration(store, model_keys: list[str]) -> None:
-    """Per model, baseline and best checkpoint: top-1/top-3, ECE before/after temperature, coverage at the target."""
+    """Per model, baseline and best checkpoint: top-1/top-3, ECE before/after temperature, the precision certified
+    on validation (Learn then Test), and on test the coverage and the accuracy of the answered images."""
     rows = []
     for key in model_keys:
         for label, calibration in _calibrations(store, key):
             rows.append((key, label, calibration))
     if not rows:
         return
-    target = rows[0][2]["target_precision"]
-    print(f"\nOn test, with the temperature and the threshold for {target:.0%} precision chosen on validation:")
+    first = rows[0][2]
+    print(
+        f"\nOn test, with the temperature fitted on {first['temperature_images']} validation images and the threshold "
+        f"for {first['target_precision']:.0%} precision certified at {1 - first['delta']:.0%} confidence on the other "
+        f"{first['threshold_images']}:"
+    )
     print(
         f"{'model':<10}{'evaluated':<29}{'top-1':>7}{'top-3':>7}{'ECE':>7}{'ECE (T)':>9}{'T':>7}"
-        f"{'coverage':>10}{'accuracy answered (95% CI)':>30}"
+        f"{'certified':>11}{'coverage':>10}{'accuracy answered (95% CI)':>30}"
     )
     for key, label, c in rows:
         answered = f"{c['selective_accuracy']:.1%} [{c['selective_ci_low']:.1%}, {c['selective_ci_high']:.1%}]"
+        certified = f">= {c['certified_precision']:.0%}" if c["certified"] else "none"
         print(
             f"{key:<10}{label:<29}{c['top1_accuracy']:>7.1%}{c['top3_accuracy']:>7.1%}{c['ece']:>7.3f}"
-            f"{c['ece_calibrated']:>9.3f}{c['temperature']:>7.2f}{c['coverage']:>10.1%}"
+            f"{c['ece_calibrated']:>9.3f}{c['temperature']:>7.2f}{certified:>11}{c['coverage']:>10.1%}"
             f"{answered if c['answered'] else 'nothing answered':>30}"
         )
+    print()
+    for key, label, c in rows:
+        refused = (
+            f" Temperature fit refused (T = 1 kept): {c['temperature_refused']}." if c["temperature_refused"] else ""
+        )
+        print(f"{key} {label}: {c['statement']}{refused}")
 
 
 def _calibrations(store, key: str) -> list[tuple[str, dict]]:

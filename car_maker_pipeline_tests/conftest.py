@@ -42,8 +42,11 @@ LONGEST_FIRST = [
     "car_maker_pipeline_tests/test_faults.py::TestMlflowOutage",
     "car_maker_pipeline_tests/test_postgres.py",
     "car_maker_pipeline_tests/test_lora_training.py",
+    "car_maker_pipeline_tests/test_registry_integrity.py",
     "car_maker_pipeline_tests/test_serving.py",
+    "car_maker_pipeline_tests/test_distributed_training.py",
     "car_maker_pipeline_tests/test_parallel_runs.py",
+    "car_maker_pipeline_tests/test_train_further.py",
 ]
 
 

@@ -7,15 +7,15 @@
 | top-k on 5 rows with ties (ranks 0,1,3,0,1)            | k=1 0.4, k=2 0.8, k=3 0.8, k=4 1.0, k=10 1.0 (clipped)   |
 | macro accuracy, unbalanced makers                      | mean recall over present makers, differs from accuracy   |
 | log-loss of p(true) 0.5/0.25, 1, 0 (clipped)           | 1.5 ln 2, 0, -ln eps                                     |
+| log-loss of random probabilities                       | sklearn.metrics.log_loss                                 |
+| Wilson interval, n 1..60, every k                      | scipy.stats.binomtest(k, n).proportion_ci("wilson")      |
 | reliability bins / ECE on 6 images in 4 bins           | per-bin table by hand; ECE 0.95 / 6                      |
 | edge confidences 0, 0.25, 0.5, 1                       | left edge inclusive, 1 in the last bin                   |
 | probabilities not summing to 1, truth out of range     | CalibrationError naming the row / index                  |
 | fit_temperature on data drawn from softmax(z / T)      | T within 10% for T in {0.5, 2}; NLL below NLL at T=1     |
 | fit_temperature on random data                         | NLL never above NLL at T=1; deterministic                |
 | fit_temperature with one maker or zero images          | CalibrationError (at least two makers)                   |
-| risk-coverage / choose_threshold on 6 images, ties     | hand table; lowest level meeting the target              |
-| most confident image wrong, high target                | reached False, threshold above all, answers nothing      |
-| random data, several targets                           | target met when reached; the next lower level misses it  |
+| risk-coverage on 6 images, ties                        | hand table; equal confidences form one level             |
 | target precision 0, -0.1, 1.5, NaN, inf, True          | CalibrationError naming the value; 1.0 accepted          |
 | apply_threshold on other data                          | coverage, accuracy, Wilson interval by hand              |
 | reliability diagram, risk-coverage chart               | PNG magic bytes, non-trivial size; bad tables rejected   |
@@ -43,10 +43,8 @@ from car_maker_pipeline.evaluation.metrics.calibration import (
     top_k_accuracy,
 )
 from car_maker_pipeline.evaluation.metrics.selective import (
-    SelectiveThreshold,
     apply_threshold,
     check_target_precision,
-    choose_threshold,
     risk_coverage,
     risk_coverage_png,
 )
@@ -184,6 +182,24 @@ def test_macro_accuracy_spec(truth, predicted, makers, macro, accuracy):
 def test_log_loss_spec(p_true, eps, expected):
     probabilities = np.array([[p, 1 - p] for p in p_true])
     assert log_loss(probabilities, np.zeros(len(p_true), dtype=int), eps) == pytest.approx(expected)
+
+
+def test_log_loss_matches_scikit_learn():
+    from sklearn.metrics import log_loss as sklearn_log_loss
+
+    rng = np.random.default_rng(8)
+    probabilities = softmax(rng.normal(0, 2, (300, 5)))
+    truth = rng.integers(0, 5, 300)
+    assert log_loss(probabilities, truth) == pytest.approx(sklearn_log_loss(truth, probabilities, labels=range(5)))
+
+
+def test_wilson_interval_matches_scipy():
+    from scipy import stats
+
+    for total in range(1, 61):
+        for correct in range(total + 1):
+            expected = stats.binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
+            assert wilson_interval(correct, total) == pytest.approx((expected.low, expected.high), abs=1e-9)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1.0, -1e-3])
@@ -366,77 +382,16 @@ def test_risk_coverage_spec():
     assert risk_coverage([], []).empty
 
 
-@pytest.mark.parametrize(
-    ("target", "threshold", "answered", "accuracy"),
-    [
-        (1.0, 0.9, 1, 1.0),
-        (0.81, 0.9, 1, 1.0),  # 0.6 has 0.80 and 0.7 has 0.75: only the top level
-        (0.8, 0.6, 5, 0.8),  # exactly the target counts
-        (0.75, 0.6, 5, 0.8),  # 0.8 misses (2/3) but lower levels meet it again
-        (0.6, 0.5, 6, 4 / 6),
-    ],
-)
-def test_choose_threshold_spec(target, threshold, answered, accuracy):
-    chosen = choose_threshold(SEL_CONFIDENCE, SEL_CORRECT, target)
-    assert chosen == SelectiveThreshold(
-        threshold=threshold,
-        target_precision=target,
-        coverage=pytest.approx(answered / 6),
-        accuracy=pytest.approx(accuracy),
-        answered=answered,
-        images=6,
-        reached=True,
-    )
-
-
-@pytest.mark.parametrize(
-    ("confidence", "correct"), [([0.95, 0.6], [False, True]), ([1.0, 1.0, 0.3], [False, True, True])]
-)
-def test_choose_threshold_not_reached_answers_nothing(confidence, correct):
-    chosen = choose_threshold(confidence, correct, 0.9)
-    assert not chosen.reached
-    assert chosen.threshold > max(confidence)
-    assert (chosen.answered, chosen.coverage, chosen.images) == (0, 0.0, len(confidence))
-    assert math.isnan(chosen.accuracy)
-    assert apply_threshold(confidence, correct, chosen.threshold)["answered"] == 0
-
-
-def test_choose_threshold_meets_the_target_and_no_lower_level_does():
-    rng = np.random.default_rng(4)
-    for trial in range(40):
-        images = int(rng.integers(1, 80))
-        confidence = np.round(rng.random(images), int(rng.integers(1, 3)))  # coarse values make ties
-        correct = rng.random(images) < confidence**0.5
-        levels = np.unique(confidence)
-        for target in (0.5, 0.8, 0.9, 0.95, 1.0):
-            chosen = choose_threshold(confidence, correct, target)
-            lower = levels[levels < chosen.threshold] if chosen.reached else levels
-            for level in lower:
-                assert apply_threshold(confidence, correct, float(level))["accuracy"] < target, (trial, target)
-            if chosen.reached:
-                applied = apply_threshold(confidence, correct, chosen.threshold)
-                assert applied["accuracy"] >= target
-                assert (applied["answered"], applied["coverage"]) == (chosen.answered, chosen.coverage)
-
-
 @pytest.mark.parametrize("value", [0, 0.0, -0.1, 1.5, math.nan, math.inf, True, "0.9", None])
 def test_target_precision_out_of_range_rejected(value):
     with pytest.raises(CalibrationError, match=r"target precision must be in \(0, 1\]") as raised:
         check_target_precision(value)
     assert repr(value) in str(raised.value)
-    with pytest.raises(CalibrationError):
-        choose_threshold([0.9], [True], value)
 
 
 @pytest.mark.parametrize("value", [1.0, 1, 0.99, 1e-9])
 def test_target_precision_in_range_accepted(value):
     assert check_target_precision(value) == float(value)
-    assert choose_threshold([0.9], [True], value).reached
-
-
-def test_choose_threshold_rejects_empty_input():
-    with pytest.raises(CalibrationError, match="zero images"):
-        choose_threshold([], [], 0.9)
 
 
 TEST_CONFIDENCE = [0.95, 0.9, 0.85, 0.5, 0.2]
@@ -461,12 +416,6 @@ def test_apply_threshold_on_other_data(threshold, answered, coverage, accuracy, 
     assert (result["accuracy_ci_low"], result["accuracy_ci_high"]) == pytest.approx((ci_low, ci_high), abs=1e-4)
     right = round(accuracy * answered) if answered else 0
     assert (result["accuracy_ci_low"], result["accuracy_ci_high"]) == wilson_interval(right, answered)
-
-
-def test_threshold_chosen_on_validation_applies_to_test():
-    chosen = choose_threshold(SEL_CONFIDENCE, SEL_CORRECT, 0.8)
-    result = apply_threshold(TEST_CONFIDENCE, TEST_CORRECT, chosen.threshold)
-    assert (chosen.threshold, result["answered"], result["accuracy"]) == (0.6, 3, pytest.approx(2 / 3))
 
 
 @pytest.mark.parametrize("threshold", [math.nan, None, "0.5"])

@@ -6,8 +6,8 @@ baseline and the checkpoint evaluations are then recorded by calling the domain 
 | case                                        | expected                                                        |
 |---------------------------------------------|-----------------------------------------------------------------|
 | baseline recorded                           | manifest and MLflow run (tags, params, artifacts) name each other |
-| checkpoints recorded                        | best chosen on validation; manifest, MLflow run, registry, card  |
-| registered version read back by `classify`  | the card's makers and base model, the best checkpoint's adapter  |
+| checkpoints recorded                        | best chosen on validation; manifest, MLflow run (certificate in words), registry, card |
+| registered version read back by `classify`  | the card's makers, base model, certificate; the best checkpoint's adapter |
 | recorded again under another run id         | scores reused (no re-evaluation), a new registered version       |
 | robustness off                              | no corruption table in the record, the manifest or MLflow        |
 | run left RUNNING by a dead Dagster run       | deleted before recording; another model's run, and a run of another Dagster instance, kept |
@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset
+from car_maker_pipeline.evaluation.answer_policy import CalibrationReport
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import load_model_and_processor
 from car_maker_pipeline.recording.baseline import RecordTarget, evaluate_and_record
@@ -149,9 +150,15 @@ def test_checkpoints_are_scored_and_the_best_on_validation_is_registered(trained
 
     training = store.read_manifest(LORA_CHECKPOINTS, KEY)
     manifest = store.read_manifest(CHECKPOINT_ACCURACY, KEY)
-    calibrations = {key: manifest.pop(key) for key in ("calibration", "baseline_calibration")}
-    assert calibrations["calibration"] == pytest.approx(record.best_calibration.metrics(), nan_ok=True)
-    assert calibrations["baseline_calibration"] == pytest.approx(baseline.calibration_report.metrics(), nan_ok=True)
+    calibrations = {
+        key: CalibrationReport.from_json(manifest.pop(key)) for key in ("calibration", "baseline_calibration")
+    }
+    for recorded, expected in (
+        (calibrations["calibration"], record.best_calibration),
+        (calibrations["baseline_calibration"], baseline.calibration_report),
+    ):
+        assert recorded.metrics() == pytest.approx(expected.metrics(), nan_ok=True)
+        assert (recorded.statement, recorded.method) == (expected.statement, expected.method)
     assert manifest == {
         "table": str(record.table_path),
         "best_step": record.best_step,
@@ -180,6 +187,12 @@ def test_checkpoints_are_scored_and_the_best_on_validation_is_registered(trained
     assert [m.step for m in sorted(ece, key=lambda m: m.step)] == STEPS
     assert [m.value for m in sorted(ece, key=lambda m: m.step)] == pytest.approx(list(table["ece"]))
     assert run.data.metrics["best_coverage"] == pytest.approx(record.best_calibration.coverage)
+    # What the threshold promises, in words and numbers: delta, the bound, the answered validation images.
+    assert run.data.tags["best_certification"] == record.best_calibration.statement
+    assert run.data.tags["best_certification_method"].startswith("Learn then Test")
+    assert run.data.params["delta"] == "0.05" and run.data.metrics["best_delta"] == 0.05
+    assert run.data.metrics["best_val_answered"] == record.best_calibration.val_answered
+    assert run.data.metrics["best_comparisons"] == len(STEPS)  # each checkpoint certified at delta / 2
     assert {
         f"checkpoint_accuracy_{KEY}.json",
         f"robustness_{KEY}.json",
@@ -214,10 +227,14 @@ def test_the_registered_version_is_what_classify_loads(trained):
     card = json.loads((adapter_dir / CARD_FILE).read_text())
     assert card["makers"] == MakerDataset.current(store).makers
     assert card["base_model"] == model_dir and card["step"] == record.best_step
-    # The temperature and threshold chosen on validation travel with the model.
+    # The temperature, the certified threshold and what it promises travel with the model.
     calibrated = record.best_calibration
     assert card["temperature"] == calibrated.temperature and card["confidence_threshold"] == calibrated.threshold
-    assert card["target_precision"] == 0.99
+    assert card["target_precision"] == 0.99 and card["delta"] == 0.05
+    assert card["certification"] == calibrated.statement
+    assert card["certified_precision"] == (0.99 if calibrated.certified else None)
+    if not calibrated.certified:  # a few dozen validation images cannot certify 99%: nothing is answered
+        assert card["confidence_threshold"] > 1 and "99% precision cannot be certified with" in card["certification"]
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ import pandas as pd
 import pytest
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset
+from car_maker_pipeline.evaluation.settings import DEMO_TARGET_PRECISION
 from car_maker_pipeline.serving.batch import write_demo_images
 from car_maker_pipeline.store import PipelineStore
 from car_maker_pipeline_tests.support.hostile_images import encoded, png_declaring, truncated
@@ -75,6 +76,8 @@ def classify_answers(registered):
     home, _, _, good = registered
     result = run([sys.executable, "-m", "car_maker_pipeline.classify", *map(str, good)], command_env(home))
     assert f"# {NAME} version 1 ({CHAMPION_URI}" in result.stderr
+    promises = [line for line in result.stderr.splitlines() if line.startswith("# ") and "certified" in line]
+    assert len(promises) == 1, result.stderr  # what the threshold promises, printed once before the answers
     lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
     assert [line[0] for line in lines] == [str(path) for path in good]
     return [(answer, _printed_probability(rest)) for _, answer, rest in lines]
@@ -119,7 +122,10 @@ def test_the_registered_version_is_a_standard_mlflow_model(registered):
     assert config["base_model_revision"] == tags["base_model_revision"] and config["base_model_id"] == "tiny-s-seed0"
     assert config["base_model_path"] == str(home / "demo_models" / "tiny-s-seed0")
     # The temperature and the confidence threshold chosen on validation travel in the model config.
-    assert config["target_precision"] == 0.99 and config["temperature"] > 0 and "confidence_threshold" in config
+    # The temperature, the certified threshold and what it promises travel in the model config.
+    assert config["target_precision"] == DEMO_TARGET_PRECISION and config["temperature"] > 0 and config["delta"] == 0.05
+    assert "confidence_threshold" in config and "precision" in config["certification"]
+    assert config.get("certified_precision") in (None, DEMO_TARGET_PRECISION)
     assert json.loads((local / "artifacts" / "makers.json").read_text()) == record.makers
     assert (local / "artifacts" / "adapter" / "adapter_model.safetensors").is_file()
     requirements = (local / "requirements.txt").read_text().split()

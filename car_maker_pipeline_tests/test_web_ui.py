@@ -134,6 +134,8 @@ def test_asset_graph_renders_in_headless_chromium(server, data_run, tmp_path):
         pytest.skip(message)
     from playwright.sync_api import sync_playwright
 
+    lineage = _lineage_of("checkpoint_accuracy")
+    assert len(lineage) == len(ASSETS) - 1  # all but lora_sweep
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=browser_path,
@@ -151,25 +153,37 @@ def test_asset_graph_renders_in_headless_chromium(server, data_run, tmp_path):
         )
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1200})
-            # checkpoint_accuracy's nearest neighbours, four deep, reach every asset: the data and
-            # training upstream, the serving assets downstream.
+            # checkpoint_accuracy's nearest neighbours, four deep, reach its whole lineage: the data and
+            # training upstream, the serving assets downstream (a sibling such as lora_sweep is not in it).
             page.goto(f"{server.url}/assets/checkpoint_accuracy?view=lineage&lineageScope=neighbors&lineageDepth=4")
             node_names = page.locator('[class*="AssetNode_assetName"]')
             node_names.first.wait_for(state="attached", timeout=60_000)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 drawn = node_names.all_inner_texts()
-                if all(any(_names_match(name, text) for text in drawn) for name in ASSETS):
+                if all(any(_names_match(name, text) for text in drawn) for name in lineage):
                     break
                 time.sleep(1)
             html = page.content()
             page.screenshot(path=str(tmp_path / "asset_graph.png"))
         finally:
             browser.close()
-    for name in ASSETS:
+    for name in lineage:
         assert any(_names_match(name, text) for text in drawn), f"no node drawn for {name}: {drawn}"
+    assert not any(_names_match("lora_sweep", text) for text in drawn), "a sibling drawn as lineage"
     for group in ("data", "baseline", "training", "evaluation", "serving"):
         assert f">{group}<" in html, f"group {group} is not drawn"
+
+
+def _lineage_of(asset: str) -> set[str]:
+    """The asset, its ancestors and its descendants by LINEAGE's edges."""
+    found = {asset}
+    for forwards in (True, False):
+        frontier = {asset}
+        while frontier:
+            frontier = {(b if forwards else a) for a, b in LINEAGE if (a if forwards else b) in frontier} - found
+            found |= frontier
+    return found
 
 
 def _names_match(name: str, drawn: str) -> bool:

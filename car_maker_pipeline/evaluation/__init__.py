@@ -3,7 +3,7 @@
 - scoring/: the classifier that turns pictures into every maker's probability.
 - metrics/: accuracy, calibration and selective-prediction numbers and charts from stored predictions.
 - split_report.py: one split evaluated into a folder (predictions, tables, figures, summary).
-- answer_policy.py: the temperature and "unsure" threshold chosen on validation, measured on test.
+- answer_policy.py: the temperature and the certified "unsure" threshold from validation, measured on test.
 - checkpoint_scores.py: every checkpoint of a run scored (cached), the best chosen on validation.
 - settings.py: the defaults the run configs share.
 

@@ -5,10 +5,19 @@ image, from `MakerClassifier`), `calibrate`:
 
 - measures the probabilities on test as they are: top-1, top-3 and macro accuracy, log loss and the
   expected calibration error over 15 bins;
-- fits one temperature on validation (never on test) and measures test again with it;
-- chooses, on validation, the lowest confidence threshold whose answered images reach the target
-  precision, and applies it to test: the share answered (coverage) and the accuracy reached there,
-  with its 95% Wilson interval. Below the threshold the classifier answers "unsure".
+- splits validation in two folds by each image's pixel hash: a quarter fits one temperature, the rest
+  certifies the threshold, so the threshold's guarantee is never spent on images that chose the
+  temperature (the cost: that quarter of validation does not count towards the certificate);
+- fits the temperature on its fold, or refuses it and keeps T = 1, naming why, when the fit says
+  nothing about a scale: a fold the model gets entirely right (or entirely wrong), one maker only, or
+  a fit on the search range's bound;
+- certifies on the other fold the confidence threshold for the target precision with Learn then Test
+  (`metrics/certification.py`): with probability at least 1 - delta, precision on new images is at least
+  the target. When the fold cannot certify the target, the threshold lies above every probability, every
+  answer is "unsure", and the report says so in words, with the images needed and the best precision the
+  fold does certify;
+- applies the threshold to test: the share answered (coverage) and the accuracy reached there, with its
+  95% Wilson interval.
 
 The temperature and threshold are what the registered model carries, so the served model abstains
 exactly as measured here. Plain numpy on stored predictions: no model runs, nothing is cached.
@@ -16,14 +25,18 @@ exactly as measured here. Plain numpy on stored predictions: no model runs, noth
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from car_maker_pipeline.evaluation.metrics.calibration import (
+    TEMPERATURE_BOUNDS,
     CalibrationError,
     expected_calibration_error,
     fit_temperature,
@@ -33,14 +46,19 @@ from car_maker_pipeline.evaluation.metrics.calibration import (
     reliability_diagram_png,
     softmax,
 )
+from car_maker_pipeline.evaluation.metrics.certification import (
+    METHOD,
+    certify_threshold,
+    check_comparisons,
+    check_delta,
+)
 from car_maker_pipeline.evaluation.metrics.selective import (
     apply_threshold,
     check_target_precision,
-    choose_threshold,
     risk_coverage,
     risk_coverage_png,
 )
-from car_maker_pipeline.evaluation.settings import DEFAULT_TARGET_PRECISION
+from car_maker_pipeline.evaluation.settings import DEFAULT_DELTA, DEFAULT_TARGET_PRECISION, TEMPERATURE_FOLD_SHARE
 from car_maker_pipeline.storage import atomic_directory
 
 CALIBRATION_BINS = 15
@@ -72,11 +90,75 @@ def maker_log_probs(predictions: pd.DataFrame, makers: list[str]) -> tuple[np.nd
     return log_probs, predictions["true_maker"].map(index).to_numpy(dtype=int)
 
 
+def temperature_fold(keys: Sequence[str], share: float = TEMPERATURE_FOLD_SHARE) -> np.ndarray:
+    """True for the validation images that fit the temperature, False for those that certify the threshold.
+
+    Decided per image by a hash of its key (the pixel hash), never by its label or position, so the folds
+    are the same in every run and an image added to validation later leaves every other image's fold alone.
+    """
+    draws = [int.from_bytes(hashlib.blake2b(str(key).encode(), digest_size=8).digest(), "big") for key in keys]
+    return np.asarray(draws, dtype=np.float64) / 2.0**64 < share
+
+
+def fold_keys(split, predictions: pd.DataFrame) -> list[str] | None:
+    """Each scored validation row's pixel hash (`content_hash` of car_maker_dataset), the key of its fold;
+    None for a split without one (the rows' positions decide then)."""
+    from car_maker_pipeline.data.dataset_spec import column
+
+    if "content_hash" not in split.column_names:
+        return None
+    hashes = column(split, "content_hash")
+    if len(predictions) != len(hashes) or not predictions["index"].between(0, len(hashes) - 1).all():
+        raise CalibrationError(
+            f"{len(predictions)} validation predictions do not match the {len(hashes)} rows of car_maker_dataset's "
+            "validation split (they were scored on another build); materialize the evaluation again."
+        )
+    return [hashes[int(index)] for index in predictions["index"]]
+
+
+@dataclass(frozen=True)
+class TemperatureChoice:
+    temperature: float  # the one applied: the fit, or 1.0 when it was refused
+    fitted: float  # what the fit gave (NaN when no fit was tried)
+    refused: str  # why the fit is not used ("" when it is)
+
+
+def choose_temperature(log_probs: np.ndarray, truth: np.ndarray) -> TemperatureChoice:
+    """The temperature fitted on these images, unless the fit cannot name a useful scale: then T = 1 and why.
+
+    On images the model gets all right, the loss falls as T falls without end, so the fit runs to the search
+    range's lower bound and every answer looks certain (the reverse when it gets all wrong); a fit that
+    lands on a bound for any other reason says the same. A fold of one maker only teaches to favour it.
+    """
+    images = len(truth)
+    correct = log_probs.argmax(axis=1) == truth if images else np.zeros(0, dtype=bool)
+    makers = len(np.unique(truth))
+    if makers < 2:
+        return TemperatureChoice(1.0, math.nan, f"the temperature fold holds {images} image(s) of {makers} maker(s)")
+    if correct.all() or not correct.any():
+        which = "every one" if correct.all() else "none"
+        return TemperatureChoice(
+            1.0, math.nan, f"the model answers {which} of the {images} temperature-fold images right, so no scale fits"
+        )
+    fitted = fit_temperature(log_probs, truth)
+    if min(abs(math.log(fitted / bound)) for bound in TEMPERATURE_BOUNDS) < 1e-3:
+        return TemperatureChoice(
+            1.0, fitted, f"the fit landed on the search range's bound (T = {fitted:.3g} of {TEMPERATURE_BOUNDS})"
+        )
+    return TemperatureChoice(fitted, fitted, "")
+
+
 @dataclass(frozen=True)
 class CalibrationReport:
     target_precision: float
+    delta: float  # the chance that the promise fails
+    comparisons: int  # models compared on the same validation images (checkpoints): delta is shared by them
     temperature: float
+    temperature_fitted: float  # NaN when no fit was tried
+    temperature_refused: str  # why T = 1 was kept ("" when the fit is used)
     validation_images: int
+    temperature_images: int  # the validation images that fitted the temperature (the cost of the two folds)
+    threshold_images: int  # the validation images that certified the threshold
     top1_accuracy: float  # test, from here on
     top3_accuracy: float
     macro_accuracy: float
@@ -85,64 +167,112 @@ class CalibrationReport:
     log_loss_calibrated: float
     ece_calibrated: float
     threshold: float  # on the calibrated probability of the top maker; answer "unsure" below it
-    threshold_reached: bool  # False: no threshold reaches the target on validation, so nothing is answered
-    val_coverage: float
+    certified: bool  # False: the target cannot be certified on validation, so nothing is answered
+    certified_precision: float  # the promised lower bound on precision (the target); NaN when not certified
+    best_certifiable_precision: float  # the highest target the threshold fold certifies
+    images_needed: float  # answered threshold-fold images without error that the target needs at the least
+    val_answered: int  # threshold-fold images answered at the threshold
+    val_errors: int
+    val_coverage: float  # the certified coverage: val_answered / threshold_images
     coverage: float
     selective_accuracy: float  # on the answered test images (NaN when none)
     selective_ci_low: float
     selective_ci_high: float
     answered: int
     test_images: int
+    statement: str  # what the threshold promises, in words
+    method: str = METHOD
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        """Flat numbers for MLflow and Dagster metadata."""
-        return {f"{prefix}{key}": float(value) for key, value in asdict(self).items()}
+        """Flat numbers for MLflow and Dagster metadata (the words are in `statement`)."""
+        return {f"{prefix}{key}": float(value) for key, value in asdict(self).items() if not isinstance(value, str)}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def card_fields(self) -> dict:
+        """What the registered model carries of this policy (`serving.predictor.ClassifierCard` fields)."""
+        return {
+            "temperature": self.temperature,
+            "confidence_threshold": self.threshold,
+            "target_precision": self.target_precision,
+            "delta": self.delta,
+            "certified_precision": None if math.isnan(self.certified_precision) else self.certified_precision,
+            "certification": self.statement,
+        }
 
     def describe(self) -> str:
+        answered = (
+            f"coverage {self.coverage:.1%}, accuracy {self.selective_accuracy:.1%} "
+            f"[{self.selective_ci_low:.1%}, {self.selective_ci_high:.1%}]"
+            if self.answered
+            else "nothing answered"
+        )
         return (
             f"top-1 {self.top1_accuracy:.1%}, top-3 {self.top3_accuracy:.1%}, ECE {self.ece:.3f} -> "
-            f"{self.ece_calibrated:.3f} at T={self.temperature:.2f}; at {self.target_precision:.0%} target "
-            f"precision: coverage {self.coverage:.1%}, accuracy {self.selective_accuracy:.1%} "
-            f"[{self.selective_ci_low:.1%}, {self.selective_ci_high:.1%}]"
+            f"{self.ece_calibrated:.3f} at T={self.temperature:.2f}; on test: {answered}. {self.statement}"
         )
 
     @classmethod
     def from_json(cls, payload: dict) -> CalibrationReport:
-        return cls(**{key: payload[key] for key in cls.__dataclass_fields__})
+        return cls(**{field.name: payload[field.name] for field in fields(cls) if field.name in payload})
 
 
 @dataclass(frozen=True)
 class Calibration:
     report: CalibrationReport
     curve: pd.DataFrame  # risk-coverage on test (calibrated confidence)
-    val_curve: pd.DataFrame
+    val_curve: pd.DataFrame  # on the threshold fold
     bins: pd.DataFrame  # reliability on test, before temperature
     bins_calibrated: pd.DataFrame
 
 
 def calibrate(
-    validation: pd.DataFrame, test: pd.DataFrame, makers: list[str], target_precision: float = DEFAULT_TARGET_PRECISION
+    validation: pd.DataFrame,
+    test: pd.DataFrame,
+    makers: list[str],
+    target_precision: float = DEFAULT_TARGET_PRECISION,
+    *,
+    delta: float = DEFAULT_DELTA,
+    comparisons: int = 1,
+    fold_keys: Sequence[str] | None = None,
 ) -> Calibration:
-    """Temperature and threshold from `validation`, measured on `test` (both `EvaluationRun.predictions`)."""
-    target_precision = check_target_precision(target_precision)
+    """Temperature and certified threshold from `validation`, measured on `test` (both `EvaluationRun.predictions`).
+
+    `fold_keys`: one key per validation row (its pixel hash) deciding its fold; without them, the rows'
+    `index` (or position). `comparisons`: the models compared on the same validation images (see the module docstring).
+    """
+    target_precision, delta = check_target_precision(target_precision), check_delta(delta)
+    comparisons = check_comparisons(comparisons)
     val_log_probs, val_truth = maker_log_probs(validation, makers)
     test_log_probs, test_truth = maker_log_probs(test, makers)
+    positions = validation["index"] if "index" in validation else range(len(validation))
+    keys = list(positions) if fold_keys is None else list(fold_keys)
+    if len(keys) != len(val_truth):
+        raise CalibrationError(f"{len(keys)} fold keys for {len(val_truth)} validation rows; pass one per row")
+    fitting = temperature_fold(keys)
+    choice = choose_temperature(val_log_probs[fitting], val_truth[fitting])
     probabilities = softmax(test_log_probs)
     raw = probability_metrics(probabilities, test_truth, bins=CALIBRATION_BINS)
-    temperature = fit_temperature(val_log_probs, val_truth)
 
     def confidence_and_correct(log_probs, truth):
-        calibrated = softmax(log_probs, temperature)
+        calibrated = softmax(log_probs, choice.temperature)
         return calibrated.max(axis=1), calibrated.argmax(axis=1) == truth, calibrated
 
-    val_confidence, val_correct, _ = confidence_and_correct(val_log_probs, val_truth)
+    val_confidence, val_correct, _ = confidence_and_correct(val_log_probs[~fitting], val_truth[~fitting])
     confidence, correct, calibrated = confidence_and_correct(test_log_probs, test_truth)
-    threshold = choose_threshold(val_confidence, val_correct, target_precision)
-    on_test = apply_threshold(confidence, correct, threshold.threshold)
+    certificate = certify_threshold(val_confidence, val_correct, target_precision, delta, comparisons)
+    on_test = apply_threshold(confidence, correct, certificate.threshold)
     report = CalibrationReport(
         target_precision=target_precision,
-        temperature=float(temperature),
+        delta=delta,
+        comparisons=comparisons,
+        temperature=float(choice.temperature),
+        temperature_fitted=float(choice.fitted),
+        temperature_refused=choice.refused,
         validation_images=len(val_truth),
+        temperature_images=int(fitting.sum()),
+        threshold_images=int((~fitting).sum()),
         top1_accuracy=raw.top1,
         top3_accuracy=raw.top3,
         macro_accuracy=raw.macro_accuracy,
@@ -150,15 +280,21 @@ def calibrate(
         ece=raw.ece,
         log_loss_calibrated=log_loss(calibrated, test_truth),
         ece_calibrated=expected_calibration_error(confidence, correct, bins=CALIBRATION_BINS),
-        threshold=float(threshold.threshold),
-        threshold_reached=bool(threshold.reached),
-        val_coverage=float(threshold.coverage),
+        threshold=float(certificate.threshold),
+        certified=certificate.certified,
+        certified_precision=float(certificate.certified_precision),
+        best_certifiable_precision=certificate.best_certifiable_precision,
+        images_needed=float(certificate.images_needed),
+        val_answered=certificate.answered,
+        val_errors=certificate.errors,
+        val_coverage=float(certificate.coverage),
         coverage=float(on_test["coverage"]),
         selective_accuracy=float(on_test["accuracy"]),
         selective_ci_low=float(on_test["accuracy_ci_low"]),
         selective_ci_high=float(on_test["accuracy_ci_high"]),
         answered=int(on_test["answered"]),
         test_images=len(test_truth),
+        statement=certificate.statement(len(val_truth)),
     )
     raw_confidence = probabilities.max(axis=1)
     return Calibration(
@@ -207,5 +343,5 @@ def write_calibration(calibration: Calibration, out_dir: Path, title: str) -> Ca
             f"{title}: accuracy on the answered images",
             target_precision=report.target_precision,
         )
-        (tmp / SUMMARY_FILE).write_text(json.dumps(asdict(report), indent=2))
+        (tmp / SUMMARY_FILE).write_text(json.dumps(report.to_json(), indent=2))
     return CalibrationFiles(str(out_dir))

@@ -14,9 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from car_maker_pipeline.evaluation.answer_policy import Calibration, calibrate
+from car_maker_pipeline.evaluation.answer_policy import Calibration, calibrate, fold_keys
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
-from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, DEFAULT_TARGET_PRECISION, SELECTION_METRICS
+from car_maker_pipeline.evaluation.settings import (
+    DEFAULT_DELTA,
+    DEFAULT_SELECTION_METRIC,
+    DEFAULT_TARGET_PRECISION,
+    SELECTION_METRICS,
+)
 from car_maker_pipeline.evaluation.split_report import EvaluationReport, evaluate_to_dir
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
@@ -97,7 +102,16 @@ def score_checkpoints(
     budget: ImageTokenBudget | None = None,
     target_precision: float = DEFAULT_TARGET_PRECISION,
     selection_metric: str = DEFAULT_SELECTION_METRIC,
+    delta: float = DEFAULT_DELTA,
 ) -> CheckpointScores:
+    """Every checkpoint scored on validation and test, its temperature and threshold chosen on validation, and
+    the best chosen on validation by `selection_metric`.
+
+    The same validation images both choose the checkpoint and certify its threshold, so each checkpoint is
+    certified at delta / (number of checkpoints): whichever is chosen, its promise fails with probability at
+    most delta (Bonferroni). A checkpoint's `val_coverage_at_target` is its certified coverage (0 when the
+    target cannot be certified).
+    """
     if not checkpoints:
         raise CheckpointEvaluationError(
             "There are no complete checkpoints to evaluate; materialize lora_checkpoints first."
@@ -122,8 +136,15 @@ def score_checkpoints(
                 figures=split == TEST,
             )
         val, test = reports[(step, VALIDATION)].summary, reports[(step, TEST)].summary
+        val_predictions = reports[(step, VALIDATION)].predictions()
         calibrations[step] = calibrate(
-            reports[(step, VALIDATION)].predictions(), reports[(step, TEST)].predictions(), makers, target_precision
+            val_predictions,
+            reports[(step, TEST)].predictions(),
+            makers,
+            target_precision,
+            delta=delta,
+            comparisons=len(checkpoints),
+            fold_keys=fold_keys(dataset[VALIDATION], val_predictions),
         )
         calibrated = calibrations[step].report
         rows.append(
@@ -143,6 +164,8 @@ def score_checkpoints(
                 "ece": calibrated.ece,
                 "ece_calibrated": calibrated.ece_calibrated,
                 "temperature": calibrated.temperature,
+                "certified": calibrated.certified,
+                "best_certifiable_precision": calibrated.best_certifiable_precision,
                 "val_coverage_at_target": calibrated.val_coverage,
                 "coverage_at_target": calibrated.coverage,
                 "selective_accuracy": calibrated.selective_accuracy,

@@ -79,13 +79,23 @@ def risk_coverage_table(curve: pd.DataFrame) -> dg.MetadataValue:
     return typed_table(curve.reset_index(drop=True))
 
 
-def calibration_metadata(calibration, prefix: str = "") -> dict:
-    """Top-1/top-3, log loss and ECE before and after temperature, coverage at the target, and the charts.
+def log_answer_policy(context: dg.AssetExecutionContext, label: str, report) -> None:
+    """The evaluation's answer policy in the run's log: a warning when the temperature fit was refused (and
+    why), then what the threshold promises. `report`: an `evaluation.answer_policy.CalibrationReport`."""
+    if report.temperature_refused:
+        context.log.warning(f"{label}: temperature fit refused, T = 1 kept: {report.temperature_refused}.")
+    context.log.info(f"{label}: {report.describe()}")
 
-    `calibration`: an `evaluation.calibrated.CalibrationFiles`.
+
+def calibration_metadata(calibration, prefix: str = "") -> dict:
+    """Top-1/top-3, log loss and ECE before and after temperature, the certificate (in numbers and in words,
+    with the method), coverage on test, and the charts. `calibration`: an `answer_policy.CalibrationFiles`.
     """
     report = calibration.report()
     metadata = {f"{prefix}{key}": value for key, value in report.metrics().items()}
+    metadata[f"{prefix}certification"] = dg.MetadataValue.text(report.statement)
+    metadata[f"{prefix}certification_method"] = dg.MetadataValue.text(report.method)
+    metadata[f"{prefix}temperature_refused"] = dg.MetadataValue.text(report.temperature_refused or "no")
     metadata[f"{prefix}risk_coverage"] = risk_coverage_table(calibration.curve())
     metadata[f"{prefix}reliability_diagram"] = image_markdown(calibration.reliability_path, "reliability diagram")
     metadata[f"{prefix}risk_coverage_chart"] = image_markdown(calibration.risk_coverage_chart_path, "risk-coverage")
@@ -125,8 +135,10 @@ def checkpoint_metadata(record: CheckpointRecord) -> dict:
             record.scores.table,
             {
                 "accuracy": "test accuracy",
-                "val_coverage_at_target": "share of validation answered at the target precision",
-                "coverage_at_target": "share of test answered with the threshold chosen on validation",
+                "certified": "the target precision is certified on validation (Learn then Test)",
+                "best_certifiable_precision": "the highest precision the validation images certify",
+                "val_coverage_at_target": "certified coverage: share of the threshold fold answered",
+                "coverage_at_target": "share of test answered with the threshold certified on validation",
                 "selective_accuracy": "test accuracy on the answered images",
             },
         ),
@@ -144,7 +156,7 @@ def checkpoint_metadata(record: CheckpointRecord) -> dict:
     if record.calibration is not None:
         metadata.update(calibration_metadata(record.calibration, prefix="best_"))
     for key, value in (record.baseline_calibration or {}).items():
-        metadata[f"baseline_{key}"] = value
+        metadata[f"baseline_{key}"] = dg.MetadataValue.text(value) if isinstance(value, str) else value
     if not record.scores.robustness.empty:
         metadata["accuracy_by_corruption"] = typed_table(record.scores.robustness)
     return metadata

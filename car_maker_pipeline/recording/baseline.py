@@ -20,12 +20,14 @@ from car_maker_pipeline.evaluation.answer_policy import (
     CalibrationFiles,
     CalibrationReport,
     calibrate,
+    fold_keys,
     write_calibration,
 )
 from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError
+from car_maker_pipeline.evaluation.metrics.certification import check_delta
 from car_maker_pipeline.evaluation.metrics.selective import check_target_precision
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
-from car_maker_pipeline.evaluation.settings import CALIBRATION_SPLIT, DEFAULT_TARGET_PRECISION
+from car_maker_pipeline.evaluation.settings import CALIBRATION_SPLIT, DEFAULT_DELTA, DEFAULT_TARGET_PRECISION
 from car_maker_pipeline.evaluation.split_report import EvaluationReport, evaluate_to_dir
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
@@ -99,9 +101,18 @@ def log_report(report: EvaluationReport) -> None:
 def log_calibration(
     files: CalibrationFiles, prefix: str = "", *, metrics: bool = True, artifact_path: str = "calibration"
 ) -> None:
-    """Calibration and selective-prediction numbers, the risk-coverage table and both charts."""
+    """Calibration and selective-prediction numbers, what the threshold promises in words (the run's
+    `certification` tag, with the method and the temperature's fate), the risk-coverage table and both charts."""
     if metrics:
-        mlflow.log_metrics(files.report().metrics(prefix))
+        report = files.report()
+        mlflow.log_metrics(report.metrics(prefix))
+        mlflow.set_tags(
+            {
+                f"{prefix}certification": report.statement,
+                f"{prefix}certification_method": report.method,
+                f"{prefix}temperature_refused": report.temperature_refused or "no",
+            }
+        )
     for path in (files.risk_coverage_path, files.reliability_path, files.risk_coverage_chart_path):
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
@@ -132,16 +143,18 @@ def evaluate_and_record(
     max_images: int | None = None,
     budget: ImageTokenBudget | None = None,
     target_precision: float = DEFAULT_TARGET_PRECISION,
+    delta: float = DEFAULT_DELTA,
 ) -> RecordedEvaluation:
     """Score one split of the current maker dataset, record it in MLflow, then write the manifest of
     `asset`'s `model_key` partition (results under `<asset>/<model_key>/<dagster run id>`).
 
-    The validation split is scored too (`<run id>-validation`), to fit the temperature and choose the
-    confidence threshold for `target_precision` that are then measured on `split`
+    The validation split is scored too (`<run id>-validation`), to fit the temperature and certify the
+    confidence threshold for `target_precision` at `delta` that are then measured on `split`
     (`<run id>-calibration`). `load_model` is called only once the dataset and split are known to
     exist, so a missing input fails before any model is built or loaded.
     """
     check_target_precision(target_precision)
+    check_delta(delta)
     makers_record = MakerDataset.current(store)
     dataset = makers_record.load()
     if split not in dataset:
@@ -170,10 +183,17 @@ def evaluate_and_record(
                 "",
                 figures=False,
             )
+            val_predictions = validation.predictions()
+            calibrated = calibrate(
+                val_predictions,
+                report.predictions(),
+                classifier.makers,
+                target_precision,
+                delta=delta,
+                fold_keys=fold_keys(dataset[calibrate_on], val_predictions),
+            )
             calibration = write_calibration(
-                calibrate(validation.predictions(), report.predictions(), classifier.makers, target_precision),
-                out_dir.with_name(f"{out_dir.name}-calibration"),
-                f"{model_key} {stage}",
+                calibrated, out_dir.with_name(f"{out_dir.name}-calibration"), f"{model_key} {stage}"
             )
         params = {
             "model_key": model_key,
@@ -189,6 +209,7 @@ def evaluate_and_record(
             "split": split,
             "sample_cap": max_images,
             "target_precision": target_precision,
+            "delta": delta,
             "calibration_split": calibrate_on,
             **budget_params(classifier.budget),
         }
@@ -196,10 +217,10 @@ def evaluate_and_record(
         log_report(report)
         if calibration is not None:
             log_calibration(calibration)
-    calibrated = {"calibration": calibration.report().metrics()} if calibration is not None else {}
+    policy = {"calibration": calibration.report().to_json()} if calibration is not None else {}
     store.write_manifest(
         asset,
-        {**report.to_json(), **calibrated, "mlflow_run_id": run.info.run_id, "params": params},
+        {**report.to_json(), **policy, "mlflow_run_id": run.info.run_id, "params": params},
         partition=model_key,
     )
     return RecordedEvaluation(report, params, run.info.run_id, calibration)

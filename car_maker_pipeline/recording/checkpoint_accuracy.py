@@ -29,9 +29,15 @@ from car_maker_pipeline.evaluation.checkpoint_scores import (
     accuracy_chart,
     score_checkpoints,
 )
+from car_maker_pipeline.evaluation.metrics.certification import check_delta
 from car_maker_pipeline.evaluation.metrics.figures import save_figure
 from car_maker_pipeline.evaluation.metrics.selective import check_target_precision
-from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, DEFAULT_TARGET_PRECISION, SELECTION_METRICS
+from car_maker_pipeline.evaluation.settings import (
+    DEFAULT_DELTA,
+    DEFAULT_SELECTION_METRIC,
+    DEFAULT_TARGET_PRECISION,
+    SELECTION_METRICS,
+)
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, budget_for_checkpoint
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.checkpoint_marker import ADAPTER_WEIGHTS, recorded_digest, verified_checkpoints
@@ -64,7 +70,7 @@ class CheckpointRecord:
     mlflow_run_id: str
     registration: RegisteredClassifier | None = None  # the version, its aliases and the champion decision
     calibration: CalibrationFiles | None = None  # the best checkpoint's, with its charts
-    baseline_calibration: dict | None = None  # CalibrationReport.metrics() of the baseline, when it has one
+    baseline_calibration: dict | None = None  # CalibrationReport.to_json() of the baseline, when it has one
 
     @property
     def best_calibration(self) -> CalibrationReport:
@@ -122,6 +128,7 @@ def evaluate_checkpoints_and_record(
     warn: Callable[[str], None] = logger.warning,
     target_precision: float = DEFAULT_TARGET_PRECISION,
     selection_metric: str = DEFAULT_SELECTION_METRIC,
+    delta: float = DEFAULT_DELTA,
 ) -> CheckpointRecord:
     """Score the checkpoints of `model_key`'s current LoRA run against its baseline (new ones only;
     earlier scores are reused), choose the best on validation, and record and register it.
@@ -129,9 +136,11 @@ def evaluate_checkpoints_and_record(
     `load_model` gives the run's base model; it is called only after every input (training and
     baseline manifests, maker dataset) is found, so a missing one fails before any model work. Each
     checkpoint's adapter is attached to the base model in turn. With `robustness`, the baseline and
-    the best checkpoint are also scored on each corrupted copy of test.
+    the best checkpoint are also scored on each corrupted copy of test. The registered card carries the
+    chosen checkpoint's temperature, certified threshold, delta and what they promise in words.
     """
     check_target_precision(target_precision)
+    check_delta(delta)
     if selection_metric not in SELECTION_METRICS:
         raise ValueError(f"Unknown selection metric {selection_metric!r}; use one of {', '.join(SELECTION_METRICS)}.")
     training = store.read_manifest(LORA_CHECKPOINTS, model_key)
@@ -164,6 +173,7 @@ def evaluate_checkpoints_and_record(
             budget=budget,
             target_precision=target_precision,
             selection_metric=selection_metric,
+            delta=delta,
         )
         in_force = ImageTokenBudget.of(loaded.processor)
         table_path = out_root / "checkpoint_accuracy.parquet"
@@ -192,6 +202,7 @@ def evaluate_checkpoints_and_record(
                 "best_step": scores.best_step,
                 "selection": SELECTION_METRICS[selection_metric],
                 "target_precision": target_precision,
+                "delta": delta,
                 **budget_params(in_force),
             }
         )
@@ -209,9 +220,7 @@ def evaluate_checkpoints_and_record(
                 step=scores.best_step,
                 val_accuracy=best["val_accuracy"],
                 test_accuracy=best["accuracy"],
-                temperature=calibrated.temperature,
-                confidence_threshold=calibrated.threshold,
-                target_precision=target_precision,
+                **calibrated.card_fields(),
             ),
             uri=target.tracking_uri,
             home=store.root,
@@ -232,7 +241,7 @@ def evaluate_checkpoints_and_record(
             "mlflow_run_id": run.info.run_id,
             "robustness": scores.robustness.to_dict("records"),
             "baseline_accuracy": baseline_accuracy,
-            "calibration": calibrated.metrics(),
+            "calibration": calibrated.to_json(),
             "baseline_calibration": baseline.get("calibration"),
         },
         partition=model_key,
@@ -281,6 +290,7 @@ def _log_scores(
                 "test_ece_calibrated": row.ece_calibrated,
                 "val_coverage_at_target": row.val_coverage_at_target,
                 "test_coverage_at_target": row.coverage_at_target,
+                "best_certifiable_precision": row.best_certifiable_precision,
             },
             step=int(row.step),
         )

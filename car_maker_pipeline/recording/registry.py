@@ -112,11 +112,10 @@ class Candidate:
         step: int,
         val_accuracy,
         test_accuracy,
-        temperature: float = 1.0,
-        confidence_threshold: float | None = None,
-        target_precision: float | None = None,
+        **answer_policy,
     ) -> Candidate:
-        """The candidate for a checkpoint scored with `loaded` (models.loading.LoadedModel) and `prompt`."""
+        """The candidate for a checkpoint scored with `loaded` (models.loading.LoadedModel) and `prompt`;
+        `answer_policy`: the card's temperature, threshold and certificate (`CalibrationReport.card_fields()`)."""
         from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 
         card = ClassifierCard.for_base_model(
@@ -127,9 +126,7 @@ class Candidate:
             user_prompt=prompt.user,
             image_token_budget=ImageTokenBudget.of(loaded.processor).to_json(),
             step=int(step),
-            temperature=float(temperature),
-            confidence_threshold=None if confidence_threshold is None else float(confidence_threshold),
-            target_precision=None if target_precision is None else float(target_precision),
+            **answer_policy,
         )
         return cls(model_key, Path(checkpoint), card, float(val_accuracy), float(test_accuracy))
 
@@ -224,7 +221,7 @@ def register_classifier(
         description=(
             "Car-maker classifier: a LoRA-tuned vision-language model as an MLflow pyfunc model (one image per "
             "row as bytes in column `image`; returns the maker, its calibrated probability, the answer (`unsure` below "
-            "the confidence threshold chosen on validation) and the next two makers). @champion is the validation-best "
+            "the confidence threshold certified on validation) and the next two makers). @champion is the validation-best "
             "version, @challenger the newest; base model and accuracies are in the version tags."
         ),
     )

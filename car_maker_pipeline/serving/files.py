@@ -103,7 +103,10 @@ def _open(path, flags: int, dir_fd: int | None) -> int:
 
 def read_file(path: str | os.PathLike, limit: int = MAX_IMAGE_BYTES) -> bytes:
     """The bytes of the regular file at `path` (a link to one is followed: the caller named it)."""
-    fd = _open(path, _OPEN_FLAGS, None)
+    return _read_and_close(_open(path, _OPEN_FLAGS, None), limit)
+
+
+def _read_and_close(fd: int, limit: int) -> bytes:
     try:
         return _read_open(fd, limit)
     except OSError as error:
@@ -143,12 +146,7 @@ class Folder:
                 fd = _open(self._link_target(name), _OPEN_FLAGS | os.O_NOFOLLOW, self.fd)
             except _Link:  # replaced by another link since: not followed twice
                 raise UnreadableFile("a symbolic link that changed while it was read; try again") from None
-        try:
-            return _read_open(fd, limit)
-        except OSError as error:
-            raise UnreadableFile(f"cannot read the file ({type(error).__name__}: {error.strerror or error})") from None
-        finally:
-            os.close(fd)
+        return _read_and_close(fd, limit)
 
     def _link_target(self, name: str) -> str:
         """The name, in this folder, of the regular file the link `name` leads to; refused if it leads elsewhere."""

@@ -53,10 +53,15 @@ class ClassifierCard:
     image_token_budget: dict = field(default_factory=dict)  # ImageTokenBudget fields; empty: the processor's own
     step: int | None = None
     # Fitted on validation when the checkpoint was scored: probabilities are softmax(log p / temperature),
-    # and below `confidence_threshold` (chosen for `target_precision`) the answer is "unsure".
+    # and below `confidence_threshold` (certified for `target_precision`) the answer is "unsure".
     temperature: float = 1.0
     confidence_threshold: float | None = None
     target_precision: float | None = None
+    # The certificate: with probability 1 - delta, precision on new images >= certified_precision (None:
+    # nothing certified, every answer "unsure"); `certification` says so in words.
+    delta: float | None = None
+    certified_precision: float | None = None
+    certification: str | None = None
 
     @classmethod
     def for_base_model(cls, path_or_id: str, revision: str, makers: list[str], **more) -> ClassifierCard:

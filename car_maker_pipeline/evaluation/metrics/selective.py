@@ -1,9 +1,9 @@
 """Selective prediction: answer only above a confidence threshold, leave the rest to a person.
 
-The threshold is chosen on one split (validation) as the lowest one whose answered images still meet a
-target precision, and then applied to another (test): choosing and measuring on the same images would
-report the precision the threshold was tuned to reach, not the one to expect. The test figure carries a
-Wilson interval because at 99% the answered set is judged by very few mistakes.
+The risk-coverage curve says, for every threshold worth considering, how many images are answered and
+how many of them are right. Which threshold to serve is certified on validation images
+(`certification.py`), then applied here to another split (test): the test figure carries a Wilson
+interval, because at a high target precision the answered set is judged by very few mistakes.
 
 Pure numpy/pandas; matplotlib is imported only when a chart is drawn.
 """
@@ -11,7 +11,6 @@ Pure numpy/pandas; matplotlib is imported only when a chart is drawn.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 
@@ -30,20 +29,6 @@ def check_target_precision(value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not (0 < value <= 1):
         raise CalibrationError(f"target precision must be in (0, 1], e.g. 0.99 for 99% correct answers; got {value!r}")
     return float(value)
-
-
-@dataclass(frozen=True)
-class SelectiveThreshold:
-    """Answer an image when its confidence >= threshold. With reached False no threshold met the target on the
-    data given, and the threshold lies above every confidence seen there: answer nothing."""
-
-    threshold: float
-    target_precision: float
-    coverage: float
-    accuracy: float
-    answered: int
-    images: int
-    reached: bool
 
 
 def risk_coverage(confidence, correct) -> pd.DataFrame:
@@ -67,38 +52,11 @@ def risk_coverage(confidence, correct) -> pd.DataFrame:
     )
 
 
-def choose_threshold(confidence, correct, target_precision: float = 0.99) -> SelectiveThreshold:
-    """The lowest threshold (largest coverage) whose accuracy on answered images >= target, on the data given.
-
-    Accuracy need not fall steadily as the threshold drops, so every level is checked and the lowest that
-    meets the target wins, even where some higher level misses it.
-    """
-    target = check_target_precision(target_precision)
-    conf, right = as_confidence_correct(confidence, correct)
-    if not len(conf):
-        raise CalibrationError("cannot choose a threshold on zero images; pass the validation split's confidences")
-    curve = risk_coverage(conf, right)
-    meeting = curve[curve["accuracy"] >= target]
-    if meeting.empty:
-        above_all = float(np.nextafter(conf.max(), math.inf))
-        return SelectiveThreshold(above_all, target, 0.0, math.nan, 0, len(conf), False)
-    row = meeting.iloc[-1]
-    return SelectiveThreshold(
-        threshold=float(row["threshold"]),
-        target_precision=target,
-        coverage=float(row["coverage"]),
-        accuracy=float(row["accuracy"]),
-        answered=int(row["answered"]),
-        images=len(conf),
-        reached=True,
-    )
-
-
 def apply_threshold(confidence, correct, threshold: float) -> dict:
     """Coverage and accuracy (with its Wilson interval) on the images with confidence >= threshold; meant for
     a split other than the one the threshold was chosen on."""
     if isinstance(threshold, bool) or not isinstance(threshold, Real) or math.isnan(threshold):
-        raise CalibrationError(f"threshold must be a number, got {threshold!r}; use choose_threshold(...).threshold")
+        raise CalibrationError(f"threshold must be a number, got {threshold!r}; use certify_threshold(...).threshold")
     conf, right = as_confidence_correct(confidence, correct)
     answered_mask = conf >= threshold
     answered, hits = int(answered_mask.sum()), int(right[answered_mask].sum())

@@ -8,7 +8,7 @@ from pydantic import Field
 from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, SELECTION_METRICS
 from car_maker_pipeline.orchestration.assets.baseline import EvaluationConfig, evaluation_inputs
 from car_maker_pipeline.orchestration.deployment import MODEL_STEP
-from car_maker_pipeline.orchestration.metadata import checkpoint_metadata, checkpoint_observations
+from car_maker_pipeline.orchestration.metadata import checkpoint_metadata, checkpoint_observations, log_answer_policy
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
 from car_maker_pipeline.orchestration.versions import code_version, content_version
 from car_maker_pipeline.store import BASELINE_EVALUATION, CHECKPOINT_ACCURACY, LORA_CHECKPOINTS
@@ -44,7 +44,8 @@ class CheckpointEvaluationConfig(EvaluationConfig):
     description=(
         "Every checkpoint of a model's LoRA run scored on validation and test with the baseline's evaluator "
         "(new checkpoints only; earlier results are reused). The best checkpoint is chosen on validation "
-        "accuracy and registered in the MLflow model registry; corrupted copies of test give a robustness table."
+        "and registered in the MLflow model registry with its temperature and the confidence threshold "
+        "certified for the target precision (Learn then Test); corrupted copies of test give a robustness table."
     ),
 )
 def checkpoint_accuracy(
@@ -69,8 +70,9 @@ def checkpoint_accuracy(
         warn=context.log.warning,
         target_precision=config.target_precision,
         selection_metric=config.selection_metric,
+        delta=config.delta,
     )
-    context.log.info(f"{key} step {record.best_step}: {record.best_calibration.describe()}")
+    log_answer_policy(context, f"{key} step {record.best_step}", record.best_calibration)
     for observation in checkpoint_observations(record, CHECKPOINT_ACCURACY, key):
         context.log_event(observation)
     # What is served: the chosen adapter and the card it is registered with.
