@@ -5,6 +5,7 @@ import dagster as dg
 from car_maker_pipeline.orchestration.assets.baseline import baseline_assets
 from car_maker_pipeline.orchestration.assets.data import data_assets
 from car_maker_pipeline.orchestration.assets.evaluation import evaluation_assets
+from car_maker_pipeline.orchestration.assets.labeling import AdditionsFolder, labeling_assets
 from car_maker_pipeline.orchestration.assets.serving import IncomingImages, serving_assets
 from car_maker_pipeline.orchestration.assets.sweep import sweep_assets
 from car_maker_pipeline.orchestration.assets.training import training_assets
@@ -20,7 +21,15 @@ from car_maker_pipeline.orchestration.resources import (
 )
 
 defs = dg.Definitions(
-    assets=[*data_assets, *baseline_assets, *training_assets, *sweep_assets, *evaluation_assets, *serving_assets],
+    assets=[
+        *data_assets,
+        *baseline_assets,
+        *training_assets,
+        *sweep_assets,
+        *evaluation_assets,
+        *serving_assets,
+        *labeling_assets,
+    ],
     jobs=[*jobs, *automation_jobs],
     schedules=schedules,
     sensors=[*sensors, *incoming_sensors],
@@ -31,5 +40,6 @@ defs = dg.Definitions(
         "models": VisionLanguageModels(),
         "mlflow_tracking": MlflowTracking(),
         "incoming_images": IncomingImages(),
+        "additions": AdditionsFolder(),
     },
 )

@@ -31,6 +31,8 @@ LORA_SWEEP = "lora_sweep"
 CHECKPOINT_ACCURACY = "checkpoint_accuracy"
 MERGED_MODEL = "merged_model"
 MAKER_PREDICTIONS = "maker_predictions"
+LABELED_ADDITIONS = "labeled_additions"
+REVIEW_QUEUE = "review_queue"
 
 MANIFEST = "current.json"
 REJECTED = "rejected.json"

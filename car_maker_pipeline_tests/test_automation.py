@@ -84,3 +84,40 @@ def test_project_instance_settings(tmp_path):
         assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 30
         assert instance.run_retries_enabled and instance.run_retries_max_retries == 1
         assert not instance.run_retries_retry_on_asset_or_op_failure
+
+
+def test_additions_sensor_retrains_once_per_new_batch(tmp_path, raw_dataset):
+    """Stopped by default; a new (settled) batch: one retrain_job run per model, tagged with the batch id;
+    a batch still being copied, or one already ingested: no run."""
+    import os
+    import time
+
+    from car_maker_pipeline.data.added_rows import SourceIndex
+    from car_maker_pipeline.labeling.additions import ingest_additions
+    from car_maker_pipeline.orchestration.assets.labeling import AdditionsFolder
+    from car_maker_pipeline.orchestration.automation import additions_sensor
+    from car_maker_pipeline.store import LABELED_ADDITIONS, PipelineStore
+
+    assert additions_sensor.default_status == dg.DefaultSensorStatus.STOPPED
+    store = PipelineStore(tmp_path / "home")
+    resources = {"store": StoreResource(home=str(store.root)), "additions": AdditionsFolder()}
+    batch = store.root / "additions" / "monday" / "BMW"
+    batch.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (16, 12), (200, 10, 30)).save(batch / "a.png")
+    with dg.build_sensor_context(resources=resources) as context:
+        assert isinstance(additions_sensor(context), dg.SkipReason)  # just copied: settling
+    old = time.time() - 3600
+    for path in (batch / "a.png", batch, batch.parent):
+        os.utime(path, (old, old))
+    with dg.build_sensor_context(resources=resources) as context:
+        result = additions_sensor(context)
+    assert [request.partition_key for request in result.run_requests] == ["tiny-s", "tiny-m", "tiny-l"]
+    [batch_id] = {request.tags["additions_batches"] for request in result.run_requests}
+    assert batch_id.startswith("batch-") and result.run_requests[0].tags["additions_names"] == "monday"
+    assert result.cursor == batch_id
+    ingested = ingest_additions(store.root / "additions", tmp_path / "batches", SourceIndex.of(raw_dataset.load()))
+    store.write_manifest(LABELED_ADDITIONS, ingested.to_json())
+    with dg.build_sensor_context(resources=resources, cursor=batch_id) as context:
+        assert "No new batch" in str(additions_sensor(context))

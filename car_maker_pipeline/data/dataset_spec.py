@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 # Bumped when the build gives other rows or columns for the same source and parameters: a new dataset
 # folder, and (as the asset's code version) downstream models shown stale in Dagster.
-BUILD_VERSION = 3
+BUILD_VERSION = 4  # 4: the provenance column, and labeled additions joined to train/validation
 
 
 @dataclass(frozen=True)

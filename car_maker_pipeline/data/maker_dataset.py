@@ -20,6 +20,7 @@ import datasets
 import numpy as np
 import pandas as pd
 
+from car_maker_pipeline.data.added_rows import AddedBatch, append_added_rows, rows_per_maker
 from car_maker_pipeline.data.dataset_spec import (  # noqa: F401 (TRAIN...column: where callers find them)
     BUILD_VERSION,
     TEST,
@@ -60,6 +61,9 @@ class MakerDataset:
     # The first DROPPED_ROWS_SHOWN dropped rows: {"split", "index" (row in the raw split), "reason", "detail"};
     # all of them are in DROPPED_ROWS_FILE beside the data.
     dropped_rows: list[dict] = field(default_factory=list)
+    # The labeled batches joined ({"batch_id", "split", "rows"}) and train/validation's makers before them.
+    additions: list[dict] = field(default_factory=list)
+    images_per_maker_before_additions: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -249,8 +253,10 @@ def build_maker_dataset(
     out_dir: Path,
     params: MakerDatasetParams = MakerDatasetParams(),
     source_revision: str = "unknown",
+    additions: list[AddedBatch] = (),
 ) -> MakerDataset:
-    """Collapse classes to makers, drop unusable rows (listing why), carve a stratified validation split."""
+    """Collapse classes to makers, drop unusable rows (listing why), carve a stratified validation split,
+    then append the labeled `additions` to train or validation (`provenance` names each row's batch)."""
     started = time.perf_counter()
     _check_raw(raw)
     # Every split's labels through its own names, onto one vocabulary: train's names first.
@@ -271,6 +277,12 @@ def build_maker_dataset(
                     f"Split {split!r} has no usable row left (dropped: {dict(reasons)}; first: {dropped_here[0]})."
                 )
         result, makers = _with_makers_and_validation(cleaned, params)
+        before = {split: rows_per_maker(result[split]) for split in (TRAIN, VALIDATION)}
+        joined, dropped_additions = append_added_rows(
+            dict(result), list(additions), result[TRAIN].features["maker_id"], class_names
+        )
+        result = datasets.DatasetDict(joined)
+        dropped += dropped_additions
         result.save_to_disk(str(tmp))
         write_json_atomic(tmp / DROPPED_ROWS_FILE, dropped)
         record = MakerDataset(
@@ -284,6 +296,15 @@ def build_maker_dataset(
             source_revision=source_revision,
             corrupted_splits=[name for name in result if name not in (TRAIN, VALIDATION, TEST)],
             dropped_rows=dropped[:DROPPED_ROWS_SHOWN],
+            additions=[
+                {
+                    "batch_id": b.batch_id,
+                    "split": b.split,
+                    "rows": column(result[b.split], "provenance").count(b.batch_id),
+                }
+                for b in additions
+            ],
+            images_per_maker_before_additions=before if additions else {},
         )
         write_json_atomic(tmp / _COMPLETE, record.to_json())
         shutil.rmtree(work)

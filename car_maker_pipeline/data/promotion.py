@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from car_maker_pipeline.data.added_rows import additions_digest, current_added_batches
 from car_maker_pipeline.data.maker_dataset import (
     MakerDataset,
     MakerDatasetError,
@@ -38,11 +39,14 @@ def build_and_promote_maker_dataset(store: PipelineStore, params: MakerDatasetPa
     reuses it instead of writing the same folder again under a reader's feet.
     """
     raw = RawDataset.current(store)
-    out_dir = store.asset_dir(CAR_MAKER_DATASET) / f"{raw.revision}-{params.fingerprint()}"
+    added = current_added_batches(store)
+    # The folder, and so the data version, names the source revision, the parameters and the added batches.
+    suffix = f"-add-{additions_digest(added)}" if added else ""
+    out_dir = store.asset_dir(CAR_MAKER_DATASET) / f"{raw.revision}-{params.fingerprint()}{suffix}"
     with store.lock(CAR_MAKER_DATASET):
         try:
             built = load_stored_maker_dataset(out_dir) or build_maker_dataset(
-                raw.load(), out_dir, params, source_revision=raw.revision
+                raw.load(), out_dir, params, source_revision=raw.revision, additions=added
             )
         except MakerDatasetError as error:
             reason = f"The build from source revision {raw.revision} failed: {error}"

@@ -1,17 +1,19 @@
-"""Scheduled retraining and a sensor that retrains when the source changes.
+"""Scheduled retraining, and sensors that retrain when the source changes or a labeled batch arrives.
 
-Both ship stopped (default_status STOPPED): nothing trains by surprise. Start them in the UI
+All ship stopped (default_status STOPPED): nothing trains by surprise. Start them in the UI
 (Automation tab) or with `dagster schedule start retrain_weekly` / `dagster sensor start
 source_revision_sensor`; the daemon (`dagster dev` starts one) runs them.
 """
 
 import os
+import time
 
 import dagster as dg
 
+from car_maker_pipeline.orchestration.assets.labeling import AdditionsFolder
 from car_maker_pipeline.orchestration.partitions import model_partitions
 from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
-from car_maker_pipeline.store import RAW_STANFORD_CARS, PipelineStore
+from car_maker_pipeline.store import LABELED_ADDITIONS, RAW_STANFORD_CARS, MissingUpstreamError, PipelineStore
 
 RETRAIN_CRON_ENV = "CAR_MAKER_RETRAIN_CRON"
 DEFAULT_RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
@@ -78,6 +80,50 @@ def _materialized_revision(store: PipelineStore) -> str | None:
         return None
 
 
+def _ingested_batches(store: PipelineStore) -> set[str]:
+    try:
+        return {batch["batch_id"] for batch in store.read_manifest(LABELED_ADDITIONS)["batches"]}
+    except MissingUpstreamError:
+        return set()
+
+
+@dg.sensor(
+    name="additions_sensor",
+    job=retrain_job,
+    minimum_interval_seconds=120,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description=(
+        "Retrain every model when a new labeled batch is in the additions folder: labeled_additions, "
+        "car_maker_dataset, lora_checkpoints and checkpoint_accuracy, once per set of batches; the runs' tags name them."
+    ),
+)
+def additions_sensor(context: dg.SensorEvaluationContext, store: StoreResource, additions: AdditionsFolder):
+    from car_maker_pipeline.labeling.batch_files import BatchError, list_batches
+    from car_maker_pipeline.serving.batch import SETTLE_SECONDS
+
+    pipeline_store = store.get()
+    folder = additions.folder(pipeline_store)
+    try:
+        batches = list_batches(folder)  # each batch fingerprinted by content: a changed file is a new batch
+    except BatchError as error:
+        return dg.SkipReason(f"{error} The sensor tries again at its next tick.")
+    new = [batch for batch in batches if batch.batch_id not in _ingested_batches(pipeline_store)]
+    if not new:
+        return dg.SkipReason(f"No new batch in {folder} ({len(batches)} already ingested).")
+    if time.time() - max(batch.newest_mtime for batch in new) < SETTLE_SECONDS:
+        return dg.SkipReason(f"A batch in {folder} changed within {SETTLE_SECONDS:.0f} s; waiting for copies to end.")
+    ids = sorted(batch.batch_id for batch in new)
+    key = ",".join(ids)
+    if key == context.cursor:
+        return dg.SkipReason(f"Retraining on {key} was already requested.")
+    tags = {
+        "trigger": "labeled_additions",
+        "additions_batches": key,
+        "additions_names": ",".join(batch.name for batch in new)[:200],
+    }
+    return dg.SensorResult(run_requests=_retrain_requests(tags, key_suffix=key), cursor=key)
+
+
 automation_jobs = [retrain_job]
 schedules = [retrain_weekly]
-sensors = [source_revision_sensor]
+sensors = [source_revision_sensor, additions_sensor]

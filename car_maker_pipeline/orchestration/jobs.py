@@ -38,4 +38,11 @@ sweep_job = dg.define_asset_job(
     description="Search one model's (a partition's) LoRA hyperparameters with Optuna.",
 )
 
-jobs = [data_job, baseline_job, training_job, serving_job, sweep_job]
+labeling_job = dg.define_asset_job(
+    "labeling_job",
+    selection=dg.AssetSelection.groups("labeling"),
+    partitions_def=model_partitions,
+    description="Rank one model's (a partition's) doubtful incoming images into a review queue for labeling.",
+)
+
+jobs = [data_job, baseline_job, training_job, serving_job, sweep_job, labeling_job]

@@ -184,7 +184,7 @@ def register_classifier(
     """
     import mlflow
 
-    from car_maker_pipeline.recording.lineage import log_dataset_inputs
+    from car_maker_pipeline.recording.lineage import additions_note, log_dataset_inputs
     from car_maker_pipeline.serving.integrity import ARTIFACT_FILES_TAG, artifact_record
     from car_maker_pipeline.tracking import registry_lock
 
@@ -214,6 +214,8 @@ def register_classifier(
     with registry_lock(uri, home, name):
         registered = mlflow.register_model(info.model_uri, name, tags=version_tags)
     version = str(registered.version)
+    if additions_note(dataset_record):  # the labeled batches this version learned from
+        mlflow.MlflowClient(uri).update_model_version(name, version, description=additions_note(dataset_record))
     mlflow.MlflowClient(uri).update_registered_model(
         name,
         description=(

@@ -12,7 +12,7 @@ from car_maker_pipeline.orchestration.metadata import typed_table
 from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
 from car_maker_pipeline.orchestration.versions import code_version
 from car_maker_pipeline.redaction import redact_uri
-from car_maker_pipeline.store import CAR_MAKER_DATASET, RAW_STANFORD_CARS
+from car_maker_pipeline.store import CAR_MAKER_DATASET, LABELED_ADDITIONS, RAW_STANFORD_CARS
 
 
 class MakerDatasetConfig(dg.Config):
@@ -64,7 +64,7 @@ def raw_stanford_cars(
     group_name="data",
     code_version=code_version(CAR_MAKER_DATASET),
     owners=OWNERS,
-    deps=[RAW_STANFORD_CARS],
+    deps=[RAW_STANFORD_CARS, LABELED_ADDITIONS],
     kinds={"huggingface", "arrow"},
     check_specs=[
         dg.AssetCheckSpec(name, asset=CAR_MAKER_DATASET, blocking=True, description=description)
@@ -73,13 +73,15 @@ def raw_stanford_cars(
     description=(
         "The 196 make/model/year classes collapsed to car makers (multi-word makers such as Aston Martin "
         "and Land Rover kept whole), every decodable image as RGB, undecodable ones dropped and counted, "
-        "and a stratified validation split carved out of train. Test and corrupted splits are untouched. "
+        "a stratified validation split carved out of train, then the accepted rows of labeled_additions joined to "
+        "train or validation (column `provenance`: `source` or the batch id). Test and corrupted splits are untouched. "
         "It becomes current (what downstream assets read) only once its blocking checks pass."
     ),
 )
 def car_maker_dataset(context: dg.AssetExecutionContext, config: MakerDatasetConfig, store: StoreResource):
     # The checks run inside this step, before the dataset is made current: as a separate step they
     # would run after the manifest already pointed downstream assets at a dataset they then reject.
+    from car_maker_pipeline.data.added_rows import before_after_table
     from car_maker_pipeline.data.promotion import build_and_promote_maker_dataset
 
     params = MakerDatasetParams(validation_fraction=config.validation_fraction, seed=config.seed)
@@ -112,6 +114,8 @@ def car_maker_dataset(context: dg.AssetExecutionContext, config: MakerDatasetCon
         "dropped_rows": typed_table(built.dropped_rows_table()),  # split, row, reason, detail
         "dropped_rows_note": built.dropped_rows_heading(),
         "images_per_maker": typed_table(built.counts_table()),
+        "additions": dg.MetadataValue.json(built.additions),  # batch id, split, rows joined
+        "rows_per_maker_before_after_additions": typed_table(before_after_table(built)),
         "source_revision": built.source_revision,
         "cache_hit": built.cache_hit,
         "path": dg.MetadataValue.path(built.path),

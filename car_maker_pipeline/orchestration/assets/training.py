@@ -49,6 +49,7 @@ def lora_checkpoints(
 ) -> dg.MaterializeResult:
     from car_maker_pipeline.data.maker_dataset import MakerDataset
     from car_maker_pipeline.models.checkpoint_marker import ADAPTER_WEIGHTS, recorded_digest
+    from car_maker_pipeline.recording.lineage import record_training_inputs
     from car_maker_pipeline.training.partition import train_model
     from car_maker_pipeline.training.sweep_runs import sweep_best
 
@@ -74,6 +75,8 @@ def lora_checkpoints(
         log=context.log,
     )
     result = trained.result
+    # The data the run saw, each labeled batch included, as the run's MLflow inputs.
+    record_training_inputs(dataset_record, uri, pipeline_store.root, trained.mlflow_run_id)
     return dg.MaterializeResult(
         metadata={
             "global_step": result.global_step,
@@ -90,6 +93,7 @@ def lora_checkpoints(
             "mlflow_run_id": trained.mlflow_run_id,
             **mlflow_tracking.links(uri, run_id=trained.mlflow_run_id),
             "path": dg.MetadataValue.path(str(trained.output_dir)),
+            "additions_batches": dg.MetadataValue.json([b["batch_id"] for b in dataset_record.additions]),
             "wall_seconds": trained.wall_seconds,
             "max_steps": result.max_steps,
             "run_plan": result.plan,
