@@ -98,7 +98,7 @@ def test_the_demo_profile_draws_real_proportions_and_keeps_every_maker_in_train_
     train, validation = record.images_per_maker["train"], record.images_per_maker["validation"]
     planned = images_per_maker(DEMO_MAKERS, source.demo_train_per_maker, "stanford", CLASS_COUNTS)
     assert {maker: train[maker] + validation.get(maker, 0) for maker in DEMO_MAKERS} == planned
-    assert planned["BMW"] == 161 and planned["AM General"] == 12
+    assert source.demo_train_per_maker == 360 and planned["BMW"] == 968 and planned["AM General"] == 75
     assert min(train.values()) >= 2 and set(validation) == set(DEMO_MAKERS) and min(validation.values()) >= 1
     assert record.images_per_maker["test"] == images_per_maker(
         DEMO_MAKERS, source.demo_test_per_maker, "stanford", CLASS_COUNTS

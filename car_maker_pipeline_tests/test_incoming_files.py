@@ -42,6 +42,7 @@ import pytest
 from car_maker_pipeline.serving.batch import classify_folder, predict_folder, snapshot
 from car_maker_pipeline.serving.images import MAX_IMAGE_BYTES
 from car_maker_pipeline_tests.support.hostile_images import encoded
+from car_maker_pipeline_tests.support.serving import memory_measuring_env
 
 MAKERS = ["AM General", "Aston Martin", "BMW", "Land Rover", "Mercedes-Benz", "Rolls-Royce"]
 REPO = Path(__file__).resolve().parents[1]
@@ -301,6 +302,7 @@ def test_peak_memory_is_one_batch_of_files_whatever_their_number(tiny_model_dir,
         capture_output=True,
         text=True,
         timeout=540,
+        env=memory_measuring_env(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     _, four, sixteen = json.loads(result.stdout.strip().splitlines()[-1])

@@ -35,7 +35,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from car_maker_pipeline_tests.support.hostile_images import encoded, large_png, padded_png, truncated
-from car_maker_pipeline_tests.support.serving import saved_classifier
+from car_maker_pipeline_tests.support.serving import memory_measuring_env, saved_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = encoded((96, 64), color=(10, 200, 10))
@@ -188,6 +188,7 @@ def test_peak_memory_is_one_batch_whatever_the_number_of_rows(model_path, tmp_pa
         capture_output=True,
         text=True,
         timeout=540,
+        env=memory_measuring_env(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     peaks = {int(rows): mb for rows, mb in json.loads(result.stdout.strip().splitlines()[-1]).items()}

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 ASSETS = [
     "raw_stanford_cars",
+    "labeled_additions",
     "car_maker_dataset",
     "baseline_evaluation",
     "lora_checkpoints",
@@ -25,10 +26,15 @@ ASSETS = [
     "checkpoint_accuracy",
     "merged_model",
     "maker_predictions",
+    "review_queue",
 ]
 SMALL_SOURCE = {"source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": []}}}
 LINEAGE = {
     ("raw_stanford_cars", "car_maker_dataset"),
+    ("raw_stanford_cars", "labeled_additions"),
+    ("labeled_additions", "car_maker_dataset"),
+    ("maker_predictions", "review_queue"),
+    ("car_maker_dataset", "review_queue"),
     ("car_maker_dataset", "baseline_evaluation"),
     ("car_maker_dataset", "lora_checkpoints"),
     ("car_maker_dataset", "lora_sweep"),
@@ -93,6 +99,8 @@ def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
     assert groups == {
         "raw_stanford_cars": "data",
         "car_maker_dataset": "data",
+        "labeled_additions": "data",
+        "review_queue": "labeling",
         "baseline_evaluation": "baseline",
         "lora_checkpoints": "training",
         "lora_sweep": "sweep",
@@ -107,7 +115,7 @@ def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
     assert {"pytorch", "huggingface", "mlflow"} <= set(nodes["lora_checkpoints"]["kinds"])
     assert {"pytorch", "mlflow"} <= set(nodes["checkpoint_accuracy"]["kinds"])
     assert {"optuna", "pytorch", "mlflow"} <= set(nodes["lora_sweep"]["kinds"])
-    for key in ASSETS[2:]:  # every asset after the data is one partition per model
+    for key in ASSETS[3:]:  # every asset after the data is one partition per model
         assert nodes[key]["isPartitioned"]
         assert nodes[key]["partitionKeysByDimension"][0]["partitionKeys"] == ["tiny-s", "tiny-m", "tiny-l"]
     checks = {key: {c["name"] for c in node["assetChecksOrError"]["checks"]} for key, node in nodes.items()}
@@ -135,7 +143,7 @@ def test_asset_graph_renders_in_headless_chromium(server, data_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
     lineage = _lineage_of("checkpoint_accuracy")
-    assert len(lineage) == len(ASSETS) - 1  # all but lora_sweep
+    assert lineage == set(ASSETS) - {"lora_sweep"}  # a sibling, not in its lineage
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=browser_path,

@@ -1,6 +1,6 @@
 """Build the maker-level dataset from the raw Stanford Cars source.
 
-Each image is decoded exactly once (`decoding`). Unusable images, rows with bad labels and
+Each image is decoded exactly once (`decoding`, row by row in `split_cleaning`). Unusable images, rows with bad labels and
 duplicates are dropped, never fatal: counted per split, and listed row by row with their reason in
 a small table stored with the dataset. Each split's labels are read through its own class names
 (`labels`), and the build's intermediate Arrow files live in its own temporary folder, never beside
@@ -9,7 +9,6 @@ the raw store it reads (which `datasets` would otherwise fill with cache files).
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections import Counter
@@ -17,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pandas as pd
 
 from car_maker_pipeline.data.added_rows import AddedBatch, append_added_rows, rows_per_maker
@@ -29,10 +27,11 @@ from car_maker_pipeline.data.dataset_spec import (  # noqa: F401 (TRAIN...column
     MakerDatasetParams,
     column,
 )
-from car_maker_pipeline.data.decoding import BAD_LABEL, DUPLICATE, TOO_LARGE, UNDECODABLE, Refusal, decode_checked
+from car_maker_pipeline.data.decoding import BAD_LABEL, DUPLICATE, TOO_LARGE, UNDECODABLE
 from car_maker_pipeline.data.decoding import decode_once as decode_once  # where callers have always found it
-from car_maker_pipeline.data.labels import label_mapping, map_label, unified_names
+from car_maker_pipeline.data.labels import unified_names
 from car_maker_pipeline.data.makers import makers_for_class_names, parse_class_name
+from car_maker_pipeline.data.split_cleaning import clean_split
 from car_maker_pipeline.storage import atomic_directory, read_json, write_json_atomic
 from car_maker_pipeline.store import CAR_MAKER_DATASET, PipelineStore
 
@@ -116,112 +115,6 @@ class MakerDataset:
         return pd.DataFrame(self.dropped_rows, columns=["split", "index", "reason", "detail"])
 
 
-def _image_bytes(raw: dict | None) -> bytes | Refusal | None:
-    if raw is None:
-        return None
-    if raw.get("bytes"):
-        return raw["bytes"]
-    if not raw.get("path"):
-        return None
-    try:
-        return Path(raw["path"]).read_bytes()
-    except OSError as error:
-        return Refusal(UNDECODABLE, f"cannot read {raw['path']}: {error.strerror or error}")
-
-
-def _process_batch(batch: dict, parsed: list, own_size: int, mapping: np.ndarray | None) -> dict:
-    """Decode, label and hash one batch; a dropped row gets its reason and detail instead of an image."""
-    names = ("image", "maker", "source_class", "source_label", "model", "year", "content_hash", "reason", "detail")
-    out = {name: [] for name in names}
-    for raw, own_label in zip(batch["image"], batch["label"]):
-        label = map_label(own_label, own_size, mapping)
-        decoded: tuple[bytes, str] | Refusal
-        if label is None:
-            decoded = Refusal(BAD_LABEL, "no label")
-        elif not 0 <= label < len(parsed):
-            decoded = Refusal(BAD_LABEL, f"label {own_label} is outside the split's {own_size} class names")
-        else:
-            data = _image_bytes(raw)
-            decoded = data if isinstance(data, Refusal) else decode_checked(data)
-        info = parsed[label] if label is not None and 0 <= label < len(parsed) else None
-        kept = not isinstance(decoded, Refusal)
-        out["image"].append({"bytes": decoded[0], "path": None} if kept else None)
-        out["content_hash"].append(decoded[1] if kept else "")
-        out["reason"].append("" if kept else decoded.reason)
-        out["detail"].append("" if kept else decoded.detail)
-        out["maker"].append(info.maker if info else "")
-        out["source_class"].append(info.source_class if info else "")
-        out["source_label"].append(label if info else -1)
-        out["model"].append(info.model if info else "")
-        out["year"].append(info.year if info and info.year is not None else -1)
-    return out
-
-
-_PROCESSED = datasets.Features(
-    {
-        "image": datasets.Image(decode=False),
-        "maker": datasets.Value("string"),
-        "source_class": datasets.Value("string"),
-        "source_label": datasets.Value("int32"),
-        "model": datasets.Value("string"),
-        "year": datasets.Value("int32"),
-        "content_hash": datasets.Value("string"),
-        "reason": datasets.Value("string"),
-        "detail": datasets.Value("string"),
-    }
-)
-
-
-def _clean_split(
-    split: str, part: datasets.Dataset, parsed: list, class_names: list[str], num_proc: int | None, work: Path
-) -> tuple[datasets.Dataset, list[dict]]:
-    """The split's usable rows (maker columns added) and its dropped rows, each with its reason."""
-    own_names = list(part.features["label"].names)
-    part = part.cast_column("image", datasets.Image(decode=False))
-    procs = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 4) if part.num_rows >= 4000 else None)
-    processed = part.map(
-        _process_batch,
-        fn_kwargs={"parsed": parsed, "own_size": len(own_names), "mapping": label_mapping(own_names, class_names)},
-        batched=True,
-        batch_size=256,
-        # num_proc=1 would still start a worker process; None keeps the work in this one.
-        remove_columns=part.column_names,
-        features=_PROCESSED,
-        num_proc=procs if procs and procs > 1 else None,
-        load_from_cache_file=False,
-        # In the build's own temporary folder: next to the input, `datasets` would write into the raw store.
-        cache_file_name=str(work / f"{split}-decoded.arrow"),
-        desc="decode images",
-    )
-    reasons, details = column(processed, "reason"), column(processed, "detail")
-    dropped = [
-        {"split": split, "index": index, "reason": reason, "detail": detail}
-        for index, (reason, detail) in enumerate(zip(reasons, details))
-        if reason
-    ]
-    # A row whose pixels already appeared earlier in the split is a duplicate: it would count twice in
-    # accuracy (test) or be over-weighted (train). The first occurrence stays.
-    first_seen: dict[str, int] = {}
-    keep = np.array([not reason for reason in reasons], dtype=bool)
-    for index, content_hash in enumerate(column(processed, "content_hash")):
-        if not keep[index]:
-            continue
-        if content_hash in first_seen:
-            keep[index] = False
-            dropped.append(
-                {
-                    "split": split,
-                    "index": index,
-                    "reason": DUPLICATE,
-                    "detail": f"same pixels as row {first_seen[content_hash]}",
-                }
-            )
-        else:
-            first_seen[content_hash] = index
-    cleaned = processed.select(np.flatnonzero(keep)).remove_columns(["reason", "detail"])
-    return cleaned, sorted(dropped, key=lambda row: row["index"])
-
-
 def _check_raw(raw: datasets.DatasetDict) -> None:
     for required in (TRAIN, TEST):
         if required not in raw:
@@ -269,7 +162,7 @@ def build_maker_dataset(
         work = tmp / ".work"  # intermediate Arrow files of this build, removed before the rename
         cleaned, dropped = {}, []
         for split, part in raw.items():
-            cleaned[split], dropped_here = _clean_split(split, part, parsed, class_names, params.num_proc, work)
+            cleaned[split], dropped_here = clean_split(split, part, parsed, class_names, params.num_proc, work)
             dropped += dropped_here
             if cleaned[split].num_rows == 0:
                 reasons = Counter(row["reason"] for row in dropped_here)

@@ -173,6 +173,17 @@ def saved_classifier(folder: Path, tiny_model_dir: Path, dataset_record, batch_s
     return folder / "model"
 
 
+def memory_measuring_env() -> dict[str, str]:
+    """This environment with glibc's mmap threshold fixed at 1 MiB, for a process whose peak is measured.
+
+    By default glibc raises the threshold to the size of each large block freed (up to 32 MiB), so
+    decoded images start coming from the heap, where freed space is kept and fragments: the peak then
+    drifts by a file or two from run to run whatever the code holds. A fixed threshold gives every
+    large block back when it is freed, so the peak is what the code keeps alive.
+    """
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1024**2)}
+
+
 def peak_rss_kb(pid: int) -> int:
     """The largest VmHWM (peak resident memory) among `pid` and its descendants, from /proc."""
     peaks, pending = [], [pid]
