@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
+from car_maker_pipeline.training.legacy_names import legacy_fingerprint
 
 LENGTH_COLUMN = "length"  # image tokens per training picture, for the length-grouped sampler
 
@@ -50,27 +51,6 @@ RUN_LENGTH_FIELDS = frozenset({"max_steps", "early_stopping_patience", "early_st
 # Schedules whose learning rate at a step does not depend on the run's length, or (warmup-stable-decay)
 # does not until the decay begins: a run of them can be extended soundly (continuation.py).
 EXTENDABLE_SCHEDULES = ("warmup_stable_decay", "constant", "constant_with_warmup", "inverse_sqrt")
-
-# Defaults as they were when `legacy_fingerprint` was frozen, for settings whose default changed since
-# (unset now means "chosen from the machine"), so an old folder's name is still computed the same way.
-_LEGACY_DEFAULTS = {"dataloader_num_workers": 0}
-
-# The fields the run config offered when training folders were first named after a hash of the
-# hyperparameters (`legacy_fingerprint`, the names folders got before the maths alone keyed them).
-_ALWAYS_FINGERPRINTED = (
-    "learning_rate",
-    "max_steps",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "checkpoint_every_n_steps",
-    "seed",
-    "vision_lr_scale",
-    "gradient_checkpointing",
-)
 
 
 class LoraTrainingError(ValueError):
@@ -246,15 +226,8 @@ class LoraHyperparameters(BaseModel):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
     def legacy_fingerprint(self, **launch_settings: Any) -> str:
-        """The name earlier releases gave a training folder (every setting, max_steps included), so a folder
-        made by them is found again and resumes. Frozen: never change it."""
-        defaults, mine = LoraHyperparameters().to_json() | _LEGACY_DEFAULTS, self.to_json()
-        mine.update({name: value for name, value in _LEGACY_DEFAULTS.items() if mine[name] is None})
-        values = {
-            name: value for name, value in mine.items() if name in _ALWAYS_FINGERPRINTED or value != defaults[name]
-        }
-        values.update(launch_settings)
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+        """The name earlier releases gave a training folder (legacy_names.py), so one they made resumes."""
+        return legacy_fingerprint(self.to_json(), LoraHyperparameters().to_json(), **launch_settings)
 
     def same_maths(self, other: LoraHyperparameters) -> list[str]:
         """The mathematical settings in which `other` differs from these (empty: the same run)."""
