@@ -232,12 +232,16 @@ SYSTEM_METRICS_INTERVAL_S = 2.0
 
 
 @contextmanager
-def system_metrics(run_id: str) -> Iterator[None]:
-    """Record system metrics into run `run_id` while the block runs (training reports through the client
-    API, outside an active run, so `start_run(log_system_metrics=True)` cannot do it there)."""
+def system_metrics(run_id: str, tracking_uri: str) -> Iterator[None]:
+    """Record system metrics into run `run_id` of the store at `tracking_uri` while the block runs (training
+    reports through the client API, outside an active run, so `start_run(log_system_metrics=True)` cannot do
+    it there). The store is named: the monitor would otherwise look for the run in MLflow's global
+    tracking URI, find nothing there and log nowhere."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True)
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True, tracking_uri=tracking_uri
+    )
     monitor.start()
     try:
         yield

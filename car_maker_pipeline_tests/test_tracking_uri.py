@@ -87,6 +87,29 @@ def test_the_configured_uri_follows_car_maker_home(tmp_path, monkeypatch):
     assert configured_tracking_uri(home) == "http://127.0.0.1:5000"
 
 
+def test_system_metrics_go_to_the_named_store_whatever_the_global_tracking_uri(tmp_path, monkeypatch):
+    """A training step reports to its run through the client API, in a process whose global tracking URI
+    may be unset or another store (a resumed run never sets it): the machine's samples still land in the
+    run, in the store named, and nowhere else."""
+    import time
+
+    from car_maker_pipeline.tracking import system_metrics
+
+    uri, elsewhere = default_tracking_uri(tmp_path / "home"), default_tracking_uri(tmp_path / "elsewhere")
+    ensure_reachable(uri), ensure_reachable(elsewhere)
+    run_id = mlflow.MlflowClient(uri).create_run(experiment_id="0").info.run_id
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    mlflow.set_tracking_uri(elsewhere)
+    try:
+        with system_metrics(run_id, uri):
+            time.sleep(1.0)
+    finally:
+        mlflow.set_tracking_uri("")
+    sampled = {key for key in mlflow.MlflowClient(uri).get_run(run_id).data.metrics if key.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= sampled
+    assert mlflow.MlflowClient(elsewhere).search_runs(["0"]) == []
+
+
 def _schema(path) -> tuple[dict, list]:
     """Every table and index with its definition's clauses as a set (MLflow's own migrations write a
     table's constraints in an order that differs from one run to the next), and the alembic revision."""

@@ -88,7 +88,7 @@ def train_model(
     losses = MlflowLossCallback(run_id, tracking_uri, pending_path=out_dir / PENDING_FILE)
     started = time.perf_counter()
     # The machine's CPU, memory (and GPU) while it trains, sampled into the training run.
-    with system_metrics(run_id):
+    with system_metrics(run_id, tracking_uri):
         if num_processes > 1:
             result, world_size = train_distributed(
                 num_processes,
