@@ -121,9 +121,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)  # 40 steps leave tiny-s answering its commonest maker
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "car_maker_bench_sweep")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the work folder's study: a stopped run continues its sweep where it stopped (as lora_sweep does)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    shutil.rmtree(args.work / "home", ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(args.work / "home", ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
     demo = StanfordCarsSource()  # the demo profile's defaults, stated once there
     record = cached_maker_dataset(
@@ -149,10 +155,12 @@ def main() -> None:
             run_tags={},
         )
     sweep_seconds = time.perf_counter() - started
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     for label, path in sweep.figures.items():
         shutil.copy(path, RESULTS_DIR / f"{NAME}_{label}.png")
     print(sweep.trials.to_string(index=False))
-    print(f"sweep: {sweep_seconds:.0f}s, {sweep.summary}")
+    trial_seconds = float(sweep.trials["seconds"].sum())  # the trials' own time, also when resumed
+    print(f"sweep: {sweep_seconds:.0f}s in this process, {trial_seconds:.0f}s of trials, {sweep.summary}")
     best_params = decoded_params(sweep.summary["best_params"])
     configurations = {"default": {}, "sweep best": best_params}
     runs = {}
@@ -197,6 +205,7 @@ def main() -> None:
         steps=args.steps,
         target_precision=DEMO_TARGET_PRECISION,
         sweep_seconds=sweep_seconds,
+        trial_seconds=trial_seconds,
         sweep={**sweep.summary, "trials": sweep.trials.to_dict(orient="records")},
         runs={f"{label}/{seed}": run for (label, seed), run in runs.items()},
         table=table,
