@@ -6,6 +6,7 @@
     python bench/bench_evaluator.py --no-train         # skip the LoRA training run
     python bench/bench_evaluator.py --sizes realistic --no-train     # photos sized like Stanford Cars'
     python bench/bench_evaluator.py --model-shape 450m --sizes realistic   # LFM2-VL-450M shape, random weights
+    python bench/bench_evaluator.py --input-pipeline --sizes realistic  # batches prepared in 0/1/2 threads
 
 What is measured
 ----------------
@@ -50,6 +51,11 @@ Model shape: `--model-shape 450m` builds LFM2-VL-450M's real shape with random w
 real image processor (offline/real_shape.py): 70 to 2,273 image tokens per picture. It is slow on a
 CPU, so it defaults to 8 images, 1 repetition, batch 8 and no training.
 
+Input pipeline: `--input-pipeline` instead times `evaluate_split` over the stored test pictures
+(decoding and preparation included) with 0, 1 and 2 threads preparing batches ahead of the model
+(`bench/_input_pipeline.py`), then full against draft decoding (`draft_decode`: the largest
+difference of any maker's probability, answers changed, images/s); nothing else runs.
+
 Adapters: a random-weight model is at chance for ours and never says a valid maker in free text, so
 the comparison is repeated on LoRA adapters: `--adapter PATH` (a PEFT adapter dir, loaded with
 `peft.PeftModel.from_pretrained` on top of tiny-s), and, unless `--no-train`, a short run of
@@ -77,6 +83,7 @@ from _common import (  # noqa: E402
     save_results,
 )
 from _evaluator_methods import MAX_NEW_TOKENS, compare, load_base, load_with_adapter, print_tables  # noqa: E402
+from _input_pipeline import compare_draft, compare_workers, print_workers_table  # noqa: E402
 
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier  # noqa: E402
 from car_maker_pipeline.offline.real_shape import build_real_shape_model  # noqa: E402
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model-shape", choices=("tiny", "450m"), default="tiny", help="tiny-s, or LFM2-VL-450M's shape (random)"
     )
     parser.add_argument("--batch-size", type=int, default=None, help=f"default {BATCH_SIZE}; 8 with --model-shape 450m")
+    parser.add_argument("--input-pipeline", action="store_true", help="only: 0/1/2 threads preparing batches")
     args = parser.parse_args(argv)
     real_shape = args.model_shape == "450m"
     batch_size = args.batch_size or (8 if real_shape else BATCH_SIZE)
@@ -236,6 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         f"torch threads {torch.get_num_threads()}"
     )
 
+    if args.input_pipeline:
+        model, processor = load_base(model_dir)
+        pipeline = compare_workers(model, processor, makers, part, repeats, batch_size)
+        print_workers_table(args.sizes, pipeline)
+        pipeline["draft_decode"] = compare_draft(model, processor, makers, part, repeats, batch_size)
+        print(f"draft decode against full: {pipeline['draft_decode']}")
+        save_results(
+            args.out, NAME, machine, library_versions("torch", "transformers"), started_all, mode="input-pipeline",
+            torch_threads=torch.get_num_threads(), sizes=args.sizes, batch_size=batch_size, input_pipeline=pipeline,
+        )  # fmt: skip
+        return 0
     results = []
     model, processor = load_base(model_dir)
     probe = MakerClassifier(model, processor, makers, batch_size=batch_size)

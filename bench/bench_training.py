@@ -3,6 +3,7 @@
     python bench/bench_training.py                 # 1,280 training samples per run, 3 repetitions
     python bench/bench_training.py --small         # 128 samples, 2 repetitions (~1 min)
     python bench/bench_training.py --sizes realistic   # realistic photo sizes: ours with vs without grouping
+    python bench/bench_training.py --sizes realistic --workers 2   # ours with 0 vs 2 data-loading workers
 
 What is measured
 ----------------
@@ -29,6 +30,10 @@ the median of per-repetition (ours samples/s) / (tutorial samples/s).
 `--sizes realistic` trains on the demo source's realistic size mixture (offline/population.py) and
 compares ours with `group_by_image_tokens` off (random batches) and on (transformers' length-grouped
 sampler over each picture's image tokens): the only difference is which pictures share a batch.
+
+`--workers N` compares ours with `dataloader_num_workers=0` (decoding, RGB, LFM2-VL's processor and
+collation in the training process, between steps) against N worker processes preparing batches
+ahead of the model (torch's DataLoader, as the Trainer runs it); nothing else changes.
 
 On a CUDA machine the same script runs on the GPU (the Trainer places the model) and also records
 peak GPU memory per variant.
@@ -65,12 +70,18 @@ from car_maker_pipeline.training.trainer import build_trainer  # noqa: E402
 NAME = "bench_training"
 TRAIN_PER_MAKER, TEST_PER_MAKER = 240, 10  # 6 makers -> 1,440 train rows (1,296 + 144 validation)
 
-OURS = {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1, "gradient_checkpointing": False}
+OURS = {
+    "per_device_train_batch_size": 32,
+    "gradient_accumulation_steps": 1,
+    "gradient_checkpointing": False,
+    "dataloader_num_workers": 0,
+}
 VARIANTS = {
     "ours": OURS,
     "tutorial": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": True},
 }
 SIZE_VARIANTS = {"ours": OURS, "ours-grouped": {**OURS, "group_by_image_tokens": True}}
+WORKER_VARIANTS: dict[str, dict] = {}  # filled by --workers
 
 
 def _timing_callback():
@@ -98,7 +109,7 @@ def _timing_callback():
 def train_once(
     variant: str, model_dir: Path, train, val, makers, samples: int, work: Path, learning_rate: float, bf16: bool | None
 ) -> dict:
-    knobs = {**VARIANTS, **SIZE_VARIANTS}[variant]
+    knobs = {**VARIANTS, **SIZE_VARIANTS, **WORKER_VARIANTS}[variant]
     per_step = knobs["per_device_train_batch_size"] * knobs["gradient_accumulation_steps"]
     steps = samples // per_step
     config = LoraHyperparameters(
@@ -162,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 = torch's default)"
     )
     parser.add_argument("--sizes", choices=("demo", "realistic"), default="demo", help="picture sizes of the source")
+    parser.add_argument("--workers", type=int, default=None, help="compare 0 with this many data-loading workers")
     args = parser.parse_args(argv)
     variants = SIZE_VARIANTS if args.sizes == "realistic" else VARIANTS
+    if args.workers:
+        WORKER_VARIANTS.update({"ours": OURS, "ours-workers": {**OURS, "dataloader_num_workers": args.workers}})
+        variants = WORKER_VARIANTS
     baseline, other = list(variants)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -208,8 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"val loss {result['val_loss']:.3f}",
                 flush=True,
             )
-        # ours / tutorial at demo sizes; grouped / ungrouped at realistic sizes
-        first, second = ("ours", "tutorial") if args.sizes == "demo" else ("ours-grouped", "ours")
+        # ours / tutorial at demo sizes; grouped / ungrouped at realistic sizes; N workers / none
+        first, second = (
+            ("ours-workers", "ours")
+            if args.workers
+            else ("ours", "tutorial")
+            if args.sizes == "demo"
+            else ("ours-grouped", "ours")
+        )
         ratios.append(by_variant[first]["samples_per_second"] / by_variant[second]["samples_per_second"])
 
     def med(variant: str, key: str) -> float:
@@ -246,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     headline = median(ratios)
     print(
-        f"ratio {'ours/tutorial' if args.sizes == 'demo' else 'grouped/ungrouped'} samples/s "
+        f"ratio {first}/{second} samples/s "
         f"(median of per-repetition ratios): {headline:.2f}x  "
         f"(each: {', '.join(f'{r:.2f}' for r in ratios)})"
     )
@@ -264,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         validation_rows=val.num_rows,
         variants=variants,
         sizes=args.sizes,
+        workers=args.workers,
         runs=runs,
         ratios=ratios,
         median_ratio=headline,

@@ -6,8 +6,14 @@
 
 Random weights at the published shape (offline/real_shape.py) with LFM2-VL's real image processor,
 so every picture costs what it would with the Hub checkpoint (70 to 2,273 image tokens). Pictures
-come from the demo renderer at the realistic size mixture (offline/population.py), made in memory:
-the script needs torch, transformers, tokenizers, pillow, numpy and pandas, not datasets, trl or
+come from the demo renderer at the realistic size mixture (offline/population.py), JPEG-encoded
+(quality 90) and held as stored bytes (`StoredPicture`), so ours reads, decodes and prepares them
+as the pipeline does. Ours runs with the evaluator's preparing threads off (`--workers 0`, everything
+one step after another) and on (`machine_prepare_workers`, or `--workers N`), and reports the CPU
+preparation time alone (every batch prepared, no model), the model's time, and the share of wall time
+the model was running (its forward passes end in a host copy, so that time includes the GPU's work).
+The tutorial loop gets decoded pictures, as the tutorial did. The script
+needs torch, transformers, tokenizers, pillow, numpy and pandas, not datasets, trl or
 dagster (so it runs on a bare GPU machine with this repository and those wheels).
 
 Reported per method: images/s, prompt tokens/s (real tokens, and computed including padding),
@@ -33,6 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, ThroughputStats  # noqa: E402
+from car_maker_pipeline.evaluation.scoring.inputs import StoredPicture  # noqa: E402
+from car_maker_pipeline.machine import machine_prepare_workers  # noqa: E402
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate  # noqa: E402
 from car_maker_pipeline.models.loading import load_model_and_processor  # noqa: E402
 from car_maker_pipeline.offline.demo_source import DEMO_MAKERS  # noqa: E402
@@ -52,6 +60,36 @@ def pictures(count: int, seed: int = 0) -> list:
         size = realistic_image_size(rng)
         out.append(render_car(maker, name, rng, drawing_size(size)).resize(size, Image.Resampling.BILINEAR))
     return out
+
+
+def stored(images: list) -> list[StoredPicture]:
+    import io
+
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=90)
+        out.append(StoredPicture.of({"bytes": buffer.getvalue(), "path": None}))
+    return out
+
+
+def overlapped(model, processor, makers, pictures: list, batch_size: int, workers: int, device: str) -> dict:
+    """Ours over stored pictures with `workers` preparing threads: wall, model and preparation times."""
+    classifier = MakerClassifier(model, processor, makers, batch_size=batch_size, workers=workers)
+    classifier.classify_each(pictures[:batch_size], [None], warm_up=True)  # kernels, allocator
+    started = time.perf_counter()
+    for _ in classifier._prepared_batches(pictures):  # preparation alone: what the CPU side costs
+        pass
+    prepare_seconds = time.perf_counter() - started
+    synchronize(device)
+    started = time.perf_counter()
+    one = classifier.classify_each(pictures, [None])
+    synchronize(device)
+    wall = time.perf_counter() - started
+    model_seconds = one.model_seconds[None]
+    return {"workers": workers, "prefetch": classifier.prefetch, "seconds": wall,
+            "images_per_second": len(pictures) / wall, "prepare_seconds_alone": prepare_seconds,
+            "model_seconds": model_seconds, "model_busy_share": model_seconds / wall}  # fmt: skip
 
 
 def tutorial_loop(model, processor, makers: list[str], images: list) -> int:
@@ -85,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak")
     parser.add_argument("--work", type=Path, default=Path("/tmp/car_maker_gpu_bench"))
+    parser.add_argument("--workers", type=int, default=None, help="preparing threads (default: the machine's)")
     args = parser.parse_args(argv)
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
 
@@ -151,6 +190,16 @@ def main(argv: list[str] | None = None) -> int:
                    2 * language * tutorial_tokens + tutorial_vision)  # fmt: skip
     print(f"ratio ours/tutorial images/s: {ours['images_per_second'] / tutorial['images_per_second']:.1f}x")
     print(f"evaluator: {stats.summary()}")
+
+    workers = args.workers if args.workers is not None else machine_prepare_workers(args.device.startswith("cuda"))
+    jpegs = stored(images)
+    print("\nstored JPEGs (read, decoded, prepared as the pipeline does):")
+    print("| preparing threads | images/s | preparation alone (s) | model (s) | model busy share of wall |")
+    print("|---|---|---|---|---|")
+    for count in dict.fromkeys([0, max(1, workers)]):
+        run = overlapped(model, processor, makers, jpegs, args.batch_size, count, args.device)
+        print(f"| {count} | {run['images_per_second']:.2f} | {run['prepare_seconds_alone']:.2f} | "
+              f"{run['model_seconds']:.2f} | {run['model_busy_share']:.1%} |")  # fmt: skip
     return 0
 
 

@@ -1,10 +1,15 @@
 """car_maker_pipeline: turn small vision-language models into car-maker classifiers with Dagster.
 
 `dagster ... -m car_maker_pipeline` finds `defs` here. It is loaded lazily so that importing a
-plain module (say `car_maker_pipeline.data.makers`) does not import Dagster and every asset.
+plain module (say `car_maker_pipeline.data.makers`) does not import Dagster and every asset. Every
+pipeline process imports this first, so it is where the process's thread policy is set (machine.py).
 """
 
+from car_maker_pipeline.machine import settle_threads
+
 __version__ = "0.1.0"
+
+settle_threads()  # before torch loads: compute threads that sleep, not spin, while they wait
 
 
 def __getattr__(name: str):

@@ -7,7 +7,7 @@
 | mixed picture sizes through `classify`            | input order kept; answers equal one-at-a-time              |
 | sorting vs. no sorting on a mixed-size list       | fewer padded tokens with sorting                           |
 | batches under a decoded-pixel bound               | no batch over the bound (a lone picture may be); same answers |
-| `evaluate_split`, several batches in one window    | a batch's decoded pictures are freed before the next runs  |
+| `evaluate_split`, several batches in one window, 0/1/2 preparing threads, prefetch 1-3 | a batch's decoded pictures freed before the next (but another thread's); at most prefetch + 1 prepared batches alive |
 | token count from size vs. the processor           | equal for random sizes, tiny and real processors           |
 | budget min > max, max < 1                          | ImageTokenBudgetError naming the setting                   |
 | budget applied                                    | the processor makes fewer tokens; the budget in force known |
@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import numpy as np
@@ -24,7 +25,8 @@ from PIL import Image
 from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor
 
 from car_maker_pipeline.evaluation.scoring.answers import decode
-from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split, pixel_bounded_batches
+from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
+from car_maker_pipeline.evaluation.scoring.inputs import pixel_bounded_batches
 from car_maker_pipeline.evaluation.scoring.reference import generate_decode
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, ImageTokenBudgetError, image_token_count
 from car_maker_pipeline.offline.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, build_processor, build_tokenizer
@@ -108,9 +110,9 @@ def test_pixel_bounded_batches(areas, batch_size, bound, expected):
 class _BatchRecorder(MakerClassifier):
     """The real classifier, noting the decoded pixels of every batch it runs."""
 
-    def _run_batch(self, images, decoder=None):
+    def _prepare(self, images):
         self.batch_pixels = [*getattr(self, "batch_pixels", []), sum(i.size[0] * i.size[1] for i in images)]
-        return super()._run_batch(images, decoder)
+        return super()._prepare(images)
 
 
 def test_large_pictures_run_in_smaller_batches_with_the_same_answers(tiny_model, maker_dataset):
@@ -128,24 +130,46 @@ def test_large_pictures_run_in_smaller_batches_with_the_same_answers(tiny_model,
 
 
 class _PixelLifetimes(MakerClassifier):
-    """The real classifier, checking at each batch that no earlier batch's pictures are still alive."""
+    """The real classifier, checking at each batch that no earlier batch's pictures are still alive
+    (beyond those other preparing threads hold), and at each forward pass how many prepared batches are."""
 
-    def _run_batch(self, images, decoder=None):
+    def _prepare(self, images):
         gc.collect()
-        self.alive_before_batch = [
-            *getattr(self, "alive_before_batch", []),
-            sum(r() is not None for r in getattr(self, "seen", [])),
-        ]
-        self.seen = [*getattr(self, "seen", []), *(weakref.ref(image) for image in images)]
-        return super()._run_batch(images, decoder)
+        with self.lock:
+            self.alive_before_batch.append(sum(r() is not None for r in self.seen))
+            self.seen += [weakref.ref(image) for image in images]
+        batch = super()._prepare(images)
+        with self.lock:
+            self.prepared.append(weakref.ref(batch))
+        return batch
+
+    def _score(self, batch, stats, decoder=None):
+        gc.collect()
+        with self.lock:
+            self.prepared_alive.append(sum(r() is not None for r in self.prepared))
+        return super()._score(batch, stats, decoder)
 
 
-def test_evaluate_split_frees_each_batch_of_pixels_before_the_next(tiny_model, maker_dataset):
-    classifier = _PixelLifetimes(tiny_model.model, tiny_model.processor, DEMO_MAKERS, batch_size=4, sort_window=8)
+@pytest.mark.parametrize(("workers", "prefetch"), [(0, 2), (1, 1), (2, 1), (2, 3)])
+def test_evaluate_split_frees_each_batch_of_pixels_before_the_next(tiny_model, maker_dataset, workers, prefetch):
+    classifier = _PixelLifetimes(
+        tiny_model.model,
+        tiny_model.processor,
+        DEMO_MAKERS,
+        batch_size=4,
+        sort_window=8,
+        workers=workers,
+        prefetch=prefetch,
+    )
+    classifier.lock, classifier.seen, classifier.prepared = threading.Lock(), [], []
+    classifier.alive_before_batch, classifier.prepared_alive = [], []
     run = evaluate_split(classifier, maker_dataset.load()["test"], max_images=20)
     assert len(run.predictions) == 20
-    assert len(classifier.alive_before_batch) == 1 + 5  # the warm-up batch, then 20 pictures in batches of 4
-    assert classifier.alive_before_batch == [0] * 6, "decoded pictures of finished batches were still held"
+    assert len(classifier.alive_before_batch) == 5  # 20 pictures in batches of 4, the warm-up reusing the first
+    others = max(0, workers - 1) * 4  # pictures another thread may be preparing at the same time
+    assert max(classifier.alive_before_batch) <= others, "decoded pictures of finished batches were still held"
+    in_flight = 1 if workers == 0 else prefetch + 1  # the one scored, and those prepared ahead
+    assert max(classifier.prepared_alive) <= in_flight, classifier.prepared_alive
 
 
 @pytest.mark.parametrize("kind", ["tiny", "real"])

@@ -1,7 +1,9 @@
 """Score every LoRA checkpoint of one training run with the baseline's evaluator.
 
-The base model is loaded once; each checkpoint's adapter is attached under its own name and
-switched in turn, and `disable_adapter()` gives back the base model for robustness comparisons.
+The base model is loaded once; each checkpoint's adapter is attached under its own name (PEFT holds
+them side by side), and each split is read once: every batch of pictures is prepared once and run
+through every checkpoint's adapter in turn (`set_adapter`), so 8 checkpoints cost one preparation of
+the pictures, not 8. `disable_adapter()` gives back the base model for robustness comparisons.
 Results are cached per (checkpoint, split), so re-materializing only evaluates new checkpoints.
 """
 
@@ -18,11 +20,17 @@ from car_maker_pipeline.evaluation.answer_policy import Calibration, calibrate, 
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.settings import (
     DEFAULT_DELTA,
+    DEFAULT_PREFETCH,
     DEFAULT_SELECTION_METRIC,
     DEFAULT_TARGET_PRECISION,
     SELECTION_METRICS,
 )
-from car_maker_pipeline.evaluation.split_report import EvaluationReport, evaluate_to_dir
+from car_maker_pipeline.evaluation.split_report import (
+    EvaluationReport,
+    ReportTarget,
+    evaluate_each_to_dir,
+    evaluate_to_dir,
+)
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.checkpoint_marker import ADAPTER_WEIGHTS, recorded_digest
@@ -62,6 +70,22 @@ def _cached_or_evaluate(classifier, dataset, split, out_dir: Path, title: str, f
     return evaluate_to_dir(classifier, dataset, split, out_dir, title=title, figures=figures)
 
 
+def _every_checkpoint(classifier, dataset, split: str, step_dirs: dict[int, Path]) -> dict:
+    """Every checkpoint's report on `split`: cached ones read back, the others scored together in one
+    pass over the pictures (each prepared once, then run through every checkpoint's adapter)."""
+    reports, missing = {}, []
+    for step in sorted(step_dirs):
+        summary = step_dirs[step] / split / "summary.json"
+        if summary.exists():
+            reports[(step, split)] = EvaluationReport.from_json(json.loads(summary.read_text()))
+        else:
+            missing.append(ReportTarget(f"step-{step}", step_dirs[step] / split, f"step {step} {split}", split == TEST))
+    if missing:
+        for target, report in zip(missing, evaluate_each_to_dir(classifier, dataset, split, missing)):
+            reports[(int(target.adapter.removeprefix("step-")), split)] = report
+    return reports
+
+
 def results_dir(out_root: Path, label: str, budget: ImageTokenBudget, adapter: Path | None = None) -> Path:
     """Where one evaluation's results are cached: named after what decides them besides the data.
 
@@ -98,6 +122,8 @@ def score_checkpoints(
     val_loss: dict[int, float] | None = None,
     prompt: PromptTemplate | None = None,
     batch_size: int = 16,
+    prepare_workers: int | None = None,
+    prefetch: int = DEFAULT_PREFETCH,
     corrupted_splits: list[str] | None = None,
     budget: ImageTokenBudget | None = None,
     target_precision: float = DEFAULT_TARGET_PRECISION,
@@ -117,24 +143,19 @@ def score_checkpoints(
             "There are no complete checkpoints to evaluate; materialize lora_checkpoints first."
         )
     model = attach_adapters(base_model, checkpoints)
-    classifier = MakerClassifier(model, processor, makers, prompt=prompt, batch_size=batch_size, budget=budget)
+    classifier = MakerClassifier(
+        model, processor, makers, prompt=prompt, batch_size=batch_size, budget=budget, workers=prepare_workers,
+        prefetch=prefetch,
+    )  # fmt: skip
     reports: dict[tuple[int | str, str], EvaluationReport] = {}
     step_dirs = {
         step: results_dir(out_root, f"step-{step}", classifier.budget, path) for step, path in checkpoints.items()
     }
+    for split in (VALIDATION, TEST):
+        reports.update(_every_checkpoint(classifier, dataset, split, step_dirs))
     rows = []
     calibrations: dict[int, Calibration] = {}
     for step in sorted(checkpoints):
-        model.set_adapter(f"step-{step}")
-        for split in (VALIDATION, TEST):
-            reports[(step, split)] = _cached_or_evaluate(
-                classifier,
-                dataset,
-                split,
-                step_dirs[step] / split,
-                f"step {step} {split}",
-                figures=split == TEST,
-            )
         val, test = reports[(step, VALIDATION)].summary, reports[(step, TEST)].summary
         val_predictions = reports[(step, VALIDATION)].predictions()
         calibrations[step] = calibrate(

@@ -28,6 +28,14 @@ TEMPERATURE_FOLD_SHARE = 0.25
 # delta / (checkpoints compared).
 SELECTION_METRICS = {"val_accuracy": "validation accuracy", "val_coverage_at_target": "certified validation coverage"}
 DEFAULT_SELECTION_METRIC = "val_accuracy"
+# Batches the evaluator prepares ahead of the model (when it prepares in threads): enough to hide one
+# slow batch (a run of large photos) behind the model, few enough that memory holds at most one more
+# than this many batches of the processor's tensors.
+DEFAULT_PREFETCH = 2
+# Large stored JPEGs decoded at a reduced size where the image processor shrinks them anyway
+# (`Image.draft`). Off: training decodes at full size, and the agreement with a full decode was
+# measured on the tiny models only (bench/README.md, *Draft decoding*).
+DRAFT_DECODE = False
 
 
 def default_target_precision(profile: str | None = None) -> float:

@@ -13,7 +13,12 @@ import pandas as pd
 
 from car_maker_pipeline.evaluation.metrics.accuracy import AccuracySummary, per_maker_table, summarize
 from car_maker_pipeline.evaluation.metrics.figures import confusion_figure, misclassified_figure, save_figure
-from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
+from car_maker_pipeline.evaluation.scoring.classifier import (
+    EvaluationRun,
+    MakerClassifier,
+    evaluate_split,
+    evaluate_split_each,
+)
 from car_maker_pipeline.storage import atomic_directory
 
 
@@ -87,15 +92,48 @@ def evaluate_to_dir(
     figures: bool = True,
 ) -> EvaluationReport:
     """Classify a split and write predictions, per-maker table, figures and a summary atomically."""
-    part = dataset[split]
-    run = evaluate_split(classifier, part, max_images=max_images)
-    summary = summarize(run.predictions, classifier.makers)
+    run = evaluate_split(classifier, dataset[split], max_images=max_images)
+    return write_report(run, classifier.makers, dataset[split], split, out_dir, title, max_images, figures)
+
+
+@dataclass(frozen=True)
+class ReportTarget:
+    """Where and how one adapter's evaluation of a split is written (`evaluate_each_to_dir`)."""
+
+    adapter: str | None
+    out_dir: Path
+    title: str
+    figures: bool = True
+
+
+def evaluate_each_to_dir(classifier: MakerClassifier, dataset, split: str, targets: list[ReportTarget]) -> list:
+    """`evaluate_to_dir` for each target's adapter of the classifier's model, in one pass over the
+    split's pictures (each read and prepared once, `evaluate_split_each`); the reports in target order."""
+    runs = evaluate_split_each(classifier, dataset[split], [target.adapter for target in targets])
+    return [
+        write_report(runs[t.adapter], classifier.makers, dataset[split], split, t.out_dir, t.title, None, t.figures)
+        for t in targets
+    ]
+
+
+def write_report(
+    run: EvaluationRun,
+    makers: list[str],
+    part,
+    split: str,
+    out_dir: Path,
+    title: str,
+    max_images: int | None = None,
+    figures: bool = True,
+) -> EvaluationReport:
+    """One evaluation's predictions, per-maker table, figures (pictures from `part`) and summary, written atomically."""
+    summary = summarize(run.predictions, makers)
     with atomic_directory(out_dir) as tmp:
         run.predictions.to_parquet(tmp / "predictions.parquet", index=False)
-        per_maker_table(run.predictions, classifier.makers).to_parquet(tmp / "per_maker.parquet", index=False)
+        per_maker_table(run.predictions, makers).to_parquet(tmp / "per_maker.parquet", index=False)
         if figures:
             save_figure(
-                confusion_figure(run.predictions, classifier.makers, f"{title}: {summary.accuracy:.1%}"),
+                confusion_figure(run.predictions, makers, f"{title}: {summary.accuracy:.1%}"),
                 tmp / "confusion_matrix.png",
             )
             save_figure(

@@ -61,18 +61,16 @@ class ImageTokenBudget:
         return asdict(self)
 
 
-def image_token_count(image_processor, width: int, height: int) -> int:
-    """Image tokens `image_processor` makes of a `width` x `height` picture, without touching pixels.
+def processor_layout(image_processor, width: int, height: int) -> tuple:
+    """What `image_processor` makes of a `width` x `height` picture, decided from its size alone:
+    ((grid columns, grid rows) or None when it is not tiled, (width, height) of the single picture or
+    thumbnail it resizes to, whether a thumbnail is added).
 
     Follows `Lfm2VlImageProcessor.resize_and_split` step by step with the processor's own helpers
     (tested against the processor's output), so sorting thousands of pictures by cost is free.
     """
     ip = image_processor
     patch, factor = ip.encoder_patch_size, ip.downsample_factor
-
-    def tokens(h: int, w: int) -> int:
-        return math.ceil((h // patch) / factor) * math.ceil((w // patch) / factor)
-
     new_width, new_height = ip.smart_resize(
         height=height,
         width=width,
@@ -91,14 +89,53 @@ def image_token_count(image_processor, width: int, height: int) -> int:
     )
     splitting = ip.do_image_splitting and not ip.min_tiles == ip.max_tiles == 1
     if not (too_large and splitting):
-        return tokens(new_height, new_width)
+        return None, (new_width, new_height), False
     grid_width, grid_height, *_ = ip._get_grid_layout(
         height, width, min_tiles=ip.min_tiles, max_tiles=ip.max_tiles, tile_size=ip.tile_size
     )
-    count = grid_width * grid_height * tokens(ip.tile_size, ip.tile_size)
-    if ip.use_thumbnail and grid_width * grid_height != 1:
-        count += tokens(new_height, new_width)
-    return count
+    return (grid_width, grid_height), (new_width, new_height), bool(ip.use_thumbnail and grid_width * grid_height != 1)
+
+
+def image_token_count(image_processor, width: int, height: int) -> int:
+    """Image tokens `image_processor` makes of a `width` x `height` picture, without touching pixels."""
+    ip = image_processor
+    patch, factor = ip.encoder_patch_size, ip.downsample_factor
+
+    def tokens(h: int, w: int) -> int:
+        return math.ceil((h // patch) / factor) * math.ceil((w // patch) / factor)
+
+    grid, (new_width, new_height), thumbnail = processor_layout(ip, width, height)
+    if grid is None:
+        return tokens(new_height, new_width)
+    count = grid[0] * grid[1] * tokens(ip.tile_size, ip.tile_size)
+    return count + (tokens(new_height, new_width) if thumbnail else 0)
+
+
+# The reduced sizes a JPEG decoder can produce directly (libjpeg's DCT scaling, PIL's `Image.draft`).
+DRAFT_SCALES = (8, 4, 2)
+
+
+def draft_size(image_processor, width: int, height: int) -> tuple[int, int] | None:
+    """The smallest size a JPEG of `width` x `height` can be decoded at (1/8, 1/4 or 1/2 of it) that
+    `image_processor` treats exactly as the full picture, or None when no reduced decode is safe.
+
+    Safe means: the processor decides the same layout from the reduced size (tiles, resized size,
+    thumbnail; so the same image tokens), and every size it resizes to is still at most the reduced
+    picture's, so it only downscales. The processor shrinks a 5,616 x 3,744 photo to a few tiles of
+    512 px anyway; decoding it at half size skips three quarters of the decoding and of its resizing.
+    """
+    layout = processor_layout(image_processor, width, height)
+    grid, resized, thumbnail = layout
+    targets = [resized] if grid is None or thumbnail else []
+    if grid is not None:
+        targets.append((grid[0] * image_processor.tile_size, grid[1] * image_processor.tile_size))
+    for scale in DRAFT_SCALES:
+        reduced = (-(-width // scale), -(-height // scale))  # libjpeg rounds a scaled size up
+        if all(w <= reduced[0] and h <= reduced[1] for w, h in targets) and (
+            processor_layout(image_processor, *reduced) == layout
+        ):
+            return reduced
+    return None
 
 
 def budget_for_checkpoint(trained: dict | None, requested: ImageTokenBudget) -> tuple[ImageTokenBudget, str | None]:

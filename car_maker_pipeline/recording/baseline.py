@@ -27,7 +27,12 @@ from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError
 from car_maker_pipeline.evaluation.metrics.certification import check_delta
 from car_maker_pipeline.evaluation.metrics.selective import check_target_precision
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
-from car_maker_pipeline.evaluation.settings import CALIBRATION_SPLIT, DEFAULT_DELTA, DEFAULT_TARGET_PRECISION
+from car_maker_pipeline.evaluation.settings import (
+    CALIBRATION_SPLIT,
+    DEFAULT_DELTA,
+    DEFAULT_PREFETCH,
+    DEFAULT_TARGET_PRECISION,
+)
 from car_maker_pipeline.evaluation.split_report import EvaluationReport, evaluate_to_dir
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
@@ -140,6 +145,8 @@ def evaluate_and_record(
     prompt: PromptTemplate,
     batch_size: int,
     split: str,
+    prepare_workers: int | None = None,
+    prefetch: int = DEFAULT_PREFETCH,
     max_images: int | None = None,
     budget: ImageTokenBudget | None = None,
     target_precision: float = DEFAULT_TARGET_PRECISION,
@@ -166,7 +173,14 @@ def evaluate_and_record(
         check_calibration_split(dataset[calibrate_on]["maker"], calibrate_on)
     loaded = load_model()
     classifier = MakerClassifier(
-        loaded.model, loaded.processor, makers_record.makers, prompt=prompt, batch_size=batch_size, budget=budget
+        loaded.model,
+        loaded.processor,
+        makers_record.makers,
+        prompt=prompt,
+        batch_size=batch_size,
+        budget=budget,
+        workers=prepare_workers,
+        prefetch=prefetch,
     )
     out_dir = store.asset_dir(asset, model_key) / target.dagster_run_id
     with evaluation_run(target, store, f"{stage}-{model_key}", model_key, stage) as run:

@@ -34,6 +34,7 @@ from car_maker_pipeline.evaluation.metrics.figures import save_figure
 from car_maker_pipeline.evaluation.metrics.selective import check_target_precision
 from car_maker_pipeline.evaluation.settings import (
     DEFAULT_DELTA,
+    DEFAULT_PREFETCH,
     DEFAULT_SELECTION_METRIC,
     DEFAULT_TARGET_PRECISION,
     SELECTION_METRICS,
@@ -123,6 +124,8 @@ def evaluate_checkpoints_and_record(
     model_key: str,
     prompt: PromptTemplate,
     batch_size: int,
+    prepare_workers: int | None = None,
+    prefetch: int = DEFAULT_PREFETCH,
     robustness: bool = True,
     budget: ImageTokenBudget | None = None,
     warn: Callable[[str], None] = logger.warning,
@@ -169,6 +172,8 @@ def evaluate_checkpoints_and_record(
             val_loss={int(step): loss for step, loss in training["val_loss"]},
             prompt=prompt,
             batch_size=batch_size,
+            prepare_workers=prepare_workers,
+            prefetch=prefetch,
             corrupted_splits=dataset_record.corrupted_splits if robustness else [],
             budget=budget,
             target_precision=target_precision,

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
+from car_maker_pipeline.training.legacy_names import legacy_fingerprint
 
 LENGTH_COLUMN = "length"  # image tokens per training picture, for the length-grouped sampler
 
@@ -50,23 +51,6 @@ RUN_LENGTH_FIELDS = frozenset({"max_steps", "early_stopping_patience", "early_st
 # Schedules whose learning rate at a step does not depend on the run's length, or (warmup-stable-decay)
 # does not until the decay begins: a run of them can be extended soundly (continuation.py).
 EXTENDABLE_SCHEDULES = ("warmup_stable_decay", "constant", "constant_with_warmup", "inverse_sqrt")
-
-# The fields the run config offered when training folders were first named after a hash of the
-# hyperparameters (`legacy_fingerprint`, the names folders got before the maths alone keyed them).
-_ALWAYS_FINGERPRINTED = (
-    "learning_rate",
-    "max_steps",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "checkpoint_every_n_steps",
-    "seed",
-    "vision_lr_scale",
-    "gradient_checkpointing",
-)
 
 
 class LoraTrainingError(ValueError):
@@ -147,7 +131,12 @@ class LoraHyperparameters(BaseModel):
     bf16: bool | None = Field(
         default=None, description="bf16 mixed precision; unset: on a CUDA GPU that supports it, fp32 otherwise."
     )
-    dataloader_num_workers: int = Field(default=0, ge=0)
+    dataloader_num_workers: int | None = Field(
+        default=None,
+        ge=0,
+        description="Processes decoding and preparing batches ahead of the model (torch's DataLoader); unset: "
+        "chosen from the machine (`machine_data_workers`). Changes no maths, so never the training folder.",
+    )
     # The image-token budget (the processor's own settings; unset keeps the model's). Recorded with the
     # run, so its checkpoints are evaluated with the budget they were trained with.
     min_image_tokens: int | None = Field(default=None, gt=0, description="Fewest image tokens per picture.")
@@ -237,16 +226,8 @@ class LoraHyperparameters(BaseModel):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
     def legacy_fingerprint(self, **launch_settings: Any) -> str:
-        """The name earlier releases gave a training folder (every setting, max_steps included), so a folder
-        made by them is found again and resumes. Frozen: never change it."""
-        defaults = LoraHyperparameters().to_json()
-        values = {
-            name: value
-            for name, value in self.to_json().items()
-            if name in _ALWAYS_FINGERPRINTED or value != defaults[name]
-        }
-        values.update(launch_settings)
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+        """The name earlier releases gave a training folder (legacy_names.py), so one they made resumes."""
+        return legacy_fingerprint(self.to_json(), LoraHyperparameters().to_json(), **launch_settings)
 
     def same_maths(self, other: LoraHyperparameters) -> list[str]:
         """The mathematical settings in which `other` differs from these (empty: the same run)."""
@@ -279,6 +260,12 @@ class LoraHyperparameters(BaseModel):
     def image_token_budget(self) -> ImageTokenBudget:
         return ImageTokenBudget(self.min_image_tokens, self.max_image_tokens, self.do_image_splitting)
 
+    def data_workers(self) -> int:
+        """The DataLoader workers this run uses: the setting, or `machine_data_workers()` when unset."""
+        from car_maker_pipeline.machine import machine_data_workers
+
+        return self.dataloader_num_workers if self.dataloader_num_workers is not None else machine_data_workers()
+
     def use_bf16(self) -> bool:
         import torch
 
@@ -291,6 +278,7 @@ class LoraHyperparameters(BaseModel):
         import torch
         from trl import SFTConfig
 
+        workers = self.data_workers()
         return SFTConfig(
             output_dir=str(output_dir),
             learning_rate=self.learning_rate,
@@ -326,7 +314,8 @@ class LoraHyperparameters(BaseModel):
             packing=False,
             remove_unused_columns=False,  # the collator needs the `image` column
             dataset_kwargs={"skip_prepare_dataset": True},
-            dataloader_num_workers=self.dataloader_num_workers,
+            dataloader_num_workers=workers,
+            dataloader_persistent_workers=workers > 0,  # forked once per run, not at every epoch and evaluation
             ddp_find_unused_parameters=False,  # under DDP every LoRA weight takes part in every forward pass
             report_to="none",  # our own MLflow callback logs to the pipeline's run (see mlflow_callback.py)
             push_to_hub=False,

@@ -1,4 +1,6 @@
-"""Trie-constrained greedy decoding that runs the model only where the answer still branches.
+"""The makers' answers as token ids (`answer_token_ids`), and how they are scored.
+
+Trie-constrained greedy decoding runs the model only where the answer still branches.
 
 The answer is one of a few known token sequences (each maker's name, then end of turn), held in a
 trie. Once the first token is chosen, most makers' remaining tokens are forced: the trie has a
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
+
 # Logits one answer-scoring pass may hold (rows x answer tokens x vocabulary; 2**28 floats is 1 GiB):
 # 49 makers x 16 images x 5 tokens x LFM2's 65,536-token vocabulary still fit in one pass; more are
 # split into several batched passes over groups of makers, so memory stays bounded.
@@ -35,6 +39,46 @@ MAX_SCORING_LOGITS = 2**28
 # pass, and at LFM2-VL-450M's shape a 2,000-token photo's cache is about 28 MB per row in bf16, so
 # 49 makers x 16 photos would repeat it into 22 GB. 4 GiB keeps a pass on any GPU the models fit on.
 MAX_SCORING_CACHE_BYTES = 2**32
+
+
+END_OF_TURN = "<|im_end|>"
+
+
+class ClassifierError(ValueError):
+    """The model, processor or maker list cannot be used for constrained classification."""
+
+
+def answer_token_ids(processor, prompt: PromptTemplate, makers: Sequence[str]) -> tuple[str, dict[str, list[int]]]:
+    """The prompt text (up to the answer) and, per maker, the answer's token ids up to end of turn.
+
+    The answer ids are cut from the tokenization of the whole conversation, so they are the tokens
+    the model sees in training, whatever the tokenizer does at the prompt/answer boundary.
+    """
+    tokenizer = processor.tokenizer
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if end_id is None or end_id == tokenizer.unk_token_id:
+        raise ClassifierError(f"The tokenizer has no {END_OF_TURN!r} token; a ChatML chat template is required.")
+    messages = prompt.messages(list(makers))
+    prompt_text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    answers: dict[str, list[int]] = {}
+    for maker in makers:
+        if not maker.strip():
+            raise ClassifierError(f"Maker name {maker!r} is blank; every maker needs a name the model can say.")
+        full_text = processor.apply_chat_template(messages + prompt.answer_messages(maker), tokenize=False)
+        full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise ClassifierError("The chat template renders the prompt differently with and without the answer.")
+        rest = full_ids[len(prompt_ids) :]
+        if end_id not in rest:
+            raise ClassifierError(f"The chat template does not close the answer {maker!r} with {END_OF_TURN!r}.")
+        ids = rest[: rest.index(end_id)]
+        if not ids:
+            raise ClassifierError(f"Maker name {maker!r} tokenizes to nothing; it cannot be scored.")
+        answers[maker] = ids + [end_id]
+    if len({tuple(ids) for ids in answers.values()}) != len(answers):
+        raise ClassifierError("Two makers tokenize to the same answer; they could not be told apart.")
+    return prompt_text, answers
 
 
 class AnswerTrie:

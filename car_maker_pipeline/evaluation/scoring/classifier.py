@@ -9,27 +9,36 @@ left-padded batches: one pass over the prompts, one batched pass over all the an
 
 from __future__ import annotations
 
-import io
+import copy
+import queue
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import datasets
-import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
-from car_maker_pipeline.evaluation.scoring.answers import AnswerTrie, score_answers
+from car_maker_pipeline.evaluation.scoring.answers import (
+    END_OF_TURN,
+    AnswerTrie,
+    ClassifierError,
+    answer_token_ids,
+    score_answers,
+)
+from car_maker_pipeline.evaluation.scoring.inputs import (
+    StoredPicture,
+    opened,
+    pixel_bounded_batches,
+    prefetched,
+    ready_size,
+)
+from car_maker_pipeline.evaluation.scoring.throughput import ThroughputStats
+from car_maker_pipeline.evaluation.settings import DEFAULT_PREFETCH, DRAFT_DECODE
+from car_maker_pipeline.machine import machine_prepare_workers
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, image_token_count
-from car_maker_pipeline.model_inputs.images import MAX_BATCH_PIXELS, model_ready, padded_size
+from car_maker_pipeline.model_inputs.images import MAX_BATCH_PIXELS, model_ready
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
-
-END_OF_TURN = "<|im_end|>"
-
-
-class ClassifierError(ValueError):
-    """The model, processor or maker list cannot be used for constrained classification."""
 
 
 @dataclass(frozen=True)
@@ -39,68 +48,6 @@ class Prediction:
     # log-probability of every maker (the classifier's order), normalised over the makers; None from
     # a greedy decoder, which scores only the path it takes
     log_probs: tuple[float, ...] | None = None
-
-
-def answer_token_ids(processor, prompt: PromptTemplate, makers: Sequence[str]) -> tuple[str, dict[str, list[int]]]:
-    """The prompt text (up to the answer) and, per maker, the answer's token ids up to end of turn.
-
-    The answer ids are cut from the tokenization of the whole conversation, so they are the tokens
-    the model sees in training, whatever the tokenizer does at the prompt/answer boundary.
-    """
-    tokenizer = processor.tokenizer
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if end_id is None or end_id == tokenizer.unk_token_id:
-        raise ClassifierError(f"The tokenizer has no {END_OF_TURN!r} token; a ChatML chat template is required.")
-    messages = prompt.messages(list(makers))
-    prompt_text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    answers: dict[str, list[int]] = {}
-    for maker in makers:
-        if not maker.strip():
-            raise ClassifierError(f"Maker name {maker!r} is blank; every maker needs a name the model can say.")
-        full_text = processor.apply_chat_template(messages + prompt.answer_messages(maker), tokenize=False)
-        full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-        if full_ids[: len(prompt_ids)] != prompt_ids:
-            raise ClassifierError("The chat template renders the prompt differently with and without the answer.")
-        rest = full_ids[len(prompt_ids) :]
-        if end_id not in rest:
-            raise ClassifierError(f"The chat template does not close the answer {maker!r} with {END_OF_TURN!r}.")
-        ids = rest[: rest.index(end_id)]
-        if not ids:
-            raise ClassifierError(f"Maker name {maker!r} tokenizes to nothing; it cannot be scored.")
-        answers[maker] = ids + [end_id]
-    if len({tuple(ids) for ids in answers.values()}) != len(answers):
-        raise ClassifierError("Two makers tokenize to the same answer; they could not be told apart.")
-    return prompt_text, answers
-
-
-@dataclass
-class ThroughputStats:
-    """What the evaluator computed, to see waste: prompt tokens real vs. padded, passes, image tokens."""
-
-    images: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    image_passes: int = 0  # per image, the forward passes its batch ran, summed
-    image_tokens: list[int] = field(default_factory=list)
-
-    def add_batch(self, real_tokens: int, padded_tokens: int, forward_passes: int, image_tokens: list[int]) -> None:
-        self.images += len(image_tokens)
-        self.real_tokens += real_tokens
-        self.padded_tokens += padded_tokens
-        self.image_passes += forward_passes * len(image_tokens)
-        self.image_tokens.extend(image_tokens)
-
-    def summary(self) -> dict[str, float]:
-        tokens = np.asarray(self.image_tokens or [0])
-        return {
-            "image_tokens_mean": float(tokens.mean()),
-            "image_tokens_p95": float(np.percentile(tokens, 95)),
-            "prompt_tokens_real": float(self.real_tokens),
-            "prompt_tokens_computed": float(self.padded_tokens),
-            "padded_to_real_tokens": self.padded_tokens / self.real_tokens if self.real_tokens else float("nan"),
-            "forward_passes_per_image": self.image_passes / self.images if self.images else float("nan"),
-        }
 
 
 class MakerClassifier:
@@ -117,6 +64,9 @@ class MakerClassifier:
         sort_window: int = 64,
         decoder=None,
         max_batch_pixels: int = MAX_BATCH_PIXELS,
+        workers: int | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
+        draft_decode: bool = DRAFT_DECODE,
     ):
         if not makers:
             raise ClassifierError("The maker list is empty; there is nothing to classify into.")
@@ -141,6 +91,15 @@ class MakerClassifier:
         self.budget = (budget or ImageTokenBudget()).apply(processor)
         self.sort_window = max(1, sort_window)
         self.max_batch_pixels = max_batch_pixels
+        # Threads preparing batches ahead of the model (None: `machine_prepare_workers`), and how many
+        # prepared batches may wait for it (the memory bound: `prefetch` + 1 batches at a time).
+        self.prefetch = max(1, prefetch)
+        self.draft_decode = draft_decode  # large stored JPEGs decoded at a reduced size (`opened`)
+        # Processors free for a thread to use: one is never called by two threads at once (a tokenizer
+        # is not thread-safe). Copies are made before the threads start, never of one in use.
+        self._processors: queue.SimpleQueue = queue.SimpleQueue()
+        self._processors.put(processor)
+        self._processor_count = 1
         # None: every maker's answer is scored; a greedy `decoder(model, inputs, trie, pad_id)` (such as
         # `decoding.decode`) follows one path instead and gives no distribution (the benchmark compares them).
         self.decoder = decoder
@@ -153,6 +112,7 @@ class MakerClassifier:
         )
         tokenizer.padding_side = "left"  # generation continues from the right edge of every row
         self.device = next(model.parameters()).device
+        self.workers = machine_prepare_workers(self.device.type == "cuda") if workers is None else max(0, workers)
 
     @property
     def prompt_hash(self) -> str:
@@ -167,29 +127,50 @@ class MakerClassifier:
         """One batch, in the order given (no sorting): `classify` is the one to call for many images."""
         return self._run_batch([model_ready(image) for image in images])
 
-    @torch.inference_mode()
     def _run_batch(self, images: Sequence, decoder=None) -> list[Prediction]:
         """One batch of model-ready pictures, every maker scored; a `decoder(model, inputs, trie, pad_id)`
         replaces that with a greedy path (the benchmark times greedy trie decoding and `generate` so)."""
-        inputs = self.processor(
-            images=[[image] for image in images],
-            text=[self.prompt_text] * len(images),
-            padding=True,
-            return_tensors="pt",
-        ).to(self.device)
+        return self._score(self._prepare(images), self.stats, decoder)
+
+    def _prepare(self, images: Sequence) -> PreparedBatch:
+        """The CPU half of a batch, which needs no model: the processor's tensors of model-ready pictures
+        (in pinned memory when the model is on CUDA, so the copy to the device can overlap)."""
+        processor = self._processors.get()
+        try:
+            inputs = processor(
+                images=[[image] for image in images],
+                text=[self.prompt_text] * len(images),
+                padding=True,
+                return_tensors="pt",
+            )
+        finally:
+            self._processors.put(processor)
+        pin = self.device.type == "cuda"
+        tensors = {
+            name: value.pin_memory() if pin and torch.is_tensor(value) else value for name, value in inputs.items()
+        }
+        return PreparedBatch(tensors, [self.image_tokens(image) for image in images])
+
+    @torch.inference_mode()
+    def _score(self, batch: PreparedBatch, stats: ThroughputStats, decoder=None) -> list[Prediction]:
+        """The model's half: a prepared batch on the device, every maker's answer scored (or `decoder`'s path)."""
+        inputs = {
+            name: value.to(self.device, non_blocking=True) if torch.is_tensor(value) else value
+            for name, value in batch.inputs.items()
+        }
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         decoder = decoder or self.decoder
         if decoder is None:
-            decoded = score_answers(self.model, dict(inputs), self.makers, [self.answers[m] for m in self.makers])
+            decoded = score_answers(self.model, inputs, self.makers, [self.answers[m] for m in self.makers])
         else:
-            decoded = decoder(self.model, dict(inputs), self.trie, self.pad_id)
+            decoded = decoder(self.model, inputs, self.trie, self.pad_id)
         mask = inputs["attention_mask"]
-        self.stats.add_batch(
+        stats.add_batch(
             real_tokens=int(mask.sum()),
             padded_tokens=int(mask.numel()),
             forward_passes=decoded.forward_passes,
-            image_tokens=[self.image_tokens(image) for image in images],
+            image_tokens=batch.image_tokens,
         )
         log_probs = getattr(decoded, "log_probs", None)
         return [
@@ -207,71 +188,79 @@ class MakerClassifier:
         pixel memory while they wait in a window, nor after their batch. A batch also ends before its decoded
         pictures pass `max_batch_pixels`, so a run of large photos goes through in smaller batches.
         """
+        return self.classify_each(images, [None], {None: self.stats}).predictions[None]
+
+    def classify_each(
+        self, images: Iterable, adapters: Sequence[str | None], stats: dict | None = None, warm_up: bool = False
+    ) -> OnePass:
+        """`classify` under each of the model's `adapters` (PEFT adapter names; None: the model as it is),
+        preparing every batch once: each is decoded and processed, then scored by every adapter in turn.
+
+        Scoring 8 checkpoints of one run so costs one preparation of the pictures instead of 8 (LFM2-VL's
+        image processor alone is most of the evaluation at realistic photo sizes). `stats` (per adapter)
+        are added to; `warm_up` scores the first batch once untimed first (one-off kernel and allocator
+        set-up). The active adapter is restored afterwards.
+        """
         images = list(images)
-        predictions: list[Prediction | None] = [None] * len(images)
+        stats = stats if stats is not None else {adapter: ThroughputStats() for adapter in adapters}
+        result = OnePass({adapter: [None] * len(images) for adapter in adapters}, dict.fromkeys(adapters, 0.0))
+        active = getattr(self.model, "active_adapter", None) if any(a is not None for a in adapters) else None
+        try:
+            for chunk, batch in self._prepared_batches(images):
+                if warm_up:
+                    started = time.perf_counter()
+                    self._score(batch, ThroughputStats())
+                    result.warm_up_seconds, warm_up = time.perf_counter() - started, False
+                for adapter in adapters:
+                    started = time.perf_counter()
+                    if adapter is not None:
+                        self.model.set_adapter(adapter)
+                    predictions = self._score(batch, stats[adapter])
+                    result.model_seconds[adapter] += time.perf_counter() - started
+                    for index, prediction in zip(chunk, predictions):
+                        result.predictions[adapter][index] = prediction
+                del batch  # its tensors go now, not once the next batch is prepared beside them
+        finally:
+            if active is not None:
+                self.model.set_adapter(active)
+        return result
+
+    def _prepared_batches(self, images: list):
+        """(indices, prepared batch) for every batch of `images`, cost-sorted within each window, in
+        order; prepared by `workers` threads up to `prefetch` batches ahead of the model (`prefetched`)."""
+
+        def prepare(chunk: list[int]) -> tuple[list[int], PreparedBatch]:
+            drafts = self.processor.image_processor if self.draft_decode else None
+            return chunk, self._prepare([model_ready(opened(images[i], drafts)) for i in chunk])
+
+        while self._processor_count < self.workers:
+            self._processors.put(copy.deepcopy(self.processor))
+            self._processor_count += 1
+        return prefetched(self._chunks(images), prepare, self.workers, self.prefetch)
+
+    def _chunks(self, images: list):
         window = self.batch_size * self.sort_window
         for start in range(0, len(images), window):
-            sizes = {i: _ready_size(images[i]) for i in range(start, min(start + window, len(images)))}
+            sizes = {i: ready_size(images[i]) for i in range(start, min(start + window, len(images)))}
             ordered = sorted(sizes, key=lambda i: (self.image_tokens(sizes[i]), i))
-            for chunk in pixel_bounded_batches(ordered, sizes, self.batch_size, self.max_batch_pixels):
-                batch = [model_ready(_opened(images[i])) for i in chunk]
-                for index, prediction in zip(chunk, self._run_batch(batch)):
-                    predictions[index] = prediction
-                del batch  # its pixels go now, not once the next batch is decoded beside them
-        return predictions
+            yield from pixel_bounded_batches(ordered, sizes, self.batch_size, self.max_batch_pixels)
 
 
-def pixel_bounded_batches(
-    ordered: Sequence[int], sizes: dict[int, tuple[int, int]], batch_size: int, max_pixels: int
-) -> list[list[int]]:
-    """`ordered` cut into consecutive batches of at most `batch_size` pictures and `max_pixels`
-    decoded pixels (`sizes[i]`: picture i's width and height); a picture alone may exceed it."""
-    batches: list[list[int]] = []
-    batch, pixels = [], 0
-    for index in ordered:
-        area = sizes[index][0] * sizes[index][1]
-        if batch and (len(batch) == batch_size or pixels + area > max_pixels):
-            batches.append(batch)
-            batch, pixels = [], 0
-        batch.append(index)
-        pixels += area
-    if batch:
-        batches.append(batch)
-    return batches
+@dataclass
+class PreparedBatch:
+    """A batch as the processor made it (CPU tensors), with each picture's image tokens."""
+
+    inputs: dict
+    image_tokens: list[int]
 
 
-def _ready_size(image) -> tuple[int, int]:
-    """The size `model_ready` will give `image`, from its header (stored pictures are within the limits)."""
-    return padded_size(*image.size)
+@dataclass
+class OnePass:
+    """`classify_each`'s answers per adapter, in input order, and where its time went."""
 
-
-@dataclass(frozen=True)
-class StoredPicture:
-    """An image file as stored (bytes or a path): its size read from the header, its pixels decoded
-    only when its batch runs and dropped with the batch.
-
-    Why not a lazily opened `PIL.Image`: once its batch decodes it, the image object keeps the
-    pixels for as long as it lives, so a sorting window of 2,048 realistic photos held them all
-    (6.7 GB for 1,005 test pictures, measured) although each batch needed only its own.
-    """
-
-    data: bytes | None
-    path: str | None
-    size: tuple[int, int]
-
-    @classmethod
-    def of(cls, cell: dict) -> StoredPicture:
-        data, path = cell.get("bytes") or None, cell.get("path")
-        with Image.open(io.BytesIO(data) if data else path) as header:
-            return cls(data, None if data else path, header.size)
-
-    def open(self) -> Image.Image:
-        return Image.open(io.BytesIO(self.data) if self.data else self.path)
-
-
-def _opened(image):
-    """A decoded picture as is; a stored one (`StoredPicture`, or any other with `size` and `open()`) opened now."""
-    return image if isinstance(image, Image.Image) else image.open()
+    predictions: dict[str | None, list]
+    model_seconds: dict[str | None, float]  # per adapter: its forward passes
+    warm_up_seconds: float = 0.0
 
 
 @dataclass
@@ -287,11 +276,21 @@ class EvaluationRun:
 
 
 def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = None) -> EvaluationRun:
-    """Classify every image of a maker-dataset split (or the first `max_images`).
+    """Classify every image of a maker-dataset split (or the first `max_images`) with the model as it is."""
+    return evaluate_split_each(classifier, split, [None], max_images)[None]
+
+
+def evaluate_split_each(
+    classifier: MakerClassifier, split, adapters: Sequence[str | None], max_images: int | None = None
+) -> dict[str | None, EvaluationRun]:
+    """`evaluate_split` under each of the model's `adapters`, every picture read and prepared once.
 
     Rows are read one sorting window at a time as undecoded bytes (`classify` sorts them by cost and
     decodes a batch at a time, `StoredPicture`), so memory holds one window's compressed files and
-    one batch's pixels (at most `max_batch_pixels`), whatever the split's size.
+    one batch's pixels (at most `max_batch_pixels`), whatever the split's size. The first batch is
+    scored once untimed (the first forward pass pays one-off set-up, which would dominate images/s
+    on a small split). Each adapter's `seconds` are its own forward passes plus an equal share of
+    the rest (reading, preparing), so they add up to the pass's wall time.
     """
     if split.num_rows == 0:
         raise ClassifierError(
@@ -299,26 +298,31 @@ def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = 
         )
     if max_images is not None:
         split = split.select(range(min(max_images, split.num_rows)))
-    # One untimed batch first: the first forward pass pays one-off kernel and allocator set-up,
-    # which would otherwise dominate images/s on a small split.
-    classifier.classify_batch(split.select(range(min(classifier.batch_size, split.num_rows)))["image"])
-    classifier.stats = ThroughputStats()
-    started = time.perf_counter()
-    rows = []
+    adapters = list(adapters)
+    stats = {adapter: ThroughputStats() for adapter in adapters}
+    model_seconds, rows = dict.fromkeys(adapters, 0.0), {adapter: [] for adapter in adapters}
+    started, warm_up = time.perf_counter(), 0.0
     window = classifier.batch_size * classifier.sort_window
     stored = split.cast_column("image", datasets.Image(decode=False))
     for start in range(0, split.num_rows, window):
         part = stored[start : start + window]
         pictures = [StoredPicture.of(cell) for cell in part["image"]]
-        for offset, (maker, prediction) in enumerate(zip(part["maker"], classifier.classify(pictures))):
-            rows.append(
-                {
-                    "index": start + offset,
-                    "true_maker": maker,
-                    "predicted_maker": prediction.maker,
-                    "score": prediction.score,
-                    "log_probs": list(prediction.log_probs) if prediction.log_probs is not None else None,
-                }
-            )
-    seconds = time.perf_counter() - started
-    return EvaluationRun(pd.DataFrame(rows), seconds, classifier.stats.summary())
+        one = classifier.classify_each(pictures, adapters, stats, warm_up=start == 0)
+        warm_up += one.warm_up_seconds
+        for adapter in adapters:
+            model_seconds[adapter] += one.model_seconds[adapter]
+            for offset, (maker, prediction) in enumerate(zip(part["maker"], one.predictions[adapter])):
+                rows[adapter].append(
+                    {
+                        "index": start + offset,
+                        "true_maker": maker,
+                        "predicted_maker": prediction.maker,
+                        "score": prediction.score,
+                        "log_probs": list(prediction.log_probs) if prediction.log_probs is not None else None,
+                    }
+                )
+    shared = (time.perf_counter() - started - warm_up - sum(model_seconds.values())) / len(adapters)
+    return {
+        adapter: EvaluationRun(pd.DataFrame(rows[adapter]), model_seconds[adapter] + shared, stats[adapter].summary())
+        for adapter in adapters
+    }

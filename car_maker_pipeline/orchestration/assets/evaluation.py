@@ -65,6 +65,8 @@ def checkpoint_accuracy(
         model_key=key,
         prompt=config.prompt(),
         batch_size=config.batch_size,
+        prepare_workers=config.prepare_workers,
+        prefetch=config.prefetch,
         robustness=config.robustness,
         budget=config.budget(),
         warn=context.log.warning,
