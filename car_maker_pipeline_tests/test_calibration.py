@@ -1,4 +1,4 @@
-"""Probability metrics, temperature scaling and selective prediction (no model; numbers worked out by hand).
+"""Probability metrics and temperature scaling (no model; numbers worked out by hand).
 
 | case                                                   | expected                                                 |
 |--------------------------------------------------------|----------------------------------------------------------|
@@ -15,10 +15,9 @@
 | fit_temperature on data drawn from softmax(z / T)      | T within 10% for T in {0.5, 2}; NLL below NLL at T=1     |
 | fit_temperature on random data                         | NLL never above NLL at T=1; deterministic                |
 | fit_temperature with one maker or zero images          | CalibrationError (at least two makers)                   |
-| risk-coverage on 6 images, ties                        | hand table; equal confidences form one level             |
-| target precision 0, -0.1, 1.5, NaN, inf, True          | CalibrationError naming the value; 1.0 accepted          |
-| apply_threshold on other data                          | coverage, accuracy, Wilson interval by hand              |
-| reliability diagram, risk-coverage chart               | PNG magic bytes, non-trivial size; bad tables rejected   |
+| reliability diagram                                    | PNG magic bytes, non-trivial size; bad tables rejected   |
+
+Selective prediction (risk-coverage, thresholds) is in test_selective_prediction.py.
 """
 
 from __future__ import annotations
@@ -42,15 +41,9 @@ from car_maker_pipeline.evaluation.metrics.calibration import (
     softmax,
     top_k_accuracy,
 )
-from car_maker_pipeline.evaluation.metrics.selective import (
-    apply_threshold,
-    check_target_precision,
-    risk_coverage,
-    risk_coverage_png,
-)
+from car_maker_pipeline_tests.support.figures import assert_png
 
 LN3 = math.log(3)
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _nll(log_scores, truth, temperature):
@@ -365,71 +358,7 @@ def test_fit_temperature_rejects_unusable_validation_data(scores, truth, match):
         fit_temperature(np.array(scores), np.array(truth, dtype=int))
 
 
-# --- selective prediction -----------------------------------------------------------------------------
-
-SEL_CONFIDENCE = [0.9, 0.8, 0.8, 0.7, 0.6, 0.5]
-SEL_CORRECT = [True, True, False, True, True, False]
-
-
-def test_risk_coverage_spec():
-    curve = risk_coverage(SEL_CONFIDENCE, SEL_CORRECT)
-    assert list(curve.columns) == ["threshold", "answered", "coverage", "accuracy"]
-    assert curve["threshold"].tolist() == [0.9, 0.8, 0.7, 0.6, 0.5]  # the two 0.8s are one level
-    assert curve["answered"].tolist() == [1, 3, 4, 5, 6]
-    assert curve["coverage"].tolist() == pytest.approx([1 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
-    assert curve["accuracy"].tolist() == pytest.approx([1.0, 2 / 3, 0.75, 0.8, 4 / 6])
-    assert risk_coverage(SEL_CONFIDENCE[::-1], SEL_CORRECT[::-1]).equals(curve)  # input order does not matter
-    assert risk_coverage([], []).empty
-
-
-@pytest.mark.parametrize("value", [0, 0.0, -0.1, 1.5, math.nan, math.inf, True, "0.9", None])
-def test_target_precision_out_of_range_rejected(value):
-    with pytest.raises(CalibrationError, match=r"target precision must be in \(0, 1\]") as raised:
-        check_target_precision(value)
-    assert repr(value) in str(raised.value)
-
-
-@pytest.mark.parametrize("value", [1.0, 1, 0.99, 1e-9])
-def test_target_precision_in_range_accepted(value):
-    assert check_target_precision(value) == float(value)
-
-
-TEST_CONFIDENCE = [0.95, 0.9, 0.85, 0.5, 0.2]
-TEST_CORRECT = [True, True, False, True, False]
-
-
-@pytest.mark.parametrize(
-    ("threshold", "answered", "coverage", "accuracy", "ci_low", "ci_high"),
-    [
-        (0.85, 3, 0.6, 2 / 3, 0.2077, 0.9385),  # Wilson 95% for 2 of 3
-        (0.0, 5, 1.0, 0.6, 0.2307, 0.8824),  # 3 of 5
-        (0.95, 1, 0.2, 1.0, 0.2065, 1.0),  # 1 of 1; the threshold itself is answered
-        (0.96, 0, 0.0, math.nan, 0.0, 1.0),  # nothing answered
-    ],
-)
-def test_apply_threshold_on_other_data(threshold, answered, coverage, accuracy, ci_low, ci_high):
-    result = apply_threshold(TEST_CONFIDENCE, TEST_CORRECT, threshold)
-    assert set(result) == {"coverage", "answered", "images", "accuracy", "accuracy_ci_low", "accuracy_ci_high"}
-    assert (result["answered"], result["images"]) == (answered, 5)
-    assert result["coverage"] == pytest.approx(coverage)
-    assert result["accuracy"] == pytest.approx(accuracy, nan_ok=True)
-    assert (result["accuracy_ci_low"], result["accuracy_ci_high"]) == pytest.approx((ci_low, ci_high), abs=1e-4)
-    right = round(accuracy * answered) if answered else 0
-    assert (result["accuracy_ci_low"], result["accuracy_ci_high"]) == wilson_interval(right, answered)
-
-
-@pytest.mark.parametrize("threshold", [math.nan, None, "0.5"])
-def test_apply_threshold_rejects_non_numbers(threshold):
-    with pytest.raises(CalibrationError, match="threshold must be a number"):
-        apply_threshold(TEST_CONFIDENCE, TEST_CORRECT, threshold)
-
-
-# --- charts -------------------------------------------------------------------------------------------
-
-
-def _assert_png(path):
-    data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC and len(data) > 5000
+# --- charts ---------------------------------------------------------------------------------------------
 
 
 def test_reliability_diagram_png(tmp_path):
@@ -438,22 +367,7 @@ def test_reliability_diagram_png(tmp_path):
     bins = reliability_bins(confidence, rng.random(300) < confidence)
     path = reliability_diagram_png(bins, tmp_path / "charts" / "reliability.png", "demo: test split")
     assert path == tmp_path / "charts" / "reliability.png"
-    _assert_png(path)
-    _assert_png(reliability_diagram_png(reliability_bins([], []), str(tmp_path / "empty.png"), "no images"))
+    assert_png(path)
+    assert_png(reliability_diagram_png(reliability_bins([], []), str(tmp_path / "empty.png"), "no images"))
     with pytest.raises(CalibrationError, match="reliability_bins"):
         reliability_diagram_png(bins.drop(columns=["accuracy"]), tmp_path / "bad.png", "bad")
-
-
-def test_risk_coverage_png(tmp_path):
-    curves = {
-        "validation": risk_coverage(SEL_CONFIDENCE, SEL_CORRECT),
-        "test": risk_coverage(TEST_CONFIDENCE, TEST_CORRECT),
-        "empty": risk_coverage([], []),
-    }
-    path = risk_coverage_png(curves, tmp_path / "risk_coverage.png", "demo: selective prediction", 0.8)
-    _assert_png(path)
-    _assert_png(risk_coverage_png({}, tmp_path / "nothing.png", "no curves"))
-    with pytest.raises(CalibrationError, match="risk_coverage"):
-        risk_coverage_png({"test": curves["test"].drop(columns=["coverage"])}, tmp_path / "bad.png", "bad")
-    with pytest.raises(CalibrationError, match="target precision"):
-        risk_coverage_png(curves, tmp_path / "bad.png", "bad", target_precision=1.5)

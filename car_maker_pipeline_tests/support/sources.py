@@ -76,3 +76,18 @@ def stored_class_names(part) -> list[str]:
 
 def image_bytes(part) -> list[bytes]:
     return [cell["bytes"] for cell in part.with_format("arrow")["image"].to_pylist()]
+
+
+AUDI, BMW = NAMES.index("Audi A5 Coupe 2012"), NAMES.index("BMW M3 Coupe 2012")
+
+
+def make_source(folder: Path, seed: int, rows: int = 4, fmt: str = "PNG", compression: str = "snappy") -> Path:
+    """train and test splits of `rows` distinct pictures each; `seed` decides the pictures."""
+    for split, offset in (("train", 0), ("test", 1000)):
+        images = [photo(seed * 10_000 + offset + i, fmt=fmt) for i in range(rows)]
+        write_parquet(split_path(folder, split), images, [AUDI, BMW] * (rows // 2), NAMES, compression=compression)
+    return folder
+
+
+def temporaries(home: Path) -> list[Path]:
+    return [p for p in home.rglob("*") if ".tmp-" in p.name or p.name in (".staging", ".work")]
