@@ -96,15 +96,19 @@ def test_system_metrics_go_to_the_named_store_whatever_the_global_tracking_uri(t
     from car_maker_pipeline.tracking import system_metrics
 
     uri, elsewhere = default_tracking_uri(tmp_path / "home"), default_tracking_uri(tmp_path / "elsewhere")
-    ensure_reachable(uri), ensure_reachable(elsewhere)
+    for store in (uri, elsewhere):
+        ensure_reachable(store)
     run_id = mlflow.MlflowClient(uri).create_run(experiment_id="0").info.run_id
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    # MLflow mirrors its global URI into MLFLOW_TRACKING_URI: monkeypatch puts the variable back afterwards,
+    # and unsetting the global then leaves MLflow reading it as before.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(elsewhere)
     try:
         with system_metrics(run_id, uri):
             time.sleep(1.0)
     finally:
-        mlflow.set_tracking_uri("")
+        mlflow.set_tracking_uri(None)
     sampled = {key for key in mlflow.MlflowClient(uri).get_run(run_id).data.metrics if key.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= sampled
     assert mlflow.MlflowClient(elsewhere).search_runs(["0"]) == []

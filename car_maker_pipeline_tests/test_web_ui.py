@@ -115,9 +115,10 @@ def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
     assert {"pytorch", "huggingface", "mlflow"} <= set(nodes["lora_checkpoints"]["kinds"])
     assert {"pytorch", "mlflow"} <= set(nodes["checkpoint_accuracy"]["kinds"])
     assert {"optuna", "pytorch", "mlflow"} <= set(nodes["lora_sweep"]["kinds"])
-    for key in ASSETS[3:]:  # every asset after the data is one partition per model
-        assert nodes[key]["isPartitioned"]
-        assert nodes[key]["partitionKeysByDimension"][0]["partitionKeys"] == ["tiny-s", "tiny-m", "tiny-l"]
+    for key, group in groups.items():  # the data is whole; every other asset is one partition per model
+        assert nodes[key]["isPartitioned"] == (group != "data"), key
+        if group != "data":
+            assert nodes[key]["partitionKeysByDimension"][0]["partitionKeys"] == ["tiny-s", "tiny-m", "tiny-l"]
     checks = {key: {c["name"] for c in node["assetChecksOrError"]["checks"]} for key, node in nodes.items()}
     assert "no_test_leakage" in checks["car_maker_dataset"]
     assert "best_checkpoint_beats_baseline" in checks["checkpoint_accuracy"]
