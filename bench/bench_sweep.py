@@ -44,7 +44,7 @@ from _common import RESULTS_DIR, cached_maker_dataset, library_versions, machine
 from scipy import stats  # noqa: E402
 
 from car_maker_pipeline.evaluation.answer_policy import calibrate  # noqa: E402
-from car_maker_pipeline.evaluation.metrics.accuracy import summarize, wilson_interval  # noqa: E402
+from car_maker_pipeline.evaluation.metrics.accuracy import summarize  # noqa: E402
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split  # noqa: E402
 from car_maker_pipeline.evaluation.settings import DEMO_TARGET_PRECISION  # noqa: E402
 from car_maker_pipeline.models.loading import load_model_and_processor  # noqa: E402
@@ -90,20 +90,17 @@ def train_and_score(hyper: LoraHyperparameters, model_dir, record, out: Path) ->
     model = PeftModel.from_pretrained(loaded.model, str(result.checkpoints[best])).eval()
     classifier = MakerClassifier(model, loaded.processor, record.makers, batch_size=32)
     val, test = evaluate_split(classifier, data["validation"]), evaluate_split(classifier, data["test"])
-    summary = summarize(test.predictions, record.makers)
-    correct = int((test.predictions["true_maker"] == test.predictions["predicted_maker"]).sum())
-    low, high = wilson_interval(correct, len(test.predictions))
+    summary, val_summary = summarize(test.predictions, record.makers), summarize(val.predictions, record.makers)
     report = calibrate(val.predictions, test.predictions, record.makers, DEMO_TARGET_PRECISION).report
     strict = calibrate(val.predictions, test.predictions, record.makers, STRICT_TARGET_PRECISION).report
-    val_correct = int((val.predictions["true_maker"] == val.predictions["predicted_maker"]).sum())
     return {
         "steps_trained": result.global_step,
         "stopped": result.stop,
         "best_step": best,
         "val_accuracy": scores[best]["val_accuracy"],
-        "val_wilson": list(wilson_interval(val_correct, len(val.predictions))),
+        "val_wilson": [val_summary.ci_low, val_summary.ci_high],
         "accuracy": summary.accuracy,
-        "ci": [low, high],
+        "ci": [summary.ci_low, summary.ci_high],
         "macro_accuracy": summary.macro_accuracy,
         "certified": report.certified,
         "coverage_at_target": report.coverage,
