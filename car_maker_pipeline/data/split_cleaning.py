@@ -38,15 +38,15 @@ def _process_batch(batch: dict, parsed: list, own_size: int, mapping: np.ndarray
     out = {name: [] for name in names}
     for raw, own_label in zip(batch["image"], batch["label"]):
         label = map_label(own_label, own_size, mapping)
+        info = parsed[label] if label is not None and 0 <= label < len(parsed) else None
         decoded: tuple[bytes, str] | Refusal
         if label is None:
             decoded = Refusal(BAD_LABEL, "no label")
-        elif not 0 <= label < len(parsed):
+        elif info is None:
             decoded = Refusal(BAD_LABEL, f"label {own_label} is outside the split's {own_size} class names")
         else:
             data = _image_bytes(raw)
             decoded = data if isinstance(data, Refusal) else decode_checked(data)
-        info = parsed[label] if label is not None and 0 <= label < len(parsed) else None
         kept = not isinstance(decoded, Refusal)
         out["image"].append({"bytes": decoded[0], "path": None} if kept else None)
         out["content_hash"].append(decoded[1] if kept else "")
