@@ -32,6 +32,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import dagster as dg
 import datasets
 import mlflow
 import numpy as np
@@ -72,29 +73,16 @@ def _prepare(root: Path) -> dict:
     return env
 
 
-_LATEST_STEP_EVENTS = """
-import json, dagster as dg
-instance = dg.DagsterInstance.get()
-run = instance.get_runs(limit=1)[0]
-events = {}
-for record in instance.all_logs(run.run_id):
-    if record.is_dagster_event and record.step_key == %r:
-        events.setdefault(record.dagster_event.event_type_value, record.timestamp)
-print(json.dumps(events))
-"""
-
-
 def _latest_step_events(env, asset) -> dict[str, float]:
-    """Timestamps of the latest run's events for `asset`'s step: STEP_START, STEP_SUCCESS, ..."""
-    out = subprocess.run(
-        [sys.executable, "-c", _LATEST_STEP_EVENTS % asset],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Timestamps of the latest run's events for `asset`'s step: STEP_START, STEP_SUCCESS, ... (read here,
+    from the command's own DAGSTER_HOME, rather than by starting one more process)."""
+    events: dict[str, float] = {}
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        run = instance.get_runs(limit=1)[0]
+        for record in instance.all_logs(run.run_id):
+            if record.is_dagster_event and record.step_key == asset:
+                events.setdefault(record.dagster_event.event_type_value, record.timestamp)
+    return events
 
 
 def _uninterrupted(root: Path) -> dict[str, float]:

@@ -93,6 +93,17 @@ def is_local(path_or_id: str) -> bool:
     return path_or_id.startswith(("/", "./", "../", "~")) or Path(path_or_id).exists()
 
 
+def import_model_libraries() -> None:
+    """Import what loading, running and adapting a model needs (transformers' LFM2-VL model and
+    processor, torchvision through the image processor, PEFT): about 5 s of CPU on a small machine.
+
+    A model step calls this while its run starts (the models resource's setup), so the time is not
+    spent inside the step, where the run holds the `gpu` pool's only slot and other runs wait.
+    """
+    import peft  # noqa: F401
+    from transformers import Lfm2VlForConditionalGeneration, Lfm2VlProcessor  # noqa: F401
+
+
 def load_model_and_processor(
     path_or_id: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto"
 ) -> LoadedModel:
