@@ -7,7 +7,13 @@ uninterrupted run (so process start-up, which varies, does not decide where the 
 quarter is left out because the same step can run faster than in the reference on a loaded
 machine); the event log of the killed run then confirms the step had begun and not finished. A step that
 finished before its kill (a faster moment of a shared machine) is put back as it was and killed again at
-half the delay, so every seed kills every step inside it. Then the step is materialized again:
+half the delay, so every seed kills every step inside it. Then the step is materialized again.
+
+Seed 0 runs each step in a process of its own, as `dagster asset materialize` does by default; seeds 1
+and 2 run the steps inside the command's own process (`execution: in_process`, as queued runs in the
+web UI and `make demo` do), so a kill also lands in the process that holds the run. The reference runs
+in process too (one process start fewer per step), so seed 0 also compares the two executors' outputs.
+
 
 | step                | compared with the uninterrupted run                                       |
 |---------------------|----------------------------------------------------------------------------|
@@ -62,14 +68,16 @@ STEPS = [  # (asset, partition, run config)
     ("lora_checkpoints", "tiny-s", {**SOURCE, **TRAINING}),
     ("checkpoint_accuracy", "tiny-s", SOURCE),
 ]
-SEEDS = [0, 1, 2]
+IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
+EXECUTORS = {"multiprocess": {}, "in_process": IN_PROCESS}  # run config for each way of running the steps
+SEEDS = [(0, "multiprocess"), (1, "in_process"), (2, "in_process")]  # (seed, executor)
 KILL_WINDOW = (0.05, 0.75)  # fractions of the reference step's duration; see the module docstring
 KILL_TRIES = 4  # a kill that came after the step finished is tried again, from the same state, at half the delay
 
 
-def _prepare(root: Path) -> dict:
+def _prepare(root: Path, executor: str) -> dict:
     env = cli_env(root)
-    materialize(env, "raw_stanford_cars", config=SOURCE)
+    materialize(env, "raw_stanford_cars", config={**SOURCE, **EXECUTORS[executor]})
     return env
 
 
@@ -86,10 +94,10 @@ def _latest_step_events(env, asset) -> dict[str, float]:
 
 
 def _uninterrupted(root: Path) -> dict[str, float]:
-    env = _prepare(root)
+    env = _prepare(root, "in_process")
     durations = {}
     for asset, partition, config in STEPS:
-        materialize(env, asset, partition, config)
+        materialize(env, asset, partition, {**config, **IN_PROCESS})
         events = _latest_step_events(env, asset)
         durations[asset] = events["STEP_SUCCESS"] - events["STEP_START"]
     return durations
@@ -200,16 +208,17 @@ def _kill_inside_step(env, asset, partition, config, delay) -> dict:
     return kill
 
 
-def _sigkill_at_random_points_then_rerun(tmp_path, reference, seed):
+def _sigkill_at_random_points_then_rerun(tmp_path, reference, seed, executor):
     reference_env, durations = reference
-    env = _prepare(tmp_path)
+    env = _prepare(tmp_path, executor)
     rng = random.Random(seed)
     kills = []
-    for asset, partition, config in STEPS:
+    for asset, partition, step_config in STEPS:
+        config = {**step_config, **EXECUTORS[executor]}
         kill = _kill_inside_step(env, asset, partition, config, rng.uniform(*KILL_WINDOW) * durations[asset])
         kills.append(kill)
         materialize(env, asset, partition, config)  # what Dagster's retry from failure re-executes
-    print(f"\nseed {seed}: step durations {durations}; kills {kills}")
+    print(f"\nseed {seed} ({executor}): step durations {durations}; kills {kills}")
     assert all(kill["in_step"] for kill in kills), f"a kill did not land inside its step: {kills}"
 
     assert _dataset_view(env) == _dataset_view(reference_env)
@@ -253,17 +262,17 @@ def _sigkill_at_random_points_then_rerun(tmp_path, reference, seed):
 # One class per seed: `make test` runs `--dist loadscope`, where each class may go to another worker.
 class TestSeed0:
     def test_sigkill_at_random_points_then_rerun_ends_like_an_uninterrupted_run(self, tmp_path, reference):
-        _sigkill_at_random_points_then_rerun(tmp_path, reference, SEEDS[0])
+        _sigkill_at_random_points_then_rerun(tmp_path, reference, *SEEDS[0])
 
 
 class TestSeed1:
     def test_sigkill_at_random_points_then_rerun_ends_like_an_uninterrupted_run(self, tmp_path, reference):
-        _sigkill_at_random_points_then_rerun(tmp_path, reference, SEEDS[1])
+        _sigkill_at_random_points_then_rerun(tmp_path, reference, *SEEDS[1])
 
 
 class TestSeed2:
     def test_sigkill_at_random_points_then_rerun_ends_like_an_uninterrupted_run(self, tmp_path, reference):
-        _sigkill_at_random_points_then_rerun(tmp_path, reference, SEEDS[2])
+        _sigkill_at_random_points_then_rerun(tmp_path, reference, *SEEDS[2])
 
 
 class MlflowServer:
@@ -337,7 +346,7 @@ def _mlflow_down_mid_training(tmp_path):
         },
     }
     try:
-        materialize(env, "raw_stanford_cars,car_maker_dataset", config=SOURCE)
+        materialize(env, "raw_stanford_cars,car_maker_dataset", config={**SOURCE, **IN_PROCESS})
         process = subprocess.Popen(
             materialize_command("lora_checkpoints", "tiny-s", config),
             cwd=REPO,
