@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from car_maker_pipeline_tests.support.cli import DAGSTER, REPO, cli_env
@@ -40,29 +41,25 @@ def materialize(env, select, partition=None, config=None, timeout=900):
     return run_materialize(env, select, partition, config, timeout, outputs=OUTPUTS)
 
 
-# A metadata value as JSON: a typed table as its rows (dicts), anything else as its value.
-PLAIN = "def plain(v):\n    value = getattr(v, 'value', None)\n    return [r.data for r in value.records] if hasattr(value, 'records') else value\n"
+def _plain(value):
+    """A metadata value as JSON would carry it: a typed table as its rows (dicts), anything else as its value."""
+    inner = getattr(value, "value", None)
+    return [record.data for record in inner.records] if hasattr(inner, "records") else inner
 
 
 def latest_metadata(env, asset, partition=None) -> dict:
-    code = (
-        "import json, dagster as dg\n"
-        f"{PLAIN}"
-        f"event = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey({asset!r}))\n"
-        "if event is None: print('null')\n"
-        "else: print(json.dumps({k: plain(v) for k, v in event.asset_materialization.metadata.items()}, default=str))\n"
-    )
-    if partition:
-        code = (
-            "import json, dagster as dg\n"
-            "instance = dg.DagsterInstance.get()\n"
-            f"records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey({asset!r}), asset_partitions=[{partition!r}]), limit=1).records\n"
-            "meta = records[0].asset_materialization.metadata\n"
-            f"{PLAIN}"
-            "print(json.dumps({k: plain(v) for k, v in meta.items()}, default=str))\n"
-        )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """The metadata of `asset`'s (or `partition`'s) latest materialization, read from the commands' own
+    DAGSTER_HOME here rather than in one more process."""
+    key = dg.AssetKey(asset)
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        if partition:
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+            ).records
+            metadata = records[0].asset_materialization.metadata
+        else:
+            metadata = instance.get_latest_materialization_event(key).asset_materialization.metadata
+    return json.loads(json.dumps({name: _plain(value) for name, value in metadata.items()}, default=str))
 
 
 def test_definitions_validate(env):
