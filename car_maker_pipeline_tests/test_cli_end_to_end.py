@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from car_maker_pipeline_tests.support.cli import DAGSTER, REPO, cli_env
+from car_maker_pipeline_tests.support.cli import DAGSTER, REPO, cli_env, cli_instance
 from car_maker_pipeline_tests.support.cli import materialize as run_materialize
 from car_maker_pipeline_tests.support.pipeline import demo_split_rows
 
@@ -51,7 +51,7 @@ def latest_metadata(env, asset, partition=None) -> dict:
     """The metadata of `asset`'s (or `partition`'s) latest materialization, read from the commands' own
     DAGSTER_HOME here rather than in one more process."""
     key = dg.AssetKey(asset)
-    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+    with cli_instance(env) as instance:
         if partition:
             records = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1

@@ -14,7 +14,6 @@ and 2 run the steps inside the command's own process (`execution: in_process`, a
 web UI and `make demo` do), so a kill also lands in the process that holds the run. The reference runs
 in process too (one process start fewer per step), so seed 0 also compares the two executors' outputs.
 
-
 | step                | compared with the uninterrupted run                                       |
 |---------------------|----------------------------------------------------------------------------|
 | car_maker_dataset   | makers, and per split the rows' pixel hashes and makers, in order: identical |
@@ -38,14 +37,20 @@ import time
 import urllib.request
 from pathlib import Path
 
-import dagster as dg
 import datasets
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 
-from car_maker_pipeline_tests.support.cli import REPO, cli_env, materialize, materialize_command
+from car_maker_pipeline_tests.support.cli import (
+    IN_PROCESS,
+    REPO,
+    cli_env,
+    cli_instance,
+    materialize,
+    materialize_command,
+)
 from car_maker_pipeline_tests.support.shared import shared_across_workers
 
 pytestmark = pytest.mark.slow
@@ -68,7 +73,6 @@ STEPS = [  # (asset, partition, run config)
     ("lora_checkpoints", "tiny-s", {**SOURCE, **TRAINING}),
     ("checkpoint_accuracy", "tiny-s", SOURCE),
 ]
-IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 EXECUTORS = {"multiprocess": {}, "in_process": IN_PROCESS}  # run config for each way of running the steps
 SEEDS = [(0, "multiprocess"), (1, "in_process"), (2, "in_process")]  # (seed, executor)
 KILL_WINDOW = (0.05, 0.75)  # fractions of the reference step's duration; see the module docstring
@@ -85,7 +89,7 @@ def _latest_step_events(env, asset) -> dict[str, float]:
     """Timestamps of the latest run's events for `asset`'s step: STEP_START, STEP_SUCCESS, ... (read here,
     from the command's own DAGSTER_HOME, rather than by starting one more process)."""
     events: dict[str, float] = {}
-    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+    with cli_instance(env) as instance:
         run = instance.get_runs(limit=1)[0]
         for record in instance.all_logs(run.run_id):
             if record.is_dagster_event and record.step_key == asset:

@@ -24,13 +24,12 @@ from pathlib import Path
 import dagster as dg
 import datasets
 import pytest
-from dagster._core.instance.ref import InstanceRef
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset, MakerDatasetParams
 from car_maker_pipeline.data.promotion import build_and_promote_maker_dataset
 from car_maker_pipeline.storage import atomic_directory
 from car_maker_pipeline.store import CAR_MAKER_DATASET, RAW_STANFORD_CARS, MissingUpstreamError, PipelineStore
-from car_maker_pipeline_tests.support.cli import REPO, cli_env, materialize_command
+from car_maker_pipeline_tests.support.cli import REPO, cli_env, cli_instance, materialize_command
 
 DATABASES = ("history/runs.db", "history/runs/index.db", "schedules/schedules.db")
 
@@ -201,7 +200,7 @@ def test_two_first_data_commands_at_once_after_init(tmp_path):
     assert [p for p in (home / CAR_MAKER_DATASET).iterdir() if p.is_dir()] == [Path(record["path"])]
     assert not [p for p in home.rglob("*.tmp-*")], "temporaries left behind"
     # The two runs took turns: each asset was built by one and reused by the other.
-    instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(env["DAGSTER_HOME"]))
-    for asset in (RAW_STANFORD_CARS, CAR_MAKER_DATASET):
-        records = instance.fetch_materializations(dg.AssetKey(asset), limit=10).records
-        assert sorted(r.asset_materialization.metadata["cache_hit"].value for r in records) == [False, True], asset
+    with cli_instance(env) as instance:
+        for asset in (RAW_STANFORD_CARS, CAR_MAKER_DATASET):
+            records = instance.fetch_materializations(dg.AssetKey(asset), limit=10).records
+            assert sorted(r.asset_materialization.metadata["cache_hit"].value for r in records) == [False, True], asset

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from car_maker_pipeline_tests.support.cli import IN_PROCESS
 from car_maker_pipeline_tests.support.dagster_dev import DagsterDev, chromium_binary, listening_addresses
 
 pytestmark = pytest.mark.slow
@@ -232,8 +233,7 @@ def _pool_intervals(server, run_ids: list[str], steps: set[str]) -> list[tuple[f
 def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
     """Four partitions launched at once (three fine-tunings, one baseline): their steps take turns."""
     client = server.graphql_client()
-    # Steps in the run's own process (one process start per run, not two): the gpu pool binds either way.
-    in_process = {"execution": {"config": {"in_process": {}}}}
+    # Steps in the run's own process (IN_PROCESS: one process start per run, not two): the gpu pool binds either way.
     training = {
         "ops": {
             "lora_checkpoints": {
@@ -241,9 +241,9 @@ def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
             }
         },
         "resources": SMALL_SOURCE,
-        **in_process,
+        **IN_PROCESS,
     }
-    baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 8}}}, "resources": SMALL_SOURCE, **in_process}
+    baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 8}}}, "resources": SMALL_SOURCE, **IN_PROCESS}
     run_ids = [
         client.submit_job_execution(
             "training_job", run_config=training, asset_selection=["lora_checkpoints"], tags={"dagster/partition": model}
@@ -277,7 +277,7 @@ def test_twenty_runs_at_once_all_complete_and_the_ui_stays_responsive(server, da
     config = {
         "ops": {"baseline_evaluation": {"config": {"max_images": 4, "batch_size": 4}}},
         "resources": SMALL_SOURCE,
-        "execution": {"config": {"in_process": {}}},
+        **IN_PROCESS,
     }
     latencies: list[tuple[float, float]] = []  # (seconds since the first request, seconds to answer)
     stop = threading.Event()

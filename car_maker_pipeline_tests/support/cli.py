@@ -10,6 +10,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
+# Run config for a command that runs its steps in its own process, not one process per step (Dagster's default).
+IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 
 
 def cli_env(root: Path, **extra: str) -> dict[str, str]:
@@ -27,6 +29,13 @@ def cli_env(root: Path, **extra: str) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         **extra,
     }
+
+
+def cli_instance(env):
+    """The Dagster instance that commands run with `env` record to; use it in a `with` block so it is closed."""
+    import dagster as dg
+
+    return dg.DagsterInstance.from_config(env["DAGSTER_HOME"])
 
 
 def materialize_command(select: str, partition: str | None = None, config: dict | None = None) -> list[str]:
