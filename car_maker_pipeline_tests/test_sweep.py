@@ -5,6 +5,8 @@
 | two processes run one study at once (sqlite, and  | n_trials finished, numbered 0..n-1, each told once, both  |
 |   PostgreSQL when its server is installed)        | processes contributed, no configuration drawn twice       |
 | a sweep process killed (SIGKILL) mid-trial        | the rerun fails the stale trial and finishes n_trials     |
+| a process killed after creating a trial, before   | the next process fails that trial (Optuna never would:    |
+|   its first heartbeat                             | it has no heartbeat) and finishes n_trials, not waiting   |
 | a 3-trial sweep on tiny-s                          | trials trained for real, scored per checkpoint; MLflow    |
 |                                                   | parent run + one child per trial; figures; best params in |
 |                                                   | the manifest, where from_sweep reads them               |
@@ -87,7 +89,9 @@ def test_a_killed_sweep_resumes_and_the_killed_trial_fails_without_counting(tmp_
     url, lock = f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path / "study.lock"
     first = _worker(url, 4, 3.0, lock, "killed")
     deadline = time.monotonic() + 60
-    storage = open_storage(url, SweepSettings(heartbeat_interval_s=1, grace_period_s=3))
+    storage = open_storage(
+        url, SweepSettings(heartbeat_interval_s=1, grace_period_s=3), lock
+    )  # the worker creates it too
     while True:  # kill it in its second trial, the first being told
         assert time.monotonic() < deadline and first.poll() is None
         try:
@@ -107,6 +111,32 @@ def test_a_killed_sweep_resumes_and_the_killed_trial_fails_without_counting(tmp_
     assert states[1] == TrialState.FAIL  # the killed one
     assert states.count(TrialState.COMPLETE) == 4 and len(trials) == 5
     assert [t.user_attrs["process"] for t in trials if t.number >= 2] == ["rerun"] * 3
+
+
+@pytest.mark.parametrize("orphaned", [1, 3])
+def test_a_trial_whose_creator_died_before_its_first_heartbeat_does_not_block_the_study(tmp_path, orphaned):
+    """What a SIGKILL between `ask()` and the first heartbeat leaves: a RUNNING trial without any heartbeat,
+    which Optuna's stale-trial check skips; `orphaned` of them, one per killed process, before the next one starts."""
+    import threading
+
+    from car_maker_pipeline.training.sweep import TrialOutcome, load_study, run_study
+
+    settings = SweepSettings(n_trials=2, heartbeat_interval_s=1, grace_period_s=3, pruner="none")
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", settings)
+    orphans = [load_study("shared", storage, settings).ask().number for _ in range(orphaned)]
+    done = []
+    thread = threading.Thread(
+        target=lambda: done.append(
+            run_study("shared", storage, settings, tmp_path / "study.lock", lambda t: TrialOutcome(t.number, False))
+        ),
+        daemon=True,
+    )
+    thread.start()
+    thread.join(timeout=60)
+    assert done, "run_study still waits for trials nobody runs"
+    trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    assert [t.state for t in trials if t.number in orphans] == [TrialState.FAIL] * len(orphans)
+    assert [t.state for t in trials if t.number not in orphans] == [TrialState.COMPLETE] * 2
 
 
 @pytest.mark.parametrize(

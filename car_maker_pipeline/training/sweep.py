@@ -11,7 +11,9 @@ same study until `n_trials` have finished (complete or pruned), and two processe
   each process tells only its own, so none is duplicated or lost;
 - each running trial records a heartbeat; one whose process died is marked failed by
   `fail_stale_trials` once it misses `grace_period_s`, and does not count. A process waits for the
-  trials others are running rather than overshooting `n_trials`;
+  trials others are running rather than overshooting `n_trials`. Optuna never fails a trial that has
+  no heartbeat at all, so a trial's first heartbeat is recorded under the lock that created it, and a
+  trial whose creator died before that is failed by the next process (`fail_trials_never_beaten`);
 - the sampler (TPE by default) is seeded per trial number, from `seed`: the same study gives the same
   draws whichever process runs a trial, and two processes do not draw the same configuration.
 """
@@ -45,6 +47,8 @@ logger = logging.getLogger(__name__)
 STORAGE_ENV = "CAR_MAKER_OPTUNA_STORAGE"
 STUDY_DB = "optuna.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Set on a trial, under the study lock, once its first heartbeat is recorded (see fail_trials_never_beaten).
+FIRST_HEARTBEAT = "first_heartbeat_recorded"
 
 
 class SweepSettings(BaseModel):
@@ -179,6 +183,34 @@ def heartbeat(storage, trial_id: int, interval: int):
         thread.join()
 
 
+def fail_trials_never_beaten(study: optuna.Study, storage) -> list[int]:
+    """Fail the running trials whose process died between creating them and recording their first
+    heartbeat; call it holding the study lock. Returns their numbers.
+
+    Optuna's `fail_stale_trials` skips a trial without any heartbeat, so such a trial would stay
+    RUNNING for ever, and every later process would wait for it to finish. `run_study` creates a trial,
+    records its first heartbeat and marks it (`FIRST_HEARTBEAT`) before it lets go of the lock, so a
+    running trial without the mark, seen under the lock, can only be one whose creator was killed.
+    """
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not trial.system_attrs.get(FIRST_HEARTBEAT):
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001 - Optuna's own id
+            failed.append(trial.number)
+    if failed:
+        logger.warning("Trials %s were left running by a process killed before their first heartbeat: failed", failed)
+    return failed
+
+
+def start_trial(name: str, storage, settings: SweepSettings, number: int) -> optuna.Trial:
+    """A new trial, drawn by the sampler seeded for its number, with its first heartbeat recorded and
+    marked; call it holding the study lock (see fail_trials_never_beaten)."""
+    trial = load_study(name, storage, settings, trial_number=number).ask()
+    storage.record_heartbeat(trial._trial_id)  # noqa: SLF001 - Optuna's own id
+    storage.set_trial_system_attr(trial._trial_id, FIRST_HEARTBEAT, True)  # noqa: SLF001
+    return trial
+
+
 @dataclass(frozen=True)
 class TrialOutcome:
     value: float | None  # None: pruned, or failed
@@ -201,6 +233,7 @@ def run_study(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)  # a dead process's trial: failed, not counted
+            fail_trials_never_beaten(study, storage)
             trials = study.get_trials(deepcopy=False)
             finished = sum(t.state in FINISHED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -208,8 +241,8 @@ def run_study(
                 return study
             trial = None
             if finished + running < settings.n_trials:
-                study = load_study(name, storage, settings, trial_number=len(trials))
-                trial = study.ask()
+                trial = start_trial(name, storage, settings, number=len(trials))
+                study = trial.study  # seeded for this trial's number
         if trial is None:  # the remaining trials are running elsewhere: wait for them, or for them to go stale
             time.sleep(settings.heartbeat_interval_s)
             continue
