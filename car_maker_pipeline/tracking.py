@@ -118,18 +118,32 @@ def find_run(uri: str, exp_id: str, tags: dict[str, str]) -> str | None:
 
 WRITER_TAG = "writer"  # `<pid>@<host>` of the process logging an MLflow run, to recognise a killed one
 
+# What `status_of(dagster_run_id)` answers about the Dagster run that wrote an MLflow run (see
+# `delete_orphaned_runs`); the orchestration layer asks its instance.
+COMMITTED = "committed"  # its step completed the partition being recorded again: its MLflow run is that record
+RUNNING = "running"  # not finished, and its step has not completed the partition (yet)
+FINISHED = "finished"  # finished without its step completing the partition
+UNKNOWN = "unknown"  # not a run of this Dagster instance
+
 
 def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], status_of) -> list[str]:
-    """Delete runs left RUNNING by a killed process (and any model version they registered); only those.
+    """Delete the runs matching `tags` that a step which never completed left behind (and any model
+    version they registered); only those. Called before a step records them again.
 
-    A run matching `tags` that is still RUNNING was cut short mid-logging when it provably has no
-    live writer: the process that opened it (its `writer` tag, `<pid>@<host>`) is dead on this host,
-    or its writer ran on another host and its Dagster run has finished in *this* instance
-    (`status_of(dagster_run_id)` is "finished"). A SIGKILLed command leaves its Dagster run STARTED,
-    so that status alone cannot tell; and a run id this instance does not know ("unknown") belongs to
-    another Dagster instance sharing the MLflow store, whose live runs must never be touched. A writer
-    alive on this host keeps its run, whatever its Dagster run says. Evaluating the partition again
-    records everything afresh, so the half-written run would only be a duplicate.
+    A step's MLflow run is its record only once the step has completed: materialized its asset
+    partition and succeeded. A process killed after the run ended but before that (writing the
+    manifest, storing the materialization, reporting success) leaves a finished run that the
+    re-executed step would duplicate. So a run matching `tags` is deleted when its writer provably
+    cannot go on and its step has not completed the partition:
+
+    - still RUNNING: its writer (the `writer` tag, `<pid>@<host>`) is dead on this host, or its writer
+      ran on another host and its Dagster run has finished here. A SIGKILLed command leaves its Dagster
+      run STARTED, so that status alone cannot tell;
+    - ended: its Dagster run is this instance's and either finished, or its writer is dead on this host.
+
+    A Dagster run id this instance does not know (`UNKNOWN`) belongs to another Dagster instance sharing
+    the store, whose live runs must never be touched; only a dead writer on this host condemns its run.
+    A `COMMITTED` run is always kept.
     """
     from mlflow import MlflowClient
 
@@ -137,31 +151,21 @@ def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], status_of)
 
     client = MlflowClient(uri)
     deleted = []
-    for run in client.search_runs(
-        [exp_id], filter_string=_tag_filter(tags, "attributes.status = 'RUNNING'"), max_results=100
-    ):
-        writer = run.data.tags.get(WRITER_TAG)
-        if writer_alive(writer) and (
-            writer_on_this_host(writer) or status_of(run.data.tags.get("dagster_run_id")) != "finished"
-        ):
+    for run in client.search_runs([exp_id], filter_string=_tag_filter(tags), max_results=1000):
+        writer, status = run.data.tags.get(WRITER_TAG), status_of(run.data.tags.get("dagster_run_id"))
+        if status == COMMITTED:
+            continue
+        if run.info.status == "RUNNING":
+            cut_short = not writer_alive(writer) or (not writer_on_this_host(writer) and status == FINISHED)
+        else:
+            cut_short = status == FINISHED or (status == RUNNING and not writer_alive(writer))
+        if not cut_short:
             continue
         for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
             client.delete_model_version(version.name, version.version)
         client.delete_run(run.info.run_id)
         deleted.append(run.info.run_id)
     return deleted
-
-
-def dagster_run_status(instance):
-    """`status_of` for `delete_orphaned_runs`: "finished", "running" or "unknown" (not a run of `instance`)."""
-
-    def status_of(run_id: str | None) -> str:
-        run = instance.get_run_by_id(run_id) if run_id else None
-        if run is None:
-            return "unknown"
-        return "finished" if run.is_finished else "running"
-
-    return status_of
 
 
 @contextmanager
@@ -171,19 +175,18 @@ def mlflow_run(
     run_name: str,
     tags: dict[str, str],
     run_id: str | None = None,
-    orphans_of=None,
+    status_of=None,
     system_metrics: bool = False,
 ) -> Iterator:
-    """An MLflow run in the pipeline's experiment. `orphans_of`: a Dagster instance; runs with the same
-    tags (but the Dagster run id) left RUNNING by a killed process are deleted first. `system_metrics`:
-    CPU, memory (and GPU) sampled into the run while it is open."""
+    """An MLflow run in the pipeline's experiment. `status_of`: what the orchestrator knows of a Dagster
+    run (see `delete_orphaned_runs`); given, runs with the same tags (but the Dagster run id) that a killed
+    or failed step left behind are deleted first. `system_metrics`: CPU, memory (and GPU) sampled into the
+    run while it is open."""
     import mlflow
 
     exp = experiment_id(uri, home)
-    if orphans_of is not None:
-        delete_orphaned_runs(
-            uri, exp, {k: v for k, v in tags.items() if k != "dagster_run_id"}, dagster_run_status(orphans_of)
-        )
+    if status_of is not None:
+        delete_orphaned_runs(uri, exp, {k: v for k, v in tags.items() if k != "dagster_run_id"}, status_of)
     from car_maker_pipeline.storage import writer_id
 
     mlflow.set_tracking_uri(uri)

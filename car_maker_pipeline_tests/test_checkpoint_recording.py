@@ -29,6 +29,7 @@ from car_maker_pipeline.data.maker_dataset import MakerDataset
 from car_maker_pipeline.evaluation.answer_policy import CalibrationReport
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import load_model_and_processor
+from car_maker_pipeline.orchestration.run_history import run_status
 from car_maker_pipeline.recording.baseline import RecordTarget, evaluate_and_record
 from car_maker_pipeline.recording.checkpoint_accuracy import evaluate_checkpoints_and_record
 from car_maker_pipeline.recording.registry import registered_versions
@@ -94,9 +95,10 @@ def trained(data_store):
 
 def _record(trained, run_id: str, robustness: bool = True, instance=None):
     store, uri, model_dir, _ = trained
+    status = run_status(instance, dg.AssetKey(CHECKPOINT_ACCURACY), KEY) if instance is not None else None
     return evaluate_checkpoints_and_record(
         store,
-        RecordTarget(uri, run_id, instance),
+        RecordTarget(uri, run_id, status),
         lambda: load_model_and_processor(model_dir),
         model_key=KEY,
         prompt=PromptTemplate(),

@@ -87,31 +87,44 @@ def test_writer_ids_name_this_process_and_a_dead_one_is_recognised():
     assert writer_alive(f"{_dead_pid()}@another-host") and writer_alive(None) and writer_alive("garbled")
 
 
-def test_orphan_clean_up_deletes_only_provably_dead_runs_of_its_own_instance(tmp_path):
-    """Two real Dagster instances on one MLflow store. An MLflow run is deleted only when it has no live
-    writer: its writer's pid is dead on this host, or its writer is elsewhere and its Dagster run has
-    finished in *this* instance. Another instance's run id means nothing here, so its run is kept.
+def test_orphan_clean_up_deletes_only_records_of_steps_that_can_no_longer_commit(tmp_path):
+    """Two real Dagster instances on one MLflow store. A step's MLflow run is its record once the step has
+    materialized the partition and succeeded; before that, a kill (or a failure after logging) leaves a run
+    that the re-executed step would duplicate. A run is deleted only when its step provably cannot commit any more:
+    its writer's pid is dead on this host, or its Dagster run has finished in *this* instance (for a run
+    still RUNNING: finished, and its writer elsewhere). Another instance's run id means nothing here.
 
-    | writer                    | Dagster run (as instance A sees it)  | A's clean-up |
-    |---------------------------|--------------------------------------|--------------|
-    | this host, pid dead       | another instance's (unknown to A)    | deleted      |
-    | this host, pid alive      | A's, finished                        | kept         |
-    | this host, pid alive      | another instance's                   | kept (the defect: it was deleted, with its version) |
-    | another host              | A's, finished                        | deleted      |
-    | another host              | A's, still running                   | kept         |
-    | another host              | another instance's                   | kept         |
+    | MLflow run | writer             | Dagster run (as instance A sees it)            | A's clean-up |
+    |------------|--------------------|------------------------------------------------|--------------|
+    | running    | this host, dead    | another instance's (unknown to A)              | deleted      |
+    | running    | this host, alive   | A's, finished                                  | kept         |
+    | running    | this host, alive   | another instance's                             | kept         |
+    | running    | another host       | A's, finished                                  | deleted      |
+    | running    | another host       | A's, still running                             | kept         |
+    | running    | another host       | another instance's                             | kept         |
+    | running    | this host, dead    | A's, materialized the partition (end lost)     | kept         |
+    | ended      | this host, dead    | A's, left STARTED by the kill, nothing stored  | deleted (the defect: kept, so the rerun made two) |
+    | ended      | this host, alive   | A's, running (about to store it)               | kept         |
+    | ended      | another host       | A's, running                                   | kept         |
+    | ended      | another host       | A's, failed before materializing               | deleted      |
+    | ended      | this host, dead    | A's, materialized the partition                | kept         |
+    | ended      | this host, dead    | A's, materialized it, then its step failed     | deleted      |
+    | ended      | this host, dead    | A's, materialized it, then failed on a later asset | kept     |
+    | ended      | this host, dead    | A's, materialized only another partition       | deleted      |
+    | ended      | this host, dead    | another instance's                             | kept         |
     """
     import dagster as dg
     import mlflow
 
     from car_maker_pipeline.mlflow_store import default_tracking_uri
+    from car_maker_pipeline.orchestration.run_history import run_status
     from car_maker_pipeline.tracking import WRITER_TAG, delete_orphaned_runs, experiment_id
-    from car_maker_pipeline.tracking import dagster_run_status as status_in
 
     uri = default_tracking_uri(tmp_path)
     experiment = experiment_id(uri, tmp_path)
     client = mlflow.MlflowClient(uri)
     host = socket.gethostname()
+    dead, alive, elsewhere = f"{_dead_pid()}@{host}", f"{os.getpid()}@{host}", f"{_dead_pid()}@another-pod"
     instance_a, instance_b = dg.DagsterInstance.ephemeral(), dg.DagsterInstance.ephemeral()
 
     job = dg.GraphDefinition("scoring").to_job()
@@ -122,27 +135,68 @@ def test_orphan_clean_up_deletes_only_provably_dead_runs_of_its_own_instance(tmp
             instance.report_run_failed(run)
         return run.run_id
 
+    partitions = dg.StaticPartitionsDefinition(["tiny-s", "tiny-m"])
+
+    @dg.asset(name="checkpoint_accuracy", partitions_def=partitions)
+    def scored() -> None:
+        return None
+
+    @dg.asset(name="checkpoint_accuracy", partitions_def=partitions)
+    def scored_then_failed():  # what a kill between storing the materialization and the step's success leaves
+        yield dg.MaterializeResult()
+        raise RuntimeError("the step fails after its materialization was stored")
+
+    @dg.asset(partitions_def=partitions, deps=[scored])
+    def later() -> None:
+        raise RuntimeError("fails after checkpoint_accuracy was materialized")
+
+    def materialized(assets, partition: str) -> str:
+        return dg.materialize(assets, instance=instance_a, partition_key=partition, raise_on_error=False).run_id
+
     finished_a, running_a, live_b = (
         dagster_run(instance_a, True),
         dagster_run(instance_a, False),
         dagster_run(instance_b, False),
     )
-    cases = {
-        "dead-writer": (f"{_dead_pid()}@{host}", live_b, True),
-        "live-writer-finished-run": (f"{os.getpid()}@{host}", finished_a, False),
-        "live-writer-other-instance": (f"{os.getpid()}@{host}", live_b, False),
-        "other-host-finished": (f"{_dead_pid()}@another-pod", finished_a, True),
-        "other-host-running": (f"{_dead_pid()}@another-pod", running_a, False),
-        "other-host-other-instance": (f"{_dead_pid()}@another-pod", live_b, False),
+    committed = materialized([scored], "tiny-s")
+    committed_then_failed = materialized([scored, later], "tiny-s")
+    other_partition = materialized([scored], "tiny-m")
+    step_failed = materialized([scored_then_failed], "tiny-s")
+    assert instance_a.get_run_by_id(committed_then_failed).status == dg.DagsterRunStatus.FAILURE
+    cases = {  # name: (ended, writer, Dagster run, deleted)
+        "running/dead-writer": (False, dead, live_b, True),
+        "running/live-writer-finished-run": (False, alive, finished_a, False),
+        "running/live-writer-other-instance": (False, alive, live_b, False),
+        "running/other-host-finished": (False, elsewhere, finished_a, True),
+        "running/other-host-running": (False, elsewhere, running_a, False),
+        "running/other-host-other-instance": (False, elsewhere, live_b, False),
+        "running/committed": (False, dead, committed, False),
+        "ended/killed-before-materializing": (True, dead, running_a, True),
+        "ended/live-writer": (True, alive, running_a, False),
+        "ended/other-host-running": (True, elsewhere, running_a, False),
+        "ended/other-host-failed": (True, elsewhere, finished_a, True),
+        "ended/committed": (True, dead, committed, False),
+        "ended/committed-then-failed": (True, dead, committed_then_failed, False),
+        "ended/materialized-then-step-failed": (True, dead, step_failed, True),
+        "ended/other-partition-only": (True, dead, other_partition, True),
+        "ended/other-instance": (True, dead, live_b, False),
     }
     tags = {"model_key": "tiny-s", "stage": "checkpoint_accuracy"}
-    runs = {
-        name: client.create_run(experiment, tags={**tags, "dagster_run_id": run, WRITER_TAG: writer}).info.run_id
-        for name, (writer, run, _) in cases.items()
-    }
+    runs = {}
+    for name, (ended, writer, run, _) in cases.items():
+        runs[name] = client.create_run(experiment, tags={**tags, "dagster_run_id": run, WRITER_TAG: writer}).info.run_id
+        if ended:
+            client.set_terminated(runs[name], "FINISHED")
     client.create_registered_model("car-maker-tiny-s")  # the live run of the other instance has registered v1
-    client.create_model_version("car-maker-tiny-s", tmp_path.as_uri(), run_id=runs["live-writer-other-instance"])
-    deleted = set(delete_orphaned_runs(uri, experiment, tags, status_in(instance_a)))
-    assert deleted == {runs[name] for name, (_, _, gone) in cases.items() if gone}
+    client.create_model_version(
+        "car-maker-tiny-s", tmp_path.as_uri(), run_id=runs["running/live-writer-other-instance"]
+    )
+    client.create_model_version("car-maker-tiny-s", tmp_path.as_uri(), run_id=runs["ended/killed-before-materializing"])
+    status_in_a = run_status(instance_a, dg.AssetKey("checkpoint_accuracy"), "tiny-s")
+    deleted = set(delete_orphaned_runs(uri, experiment, tags, status_in_a))
+    assert {name for name, run in runs.items() if run in deleted} == {
+        name for name, (*_, gone) in cases.items() if gone
+    }
     assert [str(v.version) for v in client.search_model_versions("name = 'car-maker-tiny-s'")] == ["1"]
-    assert status_in(instance_b)(live_b) == "running" and status_in(instance_a)(live_b) == "unknown"
+    assert run_status(instance_b, dg.AssetKey("checkpoint_accuracy"), "tiny-s")(live_b) == "running"
+    assert status_in_a(live_b) == "unknown" and status_in_a(committed) == "committed"

@@ -56,13 +56,15 @@ class RecordTarget:
     """Where an evaluation is recorded, and on behalf of which orchestrator run.
 
     `dagster_run_id` tags the MLflow run (and names the folder of a baseline's results).
-    `dagster_instance`, when given, is asked which earlier runs are still alive: an MLflow run with
-    the same tags left RUNNING by a run that has ended was cut short, and is deleted before recording.
+    `run_status`, when given, says what the orchestrator knows of the Dagster run that wrote an earlier
+    MLflow run with the same tags (`tracking.delete_orphaned_runs`): one its step left behind without
+    materializing (killed, or failed after logging) is deleted before recording, so a re-executed step
+    does not leave two records.
     """
 
     tracking_uri: str
     dagster_run_id: str
-    dagster_instance: object | None = None
+    run_status: Callable[[str | None], str] | None = None
 
 
 @contextmanager
@@ -76,7 +78,7 @@ def evaluation_run(
         store.root,
         run_name=run_name,
         tags={"dagster_run_id": target.dagster_run_id, "model_key": model_key, "stage": stage, **tags},
-        orphans_of=target.dagster_instance,
+        status_of=target.run_status,
         system_metrics=True,
     ) as run:
         yield run

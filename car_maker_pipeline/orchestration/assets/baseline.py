@@ -9,6 +9,7 @@ from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAUL
 from car_maker_pipeline.orchestration.deployment import MODEL_STEP
 from car_maker_pipeline.orchestration.metadata import evaluation_metadata, log_answer_policy
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
+from car_maker_pipeline.orchestration.run_history import run_status
 from car_maker_pipeline.orchestration.versions import code_version, content_version
 from car_maker_pipeline.store import BASELINE_EVALUATION, CAR_MAKER_DATASET
 
@@ -76,9 +77,11 @@ def evaluation_inputs(
     from car_maker_pipeline.recording.baseline import RecordTarget
 
     pipeline_store = store.get()
+    tracking_uri = mlflow_tracking.ensure_reachable(pipeline_store)
+    run_status_here = run_status(context.instance, context.asset_key, context.partition_key)
     return {
         "store": pipeline_store,
-        "target": RecordTarget(mlflow_tracking.ensure_reachable(pipeline_store), context.run_id, context.instance),
+        "target": RecordTarget(tracking_uri, context.run_id, run_status_here),
         "load_model": lambda: models.load(context.partition_key, pipeline_store),
     }
 
