@@ -68,7 +68,8 @@ def test_sensor_does_not_retrain_on_data_already_materialized(demo_source, tmp_p
 
 
 def test_project_instance_settings(tmp_path):
-    """The shipped dagster.yaml: one GPU step at a time, crashed runs free their slot and are retried once."""
+    """The shipped dagster.yaml: one GPU step at a time, one more queued run starting up while it runs,
+    crashed runs free their slot and are retried once."""
     import shutil
     from pathlib import Path
 
@@ -80,10 +81,23 @@ def test_project_instance_settings(tmp_path):
         assert (
             instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 4
         )  # what the queue daemon reads
+        assert instance.get_concurrency_config().run_queue_config.op_concurrency_slot_buffer == 1
         assert instance.run_monitoring_enabled
         assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 30
         assert instance.run_retries_enabled and instance.run_retries_max_retries == 1
         assert not instance.run_retries_retry_on_asset_or_op_failure
+
+
+def test_the_postgres_deployment_keeps_the_project_operating_rules():
+    """deploy/dagster.yaml differs from the embedded instance's settings in its storage only."""
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    project, deployed = (yaml.safe_load((repo / name).read_text()) for name in ("dagster.yaml", "deploy/dagster.yaml"))
+    assert "storage" in deployed and "storage" not in project
+    assert {key: value for key, value in deployed.items() if key != "storage"} == project
 
 
 def test_additions_sensor_retrains_once_per_new_batch(tmp_path, raw_dataset):
