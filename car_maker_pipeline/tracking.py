@@ -102,7 +102,8 @@ def experiment_id(uri: str, home: Path, name: str = EXPERIMENT) -> str:
     return client.create_experiment(name, artifact_location=artifacts)
 
 
-def _tag_filter(tags: dict[str, str], *more: str) -> str:
+def tag_filter(tags: dict[str, str], *more: str) -> str:
+    """An MLflow `search_runs` filter: every tag in `tags` equal, and the conditions in `more`."""
     return " and ".join([f"tags.{key} = '{value}'" for key, value in tags.items()] + list(more))
 
 
@@ -111,7 +112,7 @@ def find_run(uri: str, exp_id: str, tags: dict[str, str]) -> str | None:
     import mlflow
 
     runs = mlflow.MlflowClient(uri).search_runs(
-        [exp_id], filter_string=_tag_filter(tags), max_results=1, order_by=["attributes.start_time DESC"]
+        [exp_id], filter_string=tag_filter(tags), max_results=1, order_by=["attributes.start_time DESC"]
     )
     return runs[0].info.run_id if runs else None
 
@@ -151,7 +152,7 @@ def delete_orphaned_runs(uri: str, exp_id: str, tags: dict[str, str], status_of)
 
     client = MlflowClient(uri)
     deleted = []
-    for run in client.search_runs([exp_id], filter_string=_tag_filter(tags), max_results=1000):
+    for run in client.search_runs([exp_id], filter_string=tag_filter(tags), max_results=1000):
         writer, status = run.data.tags.get(WRITER_TAG), status_of(run.data.tags.get("dagster_run_id"))
         if status == COMMITTED:
             continue

@@ -7,6 +7,9 @@
 | a sweep process killed (SIGKILL) mid-trial        | the rerun fails the stale trial and finishes n_trials     |
 | a process killed after creating a trial, before   | the next process fails that trial (Optuna never would:    |
 |   its first heartbeat                             | it has no heartbeat) and finishes n_trials, not waiting   |
+| trials Optuna failed after their process died     | their MLflow runs, left RUNNING, closed as KILLED; runs   |
+|                                                   | of live, finished or self-failed trials, or of another    |
+|                                                   | study, untouched (table in the test)                      |
 | a 3-trial sweep on tiny-s                          | trials trained for real, scored per checkpoint; MLflow    |
 |                                                   | parent run + one child per trial; figures; best params in |
 |                                                   | the manifest, where from_sweep reads them               |
@@ -137,6 +140,47 @@ def test_a_trial_whose_creator_died_before_its_first_heartbeat_does_not_block_th
     trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
     assert [t.state for t in trials if t.number in orphans] == [TrialState.FAIL] * len(orphans)
     assert [t.state for t in trials if t.number not in orphans] == [TrialState.COMPLETE] * 2
+
+
+# (study, trial's state in Optuna, its MLflow run's status, closed as KILLED)
+DEAD_TRIAL_RUNS = [
+    ("this", "COMPLETE", "FINISHED", False),
+    ("this", "FAIL", "RUNNING", True),  # its process was killed; a later process failed the trial
+    ("this", "FAIL", "FAILED", False),  # its own process failed it and closed the run
+    ("this", "RUNNING", "RUNNING", False),  # alive in another process
+    ("this", "PRUNED", "FINISHED", False),
+    ("this", "FAIL", "RUNNING", True),
+    ("other", "FAIL", "RUNNING", False),  # another study's run, though its trial number matches
+]
+
+
+def test_the_mlflow_runs_of_trials_whose_process_died_are_closed_and_no_others(tmp_path):
+    from mlflow import MlflowClient
+
+    from car_maker_pipeline.training.sweep_runs import close_runs_of_dead_trials
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("sweeps", artifact_location=(tmp_path / "artifacts").as_uri())
+    study = optuna.create_study(study_name="this", direction="maximize")
+    runs = []
+    for number, (name, state, status, _) in enumerate(DEAD_TRIAL_RUNS):
+        if name == "this":
+            trial = study.ask()
+            if state != "RUNNING":
+                study.tell(trial, 0.5 if state == "COMPLETE" else None, state=TrialState[state])
+        tags = {"stage": "sweep_trial", "study_name": name, "trial_number": str(number if name == "this" else 1)}
+        run = client.create_run(experiment, tags=tags)
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        runs.append(run.info.run_id)
+
+    closed = close_runs_of_dead_trials(client, experiment, "this", study)
+
+    assert sorted(closed) == sorted(run for run, row in zip(runs, DEAD_TRIAL_RUNS) if row[3])
+    for run_id, (_, _, status, killed) in zip(runs, DEAD_TRIAL_RUNS):
+        run = client.get_run(run_id)
+        assert run.info.status == ("KILLED" if killed else status)
+        assert (run.data.tags.get("trial_state") == "FAIL") is killed
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ Each trial trains through `train_lora`, the code `lora_checkpoints` runs, in a f
 (`lora_sweep/<model>/<study>/trial-<n>`), and reports the constrained classifier's validation score
 (the objective, best so far) to the study at every checkpoint, so the pruner can stop it there.
 MLflow gets one parent run per study (`sweep-<model>`) and one child run per trial (its params, losses,
-per-checkpoint scores, and whether it was pruned). At the end, Optuna's optimization history and
+per-checkpoint scores, and whether it was pruned); a trial whose process was killed has its run closed
+as KILLED by the process that finishes the study. At the end, Optuna's optimization history and
 parameter importances (`optuna.visualization.matplotlib`) go to the parent run and the caller, and
 the best configuration to the `lora_sweep` manifest, where `lora_checkpoints` (`from_sweep`) reads it.
 """
@@ -20,10 +21,11 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from optuna.trial import TrialState
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset
 from car_maker_pipeline.store import LORA_SWEEP, MissingUpstreamError, PipelineStore
-from car_maker_pipeline.tracking import experiment_id, find_run, scrub_secrets
+from car_maker_pipeline.tracking import experiment_id, find_run, scrub_secrets, tag_filter
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
 from car_maker_pipeline.training.mlflow_callback import MlflowLossCallback
 from car_maker_pipeline.training.search_space import decoded_params, parse_search_space, suggest
@@ -156,6 +158,7 @@ def run_sweep(
         return TrialOutcome(None if reporter.pruned else best, reporter.pruned)
 
     study = run_study(name, storage, settings, lock, run_trial, log)
+    close_runs_of_dead_trials(client, experiment_id(tracking_uri, store.root), name, study)
     record = SweepRecord(name, url, summary(study), trials_table(study), parent_run_id=parent)
     record.figures = sweep_figures(study, root / name)
     with warnings.catch_warnings():
@@ -185,6 +188,26 @@ def run_sweep(
             partition=model_key,
         )
     return record
+
+
+def close_runs_of_dead_trials(client: mlflow.MlflowClient, experiment: str, name: str, study) -> list[str]:
+    """Close as KILLED the MLflow runs of trials that Optuna failed because their process died.
+
+    A killed sweep process leaves its trial's child run RUNNING; the process that fails the trial later
+    (`fail_stale_trials`, `fail_trials_never_beaten`) only knows the Optuna trial. Called once the study
+    is done, so every failed trial is final. A trial failed by its own process closed its run (FAILED)
+    itself, and a trial still running elsewhere is not failed, so neither is touched. Returns the run ids.
+    """
+    failed = {str(trial.number) for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    condition = tag_filter({"stage": "sweep_trial", "study_name": name}, "attributes.status = 'RUNNING'")
+    closed = []
+    for run in client.search_runs([experiment], filter_string=condition, max_results=1000):
+        if run.data.tags.get("trial_number") in failed:
+            client.set_tag(run.info.run_id, "trial_state", "FAIL")
+            client.set_tag(run.info.run_id, "stop_reason", "its process died; the study failed the trial")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def trials_table(study) -> pd.DataFrame:
