@@ -301,9 +301,8 @@ def test_resume_after_sigkill_ignores_a_half_written_checkpoint(model_dir, task,
     _, _, _, data_dir = task
     max_steps, every = 12, 4
 
-    # Uninterrupted reference run.
-    reference = _result_of(_run([model_dir, data_dir, tmp_path / "reference", max_steps, every]))
-    assert reference["global_step"] == max_steps
+    # Uninterrupted reference run, beside the interrupted one (which mostly sleeps) rather than before it.
+    reference_run = _run([model_dir, data_dir, tmp_path / "reference", max_steps, every])
 
     # Interrupted run: slowed down so it is certainly mid-training when the first checkpoint lands.
     out = tmp_path / "interrupted"
@@ -336,6 +335,7 @@ def test_resume_after_sigkill_ignores_a_half_written_checkpoint(model_dir, task,
     assert not is_complete_checkpoint(half)
     assert not is_complete_checkpoint(truncated)
 
+    reference = _result_of(reference_run)
     resumed = _result_of(_run([model_dir, data_dir, out, max_steps, every]))
     assert resumed["global_step"] == reference["global_step"] == max_steps
     assert resumed["resumed_from"] == str(done[newest])
