@@ -39,7 +39,7 @@ LONGEST_FIRST = [
     "car_maker_pipeline_tests/test_faults.py::TestSeed1",
     "car_maker_pipeline_tests/test_cli_end_to_end.py",
     "car_maker_pipeline_tests/test_faults.py::TestSeed2",
-    "car_maker_pipeline_tests/test_faults.py::TestMlflowOutage",
+    "car_maker_pipeline_tests/test_mlflow_outage.py",
     "car_maker_pipeline_tests/test_postgres.py",
     "car_maker_pipeline_tests/test_lora_training.py",
     "car_maker_pipeline_tests/test_registry_integrity.py",
