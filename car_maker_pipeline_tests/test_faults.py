@@ -30,7 +30,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -41,14 +40,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from car_maker_pipeline_tests.support.cli import (
-    IN_PROCESS,
-    REPO,
-    cli_env,
-    cli_instance,
-    materialize,
-    materialize_command,
-)
+from car_maker_pipeline_tests.support.cli import IN_PROCESS, cli_env, cli_instance, materialize, start_materialize
 from car_maker_pipeline_tests.support.shared import shared_across_workers
 
 pytestmark = pytest.mark.slow
@@ -125,15 +117,7 @@ def reference(tmp_path_factory):
 
 def _kill_during_step(env, asset, partition, config, delay) -> dict:
     """Start the command, wait for its STEP_START line for `asset`, wait `delay` more seconds, SIGKILL."""
-    process = subprocess.Popen(
-        materialize_command(asset, partition, config),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    process = start_materialize(env, asset, partition, config)
     step_started = threading.Event()
 
     def watch():

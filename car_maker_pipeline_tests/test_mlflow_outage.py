@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from car_maker_pipeline_tests.support.cli import IN_PROCESS, REPO, cli_env, materialize, materialize_command
+from car_maker_pipeline_tests.support.cli import IN_PROCESS, cli_env, materialize, start_materialize
 from car_maker_pipeline_tests.test_faults import SOURCE  # the fault tests' demo source
 
 pytestmark = pytest.mark.slow
@@ -94,15 +94,7 @@ def test_mlflow_down_mid_training_fails_clearly_and_the_rerun_completes_the_reco
     }
     try:
         materialize(env, "raw_stanford_cars,car_maker_dataset", config={**SOURCE, **IN_PROCESS})
-        process = subprocess.Popen(
-            materialize_command("lora_checkpoints", "tiny-s", config),
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        process = start_materialize(env, "lora_checkpoints", "tiny-s", config)
         home = Path(env["CAR_MAKER_HOME"])
         deadline = time.monotonic() + 600
         while (

@@ -47,6 +47,20 @@ def materialize_command(select: str, partition: str | None = None, config: dict 
     return command
 
 
+def start_materialize(env, select: str, partition: str | None = None, config: dict | None = None) -> subprocess.Popen:
+    """The command started in a session of its own, so a test can SIGKILL it with the run and step processes
+    it starts (`os.killpg`); its output, both streams, piped as text."""
+    return subprocess.Popen(
+        materialize_command(select, partition, config),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def materialize(env, select, partition=None, config=None, timeout=900, outputs: list[str] | None = None):
     result = subprocess.run(
         materialize_command(select, partition, config),
