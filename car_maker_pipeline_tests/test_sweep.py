@@ -261,3 +261,11 @@ def test_a_sweep_trains_real_trials_and_records_them_and_its_best_configuration(
         store, "tiny-s", str(tiny_model_dir), maker_dataset, base, settings, tracking_uri=uri, run_tags={}
     )
     assert again.study_name == record.study_name and len(again.trials) == 3
+    # What a process killed right after creating a trial leaves: the trial without a heartbeat, its MLflow
+    # run RUNNING. The next sweep of the study fails the trial and closes the run.
+    client = mlflow.MlflowClient(uri)
+    orphan = optuna.load_study(study_name=record.study_name, storage=record.storage).ask()
+    tags = {"stage": "sweep_trial", "study_name": record.study_name, "trial_number": str(orphan.number)}
+    left = client.create_run(children[0].info.experiment_id, tags=tags).info.run_id
+    run_sweep(store, "tiny-s", str(tiny_model_dir), maker_dataset, base, settings, tracking_uri=uri, run_tags={})
+    assert client.get_run(left).info.status == "KILLED" and client.get_run(left).data.tags["trial_state"] == "FAIL"

@@ -109,7 +109,7 @@ def run_sweep(
     storage = open_storage(url, settings, lock)
     dataset = dataset_record.load()
     parent = _parent_run(tracking_uri, store.root, model_key, name, settings, run_tags)
-    client = mlflow.MlflowClient(tracking_uri)
+    client, experiment = mlflow.MlflowClient(tracking_uri), experiment_id(tracking_uri, store.root)
 
     def run_trial(trial) -> TrialOutcome:
         values = suggest(trial, ranges)
@@ -118,7 +118,7 @@ def run_sweep(
         except ValueError as error:  # a combination of values that bound each other
             return TrialOutcome(None, False, failed=f"{values}: {error}")
         child = client.create_run(
-            experiment_id(tracking_uri, store.root),
+            experiment,
             run_name=f"trial-{trial.number}",
             tags={
                 **run_tags,
@@ -158,7 +158,7 @@ def run_sweep(
         return TrialOutcome(None if reporter.pruned else best, reporter.pruned)
 
     study = run_study(name, storage, settings, lock, run_trial, log)
-    close_runs_of_dead_trials(client, experiment_id(tracking_uri, store.root), name, study)
+    close_runs_of_dead_trials(client, experiment, name, study)
     record = SweepRecord(name, url, summary(study), trials_table(study), parent_run_id=parent)
     record.figures = sweep_figures(study, root / name)
     with warnings.catch_warnings():
