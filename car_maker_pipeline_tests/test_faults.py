@@ -88,22 +88,23 @@ def _latest_step_events(env, asset) -> dict[str, float]:
 
 
 def _uninterrupted(root: Path) -> dict[str, float]:
-    """Two commands, the data assets then the model assets, each step timed from its own events (a
-    command per step would only add process start-ups to the time every seed waits for)."""
+    """Two commands, the data assets then the model assets (every partitioned step's config together),
+    each step timed from its own events: a command per step would only add process start-ups to the time
+    every seed waits for."""
     env = cli_env(root)
-    data, models = [step for step in STEPS if step[1] is None], [step for step in STEPS if step[1] is not None]
-    materialize(env, ",".join(["raw_stanford_cars", *(asset for asset, _, _ in data)]), config={**SOURCE, **IN_PROCESS})
-    durations = _step_durations(env, [asset for asset, _, _ in data])
-    [partition] = {partition for _, partition, _ in models}
-    materialize(env, ",".join(asset for asset, _, _ in models), partition, {**SOURCE, **TRAINING, **IN_PROCESS})
-    return {**durations, **_step_durations(env, [asset for asset, _, _ in models])}
-
-
-def _step_durations(env, assets: list[str]) -> dict[str, float]:
     durations = {}
-    for asset in assets:
-        events = _latest_step_events(env, asset)
-        durations[asset] = events["STEP_SUCCESS"] - events["STEP_START"]
+    for partition in (None, "tiny-s"):
+        steps = [(asset, config) for asset, part, config in STEPS if part == partition]
+        assets = [asset for asset, _ in steps]
+        config: dict = {}
+        for _, step_config in steps:  # "resources" and "ops" of every step, merged per section
+            for section, values in step_config.items():
+                config[section] = {**config.get(section, {}), **values}
+        selection = ["raw_stanford_cars", *assets] if partition is None else assets
+        materialize(env, ",".join(selection), partition, {**config, **IN_PROCESS})
+        for asset in assets:  # this command's events: it is the latest run
+            events = _latest_step_events(env, asset)
+            durations[asset] = events["STEP_SUCCESS"] - events["STEP_START"]
     return durations
 
 
