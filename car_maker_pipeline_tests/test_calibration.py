@@ -209,7 +209,7 @@ def test_log_loss_rejects_bad_eps(eps):
         ([[0.5, 0.5]], [2], "index 2"),
         ([[0.5, 0.5]], [-1], "index -1"),
         ([[0.5, 0.5]], [0.0], "integer"),
-        ([[0.5, 0.5]], [0, 1], "one maker index per image"),
+        ([[0.5, 0.5]], [0, 1], "one label index"),
     ],
 )
 def test_metrics_reject_bad_probabilities_or_truth(probabilities, truth, match):
@@ -350,7 +350,7 @@ def test_fit_temperature_edge_cases(scores, truth, expected):
     [
         ([[0.1, 0.2], [0.3, 0.0], [1.0, 0.5]], [1, 1, 1], "at least two makers"),
         (np.zeros((0, 3)), [], "zero images"),
-        ([[0.1, 0.2]], [0, 1], "one maker index per image"),
+        ([[0.1, 0.2]], [0, 1], "one label index"),
     ],
 )
 def test_fit_temperature_rejects_unusable_validation_data(scores, truth, match):

@@ -75,3 +75,85 @@ def confusion_matrix(predictions: pd.DataFrame, makers: list[str]) -> np.ndarray
     for true, predicted in zip(predictions["true_maker"], predictions["predicted_maker"]):
         matrix[index[true], index[predicted]] += 1
     return matrix
+
+
+# --- the class task: what a buyer reads besides class accuracy ------------------------------------------
+
+
+def _named_pairs(true_classes, predicted_classes, maker_of) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    true, predicted = np.asarray(true_classes, dtype=object), np.asarray(predicted_classes, dtype=object)
+    if true.shape != predicted.shape or true.ndim != 1:
+        raise ValueError(
+            f"need one true and one predicted class per image, got shapes {true.shape} and {predicted.shape}"
+        )
+    unknown = sorted({str(name) for name in (*true, *predicted) if name not in maker_of})
+    if unknown:
+        raise ValueError(
+            f"classes {unknown[:5]} have no maker in the class list; pass the dataset's class -> maker map"
+        )
+    true_makers = np.array([maker_of[name] for name in true], dtype=object)
+    predicted_makers = np.array([maker_of[name] for name in predicted], dtype=object)
+    return true, predicted, true_makers, predicted_makers
+
+
+def class_task_summary(true_classes, predicted_classes, maker_of) -> dict[str, float]:
+    """Class accuracy, the maker accuracy the class answers imply (the predicted class's maker), and the share
+    of images with the right maker but the wrong model, each with its Wilson interval."""
+    true, predicted, true_makers, predicted_makers = _named_pairs(true_classes, predicted_classes, maker_of)
+    images = len(true)
+    counts = {
+        "class_accuracy": int((true == predicted).sum()),
+        "implied_maker_accuracy": int((true_makers == predicted_makers).sum()),
+        "right_maker_wrong_model": int(((true_makers == predicted_makers) & (true != predicted)).sum()),
+    }
+    summary: dict[str, float] = {"num_images": float(images)}
+    for name, count in counts.items():
+        low, high = wilson_interval(count, images)
+        summary |= {name: count / images if images else math.nan, f"{name}_ci_low": low, f"{name}_ci_high": high}
+    return summary
+
+
+def per_class_accuracy(true_classes, predicted_classes, classes) -> pd.DataFrame:
+    """One row per class with images: images, correct, accuracy and its Wilson interval, worst first (ties:
+    more images first, then by name), so the classes to fix lead the table."""
+    true, predicted = np.asarray(true_classes, dtype=object), np.asarray(predicted_classes, dtype=object)
+    rows = []
+    for name in classes:
+        mask = true == name
+        images, correct = int(mask.sum()), int((predicted[mask] == name).sum())
+        if images:
+            low, high = wilson_interval(correct, images)
+            rows.append(
+                {
+                    "class": name,
+                    "images": images,
+                    "correct": correct,
+                    "accuracy": correct / images,
+                    "ci_low": low,
+                    "ci_high": high,
+                }
+            )
+    table = pd.DataFrame(rows, columns=["class", "images", "correct", "accuracy", "ci_low", "ci_high"])
+    return table.sort_values(["accuracy", "images", "class"], ascending=[True, False, True], kind="stable").reset_index(
+        drop=True
+    )
+
+
+def confused_pairs_within_maker(true_classes, predicted_classes, maker_of, top: int = 10) -> pd.DataFrame:
+    """The most frequent (true class, predicted class) mistakes between two classes of the same maker: the
+    model mix-ups, apart from maker errors. `share` is the part of the true class's images lost to it."""
+    true, predicted, true_makers, predicted_makers = _named_pairs(true_classes, predicted_classes, maker_of)
+    columns = ["maker", "true_class", "predicted_class", "images", "share"]
+    mixed = (true != predicted) & (true_makers == predicted_makers)
+    if not mixed.any():
+        return pd.DataFrame(
+            {column: pd.Series(dtype=object if column.endswith(("class", "maker")) else float) for column in columns}
+        ).astype({"images": "int64"})
+    frame = pd.DataFrame({"maker": true_makers[mixed], "true_class": true[mixed], "predicted_class": predicted[mixed]})
+    pairs = frame.value_counts().rename("images").reset_index()
+    per_class = pd.Series(true).value_counts()
+    pairs["share"] = pairs["images"] / pairs["true_class"].map(per_class)
+    pairs = pairs.sort_values(
+        ["images", "share", "true_class", "predicted_class"], ascending=[False, False, True, True]
+    )
+    return pairs[columns].head(top).reset_index(drop=True)

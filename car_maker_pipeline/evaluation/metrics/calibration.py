@@ -55,10 +55,13 @@ def _log_score_matrix(log_scores) -> np.ndarray:
     return scores
 
 
-def _probability_matrix(probabilities) -> np.ndarray:
+def probability_matrix(probabilities) -> np.ndarray:
+    """Checked (images, labels) probabilities; labels are makers or classes, whichever the task answers."""
     p = np.asarray(probabilities, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] == 0:
-        raise CalibrationError(f"probabilities must be an (images, makers) array, got shape {p.shape}")
+        raise CalibrationError(
+            f"probabilities must be an (images, labels) array (a column per maker or class), got shape {p.shape}"
+        )
     if not np.isfinite(p).all() or (p < 0).any():
         raise CalibrationError("probabilities hold negative, NaN or infinite values; pass softmax(log_scores)")
     sums = p.sum(axis=1)
@@ -71,10 +74,13 @@ def _probability_matrix(probabilities) -> np.ndarray:
     return p
 
 
-def _truth(truth, images: int, makers: int) -> np.ndarray:
+def label_indices(truth, images: int, makers: int) -> np.ndarray:
+    """Checked true label indices (maker or class), one per image, each a column of the scores."""
     labels = np.asarray(truth)
     if labels.ndim != 1 or len(labels) != images:
-        raise CalibrationError(f"truth must hold one maker index per image ({images}), got shape {labels.shape}")
+        raise CalibrationError(
+            f"truth must hold one label index (maker or class) per image ({images}), got shape {labels.shape}"
+        )
     if not len(labels):
         return labels.astype(np.int64)
     if not np.issubdtype(labels.dtype, np.integer):
@@ -129,8 +135,8 @@ def softmax(log_scores, temperature: float = 1.0) -> np.ndarray:
 def top_k_accuracy(probabilities, truth, k: int) -> float:
     """Share of images whose true maker ranks in the top k; equal probabilities rank the lower index first
     (as argmax does), so a tie cannot count an image twice. k above the number of makers means all of them."""
-    p = _probability_matrix(probabilities)
-    labels = _truth(truth, len(p), p.shape[1])
+    p = probability_matrix(probabilities)
+    labels = label_indices(truth, len(p), p.shape[1])
     k = min(_positive_int(k, "k"), p.shape[1])
     if not len(p):
         return math.nan
@@ -143,16 +149,16 @@ def top_k_accuracy(probabilities, truth, k: int) -> float:
 def macro_accuracy(probabilities, truth) -> float:
     """Mean recall over the makers present in truth (argmax prediction): rare makers weigh as much as common
     ones, and makers absent from the split are not counted as 0."""
-    p = _probability_matrix(probabilities)
-    labels = _truth(truth, len(p), p.shape[1])
+    p = probability_matrix(probabilities)
+    labels = label_indices(truth, len(p), p.shape[1])
     frame = pd.DataFrame({"true_maker": labels, "predicted_maker": p.argmax(axis=1)})
     return summarize(frame, list(range(p.shape[1]))).macro_accuracy
 
 
 def log_loss(probabilities, truth, eps: float = 1e-12) -> float:
     """Mean -log p(true maker); p is clipped at eps so one confident mistake costs -log(eps), not infinity."""
-    p = _probability_matrix(probabilities)
-    labels = _truth(truth, len(p), p.shape[1])
+    p = probability_matrix(probabilities)
+    labels = label_indices(truth, len(p), p.shape[1])
     if isinstance(eps, bool) or not isinstance(eps, Real) or not (0 < eps < 1):
         raise CalibrationError(f"eps must be in (0, 1), e.g. 1e-12, got {eps!r}")
     if not len(p):
@@ -232,7 +238,7 @@ def fit_temperature(log_scores, truth) -> float:
     candidate and is kept unless something is strictly better, so the fit never raises the NLL on its own data.
     """
     scores = _log_score_matrix(log_scores)
-    labels = _truth(truth, len(scores), scores.shape[1])
+    labels = label_indices(truth, len(scores), scores.shape[1])
     if not len(scores):
         raise CalibrationError("cannot fit a temperature on zero images; pass the validation split's log scores")
     if len(np.unique(labels)) < 2:
@@ -275,8 +281,8 @@ class ProbabilityMetrics:
 
 def probability_metrics(probabilities, truth, bins: int = 15) -> ProbabilityMetrics:
     """Everything one evaluated split reports about its probabilities; confidence is the argmax probability."""
-    p = _probability_matrix(probabilities)
-    labels = _truth(truth, len(p), p.shape[1])
+    p = probability_matrix(probabilities)
+    labels = label_indices(truth, len(p), p.shape[1])
     predicted = p.argmax(axis=1)
     return ProbabilityMetrics(
         top1=top_k_accuracy(p, labels, 1),
