@@ -70,8 +70,17 @@ RISK_COVERAGE_FILE, RELIABILITY_FILE, RISK_COVERAGE_CHART, SUMMARY_FILE = (
 )
 
 
-def maker_log_probs(predictions: pd.DataFrame, makers: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(log-probabilities (n, makers), true maker indices (n,)) of stored predictions."""
+def answer_log_probs(
+    predictions: pd.DataFrame, makers: list[str], true_column: str = "true_maker"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(log-probabilities (n, answers), true answer indices (n,)) of stored predictions; the answers are the
+    makers, or the class names of a class-task evaluation (`true_column` "true_class")."""
+    if true_column not in predictions:
+        other = [name for name in predictions.columns if name.startswith("true_")]
+        raise CalibrationError(
+            f"These predictions have no {true_column!r} column but {other}: they answer another task. "
+            "Assess them with that task's policy, or evaluate the model on this task."
+        )
     if "log_probs" not in predictions or predictions["log_probs"].isna().any():
         raise CalibrationError(
             "These predictions carry no per-maker probabilities (they were written before every maker was "
@@ -80,14 +89,14 @@ def maker_log_probs(predictions: pd.DataFrame, makers: list[str]) -> tuple[np.nd
     log_probs = np.stack([np.asarray(row, dtype=float) for row in predictions["log_probs"]])
     if log_probs.shape[1] != len(makers):
         raise CalibrationError(
-            f"The predictions score {log_probs.shape[1]} makers but the maker list has {len(makers)}; "
+            f"The predictions score {log_probs.shape[1]} answers but the answer list has {len(makers)}; "
             "they come from another maker dataset. Materialize the evaluation again."
         )
     index = {maker: i for i, maker in enumerate(makers)}
-    unknown = sorted(set(predictions["true_maker"]) - set(index))
+    unknown = sorted(set(predictions[true_column]) - set(index))
     if unknown:
-        raise CalibrationError(f"True makers {unknown} are not in the maker list {makers}.")
-    return log_probs, predictions["true_maker"].map(index).to_numpy(dtype=int)
+        raise CalibrationError(f"True answers {unknown} are not in the answer list {makers}.")
+    return log_probs, predictions[true_column].map(index).to_numpy(dtype=int)
 
 
 def temperature_fold(keys: Sequence[str], share: float = TEMPERATURE_FOLD_SHARE) -> np.ndarray:
@@ -244,8 +253,8 @@ def calibrate(
     """
     target_precision, delta = check_target_precision(target_precision), check_delta(delta)
     comparisons = check_comparisons(comparisons)
-    val_log_probs, val_truth = maker_log_probs(validation, makers)
-    test_log_probs, test_truth = maker_log_probs(test, makers)
+    val_log_probs, val_truth = answer_log_probs(validation, makers)
+    test_log_probs, test_truth = answer_log_probs(test, makers)
     positions = validation["index"] if "index" in validation else range(len(validation))
     keys = list(positions) if fold_keys is None else list(fold_keys)
     if len(keys) != len(val_truth):

@@ -22,6 +22,9 @@ class PromptError(ValueError):
 class PromptTemplate:
     system: str = DEFAULT_SYSTEM_PROMPT
     user: str = DEFAULT_USER_PROMPT
+    # What '{makers}' lists. None: the answers themselves (the maker task). The class task lists the makers
+    # of its classes instead: 196 class names would add about 1,300 prompt tokens to every picture.
+    listing: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if "{makers}" not in self.user:
@@ -31,7 +34,7 @@ class PromptTemplate:
             )
 
     def user_text(self, makers: list[str] | tuple[str, ...]) -> str:
-        return self.user.replace("{makers}", ", ".join(makers))
+        return self.user.replace("{makers}", ", ".join(self.listing if self.listing is not None else makers))
 
     def messages(self, makers: list[str] | tuple[str, ...]) -> list[dict]:
         """Chat messages up to (not including) the assistant's answer; one image placeholder."""

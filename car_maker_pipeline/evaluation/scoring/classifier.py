@@ -19,6 +19,7 @@ import datasets
 import pandas as pd
 import torch
 
+from car_maker_pipeline.data.tasks import MAKER, Task
 from car_maker_pipeline.evaluation.scoring.answers import (
     END_OF_TURN,
     AnswerTrie,
@@ -265,7 +266,8 @@ class OnePass:
 
 @dataclass
 class EvaluationRun:
-    # index, true_maker, predicted_maker, score, log_probs (every maker's, in the classifier's order)
+    # index, true_maker, predicted_maker, score, log_probs (every answer's, in the classifier's order);
+    # true_class and predicted_class instead for the class task
     predictions: pd.DataFrame
     seconds: float
     throughput: dict[str, float] = field(default_factory=dict)  # ThroughputStats.summary() of the timed pass
@@ -275,13 +277,19 @@ class EvaluationRun:
         return len(self.predictions) / self.seconds if self.seconds > 0 else float("nan")
 
 
-def evaluate_split(classifier: MakerClassifier, split, max_images: int | None = None) -> EvaluationRun:
+def evaluate_split(
+    classifier: MakerClassifier, split, max_images: int | None = None, task: Task = MAKER
+) -> EvaluationRun:
     """Classify every image of a maker-dataset split (or the first `max_images`) with the model as it is."""
-    return evaluate_split_each(classifier, split, [None], max_images)[None]
+    return evaluate_split_each(classifier, split, [None], max_images, task)[None]
 
 
 def evaluate_split_each(
-    classifier: MakerClassifier, split, adapters: Sequence[str | None], max_images: int | None = None
+    classifier: MakerClassifier,
+    split,
+    adapters: Sequence[str | None],
+    max_images: int | None = None,
+    task: Task = MAKER,
 ) -> dict[str | None, EvaluationRun]:
     """`evaluate_split` under each of the model's `adapters`, every picture read and prepared once.
 
@@ -289,7 +297,8 @@ def evaluate_split_each(
     decodes a batch at a time, `StoredPicture`), so memory holds one window's compressed files and
     one batch's pixels (at most `max_batch_pixels`), whatever the split's size. The first batch is
     scored once untimed (the first forward pass pays one-off set-up, which would dominate images/s
-    on a small split). Each adapter's `seconds` are its own forward passes plus an equal share of
+    on a small split). The right answers are the `task`'s column (makers, or class names for the class
+    task; the classifier's answers must be of the same kind). Each adapter's `seconds` are its own forward passes plus an equal share of
     the rest (reading, preparing), so they add up to the pass's wall time.
     """
     if split.num_rows == 0:
@@ -311,12 +320,12 @@ def evaluate_split_each(
         warm_up += one.warm_up_seconds
         for adapter in adapters:
             model_seconds[adapter] += one.model_seconds[adapter]
-            for offset, (maker, prediction) in enumerate(zip(part["maker"], one.predictions[adapter])):
+            for offset, (truth, prediction) in enumerate(zip(part[task.label_column], one.predictions[adapter])):
                 rows[adapter].append(
                     {
                         "index": start + offset,
-                        "true_maker": maker,
-                        "predicted_maker": prediction.maker,
+                        task.true_column: truth,
+                        task.predicted_column: prediction.maker,
                         "score": prediction.score,
                         "log_probs": list(prediction.log_probs) if prediction.log_probs is not None else None,
                     }
