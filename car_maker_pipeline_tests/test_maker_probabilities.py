@@ -5,7 +5,8 @@
 | every maker's answer scored in one batched pass vs. brute force (one full forward pass per image and maker) | equal to 1e-5, demo makers and makers sharing prefixes, mixed picture sizes |
 | the scoring pass split by a small logit budget              | the same distribution, one pass more per group of makers     |
 | cache bytes per row: keys/values, 0-d counter, conv lists   | batch-shaped tensors only; counters and lists left out       |
-| all 49 real makers                                          | still two passes per batch; a distribution over all 49       |
+| all 49 real makers                                          | a few passes per batch, never one per maker; all 49 scored   |
+| answer_chunks: widths, position and answer budgets          | see its own table below                                      |
 | a classified picture                                        | probabilities sum to 1; the maker is the most probable one   |
 | threshold and temperature                                   | chosen from validation only: changing test changes neither   |
 | target precision 0, -0.1, 1.5, NaN / 1.0                    | rejected as config is read / accepted                        |
@@ -30,7 +31,13 @@ from car_maker_pipeline.classify import answer_text
 from car_maker_pipeline.evaluation.answer_policy import calibrate
 from car_maker_pipeline.evaluation.checkpoint_scores import CheckpointEvaluationError
 from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError
-from car_maker_pipeline.evaluation.scoring.answers import _forward, cache_bytes_per_row, score_answers
+from car_maker_pipeline.evaluation.scoring.answers import (
+    PASS_COST_POSITIONS,
+    _forward,
+    answer_chunks,
+    cache_bytes_per_row,
+    score_answers,
+)
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, Prediction
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.recording.baseline import RecordTarget, evaluate_and_record
@@ -285,8 +292,8 @@ def test_a_registered_model_of_other_makers_is_refused_before_it_loads(registere
         check_version_makers(version, ["A", "B"])
 
 
-def test_all_49_real_makers_are_scored_in_one_extra_pass(tiny_model, maker_dataset):
-    """The real dataset's maker list: still two passes per batch, not one per maker."""
+def test_all_49_real_makers_are_scored_in_a_few_batched_passes(tiny_model, maker_dataset):
+    """The real dataset's maker list: a few passes per batch (each within the CPU's copy budget), never one per maker."""
     from car_maker_pipeline.data.classes import stanford_cars_class_names
     from car_maker_pipeline.data.makers import makers_for_class_names
 
@@ -295,7 +302,8 @@ def test_all_49_real_makers_are_scored_in_one_extra_pass(tiny_model, maker_datas
     classifier = MakerClassifier(tiny_model.model, tiny_model.processor, makers, batch_size=len(SIZES))
     pictures = _pictures(maker_dataset)
     predictions = classifier.classify_batch(pictures)
-    assert classifier.stats.summary()["forward_passes_per_image"] == 2
+    passes = classifier.stats.summary()["forward_passes_per_image"]
+    assert 2 <= passes <= 1 + 49 / 4
     for prediction in predictions:
         assert len(prediction.log_probs) == 49 and np.exp(prediction.log_probs).sum() == pytest.approx(1.0)
 
@@ -307,3 +315,22 @@ def test_a_greedy_prediction_answers_its_maker_without_runners_up():
     assert row["maker_2"] is None and math.isnan(row["probability_2"]) and math.isnan(row["probability_3"])
     (low,) = answer_table([Prediction("Land Rover", 0.3)], card).to_dict("records")
     assert low["answer"] == UNSURE
+
+
+WIDE = PASS_COST_POSITIONS + 1  # widening one answer by this pads more than another pass costs
+
+
+@pytest.mark.parametrize(
+    ("widths", "max_positions", "max_answers", "chunks"),
+    [
+        ([3, 1, 2], 100, 100, [[1, 2, 0]]),  # one pass, shortest first
+        ([2, 2, 2, 2], 4, 100, [[0, 1], [2, 3]]),  # the logit budget: 2 answers x 2 positions
+        ([2, 2, 2], 100, 1, [[0], [1], [2]]),  # the cache budget: one copy per pass
+        ([5], 1, 0, [[0]]),  # over both budgets alone: a pass of its own all the same
+        ([1, 1 + WIDE], 10**6, 100, [[0], [1]]),  # widening by more than a pass costs: a new pass
+        ([1, WIDE], 10**6, 100, [[0, 1]]),  # by just a pass's cost: kept together
+        ([0, 1], 100, 100, [[0, 1]]),  # a zero width counts as one position
+    ],
+)
+def test_answer_chunks(widths, max_positions, max_answers, chunks):
+    assert answer_chunks(widths, max_positions, max_answers) == chunks

@@ -39,6 +39,16 @@ MAX_SCORING_LOGITS = 2**28
 # pass, and at LFM2-VL-450M's shape a 2,000-token photo's cache is about 28 MB per row in bf16, so
 # 49 makers x 16 photos would repeat it into 22 GB. 4 GiB keeps a pass on any GPU the models fit on.
 MAX_SCORING_CACHE_BYTES = 2**32
+# On a CPU the copies are the cost: passes whose copies stay near the processor's caches run several times
+# faster per answer than one that streams hundreds of megabytes. Measured on tiny-s, 32 pictures in batches
+# of 16 (bench/bench_class_scoring.py): the 49 real makers 0.9 s in one pass, 0.35 s at this budget (10
+# passes); the 196 classes 6.8 s in one pass, 2.0 s at this budget, 3.2 s at 32 MiB, 2.4 s at 8 MiB.
+CPU_SCORING_CACHE_BYTES = 2**24
+# What one more answer-scoring pass is taken to cost, in padded answer positions per image (a forward call
+# through every layer). It matters where one pass could hold every answer (an accelerator's budgets): the
+# class task's names run from 3 to 17 tokens, and one pass would compute 2.2 times the answer tokens. On a
+# CPU the passes are small and sorted by length anyway. Not measured on a GPU yet.
+PASS_COST_POSITIONS = 64
 
 
 END_OF_TURN = "<|im_end|>"
@@ -210,6 +220,30 @@ def cache_bytes_per_row(cache, rows: int) -> int:
     return sum(t.nelement() * t.element_size() for t in per_row) // max(rows, 1)
 
 
+def answer_chunks(widths: Sequence[int], max_positions: int, max_answers: int) -> list[list[int]]:
+    """The answers (indices) of each scoring pass, shortest first. `widths[a]`: the tokens fed for answer a.
+
+    A pass feeds its answers padded to its longest, so answers of very different lengths (the class task's
+    names run from 3 to 17 tokens) would spend most of a pass on padding: a pass is closed where widening it
+    to the next answer would pad more positions than `PASS_COST_POSITIONS`, what another pass costs. A pass
+    also holds at most `max_positions` answer positions per row (its logits) and `max_answers` answers (its
+    copies of the prompt's cache); one answer alone always makes a pass.
+    """
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for index in sorted(range(len(widths)), key=lambda a: (widths[a], a)):
+        wider = max(width, widths[index], 1)
+        widening = len(current) * (wider - width)
+        fits = (len(current) + 1) * wider <= max_positions and len(current) + 1 <= max_answers
+        if current and (widening > PASS_COST_POSITIONS or not fits):
+            chunks.append(current)
+            current, wider = [], max(widths[index], 1)
+        current.append(index)
+        width = wider
+    return chunks + [current] if current else chunks
+
+
 @torch.inference_mode()
 def score_answers(
     model,
@@ -217,34 +251,35 @@ def score_answers(
     makers: Sequence[str],
     answers: Sequence[Sequence[int]],
     max_logits: int = MAX_SCORING_LOGITS,
-    max_cache_bytes: int = MAX_SCORING_CACHE_BYTES,
+    max_cache_bytes: int | None = None,
 ) -> ScoredAnswers:
     """Every maker's full-answer probability for a left-padded batch, normalised over the makers.
 
     `answers[m]` is maker m's answer token ids ending with end of turn. One pass over the prompt,
     then the answers of as many makers as fit in `max_logits` logits and `max_cache_bytes` of
     repeated cache per pass, from a copy of the prompt's cache repeated once per maker (no
-    per-maker pass over the images).
+    per-maker pass over the images). `max_cache_bytes` None: MAX_SCORING_CACHE_BYTES on an accelerator,
+    CPU_SCORING_CACHE_BYTES on the CPU.
     """
     mask = inputs["attention_mask"]
+    if max_cache_bytes is None:
+        max_cache_bytes = CPU_SCORING_CACHE_BYTES if mask.device.type == "cpu" else MAX_SCORING_CACHE_BYTES
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     first, cache = _forward(model, None, **inputs, position_ids=positions)
     rows = mask.shape[0]
-    width = max(len(ids) for ids in answers) - 1
-    per_pass = max(
-        1,
-        min(
-            max_logits // (rows * max(width, 1) * first.shape[-1]),
-            max_cache_bytes // max(1, rows * cache_bytes_per_row(cache, rows)),
-        ),
+    chunks = answer_chunks(
+        [len(ids) - 1 for ids in answers],
+        max_logits // (rows * first.shape[-1]),
+        max_cache_bytes // max(1, rows * cache_bytes_per_row(cache, rows)),
     )
-    chunks = [list(range(start, min(start + per_pass, len(answers)))) for start in range(0, len(answers), per_pass)]
     parts = []
     for number, chunk in enumerate(chunks):
         # The last chunk may consume the prompt's cache; every earlier one works on a copy.
         chunk_cache = cache if number == len(chunks) - 1 else copy.deepcopy(cache)
         parts.append(_answer_log_likelihoods(model, chunk_cache, mask, positions[:, -1], first, answers, chunk))
-    log_likelihood = torch.cat(parts, dim=1).double()
+    order = torch.tensor([index for chunk in chunks for index in chunk])
+    log_likelihood = torch.empty((rows, len(answers)), dtype=torch.float64, device=first.device)
+    log_likelihood[:, order.to(first.device)] = torch.cat(parts, dim=1).double()
     log_probs = log_likelihood - torch.logsumexp(log_likelihood, dim=1, keepdim=True)
     best = torch.argmax(log_probs, dim=1)  # ties to the first maker in list order
     return ScoredAnswers(
