@@ -142,3 +142,30 @@ def test_maker_predictions_are_refused_by_the_class_assessment(class_runs, tiny_
         assess_class_answers(maker_run.predictions, runs[TEST].predictions, classes)
     with pytest.raises(CalibrationError, match="answers but the answer list has"):
         assess_class_answers(runs[VALIDATION].predictions, runs[TEST].predictions, classes[:-1])
+
+
+# --- training: the class name is the completion, and checkpoints are scored on the class task -------------
+
+
+def test_the_class_task_trains_on_class_names_and_scores_its_checkpoints_on_them(class_runs, tiny_model_dir, tmp_path):
+    from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
+    from car_maker_pipeline.training.sft_data import build_sft_dataset
+    from car_maker_pipeline.training.trainer import train_lora
+
+    classes, _, data = class_runs
+    prompt = CLASS.prompt(classes)
+    sft = build_sft_dataset(data["train"], classes, prompt, label_column=CLASS.label_column)
+    completions = [row[0]["content"][0]["text"] for row in sft.with_format(None)["completion"]]
+    assert completions == column(data["train"], "source_class")
+    shown = sft.with_format(None)[0]["prompt"][1]["content"][1]["text"]
+    assert shown == prompt.user_text(classes) and "X6" not in shown  # the makers are listed, not the classes
+    with pytest.raises(LoraTrainingError, match="not in the answer list"):
+        build_sft_dataset(data["train"], classes[1:], prompt, label_column=CLASS.label_column)
+
+    config = LoraHyperparameters(max_steps=2, checkpoint_every_n_steps=2, early_stopping_patience=2)
+    result = train_lora(
+        tiny_model_dir, data["train"], data[VALIDATION], classes, tmp_path / "run", config, prompt=prompt, task=CLASS
+    )
+    assert result.global_step == 2
+    scores = result.validation_scores[2]
+    assert 0.0 <= scores["val_accuracy"] <= 1.0 and 0.0 <= scores["val_coverage_at_target"] <= 1.0

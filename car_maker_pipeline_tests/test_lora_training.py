@@ -136,7 +136,7 @@ def test_unknown_target_module_fails_before_anything_is_written(model_dir, task,
 
 def test_maker_outside_the_list_is_rejected(model_dir, task, tmp_path):
     train, validation, makers, _ = task
-    with pytest.raises(LoraTrainingError, match="not in the maker list"):
+    with pytest.raises(LoraTrainingError, match="not in the answer list"):
         train_lora(
             model_dir,
             train,

@@ -245,16 +245,18 @@ def calibrate(
     delta: float = DEFAULT_DELTA,
     comparisons: int = 1,
     fold_keys: Sequence[str] | None = None,
+    true_column: str = "true_maker",
 ) -> Calibration:
     """Temperature and certified threshold from `validation`, measured on `test` (both `EvaluationRun.predictions`).
 
     `fold_keys`: one key per validation row (its pixel hash) deciding its fold; without them, the rows'
     `index` (or position). `comparisons`: the models compared on the same validation images (see the module docstring).
+    `true_column`: "true_class" for a class-task evaluation scored flat (its early-stopping scores).
     """
     target_precision, delta = check_target_precision(target_precision), check_delta(delta)
     comparisons = check_comparisons(comparisons)
-    val_log_probs, val_truth = answer_log_probs(validation, makers)
-    test_log_probs, test_truth = answer_log_probs(test, makers)
+    val_log_probs, val_truth = answer_log_probs(validation, makers, true_column)
+    test_log_probs, test_truth = answer_log_probs(test, makers, true_column)
     positions = validation["index"] if "index" in validation else range(len(validation))
     keys = list(positions) if fold_keys is None else list(fold_keys)
     if len(keys) != len(val_truth):

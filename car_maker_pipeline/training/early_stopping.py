@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from car_maker_pipeline.data.tasks import MAKER, Task
 from car_maker_pipeline.evaluation.answer_policy import calibrate
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
 from car_maker_pipeline.evaluation.settings import DEFAULT_TARGET_PRECISION
@@ -81,7 +82,7 @@ def read_scores(out: Path, up_to: int | None = None) -> dict[int, dict[str, floa
 
 
 def score_validation(
-    model, processor, split, makers: Sequence[str], *, prompt=None, batch_size=16, target_precision=None
+    model, processor, split, makers: Sequence[str], *, prompt=None, batch_size=16, target_precision=None, task=MAKER
 ) -> dict[str, float]:
     """The constrained classifier's validation accuracy and coverage at the target precision (threshold
     and temperature fitted on validation itself, as checkpoint_accuracy's `val_coverage_at_target` is)."""
@@ -91,10 +92,10 @@ def score_validation(
     try:
         model.eval()
         classifier = MakerClassifier(model, processor, makers, prompt=prompt, batch_size=batch_size)
-        run = evaluate_split(classifier, split)
-        predictions = run.predictions
-        accuracy = float((predictions["true_maker"] == predictions["predicted_maker"]).mean())
-        report = calibrate(predictions, predictions, list(makers), target_precision or DEFAULT_TARGET_PRECISION).report
+        predictions = evaluate_split(classifier, split, task=task).predictions
+        accuracy = float((predictions[task.true_column] == predictions[task.predicted_column]).mean())
+        target = target_precision or DEFAULT_TARGET_PRECISION
+        report = calibrate(predictions, predictions, list(makers), target, true_column=task.true_column).report
         return {"val_accuracy": accuracy, "val_coverage_at_target": float(report.val_coverage)}
     finally:
         tokenizer.padding_side = side
@@ -119,10 +120,11 @@ class CheckpointValidation(TrainerCallback):
         batch_size: int = 16,
         target_precision: float | None = None,
         resumed_at: int = 0,
+        task: Task = MAKER,
     ):
         self.processor, self.split, self.makers, self.out = processor, split, list(makers), Path(out)
         self.listeners, self.prompt, self.batch_size = list(listeners), prompt, batch_size
-        self.target_precision = target_precision
+        self.target_precision, self.task = target_precision, task
         self.scores = read_scores(self.out, up_to=resumed_at)  # later ones belong to checkpoints retrained now
         self.stop: dict | None = None
 
@@ -136,6 +138,7 @@ class CheckpointValidation(TrainerCallback):
             prompt=self.prompt,
             batch_size=self.batch_size,
             target_precision=self.target_precision,
+            task=self.task,
         )
         if rank() == 0:
             write_json_atomic(self.out / SCORES_FILE, {str(s): v for s, v in sorted(self.scores.items())})

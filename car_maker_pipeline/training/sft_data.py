@@ -22,23 +22,29 @@ from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.training.config import LENGTH_COLUMN, LoraTrainingError
 
 
-def check_training_data(dataset, makers: Sequence[str]) -> list[str]:
-    """The dataset's makers; raises if a column is missing, it is empty or has a maker not in `makers`."""
-    missing = [c for c in ("image", "maker") if c not in dataset.column_names]
+def check_training_data(dataset, makers: Sequence[str], label_column: str = "maker") -> list[str]:
+    """The dataset's answers (its `label_column`: makers, or class names for the class task); raises if a
+    column is missing, it is empty or has an answer not in `makers`."""
+    missing = [c for c in ("image", label_column) if c not in dataset.column_names]
     if missing:
         raise LoraTrainingError(
-            f"The training data needs columns 'image' and 'maker'; missing {missing} (has {dataset.column_names})."
+            f"The training data needs columns 'image' and {label_column!r}; missing {missing} "
+            f"(has {dataset.column_names})."
         )
     if len(dataset) == 0:
         raise LoraTrainingError("The training data is empty.")
-    labels = list(dataset["maker"])
+    labels = list(dataset[label_column])
     unknown = sorted(set(labels) - set(makers))
     if unknown:
-        raise LoraTrainingError(f"Makers {unknown} appear in the data but not in the maker list {list(makers)}.")
+        raise LoraTrainingError(
+            f"Answers {unknown} appear in the data's {label_column!r} but not in the answer list {list(makers)}."
+        )
     return labels
 
 
-def build_sft_dataset(dataset, makers: Sequence[str], prompt: PromptTemplate | None = None, processor=None):
+def build_sft_dataset(
+    dataset, makers: Sequence[str], prompt: PromptTemplate | None = None, processor=None, label_column: str = "maker"
+):
     """Turn an `image` + `maker` dataset into a TRL prompt/completion vision dataset (checked first).
 
     Columns: `prompt` (the chat messages up to the answer, one image placeholder), `completion`
@@ -50,13 +56,13 @@ def build_sft_dataset(dataset, makers: Sequence[str], prompt: PromptTemplate | N
     """
     prompt = prompt or PromptTemplate()
     makers = list(makers)
-    labels = check_training_data(dataset, makers)
+    labels = check_training_data(dataset, makers, label_column)
     messages = prompt.messages(makers)
-    extra = [c for c in dataset.column_names if c not in ("image", "maker")]
+    extra = [c for c in dataset.column_names if c not in ("image", label_column)]
     out = dataset.remove_columns(extra) if extra else dataset
     out = out.add_column("prompt", [messages] * len(out))
     out = out.add_column("completion", [prompt.answer_messages(m) for m in labels])
-    out = out.remove_columns(["maker"])
+    out = out.remove_columns([label_column])
     if processor is not None:
         out = out.add_column(LENGTH_COLUMN, image_token_lengths(dataset, processor))
     # LFM2-VL's image processor fails on grayscale, palette, RGBA and CMYK pictures and on batches mixing

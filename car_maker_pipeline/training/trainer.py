@@ -24,6 +24,7 @@ from typing import Any
 
 from trl import SFTTrainer
 
+from car_maker_pipeline.data.tasks import MAKER, Task
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import load_model_and_processor
 from car_maker_pipeline.training.augmentation import AugmentedRows
@@ -146,6 +147,7 @@ def build_trainer(
     prompt: PromptTemplate | None = None,
     model=None,
     processor=None,
+    task: Task = MAKER,
 ):
     """Check the target modules and the data, then build the TRL `SFTTrainer` (with PEFT LoRA) for one run.
 
@@ -158,9 +160,12 @@ def build_trainer(
     matched = match_target_modules(model, hyperparameters.target_modules)
     # A length column (image tokens per picture) only when batches are grouped by it.
     lengths_from = processor if hyperparameters.group_by_image_tokens else None
-    train_sft = build_sft_dataset(train_dataset, makers, prompt, processor=lengths_from)
+    column = task.label_column
+    train_sft = build_sft_dataset(train_dataset, makers, prompt, processor=lengths_from, label_column=column)
     eval_sft = (
-        build_sft_dataset(eval_dataset, makers, prompt, processor=lengths_from) if eval_dataset is not None else None
+        build_sft_dataset(eval_dataset, makers, prompt, processor=lengths_from, label_column=column)
+        if eval_dataset is not None
+        else None
     )
     trainer = LoraSFTTrainer(
         model=model,
@@ -173,7 +178,7 @@ def build_trainer(
         vision_lr_scale=hyperparameters.vision_lr_scale,
         sampling=hyperparameters.sampling,
         augmentation=hyperparameters.augmentation,
-        train_makers=list(train_dataset["maker"]),  # checked by build_sft_dataset above
+        train_makers=list(train_dataset[column]),  # checked by build_sft_dataset above; balanced per answer
     )
     return trainer, matched
 
@@ -188,10 +193,12 @@ def train_lora(
     callbacks: Sequence[Any] | None = None,
     prompt: PromptTemplate | None = None,
     listeners: Sequence[Listener] = (),
+    task: Task = MAKER,
 ) -> LoraTrainingResult:
     """Train a LoRA adapter on `model_dir`; resume from the newest complete checkpoint in `output_dir`.
 
-    `train_dataset`/`eval_dataset`: `datasets.Dataset` with `image` (PIL) and `maker` (str) columns.
+    `train_dataset`/`eval_dataset`: `datasets.Dataset` with `image` (PIL) and `maker` (str) columns; for
+    the class task (`task=CLASS`, `makers` then the class names, `prompt` the task's) the `source_class` column.
     `callbacks`: extra `transformers.TrainerCallback`s (e.g. to report to MLflow); they see every
     log, evaluation and save. Raises `LoraTrainingError` before training when a target module
     matches nothing, the data has a maker outside `makers`, `output_dir` holds another run, or the
@@ -216,7 +223,7 @@ def train_lora(
     if watchers and eval_dataset is None:
         raise LoraTrainingError("Early stopping and sweeps score checkpoints on validation: pass a validation split.")
     trainer, matched = build_trainer(
-        model_dir, train_dataset, eval_dataset, makers, out, hyperparameters, callbacks, prompt
+        model_dir, train_dataset, eval_dataset, makers, out, hyperparameters, callbacks, prompt, task=task
     )
     check_run_settings(out, hyperparameters, list(makers), str(model_dir))
     _, quarantined = resume_point(out)
@@ -266,6 +273,7 @@ def train_lora(
             prompt=prompt,
             batch_size=hyperparameters.per_device_eval_batch_size,
             resumed_at=resumed_step,
+            task=task,
         )
         trainer.add_callback(validation)
     started = time.perf_counter()
