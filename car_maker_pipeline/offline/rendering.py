@@ -3,10 +3,11 @@
 Why this look: what identifies the maker must be strong and survive resizing to about 64x64 and,
 mostly, grayscale. Each maker has its own body hue family, silhouette (roof shape, body height,
 ground clearance, wheel size) and a distinctive accent (spare wheel, racing stripe, kidney grille,
-floating two-tone roof, chrome sill, coach line). Classes of one maker differ only slightly (hue
-shift, proportions, a soft top on convertibles), and nuisance factors the classifier must ignore
-vary per image: background gradient, position, scale, slight rotation, facing direction and pixel
-noise.
+floating two-tone roof, chrome sill, coach line). Classes of one maker differ by a small hue shift and,
+so that the class task can be learned, by the body type and year their name gives (`body_styles`:
+cabin length and height, windows, roof rails, pickup bed, soft top; lamps and wheel spokes). Nuisance
+factors the classifier must ignore vary per image: background gradient, position, scale, slight
+rotation, facing direction and pixel noise.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from car_maker_pipeline.data.classes import stanford_cars_class_names
 from car_maker_pipeline.data.makers import maker_of
+from car_maker_pipeline.offline.body_styles import BodyShape, YearDetail, body_shape, year_detail
 
 _SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges at almost no cost
 
@@ -98,29 +100,25 @@ def classes_by_maker() -> dict[str, tuple[tuple[int, str], ...]]:
 
 
 @cache
-def _class_variant(maker: str, source_class: str) -> tuple[MakerStyle, float, bool]:
-    """Small per-class changes inside a maker: a hue shift, slightly different proportions, soft tops.
-
-    The shifts are kept well below the differences between makers, so the maker stays learnable.
-    """
+def _class_variant(maker: str, source_class: str) -> tuple[MakerStyle, float, BodyShape, YearDetail]:
+    """Per-class changes inside a maker: a small hue shift, and the body type and year of the name
+    (`body_styles`). The maker's hue family, roof shape, accent and wheels are kept, so the maker stays
+    learnable."""
     names = [name for _, name in classes_by_maker().get(maker, ())]
     if source_class not in names:
         raise ValueError(
             f"{source_class!r} is not a Stanford Cars class made by {maker!r}; "
             f"that maker's classes are: {names or 'none (unknown maker)'}."
         )
-    style = _style_for(maker)
+    style, shape = _style_for(maker), body_shape(source_class)
     index, count = names.index(source_class), len(names)
     hue_shift = (index - (count - 1) / 2) * min(4.0, 24.0 / max(count, 1))
-    wobble = ((index % 3) - 1) * 0.04
     style = replace(
         style,
-        body_height=style.body_height * (1 + wobble),
-        roof_height=style.roof_height * (1 - wobble / 2),
-        clearance=style.clearance * (1.1 if " SUV " in f" {source_class} " else 1.0),
+        roof_height=style.roof_height * shape.roof_scale,
+        clearance=style.clearance * shape.clearance_scale,
     )
-    convertible = "Convertible" in source_class
-    return style, hue_shift, convertible
+    return style, hue_shift, shape, year_detail(source_class)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,8 +135,18 @@ def _shade(color: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
     return tuple(int(min(255, max(0, c * factor))) for c in color)  # type: ignore[return-value]
 
 
-def _cabin_outline(style: MakerStyle, top: float) -> list[tuple[float, float]]:
-    """The greenhouse (pillars and roof) above the belt line `top`, rear (x=0) to front (x=1)."""
+def _cabin_outline(style: MakerStyle, top: float, shape: BodyShape = BodyShape()) -> list[tuple[float, float]]:
+    """The greenhouse (pillars and roof) above the belt line `top`, rear (x=0) to front (x=1): the maker's
+    roof shape, stretched to where the body type puts the cabin's rear and front."""
+    outline = _maker_cabin(style, top)
+    xs = [x for x, _ in outline]
+    low, high = min(xs), max(xs)
+    rear = low if shape.cabin_rear is None else shape.cabin_rear
+    front = high if shape.cabin_front is None else shape.cabin_front
+    return [(rear + (x - low) * (front - rear) / (high - low), y) for x, y in outline]
+
+
+def _maker_cabin(style: MakerStyle, top: float) -> list[tuple[float, float]]:
     h = style.roof_height
     if style.roof == "box":
         return [(0.06, top), (0.08, top + h), (0.64, top + h), (0.72, top)]
@@ -173,7 +181,7 @@ def render_car(
     width, height = int(image_size[0]), int(image_size[1])
     if width < 16 or height < 16:
         raise ValueError(f"image_size must be at least 16x16 pixels, got {image_size!r}.")
-    style, hue_shift, convertible = _class_variant(maker, source_class)
+    style, hue_shift, shape, detail = _class_variant(maker, source_class)
     ss = _SUPERSAMPLE
     W, H = width * ss, height * ss
 
@@ -233,27 +241,30 @@ def render_car(
         fill=_shade(tuple(int(c) for c in road), 0.55),
     )
 
-    # Cabin (drawn first; the body overlaps its bottom edge). Convertibles get a lower dark soft top.
-    roof_style = replace(style, roof_height=style.roof_height * (0.8 if convertible else 1.0))
-    cabin = _cabin_outline(roof_style, belt - 0.01)
+    # Cabin (drawn first; the body overlaps its bottom edge), shaped by the body type; a soft top is dark.
+    cabin = _cabin_outline(style, belt - 0.01, shape)
     roof_colour = body
     if style.accent == "two_tone":
         roof_colour = (238, 232, 212)  # cream floating roof
     elif style.accent == "coachline":
         roof_colour = (22, 20, 24)
-    if convertible:
+    if shape.soft_top:
         roof_colour = (40, 38, 42)
     poly(cabin, roof_colour)
-    window = _window_outline(cabin, belt - 0.01, roof_style)
+    window = _window_outline(cabin, belt - 0.01, style)
     poly(window, glass)
+    xs = [x for x, _ in window]
     if style.accent == "two_tone":  # black pillars under the floating roof
-        xs = [x for x, _ in window]
         for x in (min(xs) + 0.01, (min(xs) + max(xs)) / 2, max(xs) - 0.01):
-            band(x - 0.012, x + 0.012, belt, belt + 0.8 * roof_style.roof_height, dark)
-    else:  # B-pillar
-        xs = [x for x, _ in window]
-        mid = (min(xs) + max(xs)) / 2
-        band(mid - 0.012, mid + 0.012, belt, belt + 0.9 * roof_style.roof_height, roof_colour)
+            band(x - 0.012, x + 0.012, belt, belt + 0.8 * style.roof_height, dark)
+    for i in range(1, shape.pillars + 1):  # window dividers: none on a coupe, two on a wagon
+        x = min(xs) + (max(xs) - min(xs)) * i / (shape.pillars + 1)
+        band(x - 0.012, x + 0.012, belt, belt + 0.9 * style.roof_height, roof_colour)
+    if shape.rails:
+        roof_top = max(y for _, y in cabin)
+        band(min(xs), max(xs), roof_top, roof_top + 0.015, dark)
+    if shape.bed:  # the open bed's rail behind the cab
+        band(0.03, min(x for x, _ in cabin) - 0.02, belt, belt + 0.035, _shade(body, 0.6))
 
     # Lower body: rear corner rounded, front top dropped by `nose` (a wedge for sports cars).
     front_top = belt - 0.5 * bh * style.nose
@@ -297,11 +308,28 @@ def render_car(
         band(0.03, 0.97, clr + 0.5 * bh, clr + 0.56 * bh, (222, 186, 80))
         band(0.955, 1.0, clr + 0.2 * bh, belt + 0.015, (232, 232, 236))  # tall upright grille
 
-    # Wheels: dark arch, tyre, hub.
+    # Lamps by the year: round, square or a thin strip; head lamp at the nose, tail lamp at the back.
+    lamp_y = belt - 0.3 * bh
+    for x, colour in ((0.975, (250, 244, 205)), (0.025, (205, 35, 35))):
+        if detail.lamp == "round":
+            disc(x, lamp_y, 0.022, colour)
+        elif detail.lamp == "square":
+            band(x - 0.02, x + 0.02, lamp_y - 0.025, lamp_y + 0.025, colour)
+        else:
+            band(x - 0.045, x + 0.02, lamp_y - 0.008, lamp_y + 0.008, colour)
+
+    # Wheels: dark arch, tyre, hub and the year's spokes.
     for x in (rear_x, front_x):
         disc(x, wr, wr * 1.18, dark)
         disc(x, wr, wr, (18, 18, 20))
         disc(x, wr, wr * 0.55, style.hub)
+        for k in range(detail.spokes):
+            turn = 2 * math.pi * k / detail.spokes
+            draw.line(
+                [pt(x, wr), pt(x + 0.5 * wr * math.cos(turn), wr + 0.5 * wr * math.sin(turn))],
+                dark,
+                max(1, int(0.012 * length)),
+            )
         disc(x, wr, wr * 0.18, dark)
 
     # Down-sample (anti-aliasing), then per-pixel noise of a random strength.
