@@ -33,6 +33,7 @@ from car_maker_pipeline.evaluation.class_task import (
 from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError, softmax
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
+from car_maker_pipeline.serving.predictor import UNSURE
 
 CLASSES = ["BMW M3 Coupe 2012", "BMW X6 SUV 2012", "Rolls-Royce Ghost Sedan 2012", "AM General Hummer SUV 2000"]
 
@@ -169,3 +170,47 @@ def test_the_class_task_trains_on_class_names_and_scores_its_checkpoints_on_them
     assert result.global_step == 2
     scores = result.validation_scores[2]
     assert 0.0 <= scores["val_accuracy"] <= 1.0 and 0.0 <= scores["val_coverage_at_target"] <= 1.0
+
+
+# --- serving: a class-task card answers the class, else the maker, else unsure -----------------------------
+
+SERVED = ["BMW M3 Coupe 2012", "BMW X6 SUV 2012", "Rolls-Royce Ghost Sedan 2012"]
+
+
+@pytest.mark.parametrize(
+    ("probabilities", "thresholds", "answer", "level"),
+    [
+        ([0.9, 0.05, 0.05], (0.8, 0.6), "BMW M3 Coupe 2012", "class"),
+        ([0.5, 0.4, 0.1], (0.8, 0.6), "BMW", "maker"),  # BMW's classes sum to 0.9
+        ([0.4, 0.2, 0.4], (0.8, 0.7), UNSURE, UNSURE),  # BMW 0.6, Rolls-Royce 0.4
+        ([0.4, 0.2, 0.4], (None, None), "BMW M3 Coupe 2012", "class"),  # no policy: the top class
+        ([0.5, 0.4, 0.1], (0.8, None), UNSURE, UNSURE),  # a class threshold alone: no maker answers
+    ],
+)
+def test_a_class_card_answers_with_a_level(probabilities, thresholds, answer, level):
+    from car_maker_pipeline.evaluation.scoring.classifier import Prediction
+    from car_maker_pipeline.serving.predictor import ClassifierCard, answer_table
+
+    card = ClassifierCard(
+        SERVED, "tiny-s", "rev", task="class", confidence_threshold=thresholds[0], maker_threshold=thresholds[1]
+    )
+    prediction = Prediction(SERVED[0], probabilities[0], tuple(np.log(probabilities)))
+    (row,) = answer_table([prediction], card).to_dict("records")
+    assert (row["answer"], row["level"]) == (answer, level)
+    assert row["maker"] == SERVED[int(np.argmax(probabilities))]  # the top class, as for every level
+
+
+def test_the_class_predictor_serves_the_tiny_model_with_levels(class_runs, tiny_model):
+    from car_maker_pipeline.evaluation.class_task import class_tree
+    from car_maker_pipeline.evaluation.metrics.hierarchy import climb
+    from car_maker_pipeline.serving.predictor import ClassifierCard, MakerPredictor
+
+    classes, _, data = class_runs
+    card = ClassifierCard(classes, "tiny-s", "rev", task="class", confidence_threshold=0.5, maker_threshold=0.3)
+    assert card.prompt() == CLASS.prompt(classes)
+    classifier = MakerClassifier(tiny_model.model, tiny_model.processor, classes, prompt=card.prompt(), workers=0)
+    table = MakerPredictor(classifier, card).predict_images([data[TEST][i]["image"] for i in range(6)])
+    assert set(table["level"]) <= {"class", "maker", UNSURE} and len(table) == 6
+    scores = classifier.classify([data[TEST][i]["image"] for i in range(6)])
+    expected = climb(softmax(np.stack([s.log_probs for s in scores])), class_tree(classes), 0.5, 0.3)
+    assert table["answer"].tolist() == expected.answers(class_tree(classes))

@@ -254,6 +254,7 @@ def test_predictor_answers_unsure_below_the_threshold_with_the_calibrated_top_th
     (row,) = answer_table([Prediction("BMW", 0.7, tuple(log_probs))], card).to_dict("records")
     calibrated = np.exp(log_probs / 2.0) / np.exp(log_probs / 2.0).sum()  # temperature 2 flattens them
     assert row["answer"] == answer and row["maker"] == "BMW"
+    assert row["level"] == ("unsure" if answer == UNSURE else "maker")
     assert (row["maker_2"], row["maker_3"]) == ("Land Rover", "AM General")  # ties to the first in list order
     assert [row["probability"], row["probability_2"], row["probability_3"]] == pytest.approx(
         [calibrated[1], calibrated[2], calibrated[0]]
@@ -311,10 +312,10 @@ def test_all_49_real_makers_are_scored_in_a_few_batched_passes(tiny_model, maker
 def test_a_greedy_prediction_answers_its_maker_without_runners_up():
     card = ClassifierCard(**{**CARD.__dict__, "confidence_threshold": 0.5})
     (row,) = answer_table([Prediction("Land Rover", 0.8)], card).to_dict("records")
-    assert (row["maker"], row["probability"], row["answer"]) == ("Land Rover", 0.8, "Land Rover")
+    assert (row["maker"], row["probability"], row["answer"], row["level"]) == ("Land Rover", 0.8, "Land Rover", "maker")
     assert row["maker_2"] is None and math.isnan(row["probability_2"]) and math.isnan(row["probability_3"])
     (low,) = answer_table([Prediction("Land Rover", 0.3)], card).to_dict("records")
-    assert low["answer"] == UNSURE
+    assert low["answer"] == low["level"] == UNSURE
 
 
 WIDE = PASS_COST_POSITIONS + 1  # widening one answer by this pads more than another pass costs

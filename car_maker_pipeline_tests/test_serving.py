@@ -111,6 +111,7 @@ def test_the_registered_version_is_a_standard_mlflow_model(registered):
         ("maker", "string"),
         ("probability", "double"),
         ("answer", "string"),
+        ("level", "string"),
         ("maker_2", "string"),
         ("probability_2", "double"),
         ("maker_3", "string"),

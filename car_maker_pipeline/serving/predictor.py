@@ -17,18 +17,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.serving.images import ImageInputError, decode_image
 
 # In: one image per row, as encoded bytes in this column. Out: one row per image, in input order:
 # the most probable maker and its (calibrated) probability; `answer`, which is that maker, or
-# UNSURE when the probability is below the registered confidence threshold; and the next two makers.
+# UNSURE when the probability is below the registered confidence threshold; `level`, what the answer
+# names ("maker" or "unsure"); and the next two makers. A class-task model (`ClassifierCard.task`)
+# fills the same columns with classes: `maker`, `maker_2`, `maker_3` are its three most probable
+# classes, and `answer` is the class, else its maker, else UNSURE, as `level` says (class, maker, unsure).
 IMAGE_COLUMN = "image"
 UNSURE = "unsure"
 OUTPUT_SCHEMA = (
     ("maker", "string"),
     ("probability", "double"),
     ("answer", "string"),
+    ("level", "string"),
     ("maker_2", "string"),
     ("probability_2", "double"),
     ("maker_3", "string"),
@@ -48,8 +52,8 @@ class ClassifierCard:
     base_model_id: str  # the Hub id, or for a local folder its name
     base_model_revision: str  # the Hub commit, or the folder's content fingerprint
     base_model_path: str | None = None  # local folders only: where the base model is loaded from
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    user_prompt: str = DEFAULT_USER_PROMPT
+    system_prompt: str | None = None  # None: the task's own (data/tasks.py)
+    user_prompt: str | None = None
     image_token_budget: dict = field(default_factory=dict)  # ImageTokenBudget fields; empty: the processor's own
     step: int | None = None
     # Fitted on validation when the checkpoint was scored: probabilities are softmax(log p / temperature),
@@ -62,6 +66,10 @@ class ClassifierCard:
     delta: float | None = None
     certified_precision: float | None = None
     certification: str | None = None
+    # "maker", or "class": then `makers` holds the class names, `confidence_threshold` is the class
+    # threshold and `maker_threshold` the maker one (the hierarchical answer, evaluation/metrics/hierarchy.py).
+    task: str = "maker"
+    maker_threshold: float | None = None
 
     @classmethod
     def for_base_model(cls, path_or_id: str, revision: str, makers: list[str], **more) -> ClassifierCard:
@@ -78,7 +86,9 @@ class ClassifierCard:
         return self.base_model_path or self.base_model_id
 
     def prompt(self) -> PromptTemplate:
-        return PromptTemplate(system=self.system_prompt, user=self.user_prompt)
+        from car_maker_pipeline.data.tasks import get_task
+
+        return get_task(self.task).prompt(self.makers, self.system_prompt, self.user_prompt)
 
     def model_config(self) -> dict:
         """The pyfunc model's `model_config` (the maker list travels as an artifact of its own)."""
@@ -109,26 +119,31 @@ class ClassifierCard:
 
 
 def answer_table(predictions, card: ClassifierCard) -> pd.DataFrame:
-    """The output rows of classifier `Prediction`s: calibrated top three, and "unsure" below the threshold."""
+    """The output rows of classifier `Prediction`s: calibrated top three, the answer and its level."""
     import numpy as np
 
     from car_maker_pipeline.evaluation.metrics.calibration import softmax
 
-    makers = card.makers
-    rows = []
-    for prediction in predictions:
-        if prediction.log_probs is None:  # a greedy decoder: only the chosen maker is scored
+    answers, rows = card.makers, []
+    climbed = _climbed(predictions, card)
+    for index, prediction in enumerate(predictions):
+        if prediction.log_probs is None:  # a greedy decoder: only the chosen answer is scored
             top = [(prediction.maker, float(prediction.score))]
         else:
             probabilities = softmax(np.asarray([prediction.log_probs]), card.temperature)[0]
-            top = [(makers[i], float(probabilities[i])) for i in np.argsort(-probabilities, kind="stable")[:3]]
+            top = [(answers[i], float(probabilities[i])) for i in np.argsort(-probabilities, kind="stable")[:3]]
         top += [(None, float("nan"))] * (3 - len(top))
-        sure = card.confidence_threshold is None or top[0][1] >= card.confidence_threshold
+        if climbed is not None and prediction.log_probs is not None:
+            answer, level = climbed[index]
+        else:
+            sure = card.confidence_threshold is None or top[0][1] >= card.confidence_threshold
+            answer, level = (top[0][0], card.task) if sure else (UNSURE, UNSURE)
         rows.append(
             {
                 "maker": top[0][0],
                 "probability": top[0][1],
-                "answer": top[0][0] if sure else UNSURE,
+                "answer": answer,
+                "level": level,
                 "maker_2": top[1][0],
                 "probability_2": top[1][1],
                 "maker_3": top[2][0],
@@ -137,6 +152,30 @@ def answer_table(predictions, card: ClassifierCard) -> pd.DataFrame:
         )
     frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
     return frame.astype({name: "float64" if kind == "double" else object for name, kind in OUTPUT_SCHEMA})
+
+
+def _climbed(predictions, card: ClassifierCard) -> list[tuple[str, str]] | None:
+    """A class-task card's (answer, level) per prediction with a distribution: the class when its calibrated
+    probability passes the class threshold, else the most probable maker when its summed probability passes
+    the maker threshold, else unsure. None for a maker-task card."""
+    if card.task != "class":
+        return None
+    import numpy as np
+
+    from car_maker_pipeline.evaluation.class_task import class_tree
+    from car_maker_pipeline.evaluation.metrics.calibration import softmax
+    from car_maker_pipeline.evaluation.metrics.certification import NOTHING_ANSWERED
+    from car_maker_pipeline.evaluation.metrics.hierarchy import LEVELS, climb
+
+    scored = [prediction.log_probs for prediction in predictions if prediction.log_probs is not None]
+    if not scored:
+        return [(UNSURE, UNSURE)] * len(predictions)
+    tree = class_tree(card.makers)
+    class_threshold = 0.0 if card.confidence_threshold is None else card.confidence_threshold
+    maker_threshold = NOTHING_ANSWERED if card.maker_threshold is None else card.maker_threshold
+    climbed = climb(softmax(np.asarray(scored), card.temperature), tree, class_threshold, maker_threshold)
+    pairs = iter(zip(climbed.answers(tree), (LEVELS[level] for level in climbed.level)))
+    return [next(pairs) if prediction.log_probs is not None else (UNSURE, UNSURE) for prediction in predictions]
 
 
 class MakerPredictor:
