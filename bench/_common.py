@@ -116,11 +116,14 @@ def cached_maker_dataset(
     test_per_maker: int,
     image_sizes: str = "demo",
     balance: str = "uniform",
+    validation_fraction: float | None = None,
 ):
     """A demo source (6 makers, no corruptions) and its maker dataset, built once under `work` and reused.
 
-    `balance` is `generate_demo_source`'s (uniform: the same count per maker; stanford: real proportions).
+    `balance` is `generate_demo_source`'s (uniform: the same count per maker; stanford: real proportions);
+    `validation_fraction` the share of train carved off as validation (None: the pipeline's default).
     """
+    from car_maker_pipeline.data.dataset_spec import MakerDatasetParams
     from car_maker_pipeline.data.maker_dataset import build_maker_dataset, load_stored_maker_dataset
     from car_maker_pipeline.data.source import materialize_raw
     from car_maker_pipeline.offline.demo_source import MARKER_FILE, generate_demo_source
@@ -136,10 +139,12 @@ def cached_maker_dataset(
             image_sizes=image_sizes,
             balance=balance,
         )
-    out = work / f"{prefix}-maker-dataset-train{train_per_maker}-test{test_per_maker}{sizes}"
+    carved = "" if validation_fraction is None else f"-validation{validation_fraction:g}"
+    out = work / f"{prefix}-maker-dataset-train{train_per_maker}-test{test_per_maker}{sizes}{carved}"
     record = load_stored_maker_dataset(out)
     if record is None:
-        record = build_maker_dataset(materialize_raw(str(source), work / "home").load(), out)
+        params = MakerDatasetParams() if validation_fraction is None else MakerDatasetParams(validation_fraction)
+        record = build_maker_dataset(materialize_raw(str(source), work / "home").load(), out, params)
     return record
 
 
