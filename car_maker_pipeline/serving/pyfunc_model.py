@@ -13,8 +13,8 @@ MLflow's scoring server works, `serving/requests.py` lists how each arrives. At 
 MAX_REQUEST_ROWS images and MAX_REQUEST_BYTES per request. Output: one row per image, with the
 caller's index (so `frame.join(model.predict(frame))` pairs each answer with its image)
 (`predictor.OUTPUT_SCHEMA`): the most probable `maker` and its calibrated `probability`, the `answer`
-(that maker, or `unsure` below the registered confidence threshold) and the next two makers with
-theirs. The temperature and threshold come from the model config too. An unusable image, or a
+(that maker, or `unsure` below the registered confidence threshold), its `level` (`maker` or `unsure`;
+class, maker or unsure for a class-task model) and the next two makers with theirs. The temperature and threshold come from the model config too. An unusable image, or a
 request over a bound, fails the whole request with MLflow's INVALID_PARAMETER_VALUE naming the row,
 which the scoring server answers with HTTP 400 and the reason.
 
