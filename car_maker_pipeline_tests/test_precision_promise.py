@@ -40,7 +40,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from car_maker_pipeline.evaluation.answer_policy import calibrate, choose_temperature, fold_keys, temperature_fold
+from car_maker_pipeline.evaluation.answer_policy import calibrate
 from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError, softmax
 from car_maker_pipeline.evaluation.metrics.certification import (
     NOTHING_ANSWERED,
@@ -50,6 +50,7 @@ from car_maker_pipeline.evaluation.metrics.certification import (
     images_needed,
     sequence_starts,
 )
+from car_maker_pipeline.evaluation.validation_folds import choose_temperature, fold_keys, temperature_fold
 from car_maker_pipeline_tests.support.precision_simulation import draw, on_new_images, separable_share, todays_rule
 
 DELTA, DRAWS, TEST_IMAGES = 0.05, 1000, 10_000

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from car_maker_pipeline.evaluation.answer_policy import Calibration, calibrate, fold_keys
+from car_maker_pipeline.evaluation.answer_policy import Calibration, calibrate
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.settings import (
     DEFAULT_DELTA,
@@ -31,6 +31,7 @@ from car_maker_pipeline.evaluation.split_report import (
     evaluate_each_to_dir,
     evaluate_to_dir,
 )
+from car_maker_pipeline.evaluation.validation_folds import fold_keys
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.checkpoint_marker import ADAPTER_WEIGHTS, recorded_digest

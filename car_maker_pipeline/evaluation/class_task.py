@@ -5,7 +5,7 @@ image, from `evaluate_split(..., task=CLASS)`), `assess_class_answers`:
 
 - measures the probabilities on test as they are and after one temperature: top-1 and top-5 accuracy,
   log loss and the expected calibration error;
-- fits that temperature on the same quarter of validation the maker task uses (`answer_policy`: folds
+- fits that temperature on the same quarter of validation the maker task uses (`validation_folds`: folds
   by pixel hash, refusals and all) and certifies the hierarchical (class, maker) thresholds on the rest
   (`metrics/hierarchy.py`), so the guarantee is never spent on images that chose the temperature;
 - applies them to test: the share answered at class level, at maker level and "unsure", and the
@@ -30,7 +30,6 @@ import pandas as pd
 
 from car_maker_pipeline.data.makers import makers_for_class_names
 from car_maker_pipeline.data.tasks import CLASS
-from car_maker_pipeline.evaluation.answer_policy import answer_log_probs, choose_temperature, temperature_fold
 from car_maker_pipeline.evaluation.metrics.accuracy import (
     class_task_summary,
     confused_pairs_within_maker,
@@ -54,6 +53,7 @@ from car_maker_pipeline.evaluation.metrics.hierarchy import (
 )
 from car_maker_pipeline.evaluation.metrics.selective import check_target_precision
 from car_maker_pipeline.evaluation.settings import DEFAULT_DELTA, DEFAULT_TARGET_PRECISION
+from car_maker_pipeline.evaluation.validation_folds import split_folds
 from car_maker_pipeline.storage import atomic_directory
 
 CALIBRATION_BINS = 15
@@ -155,11 +155,9 @@ def assess_class_answers(
     target_precision, delta = check_target_precision(target_precision), check_delta(delta)
     comparisons = check_comparisons(comparisons)
     tree = class_tree(classes)
-    val_log_probs, val_truth = answer_log_probs(validation, classes, CLASS.true_column)
-    test_log_probs, test_truth = answer_log_probs(test, classes, CLASS.true_column)
-    keys = list(validation["index"] if fold_keys is None else fold_keys)
-    fitting = temperature_fold(keys)
-    choice = choose_temperature(val_log_probs[fitting], val_truth[fitting])
+    folds = split_folds(validation, test, classes, CLASS.true_column, fold_keys)
+    val_log_probs, val_truth, test_log_probs, test_truth = folds.arrays()
+    fitting, choice = folds.fitting, folds.temperature
     thresholds = fit_thresholds(
         softmax(val_log_probs[~fitting], choice.temperature),
         val_truth[~fitting],

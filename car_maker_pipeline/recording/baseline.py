@@ -20,7 +20,6 @@ from car_maker_pipeline.evaluation.answer_policy import (
     CalibrationFiles,
     CalibrationReport,
     calibrate,
-    fold_keys,
     write_calibration,
 )
 from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError
@@ -34,6 +33,7 @@ from car_maker_pipeline.evaluation.settings import (
     DEFAULT_TARGET_PRECISION,
 )
 from car_maker_pipeline.evaluation.split_report import EvaluationReport, evaluate_to_dir
+from car_maker_pipeline.evaluation.validation_folds import fold_keys
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.models.loading import LoadedModel
