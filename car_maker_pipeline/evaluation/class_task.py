@@ -20,7 +20,6 @@ Plain numpy on stored predictions, like `answer_policy`: no model runs.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -45,7 +44,6 @@ from car_maker_pipeline.evaluation.metrics.certification import check_comparison
 from car_maker_pipeline.evaluation.metrics.hierarchy import (
     METHOD,
     ClassTree,
-    climb,
     climbing_curve,
     fit_thresholds,
     hierarchical_risk_coverage_png,
@@ -168,8 +166,7 @@ def assess_class_answers(
     )
     raw, calibrated = softmax(test_log_probs), softmax(test_log_probs, choice.temperature)
     levels = level_table(calibrated, test_truth, tree, thresholds).set_index("level")
-    top = climb(calibrated, tree, math.inf, math.inf)
-    predicted = [classes[i] for i in top.class_index]
+    predicted = [classes[i] for i in calibrated.argmax(axis=1)]
     truth_names = [classes[i] for i in test_truth]
     maker_of = dict(zip(classes, (tree.makers[i] for i in tree.maker_index)))
     buyer = class_task_summary(truth_names, predicted, maker_of)

@@ -125,16 +125,19 @@ def answer_table(predictions, card: ClassifierCard) -> pd.DataFrame:
     from car_maker_pipeline.evaluation.metrics.calibration import softmax
 
     answers, rows = card.makers, []
-    climbed = _climbed(predictions, card)
+    # A greedy decoder scores only the chosen answer (no log_probs); every other row is calibrated at once.
+    scored = {index: row for row, index in enumerate(i for i, p in enumerate(predictions) if p.log_probs is not None)}
+    calibrated = softmax(np.asarray([predictions[i].log_probs for i in scored]), card.temperature) if scored else None
+    climbed = _climbed(calibrated, card) if scored else None
     for index, prediction in enumerate(predictions):
-        if prediction.log_probs is None:  # a greedy decoder: only the chosen answer is scored
-            top = [(prediction.maker, float(prediction.score))]
-        else:
-            probabilities = softmax(np.asarray([prediction.log_probs]), card.temperature)[0]
+        if index in scored:
+            probabilities = calibrated[scored[index]]
             top = [(answers[i], float(probabilities[i])) for i in np.argsort(-probabilities, kind="stable")[:3]]
+        else:
+            top = [(prediction.maker, float(prediction.score))]
         top += [(None, float("nan"))] * (3 - len(top))
-        if climbed is not None and prediction.log_probs is not None:
-            answer, level = climbed[index]
+        if climbed is not None and index in scored:
+            answer, level = climbed[scored[index]]
         else:
             sure = card.confidence_threshold is None or top[0][1] >= card.confidence_threshold
             answer, level = (top[0][0], card.task) if sure else (UNSURE, UNSURE)
@@ -154,28 +157,21 @@ def answer_table(predictions, card: ClassifierCard) -> pd.DataFrame:
     return frame.astype({name: "float64" if kind == "double" else object for name, kind in OUTPUT_SCHEMA})
 
 
-def _climbed(predictions, card: ClassifierCard) -> list[tuple[str, str]] | None:
-    """A class-task card's (answer, level) per prediction with a distribution: the class when its calibrated
+def _climbed(calibrated, card: ClassifierCard) -> list[tuple[str, str]] | None:
+    """A class-task card's (answer, level) per row of calibrated class probabilities: the class when its
     probability passes the class threshold, else the most probable maker when its summed probability passes
     the maker threshold, else unsure. None for a maker-task card."""
     if card.task != "class":
         return None
-    import numpy as np
-
     from car_maker_pipeline.evaluation.class_task import class_tree
-    from car_maker_pipeline.evaluation.metrics.calibration import softmax
     from car_maker_pipeline.evaluation.metrics.certification import NOTHING_ANSWERED
     from car_maker_pipeline.evaluation.metrics.hierarchy import LEVELS, climb
 
-    scored = [prediction.log_probs for prediction in predictions if prediction.log_probs is not None]
-    if not scored:
-        return [(UNSURE, UNSURE)] * len(predictions)
     tree = class_tree(card.makers)
     class_threshold = 0.0 if card.confidence_threshold is None else card.confidence_threshold
     maker_threshold = NOTHING_ANSWERED if card.maker_threshold is None else card.maker_threshold
-    climbed = climb(softmax(np.asarray(scored), card.temperature), tree, class_threshold, maker_threshold)
-    pairs = iter(zip(climbed.answers(tree), (LEVELS[level] for level in climbed.level)))
-    return [next(pairs) if prediction.log_probs is not None else (UNSURE, UNSURE) for prediction in predictions]
+    climbed = climb(calibrated, tree, class_threshold, maker_threshold)
+    return list(zip(climbed.answers(tree), (LEVELS[level] for level in climbed.level)))
 
 
 class MakerPredictor:

@@ -132,8 +132,17 @@ def climb(class_probabilities, tree: ClassTree, class_threshold: float, maker_th
     class_index, maker_index = probabilities.argmax(axis=1), maker_probabilities.argmax(axis=1)
     rows = np.arange(len(probabilities))
     class_confidence, maker_confidence = probabilities[rows, class_index], maker_probabilities[rows, maker_index]
-    level = np.where(class_confidence >= class_threshold, 0, np.where(maker_confidence >= maker_threshold, 1, 2))
-    return Climbed(level, class_index, maker_index, class_confidence, maker_confidence)
+    return Climbed(
+        _levels(class_confidence, maker_confidence, class_threshold, maker_threshold),
+        class_index,
+        maker_index,
+        class_confidence,
+        maker_confidence,
+    )
+
+
+def _levels(class_confidence, maker_confidence, class_threshold: float, maker_threshold: float) -> np.ndarray:
+    return np.where(class_confidence >= class_threshold, 0, np.where(maker_confidence >= maker_threshold, 1, 2))
 
 
 @dataclass(frozen=True)
@@ -203,7 +212,7 @@ def fit_thresholds(
             continue
         maker_threshold = float(found["threshold"][row])
         maker_threshold = NOTHING_ANSWERED if maker_threshold > 1 else maker_threshold
-        level = climb(probabilities, tree, class_threshold, maker_threshold).level
+        level = _levels(climbed.class_confidence, climbed.maker_confidence, class_threshold, maker_threshold)
         value = float((level == 0).sum() + information[level == 1].sum())
         if value > best_value:  # ties keep the earlier, stricter class threshold
             best_value = value
