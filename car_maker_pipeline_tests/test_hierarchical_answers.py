@@ -215,11 +215,28 @@ def test_climbing_curve_matches_one_threshold_at_every_level():
         assert row.class_share == pytest.approx((climbed.level == 0).mean())
 
 
-def test_the_chart_draws_three_curves(tmp_path):
+def test_the_chart_draws_the_climbing_curve_beside_the_flat_ones(tmp_path, monkeypatch):
+    from car_maker_pipeline.evaluation.metrics import selective
+
     rng = np.random.default_rng(2)
     probabilities, truth = _calibrated_draw(rng, 60)
+    drawn = {}
+    draw = selective.risk_coverage_png
+    monkeypatch.setattr(
+        selective, "risk_coverage_png", lambda curves, *args: drawn.update(curves) or draw(curves, *args)
+    )
     path = hierarchical_risk_coverage_png(probabilities, truth, TREE, tmp_path / "curve.png", "tiny-s", 0.9)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    climbed = climb(probabilities, TREE, NOTHING_ANSWERED, NOTHING_ANSWERED)
+    true_maker = np.asarray(TREE.maker_index)[truth]
+    expected = {
+        "class, then maker (climbing)": climbing_curve(probabilities, truth, TREE),
+        "class only": risk_coverage(climbed.class_confidence, climbed.class_index == truth),
+        "maker only (summed classes)": risk_coverage(climbed.maker_confidence, climbed.maker_index == true_maker),
+    }
+    assert list(drawn) == list(expected)
+    for name, curve in expected.items():
+        pd.testing.assert_frame_equal(drawn[name], curve)
 
 
 # --- what a buyer reads ---------------------------------------------------------------------------------
