@@ -11,7 +11,10 @@ come from the demo renderer at the realistic size mixture (offline/population.py
 as the pipeline does. Ours runs with the evaluator's preparing threads off (`--workers 0`, everything
 one step after another) and on (`machine_prepare_workers`, or `--workers N`), and reports the CPU
 preparation time alone (every batch prepared, no model), the model's time, and the share of wall time
-the model was running (its forward passes end in a host copy, so that time includes the GPU's work).
+the model was running (its forward passes end in a host copy, so that time includes the GPU's work),
+each with LFM2-VL's image processor on the CPU and on the GPU (`process_on_device`), with the largest
+probability difference between the two and how many answers changed. It also times the processor alone
+on CPU and GPU, and the class task's 196 answers against the maker task's 49 (evaluation and model time).
 The tutorial loop gets decoded pictures, as the tutorial did. The script
 needs torch, transformers, tokenizers, pillow, numpy and pandas, not datasets, trl or
 dagster (so it runs on a bare GPU machine with this repository and those wheels).
@@ -73,9 +76,14 @@ def stored(images: list) -> list[StoredPicture]:
     return out
 
 
-def overlapped(model, processor, makers, pictures: list, batch_size: int, workers: int, device: str) -> dict:
-    """Ours over stored pictures with `workers` preparing threads: wall, model and preparation times."""
-    classifier = MakerClassifier(model, processor, makers, batch_size=batch_size, workers=workers)
+def overlapped(
+    model, processor, makers, pictures: list, batch_size: int, workers: int, device: str, on_device: bool = False
+) -> dict:
+    """Ours over stored pictures with `workers` preparing threads (the image processor on the GPU with
+    `on_device`): wall, model and preparation times, and every picture's answer probabilities."""
+    classifier = MakerClassifier(
+        model, processor, makers, batch_size=batch_size, workers=workers, process_on_device=on_device
+    )
     classifier.classify_each(pictures[:batch_size], [None], warm_up=True)  # kernels, allocator
     started = time.perf_counter()
     for _ in classifier._prepared_batches(pictures):  # preparation alone: what the CPU side costs
@@ -87,9 +95,54 @@ def overlapped(model, processor, makers, pictures: list, batch_size: int, worker
     synchronize(device)
     wall = time.perf_counter() - started
     model_seconds = one.model_seconds[None]
-    return {"workers": workers, "prefetch": classifier.prefetch, "seconds": wall,
+    probabilities = np.exp(np.asarray([prediction.log_probs for prediction in one.predictions[None]]))
+    return {"workers": workers, "on_device": on_device, "prefetch": classifier.prefetch, "seconds": wall,
+            "probabilities": probabilities,
             "images_per_second": len(pictures) / wall, "prepare_seconds_alone": prepare_seconds,
             "model_seconds": model_seconds, "model_busy_share": model_seconds / wall}  # fmt: skip
+
+
+def processor_seconds(processor, images: list, batch_size: int, device: str | None) -> float:
+    """Wall time of LFM2-VL's image processor over `images` in batches, on the CPU (`device` None) or on
+    `device` (the processor's own `device` argument: resizing, tiling and normalising there)."""
+    extra = {"device": device} if device else {}
+    processor.image_processor(images=[[images[0]]], return_tensors="pt", **extra)  # warm-up
+    synchronize(device or "cpu")
+    started = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        chunk = [[image] for image in images[start : start + batch_size]]
+        processor.image_processor(images=chunk, return_tensors="pt", **extra)
+    synchronize(device or "cpu")
+    return time.perf_counter() - started
+
+
+def task_scoring_seconds(model, processor, pictures: list, batch_size: int, device: str) -> dict:
+    """The class task's 196 answers against the maker task's 49 on the same stored pictures (each task's own
+    prompt, the evaluator's default preparation), at this shape: wall and model seconds of each after a
+    warm-up, forward passes per picture, and the class/maker ratios."""
+    from car_maker_pipeline.data.classes import stanford_cars_class_names
+    from car_maker_pipeline.data.makers import makers_for_class_names
+    from car_maker_pipeline.data.tasks import CLASS, MAKER
+
+    classes = list(stanford_cars_class_names())
+    answers = {MAKER: sorted(set(makers_for_class_names(classes))), CLASS: classes}
+    out = {}
+    for task, names in answers.items():
+        classifier = MakerClassifier(model, processor, names, prompt=task.prompt(names), batch_size=batch_size)
+        classifier.classify_each(pictures[:batch_size], [None], warm_up=True)
+        synchronize(device)
+        started = time.perf_counter()
+        stats = ThroughputStats()
+        one = classifier.classify_each(pictures, [None], {None: stats})
+        synchronize(device)
+        out[task.name] = {
+            "seconds": time.perf_counter() - started,
+            "model_seconds": one.model_seconds[None],
+            "passes_per_picture": stats.summary()["forward_passes_per_image"],
+        }
+    out["class_over_maker"] = out["class"]["seconds"] / out["maker"]["seconds"]
+    out["class_over_maker_model"] = out["class"]["model_seconds"] / out["maker"]["model_seconds"]
+    return out
 
 
 def tutorial_loop(model, processor, makers: list[str], images: list) -> int:
@@ -194,12 +247,34 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers if args.workers is not None else machine_prepare_workers(args.device.startswith("cuda"))
     jpegs = stored(images)
     print("\nstored JPEGs (read, decoded, prepared as the pipeline does):")
-    print("| preparing threads | images/s | preparation alone (s) | model (s) | model busy share of wall |")
-    print("|---|---|---|---|---|")
-    for count in dict.fromkeys([0, max(1, workers)]):
-        run = overlapped(model, processor, makers, jpegs, args.batch_size, count, args.device)
-        print(f"| {count} | {run['images_per_second']:.2f} | {run['prepare_seconds_alone']:.2f} | "
-              f"{run['model_seconds']:.2f} | {run['model_busy_share']:.1%} |")  # fmt: skip
+    print(
+        "| preparing threads | image processor on | images/s | preparation alone (s) | model (s) | model busy share of wall |"
+    )
+    print("|---|---|---|---|---|---|")
+    runs = []
+    for on_device in (False, True) if args.device.startswith("cuda") else (False,):
+        for count in dict.fromkeys([0, max(1, workers)]):
+            run = overlapped(model, processor, makers, jpegs, args.batch_size, count, args.device, on_device)
+            runs.append(run)
+            print(f"| {count} | {args.device if on_device else 'cpu'} | {run['images_per_second']:.2f} | "
+                  f"{run['prepare_seconds_alone']:.2f} | {run['model_seconds']:.2f} | {run['model_busy_share']:.1%} |")  # fmt: skip
+    if len(runs) > 2:  # the processor on the GPU against on the CPU: the same answers?
+        cpu, gpu = runs[0]["probabilities"], runs[-1]["probabilities"]
+        changed = int((cpu.argmax(axis=1) != gpu.argmax(axis=1)).sum())
+        print(f"processor on {args.device} vs cpu: max probability difference {np.abs(cpu - gpu).max():.2e}, "
+              f"{changed} of {len(cpu)} answers changed")  # fmt: skip
+    decoded = [image.convert("RGB") for image in images]
+    if args.device.startswith("cuda"):
+        on_cpu = processor_seconds(processor, decoded, args.batch_size, None)
+        on_gpu = processor_seconds(processor, decoded, args.batch_size, args.device)
+        print(f"\nimage processor over {len(decoded)} pictures: CPU {on_cpu:.2f} s ({1000 * on_cpu / len(decoded):.1f} ms "
+              f"a picture), {args.device} {on_gpu:.2f} s ({1000 * on_gpu / len(decoded):.1f} ms): {on_cpu / on_gpu:.1f}x")  # fmt: skip
+    cost = task_scoring_seconds(model, processor, jpegs, args.batch_size, args.device)
+    maker, klass = cost["maker"], cost["class"]
+    print(f"\nclass task (196 answers) against maker task (49), {len(jpegs)} stored pictures: wall maker "
+          f"{maker['seconds']:.2f} s, class {klass['seconds']:.2f} s: {cost['class_over_maker']:.2f}x; model alone "
+          f"{maker['model_seconds']:.2f} s ({maker['passes_per_picture']:.1f} passes a picture) against "
+          f"{klass['model_seconds']:.2f} s ({klass['passes_per_picture']:.1f}): {cost['class_over_maker_model']:.2f}x")  # fmt: skip
     return 0
 
 

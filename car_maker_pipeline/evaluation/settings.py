@@ -36,6 +36,9 @@ DEFAULT_PREFETCH = 2
 # (`Image.draft`). Off: training decodes at full size, and the agreement with a full decode was
 # measured on the tiny models only (bench/README.md, *Draft decoding*).
 DRAFT_DECODE = False
+# With CUDA, LFM2-VL's image processor resizes, tiles and normalises on the GPU (its `device` argument), where
+# one core's processor would keep the GPU waiting (bench/README.md, *GPU*); the JPEG decode stays on the CPU.
+PROCESS_ON_DEVICE = True
 
 
 def default_target_precision(profile: str | None = None) -> float:

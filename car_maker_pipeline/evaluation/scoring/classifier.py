@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-import datasets
 import pandas as pd
 import torch
 
@@ -35,7 +34,7 @@ from car_maker_pipeline.evaluation.scoring.inputs import (
     ready_size,
 )
 from car_maker_pipeline.evaluation.scoring.throughput import ThroughputStats
-from car_maker_pipeline.evaluation.settings import DEFAULT_PREFETCH, DRAFT_DECODE
+from car_maker_pipeline.evaluation.settings import DEFAULT_PREFETCH, DRAFT_DECODE, PROCESS_ON_DEVICE
 from car_maker_pipeline.machine import machine_prepare_workers
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget, image_token_count
 from car_maker_pipeline.model_inputs.images import MAX_BATCH_PIXELS, model_ready
@@ -68,6 +67,7 @@ class MakerClassifier:
         workers: int | None = None,
         prefetch: int = DEFAULT_PREFETCH,
         draft_decode: bool = DRAFT_DECODE,
+        process_on_device: bool = PROCESS_ON_DEVICE,
     ):
         if not makers:
             raise ClassifierError("The maker list is empty; there is nothing to classify into.")
@@ -114,6 +114,8 @@ class MakerClassifier:
         tokenizer.padding_side = "left"  # generation continues from the right edge of every row
         self.device = next(model.parameters()).device
         self.workers = machine_prepare_workers(self.device.type == "cuda") if workers is None else max(0, workers)
+        # The image processor's work on the model's GPU (never on a CPU model: there it is the same CPU).
+        self.process_on = self.device if process_on_device and self.device.type == "cuda" else None
 
     @property
     def prompt_hash(self) -> str:
@@ -137,18 +139,21 @@ class MakerClassifier:
         """The CPU half of a batch, which needs no model: the processor's tensors of model-ready pictures
         (in pinned memory when the model is on CUDA, so the copy to the device can overlap)."""
         processor = self._processors.get()
+        on_device = {"device": self.process_on} if self.process_on is not None else {}
         try:
             inputs = processor(
                 images=[[image] for image in images],
                 text=[self.prompt_text] * len(images),
                 padding=True,
                 return_tensors="pt",
+                **on_device,
             )
         finally:
             self._processors.put(processor)
         pin = self.device.type == "cuda"
         tensors = {
-            name: value.pin_memory() if pin and torch.is_tensor(value) else value for name, value in inputs.items()
+            name: value.pin_memory() if pin and torch.is_tensor(value) and value.device.type == "cpu" else value
+            for name, value in inputs.items()
         }
         return PreparedBatch(tensors, [self.image_tokens(image) for image in images])
 
@@ -312,6 +317,8 @@ def evaluate_split_each(
     model_seconds, rows = dict.fromkeys(adapters, 0.0), {adapter: [] for adapter in adapters}
     started, warm_up = time.perf_counter(), 0.0
     window = classifier.batch_size * classifier.sort_window
+    import datasets  # here, not at module load: a machine that only classifies pictures needs no datasets
+
     stored = split.cast_column("image", datasets.Image(decode=False))
     for start in range(0, split.num_rows, window):
         part = stored[start : start + window]
