@@ -9,7 +9,8 @@
 
 Prints one line per image: path, maker, probability; below the confidence threshold registered with
 the model (certified on validation for a target precision), `unsure` and the three most probable
-makers with their probabilities instead. Before the answers, on stderr, it prints once what that
+makers with their probabilities instead. A class-task model (`car-class-<model>`) answers the class, or
+the maker when it is sure only of that, and says which level (`answer_text`). Before the answers, on stderr, it prints once what that
 threshold promises (the registered card's certificate), or that nothing could be certified. A registered model is loaded as the MLflow
 pyfunc model it was registered as, so the answers are the ones `mlflow.pyfunc.load_model` and
 `mlflow models serve` give. The tracking store is MLFLOW_TRACKING_URI, or the pipeline's local
@@ -273,14 +274,23 @@ def load_predict(args):
 
 
 def answer_text(row: dict) -> str:
-    """`maker<TAB>probability`, or below the confidence threshold `unsure<TAB>(the top three and theirs)`."""
-    if row.get("answer", row["maker"]) != UNSURE:
-        return f"{row['maker']}\t{row['probability']:.3f}"
+    """`maker<TAB>probability`, or below the confidence threshold `unsure<TAB>(the top three and theirs)`.
+
+    A class-task model's line says its level: `class<TAB>probability<TAB>class level` when sure of the class,
+    `maker<TAB>maker level<TAB>(the top three classes and theirs)` when sure only of the maker, else unsure.
+    """
+    answer = row.get("answer", row["maker"])
     top = [
         (row[m], row[p])
         for m, p in (("maker", "probability"), ("maker_2", "probability_2"), ("maker_3", "probability_3"))
     ]
-    return UNSURE + "\t(" + ", ".join(f"{maker} {probability:.3f}" for maker, probability in top if maker) + ")"
+    runners = "(" + ", ".join(f"{name} {probability:.3f}" for name, probability in top if name) + ")"
+    if answer == UNSURE:
+        return f"{UNSURE}\t{runners}"
+    if answer != row["maker"]:  # the class model climbed to the maker of its classes
+        return f"{answer}\tmaker level\t{runners}"
+    line = f"{row['maker']}\t{row['probability']:.3f}"
+    return f"{line}\tclass level" if row.get("level") == "class" else line
 
 
 if __name__ == "__main__":

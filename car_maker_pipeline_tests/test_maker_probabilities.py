@@ -335,3 +335,21 @@ WIDE = PASS_COST_POSITIONS + 1  # widening one answer by this pads more than ano
 )
 def test_answer_chunks(widths, max_positions, max_answers, chunks):
     assert answer_chunks(widths, max_positions, max_answers) == chunks
+
+
+TOP = {"maker": "BMW M3 Coupe 2012", "probability": 0.41, "maker_2": "BMW X5 SUV 2007", "probability_2": 0.3}
+TOP |= {"maker_3": "Audi S4 Sedan 2012", "probability_3": 0.1}
+RUNNERS = "(BMW M3 Coupe 2012 0.410, BMW X5 SUV 2007 0.300, Audi S4 Sedan 2012 0.100)"
+
+
+# | answer             | level  | printed line                                  |
+CLASS_TASK_LINES = [
+    ("BMW M3 Coupe 2012", "class", "BMW M3 Coupe 2012\t0.410\tclass level"),
+    ("BMW", "maker", f"BMW\tmaker level\t{RUNNERS}"),
+    (UNSURE, "unsure", f"unsure\t{RUNNERS}"),
+]
+
+
+@pytest.mark.parametrize(("answer", "level", "line"), CLASS_TASK_LINES)
+def test_a_class_task_answer_prints_its_level(answer, level, line):
+    assert answer_text({**TOP, "answer": answer, "level": level}) == line
