@@ -88,7 +88,7 @@ def build_store(home: Path, train_steps: int) -> None:
     ):
         run_config = {"ops": {asset.key.to_user_string(): {"config": config}}}
         result = dg.materialize(
-            [asset], resources=resources, instance=instance, partition_key=MODEL, run_config=run_config
+            [asset], resources=resources, instance=instance, partition_key=f"{MODEL}|maker", run_config=run_config
         )
         assert result.success
 

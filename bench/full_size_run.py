@@ -47,7 +47,7 @@ SOURCE = {
 STEPS = [
     ("raw_stanford_cars", None, {}),
     ("car_maker_dataset", None, {}),
-    ("baseline_evaluation", "tiny-s", {"ops": {"baseline_evaluation": {"config": {"batch_size": 32}}}}),
+    ("baseline_evaluation", "tiny-s|maker", {"ops": {"baseline_evaluation": {"config": {"batch_size": 32}}}}),
 ]
 
 

@@ -3,6 +3,8 @@
 This is the main job behind `make demo`. It runs the same jobs a person launches from the Dagster
 UI or `dagster asset materialize`, in dependency order and one model partition at a time, recording
 every run in the Dagster instance at DAGSTER_HOME, so `dagster dev` shows the history afterwards.
+Every model runs the maker task; the first (smallest) also runs the class task (make, model and year),
+whose 196 answers make its scoring several times the maker task's.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ FAILURE_TAIL_LINES = 60
 
 
 def main(argv: list[str] | None = None) -> int:
+    from car_maker_pipeline.data.tasks import CLASS
     from car_maker_pipeline.definitions import defs
     from car_maker_pipeline.orchestration.instance import prepare_instance
+    from car_maker_pipeline.orchestration.partitions import partition_key
     from car_maker_pipeline.settings import get_profile
     from car_maker_pipeline.store import PipelineStore
 
@@ -32,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     log_path = Path(os.environ["DAGSTER_HOME"]) / LOG_FILE
     print(f"profile {profile.name}; data under {store.root}; Dagster runs in {os.environ['DAGSTER_HOME']}", flush=True)
     print(f"step logs, library warnings and progress bars go to {log_path}", flush=True)
-    stages = [("data_job", None)] + [(job, key) for key in profile.model_keys for job in PER_MODEL_JOBS]
+    keys = [partition_key(model) for model in profile.model_keys] + [partition_key(profile.model_keys[0], CLASS)]
+    stages = [("data_job", None)] + [(job, key) for key in keys for job in PER_MODEL_JOBS]
     for job_name, partition in stages:
         started = time.perf_counter()
         label = job_name + (f" [{partition}]" if partition else "")
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if job_name == "data_job":  # a few test images for maker_predictions to classify
             seed_incoming_images(store)
     print_summary(store, profile.model_keys)
+    print_class_task(store, profile.model_keys)
     return 0
 
 
@@ -164,6 +170,30 @@ def print_calibration(store, model_keys: list[str]) -> None:
             f" Temperature fit refused (T = 1 kept): {c['temperature_refused']}." if c["temperature_refused"] else ""
         )
         print(f"{key} {label}: {c['statement']}{refused}")
+
+
+def print_class_task(store, model_keys: list[str]) -> None:
+    """The class task's baseline and best checkpoint: class top-1/top-5, the maker accuracy its answers imply, and
+    on test the share answered at class level, at maker level and unsure, with the precision of what it answered."""
+    from car_maker_pipeline.data.tasks import CLASS
+
+    rows = [(key, label, c) for key in model_keys for label, c in _calibrations(store, CLASS.partition(key))]
+    if not rows:
+        return
+    print("\nThe class task (make, model and year), answered at class level, else maker level, else unsure:")
+    print(
+        f"{'model':<10}{'evaluated':<29}{'top-1':>7}{'top-5':>7}{'maker':>7}{'class':>8}{'maker':>8}{'unsure':>8}"
+        f"{'precision answered (95% CI)':>30}"
+    )
+    for key, label, c in rows:
+        answered = f"{c['answered_precision']:.1%} [{c['answered_ci_low']:.1%}, {c['answered_ci_high']:.1%}]"
+        print(
+            f"{key:<10}{label:<29}{c['top1_accuracy']:>7.1%}{c['top5_accuracy']:>7.1%}"
+            f"{c['implied_maker_accuracy']:>7.1%}{c['class_share']:>8.1%}{c['maker_share']:>8.1%}"
+            f"{c['unsure_share']:>8.1%}{answered if c['unsure_share'] < 1 else 'nothing answered':>30}"
+        )
+    for key, label, c in rows:
+        print(f"{key} class task {label}: {c['statement']}")
 
 
 def _calibrations(store, key: str) -> list[tuple[str, dict]]:

@@ -60,7 +60,7 @@ def test_rematerializing_an_unchanged_source_reuses_the_stored_copy(pipeline):
     assert again.asset_materializations_for_node("car_maker_dataset")[0].metadata["cache_hit"].value is True
 
 
-def _baseline(pipeline, config: dict, partition: str = "tiny-s"):
+def _baseline(pipeline, config: dict, partition: str = "tiny-s|maker"):
     """(result, metadata) of one baseline_evaluation partition with `config` as its run config."""
     _, resources, instance, _ = pipeline
     run_config = {"ops": {"baseline_evaluation": {"config": config}}}
@@ -148,7 +148,7 @@ def test_unreachable_mlflow_fails_before_any_model_work(pipeline):
     home, resources, instance, _ = pipeline
     broken = {**resources, "mlflow_tracking": MlflowTracking(tracking_uri="http://127.0.0.1:9")}
     with pytest.raises(TrackingUnavailableError, match="127.0.0.1:9"):
-        dg.materialize([baseline_evaluation], resources=broken, instance=instance, partition_key="tiny-m")
+        dg.materialize([baseline_evaluation], resources=broken, instance=instance, partition_key="tiny-m|maker")
     assert not any((home / "demo_models").glob("tiny-m*")), "the model was built although MLflow was down"
 
 
@@ -157,7 +157,11 @@ def test_a_prompt_without_the_maker_list_is_rejected_before_model_work(pipeline)
     config = {"ops": {"baseline_evaluation": {"config": {"user_prompt": "Which maker?"}}}}
     with pytest.raises(Exception, match=r"\{makers\}"):
         dg.materialize(
-            [baseline_evaluation], resources=resources, instance=instance, partition_key="tiny-l", run_config=config
+            [baseline_evaluation],
+            resources=resources,
+            instance=instance,
+            partition_key="tiny-l|maker",
+            run_config=config,
         )
     assert not any((home / "demo_models").glob("tiny-l*"))
 
@@ -171,7 +175,11 @@ def test_an_impossible_image_token_budget_is_rejected_before_model_work(pipeline
     config = {"ops": {"baseline_evaluation": {"config": budget}}}
     with pytest.raises(Exception, match=message):
         dg.materialize(
-            [baseline_evaluation], resources=resources, instance=instance, partition_key="tiny-l", run_config=config
+            [baseline_evaluation],
+            resources=resources,
+            instance=instance,
+            partition_key="tiny-l|maker",
+            run_config=config,
         )
     assert not any((home / "demo_models").glob("tiny-l*"))
 
@@ -205,7 +213,11 @@ def test_an_evaluation_links_to_its_run_stays_lean_and_is_versioned_by_its_input
 
     def materialize(config=run_config):
         result = dg.materialize(
-            [baseline_evaluation], resources=resources, instance=instance, partition_key="tiny-s", run_config=config
+            [baseline_evaluation],
+            resources=resources,
+            instance=instance,
+            partition_key="tiny-s|maker",
+            run_config=config,
         )
         return result.asset_materializations_for_node("baseline_evaluation")[0]
 
@@ -229,7 +241,7 @@ def test_an_evaluation_links_to_its_run_stays_lean_and_is_versioned_by_its_input
         [baseline_evaluation],
         resources={**resources, "mlflow_tracking": MlflowTracking(ui_url=None)},
         instance=instance,
-        partition_key="tiny-s",
+        partition_key="tiny-s|maker",
         run_config=run_config,
     )
     assert "mlflow_run" not in local.asset_materializations_for_node("baseline_evaluation")[0].metadata

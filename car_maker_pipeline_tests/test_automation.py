@@ -8,16 +8,24 @@ import dagster as dg
 from car_maker_pipeline.definitions import defs
 from car_maker_pipeline.orchestration.automation import retrain_weekly, source_revision_sensor
 from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
-from car_maker_pipeline.store import RAW_STANFORD_CARS
+from car_maker_pipeline.store import LORA_CHECKPOINTS, RAW_STANFORD_CARS
 
 
-def test_schedule_ships_stopped_and_requests_one_retrain_per_model():
+def test_schedule_ships_stopped_and_requests_one_retrain_per_model_and_trained_task(tmp_path):
     assert retrain_weekly.default_status == dg.DefaultScheduleStatus.STOPPED
     assert retrain_weekly.cron_schedule == "0 3 * * 1"
     when = datetime.datetime(2026, 11, 30, 3, 0, tzinfo=datetime.UTC)
-    requests = retrain_weekly(dg.build_schedule_context(scheduled_execution_time=when))
-    assert [r.partition_key for r in requests] == ["tiny-s", "tiny-m", "tiny-l"]
-    assert all(r.tags["trigger"] == "schedule" for r in requests)
+    store = StoreResource(home=str(tmp_path / "home"))
+
+    def requests():
+        with dg.build_schedule_context(scheduled_execution_time=when, resources={"store": store}) as context:
+            return retrain_weekly(context)
+
+    assert [r.partition_key for r in requests()] == ["tiny-s|maker", "tiny-m|maker", "tiny-l|maker"]
+    assert all(r.tags["trigger"] == "schedule" for r in requests())
+    # The class task is retrained only where it was trained before: tiny-m's class run left its manifest.
+    store.get().write_manifest(LORA_CHECKPOINTS, {"global_step": 4}, partition="tiny-m@class")
+    assert [r.partition_key for r in requests()] == ["tiny-s|maker", "tiny-m|maker", "tiny-m|class", "tiny-l|maker"]
     job = defs.resolve_job_def("retrain_job")
     assert {key.to_user_string() for key in job.asset_layer.executable_asset_keys} >= {
         "raw_stanford_cars",
@@ -127,7 +135,11 @@ def test_additions_sensor_retrains_once_per_new_batch(tmp_path, raw_dataset):
         os.utime(path, (old, old))
     with dg.build_sensor_context(resources=resources) as context:
         result = additions_sensor(context)
-    assert [request.partition_key for request in result.run_requests] == ["tiny-s", "tiny-m", "tiny-l"]
+    assert [request.partition_key for request in result.run_requests] == [
+        "tiny-s|maker",
+        "tiny-m|maker",
+        "tiny-l|maker",
+    ]
     [batch_id] = {request.tags["additions_batches"] for request in result.run_requests}
     assert batch_id.startswith("batch-") and result.run_requests[0].tags["additions_names"] == "monday"
     assert result.cursor == batch_id

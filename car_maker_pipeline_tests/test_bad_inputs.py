@@ -253,7 +253,7 @@ def _store_snapshot(home):
     return manifest.read_text(), sorted(p.name for p in home.iterdir())
 
 
-def _rejected(materialized, asset, config: dict, partition="tiny-s") -> str:
+def _rejected(materialized, asset, config: dict, partition="tiny-s|maker") -> str:
     home, resources, instance = materialized
     before = _store_snapshot(home)
     result = dg.materialize(

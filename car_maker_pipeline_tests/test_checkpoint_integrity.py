@@ -230,7 +230,7 @@ def test_the_asset_rerun_after_tampering_succeeds_and_says_why(tmp_path):
             [lora_checkpoints],
             resources=resources,
             instance=instance,
-            partition_key="tiny-s",
+            partition_key="tiny-s|maker",
             run_config={"ops": {"lora_checkpoints": {"config": config}}},
         )
         assert result.success

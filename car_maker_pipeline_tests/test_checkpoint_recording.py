@@ -45,6 +45,7 @@ from car_maker_pipeline.store import (
 from car_maker_pipeline_tests.support.pipeline import demo_split_rows, materialized_demo_data
 
 KEY = "tiny-s"
+PARTITION = f"{KEY}|maker"
 CALIBRATION_ARTIFACTS = ("reliability_diagram.png", "risk_coverage.png", "risk_coverage.parquet")
 STEPS = [1, 2]
 
@@ -86,7 +87,7 @@ def trained(data_store):
         [lora_checkpoints],
         resources=resources,
         instance=instance,
-        partition_key=KEY,
+        partition_key=PARTITION,
         run_config={"ops": {"lora_checkpoints": {"config": training}}},
     )
     assert result.success
@@ -169,6 +170,7 @@ def test_checkpoints_are_scored_and_the_best_on_validation_is_registered(trained
         "mlflow_run_id": record.mlflow_run_id,
         "robustness": record.scores.robustness.to_dict("records"),
         "baseline_accuracy": record.baseline_accuracy,
+        "task": "maker",
     }
     # Every checkpoint is judged on calibration and coverage at the target precision too.
     for column in ("top3_accuracy", "ece", "ece_calibrated", "temperature", "val_coverage_at_target"):

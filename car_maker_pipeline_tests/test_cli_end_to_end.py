@@ -83,7 +83,7 @@ def test_data_assets_from_the_cli(env):
     assert metadata["rows_test"] == test_rows and metadata["rows_contrast"] == test_rows
 
 
-@pytest.mark.parametrize("partition", ["tiny-s", "tiny-m", "tiny-l"])
+@pytest.mark.parametrize("partition", ["tiny-s|maker", "tiny-m|maker", "tiny-l|maker"])
 def test_baseline_partition_from_the_cli(env, partition):
     materialize(env, "baseline_evaluation", partition=partition)
     metadata = latest_metadata(env, "baseline_evaluation", partition)
@@ -113,7 +113,7 @@ def test_training_killed_with_sigkill_resumes_in_the_same_mlflow_run(env):
         "--select",
         "lora_checkpoints",
         "--partition",
-        "tiny-s",
+        "tiny-s|maker",
         "--config-json",
         json.dumps(config),
     ]
@@ -128,8 +128,8 @@ def test_training_killed_with_sigkill_resumes_in_the_same_mlflow_run(env):
     killed_at = _complete_checkpoints(home)
     assert killed_at and max(killed_at) < SHORT_TRAINING["max_steps"], f"not killed mid-run: {killed_at}"
 
-    materialize(env, "lora_checkpoints", partition="tiny-s", config=config)
-    metadata = latest_metadata(env, "lora_checkpoints", "tiny-s")
+    materialize(env, "lora_checkpoints", partition="tiny-s|maker", config=config)
+    metadata = latest_metadata(env, "lora_checkpoints", "tiny-s|maker")
     assert metadata["global_step"] == SHORT_TRAINING["max_steps"]
     assert metadata["resumed_from"].endswith(f"checkpoint-{max(killed_at)}") or max(killed_at) < 4
     assert _complete_checkpoints(home) == list(range(4, SHORT_TRAINING["max_steps"] + 1, 4))
@@ -149,8 +149,8 @@ def test_training_killed_with_sigkill_resumes_in_the_same_mlflow_run(env):
 
 
 def test_checkpoint_accuracy_registers_a_model_and_classify_uses_it(env):
-    materialize(env, "checkpoint_accuracy", partition="tiny-s")
-    metadata = latest_metadata(env, "checkpoint_accuracy", "tiny-s")
+    materialize(env, "checkpoint_accuracy", partition="tiny-s|maker")
+    metadata = latest_metadata(env, "checkpoint_accuracy", "tiny-s|maker")
     assert metadata["best_step"] in range(4, 25, 4)
     assert [row["step"] for row in metadata["accuracy_by_step"]] == list(range(4, 25, 4))
     assert [row["corruption"] for row in metadata["accuracy_by_corruption"]] == ["contrast"]

@@ -147,7 +147,7 @@ def test_the_next_training_run_lists_the_batch_among_its_inputs(dropped):
         [lora_checkpoints],
         resources=resources,
         instance=instance,
-        partition_key="tiny-s",
+        partition_key="tiny-s|maker",
         run_config={"ops": {"lora_checkpoints": {"config": training}}},
     )
     metadata = result.asset_materializations_for_node("lora_checkpoints")[0].metadata

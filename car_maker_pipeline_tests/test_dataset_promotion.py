@@ -247,7 +247,7 @@ def test_after_a_refusal_the_baseline_scores_the_previous_dataset(tmp_path, good
             "mlflow_tracking": MlflowTracking(tracking_uri=default_tracking_uri(home)),
         },
         instance=dg.DagsterInstance.ephemeral(),
-        partition_key="tiny-s",
+        partition_key="tiny-s|maker",
     )
     assert result.success
     manifest = PipelineStore(home).read_manifest(BASELINE_EVALUATION, "tiny-s")

@@ -30,7 +30,7 @@ def _train(pipeline, num_processes: int) -> dict:
         [lora_checkpoints],
         resources=resources,
         instance=instance,
-        partition_key="tiny-s",
+        partition_key="tiny-s|maker",
         run_config={"ops": {"lora_checkpoints": {"config": {**TRAINING, "num_processes": num_processes}}}},
     )
     assert result.success

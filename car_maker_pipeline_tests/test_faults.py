@@ -59,9 +59,9 @@ TRAINING = {
 }
 STEPS = [  # (asset, partition, run config)
     ("car_maker_dataset", None, SOURCE),
-    ("baseline_evaluation", "tiny-s", SOURCE),
-    ("lora_checkpoints", "tiny-s", {**SOURCE, **TRAINING}),
-    ("checkpoint_accuracy", "tiny-s", SOURCE),
+    ("baseline_evaluation", "tiny-s|maker", SOURCE),
+    ("lora_checkpoints", "tiny-s|maker", {**SOURCE, **TRAINING}),
+    ("checkpoint_accuracy", "tiny-s|maker", SOURCE),
 ]
 EXECUTORS = {"multiprocess": {}, "in_process": IN_PROCESS}  # run config for each way of running the steps
 SEEDS = [(0, "multiprocess"), (1, "in_process"), (2, "in_process")]  # (seed, executor)
@@ -93,7 +93,7 @@ def _uninterrupted(root: Path) -> dict[str, float]:
     every seed waits for."""
     env = cli_env(root)
     durations = {}
-    for partition in (None, "tiny-s"):
+    for partition in (None, "tiny-s|maker"):
         steps = [(asset, config) for asset, part, config in STEPS if part == partition]
         assets = [asset for asset, _ in steps]
         config: dict = {}

@@ -157,7 +157,7 @@ def test_the_parquet_and_the_sensor_take_undecodable_names(predictor, tmp_path):
     resources = {"store": StoreResource(home=str(store.root)), "incoming_images": IncomingImages(path=str(folder))}
     with dg.build_sensor_context(resources=resources) as context:
         tick = incoming_images_sensor(context)
-    assert [r.partition_key for r in tick.run_requests] == ["tiny-s"] and tick.cursor == batch.fingerprint
+    assert [r.partition_key for r in tick.run_requests] == ["tiny-s|maker"] and tick.cursor == batch.fingerprint
 
 
 def test_names_that_leave_the_folder_and_a_folder_gone_are_rows_not_failures(predictor, tmp_path):

@@ -94,7 +94,7 @@ def test_mlflow_down_mid_training_fails_clearly_and_the_rerun_completes_the_reco
     }
     try:
         materialize(env, "raw_stanford_cars,car_maker_dataset", config={**SOURCE, **IN_PROCESS})
-        process = start_materialize(env, "lora_checkpoints", "tiny-s", config)
+        process = start_materialize(env, "lora_checkpoints", "tiny-s|maker", config)
         home = Path(env["CAR_MAKER_HOME"])
         deadline = time.monotonic() + 600
         while (
@@ -114,7 +114,7 @@ def test_mlflow_down_mid_training_fails_clearly_and_the_rerun_completes_the_reco
         assert (training_dir / "mlflow_pending.jsonl").exists()
 
         server.start()
-        rerun = materialize(env, "lora_checkpoints", "tiny-s", config)
+        rerun = materialize(env, "lora_checkpoints", "tiny-s|maker", config)
         assert (
             "Sent" in rerun.stdout + rerun.stderr
             and "buffered while MLflow was unreachable" in rerun.stdout + rerun.stderr

@@ -114,7 +114,7 @@ def test_dagster_and_mlflow_on_postgres_record_the_runs(postgres, mlflow_server,
     materialize(
         env,
         "baseline_evaluation",
-        partition="tiny-s",
+        partition="tiny-s|maker",
         config={**SMALL_SOURCE, "ops": {"baseline_evaluation": {"config": {"max_images": 12}}}},
     )
 
@@ -129,7 +129,7 @@ def test_dagster_and_mlflow_on_postgres_record_the_runs(postgres, mlflow_server,
     assert [(key, partition) for key, partition in materialized] == [
         ('["raw_stanford_cars"]', None),
         ('["car_maker_dataset"]', None),
-        ('["baseline_evaluation"]', "tiny-s"),
+        ('["baseline_evaluation"]', "tiny-s|maker"),
     ]
 
     # MLflow: the baseline run, its parameters and metrics, in the server's PostgreSQL store.

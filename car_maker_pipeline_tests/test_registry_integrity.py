@@ -44,6 +44,7 @@ from car_maker_pipeline_tests.support.cli import REPO, cli_env, materialize_comm
 from car_maker_pipeline_tests.support.hostile_images import encoded
 from car_maker_pipeline_tests.support.serving import (
     MODEL,
+    PARTITION,
     ScoringServer,
     command_env,
     registered_classifier,
@@ -156,7 +157,7 @@ def test_every_door_refuses_the_champion_with_an_edited_maker_list(registered, t
     with Tampered(_files(home, "1"), relative, change):
         for asset in (merged_model, maker_predictions):
             result = dg.materialize(
-                [asset], resources=resources, instance=instance, partition_key=MODEL, raise_on_error=False
+                [asset], resources=resources, instance=instance, partition_key=PARTITION, raise_on_error=False
             )
             failure = result.get_step_failure_events()[0].step_failure_data.error
             assert not result.success and relative in str(failure.to_string()), asset.key
@@ -197,7 +198,7 @@ def test_two_instances_registering_at_once_both_register_and_aliases_name_finish
     for index, pipeline_home in enumerate((home, second_home)):
         env = {**cli_env(tmp_path / f"instance-{index}"), "MLFLOW_TRACKING_URI": tracking_uri(home)}
         env["CAR_MAKER_HOME"] = str(pipeline_home)
-        command = materialize_command("checkpoint_accuracy", MODEL, config)
+        command = materialize_command("checkpoint_accuracy", PARTITION, config)
         processes.append(
             subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )

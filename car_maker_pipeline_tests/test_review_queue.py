@@ -161,7 +161,7 @@ def test_review_queue_asset_reads_the_partitions_predictions(tmp_path, incoming,
     result = dg.materialize(
         [review_queue],
         resources={"store": StoreResource(home=str(store.root)), "incoming_images": IncomingImages(path=str(incoming))},
-        partition_key="tiny-s",
+        partition_key="tiny-s|maker",
         run_config={"ops": {"review_queue": {"config": {"max_items": 4}}}},
     )
     metadata = result.asset_materializations_for_node("review_queue")[0].metadata

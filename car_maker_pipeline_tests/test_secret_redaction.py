@@ -186,7 +186,9 @@ def test_credentials_in_mlflow_tracking_uri_reach_no_log_or_store(tmp_path, monk
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
     home = tmp_path / "home"
 
-    result, instance = run_failing([baseline_evaluation], _model_resources(home, MlflowTracking()), tmp_path, "tiny-s")
+    result, instance = run_failing(
+        [baseline_evaluation], _model_resources(home, MlflowTracking()), tmp_path, "tiny-s|maker"
+    )
 
     error = step_error(result)
     assert "TrackingUnavailableError" in error and f"127.0.0.1:{port}" in error  # still says which server
@@ -201,7 +203,7 @@ def test_a_tracking_uri_from_resource_config_via_envvar_is_not_stored(tmp_path, 
     home = tmp_path / "home"
     tracking = MlflowTracking(tracking_uri=dg.EnvVar("OPS_MLFLOW_URI"))
 
-    result, instance = run_failing([baseline_evaluation], _model_resources(home, tracking), tmp_path, "tiny-s")
+    result, instance = run_failing([baseline_evaluation], _model_resources(home, tracking), tmp_path, "tiny-s|maker")
 
     assert "127.0.0.1" in step_error(result)
     assert leaks([PASSWORD], result, instance, tmp_path, "".join(capfd.readouterr())) == []
@@ -316,7 +318,7 @@ def test_the_dagster_command_line_prints_and_stores_no_tracking_password(tmp_pat
     port = closed_port()
     env = cli_env(tmp_path, MLFLOW_TRACKING_URI=f"http://ops:{PASSWORD}@127.0.0.1:{port}")
     result = subprocess.run(
-        materialize_command("baseline_evaluation", partition="tiny-s"),
+        materialize_command("baseline_evaluation", partition="tiny-s|maker"),
         cwd=REPO,
         env=env,
         capture_output=True,

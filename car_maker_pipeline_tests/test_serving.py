@@ -37,6 +37,7 @@ from car_maker_pipeline_tests.support.hostile_images import encoded, png_declari
 from car_maker_pipeline_tests.support.pipeline import demo_split_rows
 from car_maker_pipeline_tests.support.serving import (
     MODEL,
+    PARTITION,
     TEST_PER_MAKER,
     ScoringServer,
     command_env,
@@ -234,7 +235,7 @@ def test_merged_model_answers_like_the_adapter_without_peft(registered):
     from car_maker_pipeline.recording.registry import load_version
 
     home, resources, instance, _ = registered
-    result = dg.materialize([merged_model], resources=resources, instance=instance, partition_key=MODEL)
+    result = dg.materialize([merged_model], resources=resources, instance=instance, partition_key=PARTITION)
     metadata = {k: v.value for k, v in result.asset_materializations_for_node("merged_model")[0].metadata.items()}
     folder = home / "merged_model" / MODEL / "v1"
     assert metadata["path"] == str(folder) and metadata["source_model"].startswith(f"{NAME} v1")
@@ -274,7 +275,7 @@ def test_maker_predictions_classifies_the_folder_once_per_file_set(registered, c
     (incoming / "readme.txt").write_text("not a car")
     for path in incoming.iterdir():  # older than the sensor's settling time (the fingerprint includes it)
         os.utime(path, (time.time() - 120, time.time() - 120))
-    result = dg.materialize([maker_predictions], resources=resources, instance=instance, partition_key=MODEL)
+    result = dg.materialize([maker_predictions], resources=resources, instance=instance, partition_key=PARTITION)
     metadata = {k: v.value for k, v in result.asset_materializations_for_node("maker_predictions")[0].metadata.items()}
     table = pd.read_parquet(metadata["path"])
     assert list(table["file_name"]) == sorted(path.name for path in incoming.iterdir())
@@ -293,7 +294,7 @@ def test_maker_predictions_classifies_the_folder_once_per_file_set(registered, c
     os.utime(incoming / "late-arrival.jpg", (time.time() - 120, time.time() - 120))
     with dg.build_sensor_context(cursor=tick.cursor, resources=sensor_resources) as context:
         tick = incoming_images_sensor(context)
-    assert [r.partition_key for r in tick.run_requests] == [MODEL]
+    assert [r.partition_key for r in tick.run_requests] == [PARTITION]
     assert tick.cursor == snapshot(incoming).fingerprint != metadata["folder_fingerprint"]
 
 
@@ -311,7 +312,7 @@ def test_champion_moves_only_when_validation_accuracy_beats_it(registered):
         [checkpoint_accuracy],
         resources=resources,
         instance=instance,
-        partition_key=MODEL,
+        partition_key=PARTITION,
         run_config={"ops": {"checkpoint_accuracy": {"config": {"robustness": False}}}},
     )
     metadata = {k: v.value for k, v in again.asset_materializations_for_node("checkpoint_accuracy")[0].metadata.items()}

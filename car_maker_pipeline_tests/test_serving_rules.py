@@ -246,19 +246,28 @@ def test_sensor_launches_one_run_per_champion_model_per_new_file_set(tmp_path):
     first = tick()
     fingerprint = snapshot(folder).fingerprint
     assert first.cursor == fingerprint
-    assert [(r.partition_key, r.run_key) for r in first.run_requests] == [("tiny-m", f"{fingerprint}:tiny-m")]
+    assert [(r.partition_key, r.run_key) for r in first.run_requests] == [
+        ("tiny-m|maker", f"{fingerprint}:tiny-m|maker")
+    ]
     assert first.run_requests[0].asset_selection == [dg.AssetKey(MAKER_PREDICTIONS)]
     assert "No change" in tick(cursor=fingerprint).skip_message  # the same file set: never twice
 
     # A set maker_predictions already classified (here by hand for tiny-m) is not launched again for it.
     store.write_manifest(CHECKPOINT_ACCURACY, {"registered_version": "4"}, partition="tiny-s")
     store.write_manifest(MAKER_PREDICTIONS, {"fingerprint": fingerprint}, partition="tiny-m")
-    assert [r.partition_key for r in tick().run_requests] == ["tiny-s"]
+    assert [r.partition_key for r in tick().run_requests] == ["tiny-s|maker"]
+    # A class-task champion (its results under tiny-s@class) gets its own run, partition tiny-s|class.
+    store.write_manifest(CHECKPOINT_ACCURACY, {"registered_version": "1"}, partition="tiny-s@class")
+    assert [r.partition_key for r in tick().run_requests] == ["tiny-s|maker", "tiny-s|class"]
 
     (folder / "another.png").write_bytes(encoded(fmt="PNG"))
     _age(folder, 120)
     again = tick(cursor=fingerprint)
-    assert again.cursor != fingerprint and {r.partition_key for r in again.run_requests} == {"tiny-s", "tiny-m"}
+    assert again.cursor != fingerprint and {r.partition_key for r in again.run_requests} == {
+        "tiny-s|maker",
+        "tiny-s|class",
+        "tiny-m|maker",
+    }
 
 
 def test_lineage_and_jobs_put_the_serving_assets_after_checkpoint_accuracy():

@@ -58,6 +58,11 @@ query Run($runId: ID!) { runOrError(runId: $runId) { ... on Run {
 """
 
 
+def partition_tags(model: str, task: str = "maker") -> dict[str, str]:
+    """The tags a launch from the UI gives a run of one (model, task) partition: the key and each dimension's."""
+    return {"dagster/partition": f"{model}|{task}", "dagster/partition/model": model, "dagster/partition/task": task}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with DagsterDev(tmp_path_factory.mktemp("dagster_dev")) as running:
@@ -119,7 +124,8 @@ def test_data_run_over_graphql_and_the_lineage_it_reports(server, data_run):
     for key, group in groups.items():  # the data is whole; every other asset is one partition per model
         assert nodes[key]["isPartitioned"] == (group != "data"), key
         if group != "data":
-            assert nodes[key]["partitionKeysByDimension"][0]["partitionKeys"] == ["tiny-s", "tiny-m", "tiny-l"]
+            models, tasks = (dimension["partitionKeys"] for dimension in nodes[key]["partitionKeysByDimension"])
+            assert (models, tasks) == (["tiny-s", "tiny-m", "tiny-l"], ["maker", "class"]), key
     checks = {key: {c["name"] for c in node["assetChecksOrError"]["checks"]} for key, node in nodes.items()}
     assert "no_test_leakage" in checks["car_maker_dataset"]
     assert "best_checkpoint_beats_baseline" in checks["checkpoint_accuracy"]
@@ -246,13 +252,11 @@ def test_gpu_pool_runs_one_heavy_step_at_a_time(server, data_run):
     baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 8}}}, "resources": SMALL_SOURCE, **IN_PROCESS}
     run_ids = [
         client.submit_job_execution(
-            "training_job", run_config=training, asset_selection=["lora_checkpoints"], tags={"dagster/partition": model}
+            "training_job", run_config=training, asset_selection=["lora_checkpoints"], tags=partition_tags(model)
         )
         for model in ("tiny-s", "tiny-m", "tiny-l")
     ]
-    run_ids.append(
-        client.submit_job_execution("baseline_job", run_config=baseline, tags={"dagster/partition": "tiny-s"})
-    )
+    run_ids.append(client.submit_job_execution("baseline_job", run_config=baseline, tags=partition_tags("tiny-s")))
 
     statuses = {run_id: server.wait_for_run(run_id, timeout=900) for run_id in run_ids}
     assert set(statuses.values()) == {"SUCCESS"}, f"{statuses}\n{server.log_tail()}"
@@ -295,7 +299,7 @@ def test_twenty_runs_at_once_all_complete_and_the_ui_stays_responsive(server, da
     try:
         partitions = itertools.islice(itertools.cycle(["tiny-s", "tiny-m", "tiny-l"]), 20)
         run_ids = [
-            client.submit_job_execution("baseline_job", run_config=config, tags={"dagster/partition": p, "load": "20"})
+            client.submit_job_execution("baseline_job", run_config=config, tags={**partition_tags(p), "load": "20"})
             for p in partitions
         ]
         statuses = {run_id: server.wait_for_run(run_id, timeout=1200) for run_id in run_ids}
@@ -342,19 +346,19 @@ def test_a_rebuilt_dataset_shows_the_models_trained_and_scored_on_the_old_one_as
     baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 4}}}, "resources": SMALL_SOURCE}
 
     def run(job, config, partition=None):
-        tags = {"dagster/partition": partition} if partition else {}
+        tags = partition_tags(partition) if partition else {}
         run_id = client.submit_job_execution(job, run_config=config, tags=tags)
         assert server.wait_for_run(run_id, timeout=600) == "SUCCESS", server.log_tail()
 
     run("baseline_job", baseline, "tiny-m")
-    assert _staleness(server, "baseline_evaluation", "tiny-m") == ("FRESH", [])
+    assert _staleness(server, "baseline_evaluation", "tiny-m|maker") == ("FRESH", [])
     rebuilt = {"ops": {"car_maker_dataset": {"config": {"validation_fraction": 0.2}}}, "resources": SMALL_SOURCE}
     run("data_job", rebuilt)
     assert _staleness(server, "car_maker_dataset")[0] == "FRESH"
-    status, causes = _staleness(server, "baseline_evaluation", "tiny-m")
+    status, causes = _staleness(server, "baseline_evaluation", "tiny-m|maker")
     assert status == "STALE"
     assert {"key": {"path": ["car_maker_dataset"]}, "category": "DATA", "reason": "has a new data version"} in [
         {name: cause[name] for name in ("key", "category", "reason")} for cause in causes
     ], causes
     run("baseline_job", baseline, "tiny-m")
-    assert _staleness(server, "baseline_evaluation", "tiny-m")[0] == "FRESH"
+    assert _staleness(server, "baseline_evaluation", "tiny-m|maker")[0] == "FRESH"

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from car_maker_pipeline.data.makers import makers_for_class_names
-from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, PromptTemplate
+from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
 
 CLASS_SYSTEM_PROMPT = "You excel at identifying cars from pictures: their make, model and year."
 CLASS_USER_PROMPT = (
@@ -30,6 +30,8 @@ class Task:
     name: str  # the partition key and the word in registered model names
     label_column: str  # the maker dataset's column holding the right answer
     noun: str  # what one answer is: predictions carry true_<noun> and predicted_<noun>
+    system_prompt: str  # the prompt a run uses unless its config gives another
+    user_prompt: str  # lists the makers where it says {makers}
 
     @property
     def true_column(self) -> str:
@@ -42,10 +44,16 @@ class Task:
     def prompt(self, answers: Sequence[str], system: str | None = None, user: str | None = None) -> PromptTemplate:
         """The prompt for these answers; `system` / `user` replace the task's defaults (the maker task's
         user prompt lists the answers, the class task's lists the makers of its answers)."""
+        system, user = system or self.system_prompt, user or self.user_prompt
         if self.name == MAKER.name:
-            return PromptTemplate(system=system or DEFAULT_SYSTEM_PROMPT, user=user or PromptTemplate().user)
+            return PromptTemplate(system=system, user=user)
         makers = tuple(sorted(set(makers_for_class_names(list(answers)))))
-        return PromptTemplate(system=system or CLASS_SYSTEM_PROMPT, user=user or CLASS_USER_PROMPT, listing=makers)
+        return PromptTemplate(system=system, user=user, listing=makers)
+
+    def partition(self, model_key: str) -> str:
+        """The store folder of one model's results for this task (`<asset>/<folder>`). The maker task keeps the
+        bare model key, where stores written before tasks existed hold their results; the others add `@<task>`."""
+        return model_key if self.name == MAKER.name else f"{model_key}@{self.name}"
 
     def answers(self, makers: Sequence[str], class_names: Iterable[str]) -> list[str]:
         """What a model of this task may answer: the dataset's makers, or the class names its rows carry
@@ -59,8 +67,8 @@ class Task:
         return classes
 
 
-MAKER = Task("maker", "maker", "maker")
-CLASS = Task("class", "source_class", "class")
+MAKER = Task("maker", "maker", "maker", DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT)
+CLASS = Task("class", "source_class", "class", CLASS_SYSTEM_PROMPT, CLASS_USER_PROMPT)
 TASKS: dict[str, Task] = {task.name: task for task in (MAKER, CLASS)}
 
 
@@ -92,3 +100,16 @@ def check_known_answers(task: Task, names: Iterable[str], answers: Sequence[str]
             f"{where} names {task.noun} answers {unknown} that the dataset does not have; its {task.noun} answers are: "
             f"{shown}. Fix the names, or add images of the new {task.noun} to the dataset first"
         )
+
+
+def dataset_answers(task: Task, makers: Sequence[str], dataset) -> list[str]:
+    """`task.answers` of a loaded maker dataset (a DatasetDict): its makers, or the class names of every split."""
+    if task.name == MAKER.name:
+        return list(makers)
+    missing = [split for split, rows in dataset.items() if task.label_column not in rows.column_names]
+    if missing:
+        raise TaskError(
+            f"the {task.name!r} task needs the {task.label_column!r} column, which splits {missing} of car_maker_dataset "
+            "lack (it was built before class names were kept); materialize car_maker_dataset again"
+        )
+    return task.answers(makers, (name for rows in dataset.values() for name in rows[task.label_column]))

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from car_maker_pipeline.evaluation.answer_policy import Calibration, calibrate
+from car_maker_pipeline.data.tasks import CLASS, MAKER, Task
+from car_maker_pipeline.evaluation.answer_policy import Calibration, CalibrationReport, calibrate
+from car_maker_pipeline.evaluation.class_task import ClassTaskAssessment, ClassTaskReport, assess_class_answers
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.settings import (
     DEFAULT_DELTA,
@@ -64,14 +66,16 @@ class CheckpointScores:
         return self.table.set_index("step").loc[self.best_step]
 
 
-def _cached_or_evaluate(classifier, dataset, split, out_dir: Path, title: str, figures: bool) -> EvaluationReport:
+def _cached_or_evaluate(
+    classifier, dataset, split, out_dir: Path, title: str, figures: bool, task: Task
+) -> EvaluationReport:
     summary = out_dir / "summary.json"
     if summary.exists():
         return EvaluationReport.from_json(json.loads(summary.read_text()))
-    return evaluate_to_dir(classifier, dataset, split, out_dir, title=title, figures=figures)
+    return evaluate_to_dir(classifier, dataset, split, out_dir, title=title, figures=figures, task=task)
 
 
-def _every_checkpoint(classifier, dataset, split: str, step_dirs: dict[int, Path]) -> dict:
+def _every_checkpoint(classifier, dataset, split: str, step_dirs: dict[int, Path], task: Task) -> dict:
     """Every checkpoint's report on `split`: cached ones read back, the others scored together in one
     pass over the pictures (each prepared once, then run through every checkpoint's adapter)."""
     reports, missing = {}, []
@@ -82,7 +86,7 @@ def _every_checkpoint(classifier, dataset, split: str, step_dirs: dict[int, Path
         else:
             missing.append(ReportTarget(f"step-{step}", step_dirs[step] / split, f"step {step} {split}", split == TEST))
     if missing:
-        for target, report in zip(missing, evaluate_each_to_dir(classifier, dataset, split, missing)):
+        for target, report in zip(missing, evaluate_each_to_dir(classifier, dataset, split, missing, task)):
             reports[(int(target.adapter.removeprefix("step-")), split)] = report
     return reports
 
@@ -130,9 +134,11 @@ def score_checkpoints(
     target_precision: float = DEFAULT_TARGET_PRECISION,
     selection_metric: str = DEFAULT_SELECTION_METRIC,
     delta: float = DEFAULT_DELTA,
+    task: Task = MAKER,
 ) -> CheckpointScores:
     """Every checkpoint scored on validation and test, its temperature and threshold chosen on validation, and
-    the best chosen on validation by `selection_metric`.
+    the best chosen on validation by `selection_metric`. For the class task `makers` are the class names, each
+    step's policy is `class_task.assess_class_answers` (the hierarchical thresholds) and accuracy is class accuracy.
 
     The same validation images both choose the checkpoint and certify its threshold, so each checkpoint is
     certified at delta / (number of checkpoints): whichever is chosen, its promise fails with probability at
@@ -153,13 +159,14 @@ def score_checkpoints(
         step: results_dir(out_root, f"step-{step}", classifier.budget, path) for step, path in checkpoints.items()
     }
     for split in (VALIDATION, TEST):
-        reports.update(_every_checkpoint(classifier, dataset, split, step_dirs))
+        reports.update(_every_checkpoint(classifier, dataset, split, step_dirs, task))
     rows = []
-    calibrations: dict[int, Calibration] = {}
+    calibrations: dict[int, Calibration | ClassTaskAssessment] = {}
     for step in sorted(checkpoints):
         val, test = reports[(step, VALIDATION)].summary, reports[(step, TEST)].summary
         val_predictions = reports[(step, VALIDATION)].predictions()
-        calibrations[step] = calibrate(
+        policy = assess_class_answers if task == CLASS else calibrate
+        calibrations[step] = policy(
             val_predictions,
             reports[(step, TEST)].predictions(),
             makers,
@@ -168,7 +175,7 @@ def score_checkpoints(
             comparisons=len(checkpoints),
             fold_keys=fold_keys(dataset[VALIDATION], val_predictions),
         )
-        calibrated = calibrations[step].report
+        calibrated = _policy_columns(calibrations[step].report)
         rows.append(
             {
                 "step": step,
@@ -181,16 +188,7 @@ def score_checkpoints(
                 if baseline_accuracy is not None
                 else float("nan"),
                 "val_loss": (val_loss or {}).get(step, float("nan")),
-                "top3_accuracy": calibrated.top3_accuracy,
-                "log_loss": calibrated.log_loss,
-                "ece": calibrated.ece,
-                "ece_calibrated": calibrated.ece_calibrated,
-                "temperature": calibrated.temperature,
-                "certified": calibrated.certified,
-                "best_certifiable_precision": calibrated.best_certifiable_precision,
-                "val_coverage_at_target": calibrated.val_coverage,
-                "coverage_at_target": calibrated.coverage,
-                "selective_accuracy": calibrated.selective_accuracy,
+                **calibrated,
                 # What the test evaluation computed: tokens per image, padding waste, forward passes.
                 **{key: reports[(step, TEST)].throughput.get(key, float("nan")) for key in THROUGHPUT_COLUMNS},
             }
@@ -216,6 +214,7 @@ def score_checkpoints(
                 results_dir(out_root, "base", classifier.budget) / split,
                 f"base {split}",
                 figures=False,
+                task=task,
             )
         model.set_adapter(f"step-{best_step}")
         tuned = _cached_or_evaluate(
@@ -225,6 +224,7 @@ def score_checkpoints(
             step_dirs[best_step] / split,
             f"step {best_step} {split}",
             figures=False,
+            task=task,
         )
         reports[("base", split)], reports[(best_step, split)] = base, tuned
         robustness_rows.append(
@@ -241,6 +241,37 @@ def score_checkpoints(
         columns=["corruption", "baseline_accuracy", "best_checkpoint_accuracy", "best_ci_low", "best_ci_high"],
     )
     return CheckpointScores(table, best_step, checkpoints[best_step], robustness, reports, calibrations)
+
+
+def _policy_columns(report: CalibrationReport | ClassTaskReport) -> dict:
+    """A step's answer policy as the table's columns. The class task's top-k is top-5, its threshold pair is
+    certified together (no single best certifiable precision), and what it answers are class and maker answers."""
+    if isinstance(report, ClassTaskReport):
+        topk, best_certifiable, coverage, selective = (
+            report.top5_accuracy,
+            float("nan"),
+            1.0 - report.unsure_share,
+            report.answered_precision,
+        )
+    else:
+        topk, best_certifiable, coverage, selective = (
+            report.top3_accuracy,
+            report.best_certifiable_precision,
+            report.coverage,
+            report.selective_accuracy,
+        )
+    return {
+        "top3_accuracy" if not isinstance(report, ClassTaskReport) else "top5_accuracy": topk,
+        "log_loss": report.log_loss,
+        "ece": report.ece,
+        "ece_calibrated": report.ece_calibrated,
+        "temperature": report.temperature,
+        "certified": report.certified,
+        "best_certifiable_precision": best_certifiable,
+        "val_coverage_at_target": report.val_coverage,
+        "coverage_at_target": coverage,
+        "selective_accuracy": selective,
+    }
 
 
 def accuracy_chart(table: pd.DataFrame, baseline_accuracy: float | None, title: str):

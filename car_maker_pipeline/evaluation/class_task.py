@@ -63,6 +63,7 @@ SUMMARY_FILE, LEVELS_FILE, PER_CLASS_FILE, CONFUSED_FILE, CURVE_FILE, CURVE_CHAR
     "hierarchical_risk_coverage.parquet",
     "hierarchical_risk_coverage.png",
 )
+CLASS_TASK_FILES = (SUMMARY_FILE, LEVELS_FILE, PER_CLASS_FILE, CONFUSED_FILE, CURVE_FILE, CURVE_CHART)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class ClassTaskReport:
     answered_ci_high: float
     statement: str
     method: str = METHOD
+    val_coverage: float = float("nan")  # the share of the threshold fold answered (class or maker level)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Flat numbers for MLflow and Dagster metadata (the words are in `statement`)."""
@@ -108,6 +110,20 @@ class ClassTaskReport:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def card_fields(self) -> dict:
+        """What the registered model carries of this policy (`serving.predictor.ClassifierCard` fields): the
+        class threshold is the card's confidence threshold, and the maker threshold climbs below it."""
+        return {
+            "task": CLASS.name,
+            "temperature": self.temperature,
+            "confidence_threshold": self.class_threshold,
+            "maker_threshold": self.maker_threshold,
+            "target_precision": self.target_precision,
+            "delta": self.delta,
+            "certified_precision": self.target_precision if self.certified else None,
+            "certification": self.statement,
+        }
 
     @classmethod
     def from_json(cls, payload: dict) -> ClassTaskReport:
@@ -210,6 +226,7 @@ def assess_class_answers(
         answered_ci_low=float(levels.loc["answered", "ci_low"]),
         answered_ci_high=float(levels.loc["answered", "ci_high"]),
         statement=thresholds.statement(),
+        val_coverage=(thresholds.class_answered + thresholds.maker_answered) / max(thresholds.images, 1),
     )
     return ClassTaskAssessment(
         report=report,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from car_maker_pipeline.evaluation.metrics.accuracy import AccuracySummary, per_maker_table, summarize
+from car_maker_pipeline.data.tasks import MAKER, Task
+from car_maker_pipeline.evaluation.metrics.accuracy import AccuracySummary, as_maker_columns, per_maker_table, summarize
 from car_maker_pipeline.evaluation.metrics.figures import confusion_figure, misclassified_figure, save_figure
 from car_maker_pipeline.evaluation.scoring.classifier import (
     EvaluationRun,
@@ -90,10 +91,11 @@ def evaluate_to_dir(
     title: str,
     max_images: int | None = None,
     figures: bool = True,
+    task: Task = MAKER,
 ) -> EvaluationReport:
     """Classify a split and write predictions, per-maker table, figures and a summary atomically."""
-    run = evaluate_split(classifier, dataset[split], max_images=max_images)
-    return write_report(run, classifier.makers, dataset[split], split, out_dir, title, max_images, figures)
+    run = evaluate_split(classifier, dataset[split], max_images=max_images, task=task)
+    return write_report(run, classifier.makers, dataset[split], split, out_dir, title, max_images, figures, task)
 
 
 @dataclass(frozen=True)
@@ -106,13 +108,15 @@ class ReportTarget:
     figures: bool = True
 
 
-def evaluate_each_to_dir(classifier: MakerClassifier, dataset, split: str, targets: list[ReportTarget]) -> list:
+def evaluate_each_to_dir(
+    classifier: MakerClassifier, dataset, split: str, targets: list[ReportTarget], task: Task = MAKER
+) -> list:
     """`evaluate_to_dir` for each target's adapter of the classifier's model, in one pass over the
     split's pictures (each read and prepared once, `evaluate_split_each`); the reports in target order."""
-    runs = evaluate_split_each(classifier, dataset[split], [target.adapter for target in targets])
+    runs = evaluate_split_each(classifier, dataset[split], [target.adapter for target in targets], task=task)
+    answers, part = classifier.makers, dataset[split]
     return [
-        write_report(runs[t.adapter], classifier.makers, dataset[split], split, t.out_dir, t.title, None, t.figures)
-        for t in targets
+        write_report(runs[t.adapter], answers, part, split, t.out_dir, t.title, None, t.figures, task) for t in targets
     ]
 
 
@@ -125,20 +129,26 @@ def write_report(
     title: str,
     max_images: int | None = None,
     figures: bool = True,
+    task: Task = MAKER,
 ) -> EvaluationReport:
-    """One evaluation's predictions, per-maker table, figures (pictures from `part`) and summary, written atomically."""
-    summary = summarize(run.predictions, makers)
+    """One evaluation's predictions, per-maker table, figures (pictures from `part`) and summary, written atomically.
+
+    For the class task `makers` are the class names: the summary and the per-answer table are about classes, and
+    the confusion matrix is left out (196 x 196 cells say nothing in a picture; `class_task` lists the confused pairs).
+    """
+    # The accuracy tables read true_maker / predicted_maker: the class task's answers stand in for them.
+    answers = as_maker_columns(run.predictions, task.true_column, task.predicted_column)
+    summary = summarize(answers, makers)
     with atomic_directory(out_dir) as tmp:
         run.predictions.to_parquet(tmp / "predictions.parquet", index=False)
-        per_maker_table(run.predictions, makers).to_parquet(tmp / "per_maker.parquet", index=False)
+        per_maker_table(answers, makers).to_parquet(tmp / "per_maker.parquet", index=False)
+        if figures and task == MAKER:
+            save_figure(
+                confusion_figure(answers, makers, f"{title}: {summary.accuracy:.1%}"), tmp / "confusion_matrix.png"
+            )
         if figures:
             save_figure(
-                confusion_figure(run.predictions, makers, f"{title}: {summary.accuracy:.1%}"),
-                tmp / "confusion_matrix.png",
-            )
-            save_figure(
-                misclassified_figure(run.predictions, _LazyImages(part), f"{title}: misclassified"),
-                tmp / "misclassified.png",
+                misclassified_figure(answers, _LazyImages(part), f"{title}: misclassified"), tmp / "misclassified.png"
             )
         report = EvaluationReport(str(out_dir), split, summary, run.images_per_second, max_images, run.throughput)
         (tmp / "summary.json").write_text(json.dumps(report.to_json(), indent=2))

@@ -10,10 +10,17 @@ import time
 
 import dagster as dg
 
+from car_maker_pipeline.data.tasks import MAKER
 from car_maker_pipeline.orchestration.assets.labeling import AdditionsFolder
-from car_maker_pipeline.orchestration.partitions import model_partitions
+from car_maker_pipeline.orchestration.partitions import model_and_task, model_partitions
 from car_maker_pipeline.orchestration.resources import StanfordCarsSource, StoreResource
-from car_maker_pipeline.store import LABELED_ADDITIONS, RAW_STANFORD_CARS, MissingUpstreamError, PipelineStore
+from car_maker_pipeline.store import (
+    LABELED_ADDITIONS,
+    LORA_CHECKPOINTS,
+    RAW_STANFORD_CARS,
+    MissingUpstreamError,
+    PipelineStore,
+)
 
 RETRAIN_CRON_ENV = "CAR_MAKER_RETRAIN_CRON"
 DEFAULT_RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
@@ -22,14 +29,24 @@ retrain_job = dg.define_asset_job(
     "retrain_job",
     selection=dg.AssetSelection.groups("data", "training", "evaluation"),
     partitions_def=model_partitions,
-    description="Rebuild the dataset, fine-tune one model (a partition) and score its checkpoints.",
+    description="Rebuild the dataset, fine-tune one model for one task (a partition) and score its checkpoints.",
 )
 
 
-def _retrain_requests(tags: dict[str, str], key_suffix: str) -> list[dg.RunRequest]:
+def retrain_partitions(store: PipelineStore) -> list[str]:
+    """What retraining retrains: every model's maker task, and the class task of the models already trained on
+    it (a lora_checkpoints manifest for it), so no schedule starts a task nobody asked for."""
+    keys = []
+    for key in model_partitions.get_partition_keys():
+        model, task = model_and_task(key)
+        if task == MAKER or store.manifest_path(LORA_CHECKPOINTS, task.partition(model)).exists():
+            keys.append(str(key))
+    return keys
+
+
+def _retrain_requests(store: PipelineStore, tags: dict[str, str], key_suffix: str) -> list[dg.RunRequest]:
     return [
-        dg.RunRequest(run_key=f"{key_suffix}:{model}", partition_key=model, tags=tags)
-        for model in model_partitions.get_partition_keys()
+        dg.RunRequest(run_key=f"{key_suffix}:{key}", partition_key=key, tags=tags) for key in retrain_partitions(store)
     ]
 
 
@@ -38,11 +55,14 @@ def _retrain_requests(tags: dict[str, str], key_suffix: str) -> list[dg.RunReque
     job=retrain_job,
     cron_schedule=os.environ.get(RETRAIN_CRON_ENV, DEFAULT_RETRAIN_CRON),
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description=f"Retrain every model once a week (cron from {RETRAIN_CRON_ENV}, default '{DEFAULT_RETRAIN_CRON}').",
+    description=(
+        f"Retrain every model once a week (cron from {RETRAIN_CRON_ENV}, default '{DEFAULT_RETRAIN_CRON}'): the maker "
+        "task, and the class task where it was trained before."
+    ),
 )
-def retrain_weekly(context: dg.ScheduleEvaluationContext):
+def retrain_weekly(context: dg.ScheduleEvaluationContext, store: StoreResource):
     tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "manual"
-    return _retrain_requests({"trigger": "schedule", "scheduled_for": tick}, key_suffix=tick)
+    return _retrain_requests(store.get(), {"trigger": "schedule", "scheduled_for": tick}, key_suffix=tick)
 
 
 @dg.sensor(
@@ -67,7 +87,7 @@ def source_revision_sensor(context: dg.SensorEvaluationContext, source: Stanford
         return dg.SensorResult(skip_reason=f"Source unchanged at {revision}.", cursor=revision)
     return dg.SensorResult(
         run_requests=_retrain_requests(
-            {"trigger": "source_revision", "source_revision": revision}, key_suffix=revision
+            store.get(), {"trigger": "source_revision", "source_revision": revision}, key_suffix=revision
         ),
         cursor=revision,
     )
@@ -121,7 +141,7 @@ def additions_sensor(context: dg.SensorEvaluationContext, store: StoreResource, 
         "additions_batches": key,
         "additions_names": ",".join(batch.name for batch in new)[:200],
     }
-    return dg.SensorResult(run_requests=_retrain_requests(tags, key_suffix=key), cursor=key)
+    return dg.SensorResult(run_requests=_retrain_requests(pipeline_store, tags, key_suffix=key), cursor=key)
 
 
 automation_jobs = [retrain_job]

@@ -1,9 +1,9 @@
-"""A sensor that classifies newly arrived images: one `maker_predictions` run per model, per new file set.
+"""A sensor that classifies newly arrived images: one `maker_predictions` run per model and task, per new file set.
 
 It ships stopped (default_status STOPPED); start it in the UI (Automation tab) or with
 `dagster sensor start incoming_images_sensor -w workspace.yaml`. Each tick fingerprints the incoming
 folder (names, sizes, modification times). A file set is classified once per model that has a
-champion: the cursor and the run keys carry the fingerprint, and a set that `maker_predictions`
+champion (`car-maker-<model>` and `car-class-<model>` alike): the cursor and the run keys carry the fingerprint, and a set that `maker_predictions`
 already classified (by `make demo`, or by hand) counts as done. While a file changed within the
 last 30 s the tick waits, so a copy in progress is not classified half-written.
 """
@@ -12,22 +12,24 @@ import dagster as dg
 
 from car_maker_pipeline.orchestration.assets.serving import IncomingImages
 from car_maker_pipeline.orchestration.jobs import serving_job
-from car_maker_pipeline.orchestration.partitions import model_partitions
+from car_maker_pipeline.orchestration.partitions import model_and_task, model_partitions
 from car_maker_pipeline.orchestration.resources import StoreResource
 from car_maker_pipeline.store import CHECKPOINT_ACCURACY, MAKER_PREDICTIONS, MissingUpstreamError, PipelineStore
 
 
 def _has_champion(store: PipelineStore, key: str) -> bool:
-    """checkpoint_accuracy registered a version for this model, and the first registered version is champion."""
+    """checkpoint_accuracy registered a version for this model and task, and the first registered version is champion."""
+    model, task = model_and_task(key)
     try:
-        return bool(store.read_manifest(CHECKPOINT_ACCURACY, key).get("registered_version"))
+        return bool(store.read_manifest(CHECKPOINT_ACCURACY, task.partition(model)).get("registered_version"))
     except MissingUpstreamError:
         return False
 
 
 def _classified_fingerprint(store: PipelineStore, key: str) -> str | None:
+    model, task = model_and_task(key)
     try:
-        return store.read_manifest(MAKER_PREDICTIONS, key).get("fingerprint")
+        return store.read_manifest(MAKER_PREDICTIONS, task.partition(model)).get("fingerprint")
     except MissingUpstreamError:
         return None
 
@@ -52,7 +54,7 @@ def incoming_images_sensor(context: dg.SensorEvaluationContext, store: StoreReso
         return dg.SkipReason(
             f"A file in {seen.folder} changed within {SETTLE_SECONDS:.0f} s; waiting for copies to end."
         )
-    models = [key for key in model_partitions.get_partition_keys() if _has_champion(pipeline_store, key)]
+    models = [str(key) for key in model_partitions.get_partition_keys() if _has_champion(pipeline_store, key)]
     if not models:
         # The cursor stays put, so these files are classified once a model has a champion.
         return dg.SkipReason("No model has a registered champion yet; materialize checkpoint_accuracy first.")

@@ -1,4 +1,4 @@
-"""Jobs: the data preparation, and the per-model work (one run per model partition)."""
+"""Jobs: the data preparation, and the per-model work (one run per model and task partition)."""
 
 import dagster as dg
 
@@ -21,7 +21,7 @@ training_job = dg.define_asset_job(
     "training_job",
     selection=dg.AssetSelection.groups("training", "evaluation"),
     partitions_def=model_partitions,
-    description="Fine-tune one model (a partition) with LoRA, then score and register its checkpoints.",
+    description="Fine-tune one model for one task (a partition) with LoRA, then score and register its checkpoints.",
 )
 
 serving_job = dg.define_asset_job(

@@ -102,6 +102,28 @@ def calibration_metadata(calibration, prefix: str = "") -> dict:
     return metadata
 
 
+def class_task_metadata(files, prefix: str = "") -> dict:
+    """The class task's report: class and implied maker accuracy, the hierarchical (class, maker, unsure) coverage
+    table with each level's precision and Wilson interval, the certificate in words, per-class accuracy worst
+    first, the most-confused pairs within a maker, and the climbing chart. `files`: a `class_task.ClassTaskFiles`."""
+    from car_maker_pipeline.evaluation.class_task import CONFUSED_FILE, CURVE_CHART, LEVELS_FILE, PER_CLASS_FILE
+
+    report = files.report()
+    metadata = {f"{prefix}{key}": value for key, value in report.metrics().items() if not math.isnan(value)}
+    metadata[f"{prefix}class_accuracy"] = report.top1_accuracy
+    metadata[f"{prefix}hierarchical_coverage"] = typed_table(
+        files.table(LEVELS_FILE),
+        {"share": "share of test images answered at this level", "precision": "right answers at this level"},
+    )
+    metadata[f"{prefix}certification"] = dg.MetadataValue.text(report.statement)
+    metadata[f"{prefix}certification_method"] = dg.MetadataValue.text(report.method)
+    metadata[f"{prefix}temperature_refused"] = dg.MetadataValue.text(report.temperature_refused or "no")
+    metadata[f"{prefix}per_class_accuracy"] = typed_table(files.table(PER_CLASS_FILE).head(RISK_COVERAGE_ROWS))
+    metadata[f"{prefix}confused_within_maker"] = typed_table(files.table(CONFUSED_FILE))
+    metadata[f"{prefix}hierarchical_risk_coverage_chart"] = image_markdown(files.path(CURVE_CHART), "climbing")
+    return metadata
+
+
 def evaluation_metadata(recorded: RecordedEvaluation) -> dict:
     """One evaluated split: accuracy with its interval, speed, the per-maker table and the confusion matrix."""
     report = recorded.report
@@ -125,6 +147,8 @@ def evaluation_metadata(recorded: RecordedEvaluation) -> dict:
     )
     if recorded.calibration is not None:
         metadata.update(calibration_metadata(recorded.calibration))
+    if recorded.class_task is not None:
+        metadata.update(class_task_metadata(recorded.class_task))
     return {**metadata, "mlflow_run_id": recorded.mlflow_run_id, "model_revision": recorded.params["model_revision"]}
 
 
@@ -154,7 +178,11 @@ def checkpoint_metadata(record: CheckpointRecord) -> dict:
         "table": dg.MetadataValue.path(str(record.table_path)),
     }
     if record.calibration is not None:
-        metadata.update(calibration_metadata(record.calibration, prefix="best_"))
+        from car_maker_pipeline.evaluation.class_task import ClassTaskFiles
+
+        class_task = isinstance(record.calibration, ClassTaskFiles)
+        policy_metadata = class_task_metadata if class_task else calibration_metadata
+        metadata.update(policy_metadata(record.calibration, prefix="best_"))
     for key, value in (record.baseline_calibration or {}).items():
         metadata[f"baseline_{key}"] = dg.MetadataValue.text(value) if isinstance(value, str) else value
     if not record.scores.robustness.empty:

@@ -100,10 +100,10 @@ class StanfordCarsSource(dg.ConfigurableResource):
 
 
 class VisionLanguageModels(dg.ConfigurableResource):
-    """The models to evaluate and fine-tune, one Dagster partition each.
+    """The models to evaluate and fine-tune: the `model` dimension of the model assets' partitions.
 
     Real profile: the LiquidAI LFM2-VL Hub ids. Demo profile: tiny random LFM2-VL models built on
-    first use under CAR_MAKER_HOME/demo_models. `overrides` maps a partition key to another Hub id
+    first use under CAR_MAKER_HOME/demo_models. `overrides` maps a model key to another Hub id
     or local directory. Loading never trusts remote code and reads safetensors only.
     """
 

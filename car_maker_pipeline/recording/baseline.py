@@ -16,11 +16,19 @@ from pathlib import Path
 import mlflow
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset
+from car_maker_pipeline.data.tasks import CLASS, MAKER, Task, dataset_answers
 from car_maker_pipeline.evaluation.answer_policy import (
     CalibrationFiles,
     CalibrationReport,
     calibrate,
     write_calibration,
+)
+from car_maker_pipeline.evaluation.class_task import (
+    CLASS_TASK_FILES,
+    ClassTaskFiles,
+    ClassTaskReport,
+    assess_class_answers,
+    write_class_report,
 )
 from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError
 from car_maker_pipeline.evaluation.metrics.certification import check_delta
@@ -130,10 +138,32 @@ class RecordedEvaluation:
     params: dict
     mlflow_run_id: str
     calibration: CalibrationFiles | None = None  # None when there is no validation split to calibrate on
+    class_task: ClassTaskFiles | None = None  # the class task's answer policy and report, in place of `calibration`
 
     @property
-    def calibration_report(self) -> CalibrationReport | None:
-        return self.calibration.report() if self.calibration is not None else None
+    def calibration_report(self) -> CalibrationReport | ClassTaskReport | None:
+        """The task's answer policy: the maker task's calibration, or the class task's hierarchical report."""
+        files = self.calibration or self.class_task
+        return files.report() if files is not None else None
+
+
+def log_class_task(
+    files: ClassTaskFiles, prefix: str = "", *, metrics: bool = True, artifact_path: str = "class_task"
+) -> None:
+    """The class task's numbers (top-1/top-5, implied maker accuracy, the levels' shares and precisions), what the
+    thresholds promise in words, its tables and the hierarchical risk-coverage chart."""
+    if metrics:
+        report = files.report()
+        mlflow.log_metrics(report.metrics(prefix))
+        mlflow.set_tags(
+            {
+                f"{prefix}certification": report.statement,
+                f"{prefix}certification_method": report.method,
+                f"{prefix}temperature_refused": report.temperature_refused or "no",
+            }
+        )
+    for name in CLASS_TASK_FILES:
+        mlflow.log_artifact(str(files.path(name)), artifact_path=artifact_path)
 
 
 def evaluate_and_record(
@@ -144,7 +174,7 @@ def evaluate_and_record(
     asset: str,
     model_key: str,
     stage: str,
-    prompt: PromptTemplate,
+    prompt: PromptTemplate | None = None,
     batch_size: int,
     split: str,
     prepare_workers: int | None = None,
@@ -153,14 +183,16 @@ def evaluate_and_record(
     budget: ImageTokenBudget | None = None,
     target_precision: float = DEFAULT_TARGET_PRECISION,
     delta: float = DEFAULT_DELTA,
+    task: Task = MAKER,
 ) -> RecordedEvaluation:
-    """Score one split of the current maker dataset, record it in MLflow, then write the manifest of
-    `asset`'s `model_key` partition (results under `<asset>/<model_key>/<dagster run id>`).
+    """Score one split of the current maker dataset for `task`, record it in MLflow, then write the manifest of
+    `asset`'s partition (results under `<asset>/<task.partition(model_key)>/<dagster run id>`).
 
     The validation split is scored too (`<run id>-validation`), to fit the temperature and certify the
-    confidence threshold for `target_precision` at `delta` that are then measured on `split`
-    (`<run id>-calibration`). `load_model` is called only once the dataset and split are known to
-    exist, so a missing input fails before any model is built or loaded.
+    confidence threshold(s) for `target_precision` at `delta` that are then measured on `split`
+    (`<run id>-calibration`, or `<run id>-class_task` with the hierarchical report). `prompt`: None is the
+    task's own; for the class task its `{makers}` lists the classes' makers. `load_model` is called only once
+    the dataset and split are known to exist, so a missing input fails before any model is built or loaded.
     """
     check_target_precision(target_precision)
     check_delta(delta)
@@ -170,6 +202,8 @@ def evaluate_and_record(
         raise ValueError(
             f"car_maker_dataset has no split {split!r}; it has {list(dataset)}. Set `split` to one of those."
         )
+    answers = dataset_answers(task, makers_record.makers, dataset)
+    prompt = task.prompt(answers, prompt.system, prompt.user) if prompt is not None else task.prompt(answers)
     calibrate_on = CALIBRATION_SPLIT if CALIBRATION_SPLIT in dataset and split != CALIBRATION_SPLIT else None
     if calibrate_on is not None:
         check_calibration_split(dataset[calibrate_on]["maker"], calibrate_on)
@@ -177,19 +211,20 @@ def evaluate_and_record(
     classifier = MakerClassifier(
         loaded.model,
         loaded.processor,
-        makers_record.makers,
+        answers,
         prompt=prompt,
         batch_size=batch_size,
         budget=budget,
         workers=prepare_workers,
         prefetch=prefetch,
     )
-    out_dir = store.asset_dir(asset, model_key) / target.dagster_run_id
-    with evaluation_run(target, store, f"{stage}-{model_key}", model_key, stage) as run:
+    partition = task.partition(model_key)
+    out_dir = store.asset_dir(asset, partition) / target.dagster_run_id
+    with evaluation_run(target, store, f"{stage}-{partition}", partition, stage) as run:
         report = evaluate_to_dir(
-            classifier, dataset, split, out_dir, title=f"{model_key} {stage}", max_images=max_images
+            classifier, dataset, split, out_dir, title=f"{partition} {stage}", max_images=max_images, task=task
         )
-        calibration = None
+        calibration = class_task = None
         if calibrate_on is not None:
             validation = evaluate_to_dir(
                 classifier,
@@ -198,27 +233,32 @@ def evaluate_and_record(
                 out_dir.with_name(f"{out_dir.name}-{calibrate_on}"),
                 "",
                 figures=False,
+                task=task,
             )
             val_predictions = validation.predictions()
-            calibrated = calibrate(
-                val_predictions,
-                report.predictions(),
-                classifier.makers,
-                target_precision,
-                delta=delta,
-                fold_keys=fold_keys(dataset[calibrate_on], val_predictions),
-            )
-            calibration = write_calibration(
-                calibrated, out_dir.with_name(f"{out_dir.name}-calibration"), f"{model_key} {stage}"
-            )
+            policy = dict(delta=delta, fold_keys=fold_keys(dataset[calibrate_on], val_predictions))
+            if task == CLASS:
+                assessed = assess_class_answers(
+                    val_predictions, report.predictions(), answers, target_precision, **policy
+                )
+                class_task = write_class_report(
+                    assessed, out_dir.with_name(f"{out_dir.name}-class_task"), f"{partition} {stage}"
+                )
+            else:
+                calibrated = calibrate(val_predictions, report.predictions(), answers, target_precision, **policy)
+                calibration = write_calibration(
+                    calibrated, out_dir.with_name(f"{out_dir.name}-calibration"), f"{partition} {stage}"
+                )
         params = {
             "model_key": model_key,
+            "task": task.name,
             "model_id": loaded.path_or_id,
             "model_revision": loaded.revision,
             "dataset_revision": makers_record.source_revision,
             "dataset_path": Path(makers_record.path).name,
             "prompt_hash": classifier.prompt_hash,
             "num_images": report.summary.num_images,
+            "num_answers": len(answers),
             "batch_size": batch_size,
             "device": loaded.device,
             "dtype": loaded.dtype,
@@ -233,10 +273,13 @@ def evaluate_and_record(
         log_report(report)
         if calibration is not None:
             log_calibration(calibration)
-    policy = {"calibration": calibration.report().to_json()} if calibration is not None else {}
+        if class_task is not None:
+            log_class_task(class_task)
+    recorded = RecordedEvaluation(report, params, run.info.run_id, calibration, class_task)
+    policy_json = {"calibration": recorded.calibration_report.to_json()} if recorded.calibration_report else {}
     store.write_manifest(
         asset,
-        {**report.to_json(), **policy, "mlflow_run_id": run.info.run_id, "params": params},
-        partition=model_key,
+        {**report.to_json(), **policy_json, "task": task.name, "mlflow_run_id": run.info.run_id, "params": params},
+        partition=partition,
     )
-    return RecordedEvaluation(report, params, run.info.run_id, calibration)
+    return recorded

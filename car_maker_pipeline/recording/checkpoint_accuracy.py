@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset
+from car_maker_pipeline.data.tasks import CLASS, MAKER, Task, check_same_task, dataset_answers
 from car_maker_pipeline.evaluation.answer_policy import (
     CalibrationFiles,
     CalibrationReport,
@@ -29,6 +30,7 @@ from car_maker_pipeline.evaluation.checkpoint_scores import (
     accuracy_chart,
     score_checkpoints,
 )
+from car_maker_pipeline.evaluation.class_task import ClassTaskFiles, ClassTaskReport, write_class_report
 from car_maker_pipeline.evaluation.metrics.certification import check_delta
 from car_maker_pipeline.evaluation.metrics.figures import save_figure
 from car_maker_pipeline.evaluation.metrics.selective import check_target_precision
@@ -50,6 +52,7 @@ from car_maker_pipeline.recording.baseline import (
     check_calibration_split,
     evaluation_run,
     log_calibration,
+    log_class_task,
     log_params,
 )
 from car_maker_pipeline.recording.registry import Candidate, register_classifier, registered_name
@@ -70,11 +73,12 @@ class CheckpointRecord:
     registered_version: str
     mlflow_run_id: str
     registration: RegisteredClassifier | None = None  # the version, its aliases and the champion decision
-    calibration: CalibrationFiles | None = None  # the best checkpoint's, with its charts
-    baseline_calibration: dict | None = None  # CalibrationReport.to_json() of the baseline, when it has one
+    calibration: CalibrationFiles | ClassTaskFiles | None = None  # the best checkpoint's policy, with its charts
+    baseline_calibration: dict | None = None  # the baseline's policy report (to_json()), when it has one
 
     @property
-    def best_calibration(self) -> CalibrationReport:
+    def best_calibration(self) -> CalibrationReport | ClassTaskReport:
+        """The chosen checkpoint's answer policy: the maker task's calibration, or the class task's report."""
         return self.scores.calibrations[self.best_step].report
 
     @property
@@ -122,7 +126,7 @@ def evaluate_checkpoints_and_record(
     load_model: Callable[[], LoadedModel],
     *,
     model_key: str,
-    prompt: PromptTemplate,
+    prompt: PromptTemplate | None = None,
     batch_size: int,
     prepare_workers: int | None = None,
     prefetch: int = DEFAULT_PREFETCH,
@@ -132,6 +136,7 @@ def evaluate_checkpoints_and_record(
     target_precision: float = DEFAULT_TARGET_PRECISION,
     selection_metric: str = DEFAULT_SELECTION_METRIC,
     delta: float = DEFAULT_DELTA,
+    task: Task = MAKER,
 ) -> CheckpointRecord:
     """Score the checkpoints of `model_key`'s current LoRA run against its baseline (new ones only;
     earlier scores are reused), choose the best on validation, and record and register it.
@@ -140,33 +145,40 @@ def evaluate_checkpoints_and_record(
     baseline manifests, maker dataset) is found, so a missing one fails before any model work. Each
     checkpoint's adapter is attached to the base model in turn. With `robustness`, the baseline and
     the best checkpoint are also scored on each corrupted copy of test. The registered card carries the
-    chosen checkpoint's temperature, certified threshold, delta and what they promise in words.
+    chosen checkpoint's temperature, certified threshold, delta and what they promise in words; the class
+    task's card carries both hierarchical thresholds and is registered as `car-class-<model_key>`.
+    `prompt`: None is the task's own.
     """
     check_target_precision(target_precision)
     check_delta(delta)
     if selection_metric not in SELECTION_METRICS:
         raise ValueError(f"Unknown selection metric {selection_metric!r}; use one of {', '.join(SELECTION_METRICS)}.")
-    training = store.read_manifest(LORA_CHECKPOINTS, model_key)
-    baseline = store.read_manifest(BASELINE_EVALUATION, model_key)
+    partition = task.partition(model_key)
+    training = store.read_manifest(LORA_CHECKPOINTS, partition)
+    baseline = store.read_manifest(BASELINE_EVALUATION, partition)
+    check_same_task(training.get("task", MAKER.name), task.name, f"{partition}'s LoRA run")
+    check_same_task(baseline.get("task", MAKER.name), task.name, f"{partition}'s baseline_evaluation")
     baseline_accuracy = baseline["summary"]["accuracy"]
     dataset_record = MakerDataset.current(store)
     dataset = dataset_record.load()
-    check_same_makers(training.get("makers"), dataset_record.makers, model_key)
+    answers = dataset_answers(task, dataset_record.makers, dataset)
+    check_same_makers(training.get("makers"), answers, partition)
     check_calibration_split(dataset[VALIDATION]["maker"])
     checkpoints = listed_checkpoints(training, warn)
-    out_root = store.asset_dir(CHECKPOINT_ACCURACY, model_key) / Path(training["output_dir"]).name
+    out_root = store.asset_dir(CHECKPOINT_ACCURACY, partition) / Path(training["output_dir"]).name
+    prompt = task.prompt(answers, prompt.system, prompt.user) if prompt is not None else task.prompt(answers)
     budget, mismatch = budget_for_checkpoint(training.get("image_token_budget"), budget or ImageTokenBudget())
     if mismatch:
         warn(mismatch)
     loaded = load_model()
-    run_name, training_run = f"checkpoints-{model_key}", training["mlflow_run_id"]
-    with evaluation_run(target, store, run_name, model_key, STAGE, training_run_id=training_run) as run:
+    run_name, training_run = f"checkpoints-{partition}", training["mlflow_run_id"]
+    with evaluation_run(target, store, run_name, partition, STAGE, training_run_id=training_run) as run:
         scores = score_checkpoints(
             loaded.model,
             loaded.processor,
             checkpoints,
             dataset,
-            dataset_record.makers,
+            answers,
             out_root,
             baseline_accuracy=baseline_accuracy,
             val_loss={int(step): loss for step, loss in training["val_loss"]},
@@ -179,20 +191,27 @@ def evaluate_checkpoints_and_record(
             target_precision=target_precision,
             selection_metric=selection_metric,
             delta=delta,
+            task=task,
         )
         in_force = ImageTokenBudget.of(loaded.processor)
         table_path = out_root / "checkpoint_accuracy.parquet"
         scores.table.to_parquet(table_path, index=False)
         chart_path = save_figure(
-            accuracy_chart(scores.table, baseline_accuracy, f"{model_key}: accuracy by checkpoint"),
+            accuracy_chart(scores.table, baseline_accuracy, f"{partition}: accuracy by checkpoint"),
             out_root / "accuracy_by_step.png",
         )
         best = scores.best
-        name = registered_name(model_key)
-        # Every checkpoint's reliability diagram and risk-coverage curve, for MLflow; the best one's in the metadata.
+        name = registered_name(model_key, task)
+        # Every checkpoint's reliability diagram and risk-coverage curve (the class task: its hierarchical report),
+        # for MLflow; the best one's in the metadata.
+        write_policy, log_policy, folder = (
+            (write_class_report, log_class_task, "class_task")
+            if task == CLASS
+            else (write_calibration, log_calibration, "calibration")
+        )
         step_calibrations = {
-            step: write_calibration(calibrated_step, out_root / f"calibration-step-{step}", f"{model_key} step {step}")
-            for step, calibrated_step in scores.calibrations.items()
+            step: write_policy(policy, out_root / f"{folder}-step-{step}", f"{partition} step {step}")
+            for step, policy in scores.calibrations.items()
         }
         calibration = step_calibrations[scores.best_step]
         calibrated = calibration.report()
@@ -200,9 +219,10 @@ def evaluate_checkpoints_and_record(
         log_params(
             {
                 "model_key": model_key,
+                "task": task.name,
                 "base_model": training["base_model"],
                 "base_model_revision": loaded.revision,
-                "prompt_hash": prompt.fingerprint(dataset_record.makers),
+                "prompt_hash": prompt.fingerprint(answers),
                 "num_checkpoints": len(checkpoints),
                 "best_step": scores.best_step,
                 "selection": SELECTION_METRICS[selection_metric],
@@ -212,15 +232,15 @@ def evaluate_checkpoints_and_record(
             }
         )
         _log_scores(scores, baseline_accuracy, model_key, table_path, chart_path)
-        log_calibration(calibration, prefix="best_")
+        log_policy(calibration, prefix="best_")
         for step, files in step_calibrations.items():
-            log_calibration(files, metrics=False, artifact_path=f"calibration/step-{step}")
+            log_policy(files, metrics=False, artifact_path=f"calibration/step-{step}")
         registered = register_classifier(
             Candidate.of_checkpoint(
                 model_key,
                 scores.best_checkpoint,
                 loaded,
-                dataset_record.makers,
+                answers,
                 prompt,
                 step=scores.best_step,
                 val_accuracy=best["val_accuracy"],
@@ -248,8 +268,9 @@ def evaluate_checkpoints_and_record(
             "baseline_accuracy": baseline_accuracy,
             "calibration": calibrated.to_json(),
             "baseline_calibration": baseline.get("calibration"),
+            "task": task.name,
         },
-        partition=model_key,
+        partition=partition,
     )
     return CheckpointRecord(
         scores,
@@ -266,11 +287,12 @@ def evaluate_checkpoints_and_record(
 
 
 def check_same_makers(trained_on: list[str] | None, makers: list[str], model_key: str) -> None:
-    """A LoRA run trained on another maker list cannot be scored on this dataset: say so before model work."""
+    """A LoRA run trained on another answer list (makers, or the class task's classes) cannot be scored on this
+    dataset: say so before model work."""
     if trained_on is not None and list(trained_on) != list(makers):
         missing, extra = sorted(set(makers) - set(trained_on)), sorted(set(trained_on) - set(makers))
         raise CheckpointEvaluationError(
-            f"{model_key}'s LoRA run was trained on {len(trained_on)} makers and car_maker_dataset now has "
+            f"{model_key}'s LoRA run was trained on {len(trained_on)} answers and car_maker_dataset now has "
             f"{len(makers)} (only in the dataset: {missing or 'none'}; only in training: {extra or 'none'}"
             f"{'; same makers, another order' if not missing and not extra else ''}). "
             f"Materialize lora_checkpoints for {model_key} again on this dataset, then checkpoint_accuracy."
@@ -289,7 +311,12 @@ def _log_scores(
                 "test_ci_low": row.ci_low,
                 "test_ci_high": row.ci_high,
                 "test_macro_accuracy": row.macro_accuracy,
-                "test_top3_accuracy": row.top3_accuracy,
+                # top-3 of the makers, or top-5 of the classes
+                **{
+                    f"test_{name}": getattr(row, name)
+                    for name in ("top3_accuracy", "top5_accuracy")
+                    if hasattr(row, name)
+                },
                 "test_log_loss": row.log_loss,
                 "test_ece": row.ece,
                 "test_ece_calibrated": row.ece_calibrated,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from car_maker_pipeline.data.tasks import MAKER, Task, get_task
 from car_maker_pipeline.models.checkpoint_marker import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from car_maker_pipeline.serving.predictor import (
     ADAPTER_ARTIFACT,
@@ -30,7 +31,7 @@ from car_maker_pipeline.serving.predictor import (
     ClassifierCard,
 )
 
-REGISTERED_MODEL_PREFIX = "car-maker-"  # + the model key: one registered model per base model
+REGISTERED_MODEL_PREFIX = "car-maker-"  # + the model key: the maker task's model of each base model
 CHAMPION, CHALLENGER = "champion", "challenger"  # the validation-best version, the newest (aliases.py)
 # Logged as the model's code: the whole package, and the models-from-code file that MLflow runs to load it.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -56,8 +57,10 @@ SERVING_DISTRIBUTIONS = (
 RUNTIME_CONFIG = {"device": "auto", "dtype": "auto", "batch_size": 16}
 
 
-def registered_name(model_key: str) -> str:
-    return f"{REGISTERED_MODEL_PREFIX}{model_key}"
+def registered_name(model_key: str, task: Task = MAKER) -> str:
+    """One registered model per base model and task: `car-maker-<model>` (the maker task, named as before the
+    class task existed, so registries need no migration) and `car-class-<model>`."""
+    return f"car-{task.name}-{model_key}"
 
 
 def registered_versions(uri: str, name: str | None = None) -> list:
@@ -68,8 +71,8 @@ def registered_versions(uri: str, name: str | None = None) -> list:
     return list(MlflowClient(uri).search_model_versions(query))
 
 
-def model_uri(model_key: str, alias: str = CHAMPION) -> str:
-    return f"models:/{registered_name(model_key)}@{alias}"
+def model_uri(model_key: str, alias: str = CHAMPION, task: Task = MAKER) -> str:
+    return f"models:/{registered_name(model_key, task)}@{alias}"
 
 
 def maker_list_hash(makers: list[str]) -> str:
@@ -188,7 +191,7 @@ def register_classifier(
     from car_maker_pipeline.serving.integrity import ARTIFACT_FILES_TAG, artifact_record
     from car_maker_pipeline.tracking import registry_lock
 
-    name = registered_name(candidate.model_key)
+    name = registered_name(candidate.model_key, get_task(candidate.card.task))
     makers_hash = maker_list_hash(candidate.card.makers)
     log_dataset_inputs(dataset_record)
     with tempfile.TemporaryDirectory(prefix="car-maker-pyfunc-") as staging:
@@ -233,19 +236,19 @@ class NoChampionError(LookupError):
     """A registered model without a champion version (or no registered model at all)."""
 
 
-def champion_version(uri: str, model_key: str):
-    """The MLflow ModelVersion that `car-maker-<model_key>@champion` names now."""
+def champion_version(uri: str, model_key: str, task: Task = MAKER):
+    """The MLflow ModelVersion that `car-<task>-<model_key>@champion` names now."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    name = registered_name(model_key)
+    name = registered_name(model_key, task)
     try:
         return MlflowClient(uri).get_model_version_by_alias(name, CHAMPION)
     except MlflowException as error:
         raise NoChampionError(
             f"{name} has no @{CHAMPION} version in {uri}. Materialize checkpoint_accuracy for {model_key} first "
             f"(it registers the checkpoint chosen on validation), e.g. `dagster asset materialize -m car_maker_pipeline "
-            f"--select lora_checkpoints,checkpoint_accuracy --partition {model_key}`."
+            f"--select lora_checkpoints,checkpoint_accuracy --partition '{model_key}|{task.name}'`."
         ) from error
 
 

@@ -61,16 +61,18 @@ def export_merged(
 ) -> tuple[MergedExport, pd.DataFrame, pd.DataFrame]:
     """Merge `predictor`'s adapter into its base model, check it on `split`, write it to `out_dir`.
 
-    Returns the export record and both runs' predictions (index, true_maker, predicted_maker, score).
-    `predictor` is consumed: its model holds the merged weights afterwards.
+    Returns the export record and both runs' predictions (index, true_maker, predicted_maker, score; the class
+    task's as true_maker / predicted_maker too). `predictor` is consumed: its model holds the merged weights afterwards.
     """
-    from car_maker_pipeline.evaluation.metrics.accuracy import summarize
+    from car_maker_pipeline.data.tasks import get_task
+    from car_maker_pipeline.evaluation.metrics.accuracy import as_maker_columns, summarize
     from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
     from car_maker_pipeline.models.merging import merge_adapter, save_merged
 
     adapter_classifier = predictor.classifier
     makers = adapter_classifier.makers
-    adapter_run = evaluate_split(adapter_classifier, split, max_images=max_images)
+    task = get_task(predictor.card.task)
+    adapter_run = evaluate_split(adapter_classifier, split, max_images=max_images, task=task)
     merged_model = merge_adapter(adapter_classifier.model)
     merged_classifier = MakerClassifier(
         merged_model,
@@ -80,8 +82,11 @@ def export_merged(
         batch_size=adapter_classifier.batch_size,
         budget=adapter_classifier.budget,
     )
-    merged_run = evaluate_split(merged_classifier, split, max_images=max_images)
-    agreement, difference = compare_answers(adapter_run.predictions, merged_run.predictions)
+    merged_run = evaluate_split(merged_classifier, split, max_images=max_images, task=task)
+    adapter_answers, merged_answers = (
+        as_maker_columns(run.predictions, task.true_column, task.predicted_column) for run in (adapter_run, merged_run)
+    )
+    agreement, difference = compare_answers(adapter_answers, merged_answers)
     card = {
         "makers": makers,
         "system_prompt": adapter_classifier.prompt.system,
@@ -94,6 +99,9 @@ def export_merged(
         "temperature": predictor.card.temperature,
         "confidence_threshold": predictor.card.confidence_threshold,
         "target_precision": predictor.card.target_precision,
+        # the class task: makers are the class names; below the class threshold the maker threshold climbs
+        "task": task.name,
+        "maker_threshold": predictor.card.maker_threshold,
     }
     with atomic_directory(out_dir) as tmp:
         save_merged(merged_model, adapter_classifier.processor, tmp, card)
@@ -102,13 +110,13 @@ def export_merged(
         path=str(out_dir),
         registered_model=registered_model,
         version=version,
-        num_images=len(merged_run.predictions),
-        accuracy=summarize(merged_run.predictions, makers).accuracy,
-        adapter_accuracy=summarize(adapter_run.predictions, makers).accuracy,
+        num_images=len(merged_answers),
+        accuracy=summarize(merged_answers, makers).accuracy,
+        adapter_accuracy=summarize(adapter_answers, makers).accuracy,
         agreement=agreement,
         max_probability_difference=difference,
         merged_images_per_second=merged_run.images_per_second,
         adapter_images_per_second=adapter_run.images_per_second,
         size_bytes=size,
     )
-    return record, adapter_run.predictions, merged_run.predictions
+    return record, adapter_answers, merged_answers

@@ -27,6 +27,7 @@ from typing import Any
 
 import datasets
 
+from car_maker_pipeline.data.tasks import MAKER, Task, get_task
 from car_maker_pipeline.storage import write_json_atomic
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
 from car_maker_pipeline.training.mlflow_callback import MlflowLossCallback
@@ -80,6 +81,7 @@ def train_distributed(
     mlflow_run_id: str,
     tracking_uri: str,
     pending_path: Path,
+    task: Task = MAKER,
 ) -> tuple[LoraTrainingResult, int]:
     """Train over `num_processes` processes; returns rank 0's result and the world size it reported."""
     request = output_dir / REQUEST_FILE
@@ -94,6 +96,7 @@ def train_distributed(
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": tracking_uri,
             "pending_path": str(pending_path),
+            "task": task.name,
         },
     )
     messages = launch(accelerate_command(num_processes, request))
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         losses = MlflowLossCallback(
             request["mlflow_run_id"], request["tracking_uri"], pending_path=request["pending_path"]
         )
+        task = get_task(request.get("task", MAKER.name))
         result = train_lora(
             request["model_dir"],
             data["train"],
@@ -127,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             request["output_dir"],
             LoraHyperparameters(**request["config"]),
             callbacks=[losses],
+            prompt=task.prompt(request["makers"]),
+            task=task,
         )
         if context is not None:
             context.report_custom_message({"result": result.to_json(), "world_size": world})

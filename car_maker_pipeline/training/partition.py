@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset
+from car_maker_pipeline.data.tasks import MAKER, Task, dataset_answers
 from car_maker_pipeline.store import LORA_CHECKPOINTS, PipelineStore
 from car_maker_pipeline.tracking import system_metrics
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
@@ -45,10 +46,11 @@ def training_dir(
     dataset: MakerDataset,
     hyperparameters: LoraHyperparameters,
     num_processes: int,
+    task: Task = MAKER,
 ) -> Path:
-    """Same model, data and maths -> same folder, so a rerun resumes (or continues, or shortens the run)
+    """Same model, task, data and maths -> same folder, so a rerun resumes (or continues, or shortens the run)
     instead of starting over; a folder named by an earlier release is found again (continuation.py)."""
-    root = store.asset_dir(LORA_CHECKPOINTS, model_key)
+    root = store.asset_dir(LORA_CHECKPOINTS, task.partition(model_key))
     return find_training_dir(root, Path(dataset.path).name, hyperparameters, num_processes)
 
 
@@ -64,8 +66,10 @@ def train_model(
     run_tags: dict[str, str],
     launch: Launcher | None = None,
     log=logger,
+    task: Task = MAKER,
 ) -> TrainedModel:
-    """Fine-tune `base_model` on the maker dataset, record it in MLflow and make it the partition's current run.
+    """Fine-tune `base_model` on the maker dataset for `task` (its makers, or its class names with the class
+    task's prompt), record it in MLflow and make it the partition's current run.
 
     `launch` runs the `accelerate launch` command when `num_processes > 1` (see distributed.py);
     `log` receives the step's warnings (a `logging.Logger` or Dagster's `context.log`).
@@ -73,18 +77,22 @@ def train_model(
     if num_processes > 1 and launch is None:
         raise LoraTrainingError(f"num_processes={num_processes} needs a launcher for `accelerate launch`.")
     dataset = dataset_record.load()
-    out_dir = training_dir(store, model_key, dataset_record, hyperparameters, num_processes)
+    answers = dataset_answers(task, dataset_record.makers, dataset)
+    partition = task.partition(model_key)
+    out_dir = training_dir(store, model_key, dataset_record, hyperparameters, num_processes, task)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {
         **hyperparameters.to_json(),
         "target_modules": ",".join(hyperparameters.target_modules),
         "model_key": model_key,
+        "task": task.name,
+        "num_answers": len(answers),
         "base_model": base_model,
         "dataset_revision": dataset_record.source_revision,
         "train_images": dataset["train"].num_rows,
         "num_processes": num_processes,
     }
-    run_id = training_run_id(out_dir, tracking_uri, store.root, model_key, run_tags, params)
+    run_id = training_run_id(out_dir, tracking_uri, store.root, partition, run_tags, params)
     losses = MlflowLossCallback(run_id, tracking_uri, pending_path=out_dir / PENDING_FILE)
     started = time.perf_counter()
     # The machine's CPU, memory (and GPU) while it trains, sampled into the training run.
@@ -95,22 +103,25 @@ def train_model(
                 launch,
                 model_dir=base_model,
                 dataset_path=dataset_record.path,
-                makers=dataset_record.makers,
+                makers=answers,
                 output_dir=out_dir,
                 hyperparameters=hyperparameters,
                 mlflow_run_id=run_id,
                 tracking_uri=tracking_uri,
                 pending_path=losses.pending_path,
+                task=task,
             )
         else:
             result = train_lora(
                 base_model,
                 dataset["train"],
                 dataset["validation"],
-                dataset_record.makers,
+                answers,
                 out_dir,
                 hyperparameters,
                 callbacks=[losses],
+                prompt=task.prompt(answers),
+                task=task,
             )
             world_size = 1
     wall_seconds = time.perf_counter() - started
@@ -119,7 +130,7 @@ def train_model(
         result,
         uri=tracking_uri,
         home=store.root,
-        model_key=model_key,
+        model_key=partition,
         run_id=run_id,
         run_tags=run_tags,
         log=log,
@@ -128,17 +139,18 @@ def train_model(
         **result.to_json(),
         "mlflow_run_id": run_id,
         "base_model": base_model,
-        "makers": dataset_record.makers,
+        "makers": answers,  # what the adapter answers: the makers, or the class task's classes
+        "task": task.name,
         "dataset_path": dataset_record.path,
     }
-    store.write_manifest(LORA_CHECKPOINTS, manifest, partition=model_key)
+    store.write_manifest(LORA_CHECKPOINTS, manifest, partition=partition)
     for quarantined in result.quarantined:
         log.warning(
-            f"{model_key}: checkpoint-{quarantined.step} failed verification ({'; '.join(quarantined.problems)}) "
+            f"{partition}: checkpoint-{quarantined.step} failed verification ({'; '.join(quarantined.problems)}) "
             f"and was moved to {quarantined.moved_to}; training resumed from {result.resumed_from or 'the start'}."
         )
     log.info(
-        f"{model_key}: {result.global_step} steps, adapted layers {result.adapted_layers}, "
+        f"{partition}: {result.global_step} steps, adapted layers {result.adapted_layers}, "
         f"resumed from {result.resumed_from}"
     )
     resumed_step = int(result.resumed_from.name.split("-")[-1]) if result.resumed_from else 0

@@ -24,6 +24,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset
+from car_maker_pipeline.data.tasks import MAKER, Task, dataset_answers
 from car_maker_pipeline.store import LORA_SWEEP, MissingUpstreamError, PipelineStore
 from car_maker_pipeline.tracking import experiment_id, find_run, scrub_secrets, tag_filter
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
@@ -99,15 +100,18 @@ def run_sweep(
     tracking_uri: str,
     run_tags: dict[str, str],
     log=logger,
+    task: Task = MAKER,
 ) -> SweepRecord:
     validate_request(base, settings)  # every bad input before any study, data or model
     ranges = parse_search_space(settings.search_space, base)
+    model_key = task.partition(model_key)  # the maker task's studies keep their names; the class task's add @class
     root = store.asset_dir(LORA_SWEEP, model_key)
     url = storage_url(settings, store.asset_dir(LORA_SWEEP))
     name = study_name(model_key, Path(dataset_record.path).name, base, settings)
     lock = root / f"{name}.lock"
     storage = open_storage(url, settings, lock)
     dataset = dataset_record.load()
+    answers = dataset_answers(task, dataset_record.makers, dataset)
     parent = _parent_run(tracking_uri, store.root, model_key, name, settings, run_tags)
     client, experiment = mlflow.MlflowClient(tracking_uri), experiment_id(tracking_uri, store.root)
 
@@ -139,11 +143,13 @@ def run_sweep(
                 base_model,
                 dataset["train"],
                 dataset["validation"],
-                dataset_record.makers,
+                answers,
                 folder,
                 hyper,
                 callbacks=[MlflowLossCallback(run_id, tracking_uri, pending_path=folder / "mlflow_pending.jsonl")],
+                prompt=task.prompt(answers),
                 listeners=[reporter],
+                task=task,
             )
         except Exception:
             client.set_tag(run_id, "trial_state", "FAIL")
@@ -258,8 +264,12 @@ def sweep_figures(study, out: Path) -> dict[str, Path]:
     return figures
 
 
-def sweep_best(store: PipelineStore, model_key: str, dataset_record: MakerDataset) -> dict[str, Any]:
-    """The best configuration of the model's latest finished sweep, for `from_sweep` (LoraTrainingError if none)."""
+def sweep_best(
+    store: PipelineStore, model_key: str, dataset_record: MakerDataset, task: Task = MAKER
+) -> dict[str, Any]:
+    """The best configuration of the model's latest finished sweep for `task`, for `from_sweep` (LoraTrainingError
+    if none)."""
+    model_key = task.partition(model_key)
     try:
         manifest = store.read_manifest(LORA_SWEEP, model_key)
     except MissingUpstreamError as error:

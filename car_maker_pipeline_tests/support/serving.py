@@ -30,6 +30,7 @@ from car_maker_pipeline_tests.support.dagster_dev import free_loopback_port
 from car_maker_pipeline_tests.support.pipeline import materialized_demo_data
 
 MODEL = "tiny-s"
+PARTITION = f"{MODEL}|maker"  # its maker task's Dagster partition
 # Enough steps that the adapter's answers differ from the base model's, few enough for a test fixture.
 SHORT_TRAINING = {"max_steps": 8, "checkpoint_every_n_steps": 4, "per_device_train_batch_size": 8}
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -55,7 +56,7 @@ def registered_classifier(home: Path):
             [asset],
             resources=resources,
             instance=instance,
-            partition_key=MODEL,
+            partition_key=PARTITION,
             run_config={"ops": {asset.key.to_user_string(): {"config": config}}},
         )
         assert result.success

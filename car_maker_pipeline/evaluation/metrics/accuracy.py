@@ -39,6 +39,12 @@ class AccuracySummary:
         }
 
 
+def as_maker_columns(predictions: pd.DataFrame, true_column: str, predicted_column: str) -> pd.DataFrame:
+    """Another task's predictions (the class task's true_class / predicted_class) under the maker columns the
+    accuracy tables read: accuracy of the class task is then class accuracy, with the same code."""
+    return predictions.rename(columns={true_column: "true_maker", predicted_column: "predicted_maker"})
+
+
 def per_maker_table(predictions: pd.DataFrame, makers: list[str]) -> pd.DataFrame:
     """One row per maker: images, correct, accuracy (recall) and its Wilson interval."""
     rows = []

@@ -3,11 +3,13 @@
 import dagster as dg
 from pydantic import Field, model_validator
 
+from car_maker_pipeline.data.tasks import MAKER, Task
 from car_maker_pipeline.evaluation.settings import DEFAULT_DELTA, DEFAULT_PREFETCH, default_target_precision
 from car_maker_pipeline.model_inputs.image_tokens import ImageTokenBudget
-from car_maker_pipeline.model_inputs.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_PROMPT, PromptTemplate
+from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.orchestration.deployment import MODEL_STEP
 from car_maker_pipeline.orchestration.metadata import evaluation_metadata, log_answer_policy
+from car_maker_pipeline.orchestration.partitions import model_and_task
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
 from car_maker_pipeline.orchestration.run_history import run_status
 from car_maker_pipeline.orchestration.versions import code_version, content_version
@@ -31,8 +33,12 @@ class EvaluationConfig(dg.Config):
         default=None, gt=0, description="Evaluate only the first N images (recorded when used)."
     )
     split: str = Field(default="test", description="Split of car_maker_dataset to score.")
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    user_prompt: str = Field(default=DEFAULT_USER_PROMPT, description="Must contain {makers}.")
+    system_prompt: str | None = Field(default=None, description="Unset: the task's own (data/tasks.py).")
+    user_prompt: str | None = Field(
+        default=None,
+        description="Must contain {makers} (the makers; for the class task, the makers of its classes). "
+        "Unset: the task's own.",
+    )
     min_image_tokens: int | None = Field(default=None, description="Image-token budget: unset keeps the model's.")
     max_image_tokens: int | None = Field(default=None, description="Image-token budget: unset keeps the model's.")
     do_image_splitting: bool | None = Field(default=None, description="Tile large pictures; unset keeps the model's.")
@@ -59,8 +65,11 @@ class EvaluationConfig(dg.Config):
         self.budget()
         return self
 
-    def prompt(self) -> PromptTemplate:
-        return PromptTemplate(system=self.system_prompt, user=self.user_prompt)
+    def prompt(self, task: Task = MAKER) -> PromptTemplate:
+        """The prompt for `task`: what this config sets, the task's own prompt for what it leaves unset."""
+        return PromptTemplate(
+            system=self.system_prompt or task.system_prompt, user=self.user_prompt or task.user_prompt
+        )
 
     def budget(self) -> ImageTokenBudget:
         return ImageTokenBudget(self.min_image_tokens, self.max_image_tokens, self.do_image_splitting)
@@ -73,16 +82,19 @@ def evaluation_inputs(
     mlflow_tracking: MlflowTracking,
 ) -> dict:
     """The arguments every evaluation domain function takes: the store, where to record (MLflow is
-    checked here, before any model work) and a loader for the partition's base model."""
+    checked here, before any model work), a loader for the partition's base model, its model key and task."""
     from car_maker_pipeline.recording.baseline import RecordTarget
 
     pipeline_store = store.get()
     tracking_uri = mlflow_tracking.ensure_reachable(pipeline_store)
-    run_status_here = run_status(context.instance, context.asset_key, context.partition_key)
+    run_status_here = run_status(context.instance, context.asset_key, str(context.partition_key))
+    model_key, task = model_and_task(context.partition_key)
     return {
         "store": pipeline_store,
         "target": RecordTarget(tracking_uri, context.run_id, run_status_here),
-        "load_model": lambda: models.load(context.partition_key, pipeline_store),
+        "load_model": lambda: models.load(model_key, pipeline_store),
+        "model_key": model_key,
+        "task": task,
     }
 
 
@@ -94,9 +106,10 @@ def evaluation_inputs(
     kinds={"pytorch", "huggingface", "mlflow"},
     **MODEL_STEP,
     description=(
-        "Each base model (one partition per model) classifies every test image. Answers are constrained "
-        "to the maker list, so every image gets a valid maker; accuracy comes with a 95% Wilson interval. "
-        "Predictions, per-maker table, confusion matrix and misclassified grid go to MLflow."
+        "Each base model (one partition per model and task) classifies every test image. Answers are constrained "
+        "to the maker list (the class task: the class names), so every image gets a valid answer; accuracy comes "
+        "with a 95% Wilson interval. Predictions, per-answer table, figures and the answer policy go to MLflow; "
+        "the class task adds implied maker accuracy and the hierarchical (class, maker, unsure) coverage table."
     ),
 )
 def baseline_evaluation(
@@ -110,14 +123,13 @@ def baseline_evaluation(
     # imports the definitions, and most steps never touch a model.
     from car_maker_pipeline.recording.baseline import evaluate_and_record
 
-    key = context.partition_key
     inputs = evaluation_inputs(context, store, models, mlflow_tracking)
+    key = str(context.partition_key)
     recorded = evaluate_and_record(
         **inputs,
         asset=BASELINE_EVALUATION,
-        model_key=key,
         stage="baseline",
-        prompt=config.prompt(),
+        prompt=config.prompt(inputs["task"]),
         batch_size=config.batch_size,
         prepare_workers=config.prepare_workers,
         prefetch=config.prefetch,
@@ -128,7 +140,7 @@ def baseline_evaluation(
         delta=config.delta,
     )
     context.log.info(f"{key} baseline: {recorded.report.describe()}")
-    if recorded.calibration is not None:
+    if recorded.calibration_report is not None:
         log_answer_policy(context, f"{key} baseline", recorded.calibration_report)
     # Named by what decided the scores (model and dataset revisions, prompt, budget, split...), not by the run.
     return dg.MaterializeResult(

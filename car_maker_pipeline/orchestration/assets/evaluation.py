@@ -58,12 +58,11 @@ def checkpoint_accuracy(
     # torch and transformers are imported here, not at module load (see baseline_evaluation).
     from car_maker_pipeline.recording.checkpoint_accuracy import evaluate_checkpoints_and_record
 
-    key = context.partition_key
     inputs = evaluation_inputs(context, store, models, mlflow_tracking)
+    key = str(context.partition_key)
     record = evaluate_checkpoints_and_record(
         **inputs,
-        model_key=key,
-        prompt=config.prompt(),
+        prompt=config.prompt(inputs["task"]),
         batch_size=config.batch_size,
         prepare_workers=config.prepare_workers,
         prefetch=config.prefetch,
@@ -77,12 +76,15 @@ def checkpoint_accuracy(
     log_answer_policy(context, f"{key} step {record.best_step}", record.best_calibration)
     for observation in checkpoint_observations(record, CHECKPOINT_ACCURACY, key):
         context.log_event(observation)
-    # What is served: the chosen adapter and the card it is registered with.
+    # What is served: the chosen adapter and the card it is registered with (temperature, threshold(s)).
+    card = record.best_calibration.card_fields()
     served = {
         "adapter": record.best_adapter_digest,
-        "temperature": record.best_calibration.temperature,
-        "threshold": record.best_calibration.threshold,
+        "temperature": card["temperature"],
+        "threshold": card["confidence_threshold"],
     }
+    if "maker_threshold" in card:  # the class task's second threshold
+        served["maker_threshold"] = card["maker_threshold"]
     links = mlflow_tracking.links(
         inputs["target"].tracking_uri,
         run_id=record.mlflow_run_id,

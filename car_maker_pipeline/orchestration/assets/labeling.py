@@ -5,10 +5,11 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from car_maker_pipeline.data.tasks import MAKER, TaskError
 from car_maker_pipeline.orchestration.assets.serving import IncomingImages
 from car_maker_pipeline.orchestration.deployment import OWNERS
 from car_maker_pipeline.orchestration.metadata import image_markdown, typed_table
-from car_maker_pipeline.orchestration.partitions import model_partitions
+from car_maker_pipeline.orchestration.partitions import model_and_task, model_partitions
 from car_maker_pipeline.orchestration.resources import StoreResource
 from car_maker_pipeline.orchestration.versions import code_version, content_version
 from car_maker_pipeline.store import (
@@ -132,7 +133,13 @@ def review_queue(
     from car_maker_pipeline.labeling.review_queue import SHEET_FILE, write_review_queue
 
     pipeline_store = store.get()
-    key = context.partition_key
+    key, task = model_and_task(context.partition_key)
+    if task != MAKER:
+        # Reviewers label makers (labeled_additions); a class-task queue would pre-fill answers they cannot keep.
+        raise TaskError(
+            f"review_queue ranks the maker task's doubts, and partition {context.partition_key} is the {task.name!r} "
+            f"task; materialize it for '{key}|{MAKER.name}' (after maker_predictions for that partition)"
+        )
     predicted = pipeline_store.read_manifest(MAKER_PREDICTIONS, key)
     dataset = MakerDataset.current(pipeline_store)
     out_dir = pipeline_store.asset_dir(REVIEW_QUEUE, key) / f"{predicted['fingerprint']}-{config.max_items}"

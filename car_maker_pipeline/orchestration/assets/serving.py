@@ -7,6 +7,7 @@ from pydantic import Field
 
 from car_maker_pipeline.orchestration.deployment import MODEL_STEP
 from car_maker_pipeline.orchestration.metadata import typed_table
+from car_maker_pipeline.orchestration.partitions import model_and_task
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource
 from car_maker_pipeline.orchestration.versions import code_version, content_version
 from car_maker_pipeline.store import CHECKPOINT_ACCURACY, MAKER_PREDICTIONS, MERGED_MODEL, PipelineStore
@@ -45,7 +46,7 @@ class MergedModelConfig(dg.Config):
         )
     ],
     description=(
-        "The @champion of car-maker-<model> merged into its base model (merge_and_unload): a plain transformers "
+        "The @champion of car-<task>-<model> merged into its base model (merge_and_unload): a plain transformers "
         "folder in safetensors with its processor and chat template, loadable without PEFT. Both the adapter and "
         "the merged model are scored on the test split with the same evaluator; accuracy and speed are recorded."
     ),
@@ -57,25 +58,27 @@ def merged_model(
     mlflow_tracking: MlflowTracking,
 ):
     from car_maker_pipeline.data.maker_dataset import MakerDataset
+    from car_maker_pipeline.data.tasks import dataset_answers
     from car_maker_pipeline.recording.registry import champion_version, check_version_makers, load_version
     from car_maker_pipeline.serving.export import export_merged
 
     pipeline_store = store.get()
-    key = context.partition_key
+    model_key, task = model_and_task(context.partition_key)
     uri = mlflow_tracking.ensure_reachable(pipeline_store)
-    champion = champion_version(uri, key)
+    champion = champion_version(uri, model_key, task)
     dataset = MakerDataset.current(pipeline_store)
-    check_version_makers(champion, dataset.makers)
+    rows = dataset.load()
+    check_version_makers(champion, dataset_answers(task, dataset.makers, rows))
     pyfunc = load_version(uri, champion.name, str(champion.version), batch_size=config.batch_size)
     export, _, _ = export_merged(
         pyfunc.unwrap_python_model().predictor,
-        dataset.load()["test"],
-        pipeline_store.asset_dir(MERGED_MODEL, key) / f"v{champion.version}",
+        rows["test"],
+        pipeline_store.asset_dir(MERGED_MODEL, task.partition(model_key)) / f"v{champion.version}",
         registered_model=champion.name,
         version=str(champion.version),
         max_images=config.max_images,
     )
-    pipeline_store.write_manifest(MERGED_MODEL, export.to_json(), partition=key)
+    pipeline_store.write_manifest(MERGED_MODEL, export.to_json(), partition=task.partition(model_key))
     yield dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(export.path),
@@ -108,8 +111,9 @@ def merged_model(
     **MODEL_STEP,
     description=(
         "Every file in the incoming-images folder (resource `incoming_images`) classified by the @champion of "
-        "car-maker-<model>: a parquet of file name, answer (a maker, or unsure below the registered threshold), "
-        "the three most probable makers with their probabilities, and model version. A file that cannot be "
+        "car-<task>-<model>: a parquet of file name, answer (a maker, or unsure below the registered threshold; the "
+        "class task: a class, else its maker, else unsure) and its level, the three most probable answers with "
+        "their probabilities, and model version. A file that cannot be "
         "classified gets a row with the reason in `error`; it never fails the batch."
     ),
 )
@@ -126,9 +130,10 @@ def maker_predictions(
     from car_maker_pipeline.serving.predictor import IMAGE_COLUMN
 
     pipeline_store = store.get()
-    key = context.partition_key
+    model_key, task = model_and_task(context.partition_key)
+    key = task.partition(model_key)
     uri = mlflow_tracking.ensure_reachable(pipeline_store)
-    champion = champion_version(uri, key)
+    champion = champion_version(uri, model_key, task)
     version = str(champion.version)
 
     def load_predict():
@@ -156,6 +161,8 @@ def maker_predictions(
             "num_unreadable": batch.unreadable,
             "model": f"{champion.name} v{version} (@champion)",
             "makers": typed_table(counts),
+            # class, maker or unsure: how precisely the model could answer each image
+            "levels": typed_table(table["level"].value_counts().rename_axis("level").reset_index(name="images")),
             "unreadable_files": typed_table(failed[["file_name", "error"]].reset_index(drop=True)),
         },
         data_version=content_version({"folder": batch.fingerprint, "model": champion.name, "version": version}),

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from car_maker_pipeline.orchestration.deployment import MODEL_STEP
+from car_maker_pipeline.orchestration.partitions import model_and_task
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
 from car_maker_pipeline.orchestration.versions import code_version, content_version
 from car_maker_pipeline.store import CAR_MAKER_DATASET, LORA_SWEEP
@@ -43,7 +44,7 @@ def lora_sweep(
     from car_maker_pipeline.redaction import redact_uri
     from car_maker_pipeline.training.sweep_runs import run_sweep
 
-    key = context.partition_key
+    key, task = model_and_task(context.partition_key)
     base = LoraHyperparameters(**config.base)  # a bad base setting fails here, before anything loads
     settings = SweepSettings(**config.model_dump(exclude={"base"}))
     pipeline_store = store.get()
@@ -58,6 +59,7 @@ def lora_sweep(
         tracking_uri=uri,
         run_tags={"dagster_run_id": context.run_id},
         log=context.log,
+        task=task,
     )
     figures = {f"{label}_chart": image_markdown(path, label) for label, path in record.figures.items()}
     return dg.MaterializeResult(

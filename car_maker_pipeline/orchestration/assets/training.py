@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from car_maker_pipeline.orchestration.deployment import MODEL_STEP
+from car_maker_pipeline.orchestration.partitions import model_and_task
 from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreResource, VisionLanguageModels
 from car_maker_pipeline.orchestration.versions import code_version, content_version
 from car_maker_pipeline.store import CAR_MAKER_DATASET, LORA_CHECKPOINTS
@@ -34,7 +35,8 @@ class LoraTrainingConfig(dg.Config, LoraHyperparameters):
     kinds={"pytorch", "huggingface", "mlflow"},
     **MODEL_STEP,
     description=(
-        "LoRA fine-tuning with TRL's SFTTrainer (one partition per model): loss on the answer tokens only, "
+        "LoRA fine-tuning with TRL's SFTTrainer (one partition per model and task: the maker, or make, model and "
+        "year): loss on the answer tokens only, "
         "adapters on LFM2-VL's real projection layers, a checkpoint (adapter + processor) every N steps. "
         "Killed mid-run, the next materialization resumes from the last complete checkpoint in the same MLflow run; "
         "a checkpoint whose files changed after it was written is quarantined and its steps retrained."
@@ -53,13 +55,13 @@ def lora_checkpoints(
     from car_maker_pipeline.training.partition import train_model
     from car_maker_pipeline.training.sweep_runs import sweep_best
 
-    key = context.partition_key
+    key, task = model_and_task(context.partition_key)
     pipeline_store = store.get()
     uri = mlflow_tracking.ensure_reachable(pipeline_store)
     dataset_record = MakerDataset.current(pipeline_store)
     hyperparameters, swept = LoraHyperparameters(**config.to_json()), {}
     if config.from_sweep:  # before any model loads: no finished sweep is an error naming what to materialize
-        swept = sweep_best(pipeline_store, key, dataset_record)
+        swept = sweep_best(pipeline_store, key, dataset_record, task)
         hyperparameters = LoraHyperparameters(**{**config.to_json(), **swept["best_params"]})
         context.log.info(f"{key}: training {swept['study_name']}'s best configuration {swept['best_params']}")
     trained = train_model(
@@ -73,6 +75,7 @@ def lora_checkpoints(
         run_tags={"dagster_run_id": context.run_id},
         launch=lambda command: dg.PipesSubprocessClient().run(command=command, context=context).get_custom_messages(),
         log=context.log,
+        task=task,
     )
     result = trained.result
     # The data the run saw, each labeled batch included, as the run's MLflow inputs.
