@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -209,6 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     synchronize(args.device)
     ours_seconds = time.perf_counter() - started
     stats = classifier.stats
+    # The ceiling (bench_evaluator's `prompt`): the same batches with the prompt's forward pass alone.
+    from _evaluator_methods import prompt_pass_only
+
+    ceiling = MakerClassifier(model, processor, makers, batch_size=args.batch_size, decoder=prompt_pass_only)
+    ceiling.classify(images[: args.batch_size])
+    synchronize(args.device)
+    started = time.perf_counter()
+    ceiling.classify(images)
+    synchronize(args.device)
+    ceiling_seconds = time.perf_counter() - started
     vision_flops = 2 * vision * 1024 * tiles_of(processor, images)
 
     subset = images[: args.tutorial_images]
@@ -242,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     tutorial = row("tutorial", len(subset), tutorial_seconds, tutorial_tokens, tutorial_tokens,
                    2 * language * tutorial_tokens + tutorial_vision)  # fmt: skip
     print(f"ratio ours/tutorial images/s: {ours['images_per_second'] / tutorial['images_per_second']:.1f}x")
+    print(f"ours against the prompt-pass ceiling: {ceiling_seconds / ours_seconds:.2f} "
+          f"({len(images) / ceiling_seconds:.2f} images/s with the prompt's forward pass alone)")  # fmt: skip
     print(f"evaluator: {stats.summary()}")
 
     workers = args.workers if args.workers is not None else machine_prepare_workers(args.device.startswith("cuda"))
