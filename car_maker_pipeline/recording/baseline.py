@@ -113,13 +113,11 @@ def log_report(report: EvaluationReport) -> None:
             mlflow.log_artifact(str(path))
 
 
-def log_calibration(
-    files: CalibrationFiles, prefix: str = "", *, metrics: bool = True, artifact_path: str = "calibration"
-) -> None:
-    """Calibration and selective-prediction numbers, what the threshold promises in words (the run's
-    `certification` tag, with the method and the temperature's fate), the risk-coverage table and both charts."""
-    if metrics:
-        report = files.report()
+def record_answer_policy(report, paths, prefix: str = "", artifact_path: str = "calibration") -> None:
+    """An answer policy's numbers and what it promises in words (the run's `certification` tag, with the method
+    and the temperature's fate; `report` None logs neither), and its files. `report`: a `CalibrationReport`
+    or a `ClassTaskReport`."""
+    if report is not None:
         mlflow.log_metrics(report.metrics(prefix))
         mlflow.set_tags(
             {
@@ -128,8 +126,25 @@ def log_calibration(
                 f"{prefix}temperature_refused": report.temperature_refused or "no",
             }
         )
-    for path in (files.risk_coverage_path, files.reliability_path, files.risk_coverage_chart_path):
+    for path in paths:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_calibration(
+    files: CalibrationFiles, prefix: str = "", *, metrics: bool = True, artifact_path: str = "calibration"
+) -> None:
+    """The maker task's calibration and selective-prediction numbers, the risk-coverage table and both charts."""
+    paths = (files.risk_coverage_path, files.reliability_path, files.risk_coverage_chart_path)
+    record_answer_policy(files.report() if metrics else None, paths, prefix, artifact_path)
+
+
+def log_class_task(
+    files: ClassTaskFiles, prefix: str = "", *, metrics: bool = True, artifact_path: str = "class_task"
+) -> None:
+    """The class task's numbers (top-1/top-5, implied maker accuracy, the levels' shares and precisions), its
+    tables and the hierarchical risk-coverage chart."""
+    paths = [files.path(name) for name in CLASS_TASK_FILES]
+    record_answer_policy(files.report() if metrics else None, paths, prefix, artifact_path)
 
 
 @dataclass
@@ -145,25 +160,6 @@ class RecordedEvaluation:
         """The task's answer policy: the maker task's calibration, or the class task's hierarchical report."""
         files = self.calibration or self.class_task
         return files.report() if files is not None else None
-
-
-def log_class_task(
-    files: ClassTaskFiles, prefix: str = "", *, metrics: bool = True, artifact_path: str = "class_task"
-) -> None:
-    """The class task's numbers (top-1/top-5, implied maker accuracy, the levels' shares and precisions), what the
-    thresholds promise in words, its tables and the hierarchical risk-coverage chart."""
-    if metrics:
-        report = files.report()
-        mlflow.log_metrics(report.metrics(prefix))
-        mlflow.set_tags(
-            {
-                f"{prefix}certification": report.statement,
-                f"{prefix}certification_method": report.method,
-                f"{prefix}temperature_refused": report.temperature_refused or "no",
-            }
-        )
-    for name in CLASS_TASK_FILES:
-        mlflow.log_artifact(str(files.path(name)), artifact_path=artifact_path)
 
 
 def evaluate_and_record(
