@@ -84,10 +84,12 @@ def read_chunk(paths: list[str], rows: range) -> list[bytes]:
     return blobs
 
 
-def test_split_images(count: int) -> tuple[list[str], Callable[[range], list[bytes]], list[str]]:
+def test_split_images(count: int) -> tuple[list[str], Callable[[range], list[bytes]], dict[str, list[str]]]:
     """The first `count` images of the materialized car_maker_dataset's test split: names, a reader of
-    PNG bytes for a range of them (encoded only when asked), true makers."""
+    PNG bytes for a range of them (encoded only when asked), and the right answers per task (the makers,
+    and the class names where the dataset keeps them)."""
     from car_maker_pipeline.data.maker_dataset import MakerDataset, column
+    from car_maker_pipeline.data.tasks import CLASS, MAKER
     from car_maker_pipeline.serving.images import encode_png
     from car_maker_pipeline.store import MissingUpstreamError, PipelineStore
 
@@ -101,7 +103,10 @@ def test_split_images(count: int) -> tuple[list[str], Callable[[range], list[byt
     def encoded(chunk: range) -> list[bytes]:  # lossless: the model sees the stored pixels
         return [encode_png(image) for image in rows.select(chunk)["image"]]
 
-    return [f"test[{i}]" for i in range(rows.num_rows)], encoded, column(rows, "maker")
+    truth = {MAKER.name: column(rows, MAKER.label_column)}
+    if CLASS.label_column in rows.column_names:
+        truth[CLASS.name] = column(rows, CLASS.label_column)
+    return [f"test[{i}]" for i in range(rows.num_rows)], encoded, truth
 
 
 def model_uri(uri: str, model: str | None, version: str | None) -> str:
@@ -163,7 +168,8 @@ def describe(uri: str, tracking_uri: str) -> str:
 
 
 def load_registered(uri: str, tracking_uri: str):
-    """`predict(blobs) -> DataFrame` of the registered model at `uri` (its pyfunc, or a bare adapter version)."""
+    """(`predict(blobs) -> DataFrame`, its task) of the registered model at `uri` (its pyfunc, or a bare
+    adapter version)."""
     import mlflow
     import pandas as pd
     from mlflow.exceptions import MlflowException
@@ -181,8 +187,9 @@ def load_registered(uri: str, tracking_uri: str):
             model = mlflow.pyfunc.load_model(str(local))
         except MlflowException as error:  # such as a version changed after registration
             raise ClassifyError(f"Cannot load {uri}: {error.message}") from error
-        announce((model.model_config or {}).get("certification"))
-        return lambda blobs: model.predict(pd.DataFrame({IMAGE_COLUMN: blobs}))
+        config = model.model_config or {}
+        announce(config.get("certification"))
+        return lambda blobs: model.predict(pd.DataFrame({IMAGE_COLUMN: blobs})), config.get("task", "maker")
     if (local / CARD_FILE).exists():  # a version registered before classifiers were pyfunc models
         return load_adapter(local)
     raise ClassifyError(f"{uri} is neither an MLflow model (no MLmodel) nor an adapter folder (no {CARD_FILE}).")
@@ -199,7 +206,7 @@ def load_adapter(adapter_dir: Path):
     except ModelLoadError as error:
         raise ClassifyError(str(error)) from error
     announce(predictor.card.certification)
-    return predictor.predict_bytes
+    return predictor.predict_bytes, predictor.card.task
 
 
 def announce(certification: str | None) -> None:
@@ -236,16 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.images and not args.from_test:
         parser.error("give image files, or --from-test N")
-    truth: list[str] | None = None
+    truths, truth = {}, None
     try:
         if args.from_test:
-            labels, read, truth = test_split_images(args.from_test)
+            labels, read, truths = test_split_images(args.from_test)
             ranges = chunks([0] * len(labels))
         else:
             labels = args.images
             ranges = chunks(check_images(labels))  # an unreadable file fails before any model loads
             read = lambda rows: read_chunk(labels, rows)  # noqa: E731
-        predict = load_predict(args)
+        predict, task = load_predict(args)
+        truth = truths.get(task)  # the right answer of the model's own task: a maker, or a class
         for rows in ranges:
             answers = predict(read(rows))
             for i, row in zip(rows, answers.to_dict("records")):
@@ -257,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_predict(args):
-    """`predict(blobs)` of the adapter folder or registered model the arguments name."""
+    """(`predict(blobs)`, task) of the adapter folder or registered model the arguments name."""
     if args.adapter is not None:
         return load_adapter(args.adapter)
     from car_maker_pipeline.store import PipelineStore

@@ -203,3 +203,24 @@ def test_a_class_run_is_not_scored_or_queued_as_the_maker_task(class_chain, tmp_
     [failure] = [event for event in result.all_events if event.is_step_failure]
     assert "tiny-s|maker" in failure.step_failure_data.error.to_string()
     assert checkpoint_accuracy.partitions_def == model_partitions
+
+
+@slow
+def test_classify_prints_the_class_models_levels_and_the_true_class(class_chain, monkeypatch, capsys):
+    from car_maker_pipeline.classify import main
+    from car_maker_pipeline.data.maker_dataset import MakerDataset
+    from car_maker_pipeline.mlflow_store import default_tracking_uri
+
+    home, *_ = class_chain
+    monkeypatch.setenv("CAR_MAKER_HOME", str(home))
+    command = ["--model", "car-class-tiny-s", "--from-test", "3", "--tracking-uri", default_tracking_uri(home)]
+    assert main(command) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    test = MakerDataset.current(PipelineStore(home)).load()["test"]
+    assert [line[-1] for line in lines] == [f"true: {name}" for name in test.select(range(3))["source_class"]]
+    classes = set(_dataset_classes(home))
+    for line in lines:  # the answer and what follows it say the level (classify.answer_text)
+        if line[1] == "unsure" or line[2] == "maker level":
+            assert line[-2].startswith("(") and line[-2].split(" 0.")[0].lstrip("(") in classes
+        else:
+            assert line[1] in classes and line[3] == "class level"
