@@ -25,7 +25,7 @@ GPU_STEP_K8S_CONFIG = {
     },
 }
 GPU_OP_TAGS = {"dagster-k8s/config": GPU_STEP_K8S_CONFIG}
-# What every model step shares: one partition per model, the team that owns it, one GPU step at a time
+# What every model step shares: one partition per model and task, the team that owns it, one GPU step at a time
 # (the `gpu` pool) and, on Kubernetes, a GPU for its pod. `@dg.asset(..., **MODEL_STEP)`.
 OWNERS = ["team:ml-platform"]
 MODEL_STEP = {

@@ -26,7 +26,7 @@ class LoraSweepConfig(dg.Config, SweepSettings):
     kinds={"optuna", "pytorch", "mlflow"},
     **MODEL_STEP,
     description=(
-        "An Optuna study of LoRA runs (one partition per model): n_trials real trainings through lora_checkpoints' "
+        "An Optuna study of LoRA runs (one partition per model and task): n_trials real trainings through lora_checkpoints' "
         "code, each reporting the constrained classifier's validation score at every checkpoint to a pruner "
         "(MedianPruner). The study lives in the pipeline's database, so a killed sweep resumes and two processes "
         "can share one. lora_checkpoints with from_sweep: true trains the best configuration."
