@@ -31,6 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 
@@ -144,6 +145,10 @@ class Calibration:
     val_curve: pd.DataFrame  # on the threshold fold
     bins: pd.DataFrame  # reliability on test, before temperature
     bins_calibrated: pd.DataFrame
+    kind: ClassVar[str] = "calibration"
+
+    def write(self, out_dir: Path, title: str) -> CalibrationFiles:
+        return write_calibration(self, out_dir, title)
 
 
 def calibrate(
@@ -225,6 +230,7 @@ def calibrate(
 @dataclass(frozen=True)
 class CalibrationFiles:
     out_dir: str
+    kind: ClassVar[str] = "calibration"  # names its folders and its MLflow artifact path
 
     @property
     def risk_coverage_path(self) -> Path:
@@ -243,6 +249,10 @@ class CalibrationFiles:
 
     def curve(self) -> pd.DataFrame:
         return pd.read_parquet(self.risk_coverage_path)
+
+    def artifact_paths(self) -> tuple[Path, ...]:
+        """What goes to MLflow beside the numbers: the risk-coverage table and both charts."""
+        return (self.risk_coverage_path, self.reliability_path, self.risk_coverage_chart_path)
 
 
 def write_calibration(calibration: Calibration, out_dir: Path, title: str) -> CalibrationFiles:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from car_maker_pipeline.data.tasks import CLASS, MAKER, Task
-from car_maker_pipeline.evaluation.answer_policy import Calibration, CalibrationReport, calibrate
-from car_maker_pipeline.evaluation.class_task import ClassTaskAssessment, ClassTaskReport, assess_class_answers
+from car_maker_pipeline.data.tasks import MAKER, Task
+from car_maker_pipeline.evaluation.answer_policy import Calibration, CalibrationReport
+from car_maker_pipeline.evaluation.class_task import ClassTaskAssessment, ClassTaskReport, assess_answers
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.settings import (
     DEFAULT_DELTA,
@@ -165,8 +165,8 @@ def score_checkpoints(
     for step in sorted(checkpoints):
         val, test = reports[(step, VALIDATION)].summary, reports[(step, TEST)].summary
         val_predictions = reports[(step, VALIDATION)].predictions()
-        policy = assess_class_answers if task == CLASS else calibrate
-        calibrations[step] = policy(
+        calibrations[step] = assess_answers(
+            task,
             val_predictions,
             reports[(step, TEST)].predictions(),
             makers,
@@ -246,31 +246,18 @@ def score_checkpoints(
 def _policy_columns(report: CalibrationReport | ClassTaskReport) -> dict:
     """A step's answer policy as the table's columns. The class task's top-k is top-5, its threshold pair is
     certified together (no single best certifiable precision), and what it answers are class and maker answers."""
-    if isinstance(report, ClassTaskReport):
-        topk, best_certifiable, coverage, selective = (
-            report.top5_accuracy,
-            float("nan"),
-            1.0 - report.unsure_share,
-            report.answered_precision,
-        )
-    else:
-        topk, best_certifiable, coverage, selective = (
-            report.top3_accuracy,
-            report.best_certifiable_precision,
-            report.coverage,
-            report.selective_accuracy,
-        )
+    hierarchical = isinstance(report, ClassTaskReport)
     return {
-        "top3_accuracy" if not isinstance(report, ClassTaskReport) else "top5_accuracy": topk,
+        **({"top5_accuracy": report.top5_accuracy} if hierarchical else {"top3_accuracy": report.top3_accuracy}),
         "log_loss": report.log_loss,
         "ece": report.ece,
         "ece_calibrated": report.ece_calibrated,
         "temperature": report.temperature,
         "certified": report.certified,
-        "best_certifiable_precision": best_certifiable,
+        "best_certifiable_precision": float("nan") if hierarchical else report.best_certifiable_precision,
         "val_coverage_at_target": report.val_coverage,
-        "coverage_at_target": coverage,
-        "selective_accuracy": selective,
+        "coverage_at_target": 1.0 - report.unsure_share if hierarchical else report.coverage,
+        "selective_accuracy": report.answered_precision if hierarchical else report.selective_accuracy,
     }
 
 

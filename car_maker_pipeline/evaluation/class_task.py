@@ -23,12 +23,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 
 from car_maker_pipeline.data.makers import makers_for_class_names
-from car_maker_pipeline.data.tasks import CLASS
+from car_maker_pipeline.data.tasks import CLASS, Task
+from car_maker_pipeline.evaluation.answer_policy import Calibration, calibrate
 from car_maker_pipeline.evaluation.metrics.accuracy import (
     class_task_summary,
     confused_pairs_within_maker,
@@ -147,6 +149,10 @@ class ClassTaskAssessment:
     tree: ClassTree
     test_probabilities: np.ndarray  # calibrated
     test_truth: np.ndarray
+    kind: ClassVar[str] = "class_task"
+
+    def write(self, out_dir: Path, title: str) -> ClassTaskFiles:
+        return write_class_report(self, out_dir, title)
 
 
 def class_tree(classes: Sequence[str]) -> ClassTree:
@@ -243,6 +249,7 @@ def assess_class_answers(
 @dataclass(frozen=True)
 class ClassTaskFiles:
     out_dir: str
+    kind: ClassVar[str] = "class_task"  # names its folders and its MLflow artifact path
 
     def path(self, name: str) -> Path:
         return Path(self.out_dir) / name
@@ -252,6 +259,10 @@ class ClassTaskFiles:
 
     def table(self, name: str) -> pd.DataFrame:
         return pd.read_parquet(self.path(name))
+
+    def artifact_paths(self) -> tuple[Path, ...]:
+        """What goes to MLflow beside the numbers: every table, the report and the chart."""
+        return tuple(self.path(name) for name in CLASS_TASK_FILES)
 
 
 def write_class_report(assessment: ClassTaskAssessment, out_dir: Path, title: str) -> ClassTaskFiles:
@@ -272,3 +283,14 @@ def write_class_report(assessment: ClassTaskAssessment, out_dir: Path, title: st
         )
         (tmp / SUMMARY_FILE).write_text(json.dumps(report.to_json(), indent=2))
     return ClassTaskFiles(str(out_dir))
+
+
+def assess_answers(
+    task: Task, validation: pd.DataFrame, test: pd.DataFrame, answers: list[str], target_precision: float, **options
+) -> Calibration | ClassTaskAssessment:
+    """The answer policy of `task` from validation, measured on test: the maker task's temperature and threshold
+    (`answer_policy.calibrate`), or the class task's hierarchical thresholds (`assess_class_answers`). Either
+    result has `.report` (with `.card_fields()`) and `.write(out_dir, title)`; `options`: `delta`,
+    `comparisons`, `fold_keys`."""
+    policy = assess_class_answers if task == CLASS else calibrate
+    return policy(validation, test, answers, target_precision, **options)

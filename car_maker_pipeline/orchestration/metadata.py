@@ -124,6 +124,14 @@ def class_task_metadata(files, prefix: str = "") -> dict:
     return metadata
 
 
+def policy_metadata(files, prefix: str = "") -> dict:
+    """The task's answer policy: `calibration_metadata` of the maker task's `CalibrationFiles`, or
+    `class_task_metadata` of the class task's `ClassTaskFiles`."""
+    from car_maker_pipeline.evaluation.class_task import ClassTaskFiles
+
+    return (class_task_metadata if isinstance(files, ClassTaskFiles) else calibration_metadata)(files, prefix)
+
+
 def evaluation_metadata(recorded: RecordedEvaluation) -> dict:
     """One evaluated split: accuracy with its interval, speed, the per-maker table and the confusion matrix."""
     report = recorded.report
@@ -145,10 +153,8 @@ def evaluation_metadata(recorded: RecordedEvaluation) -> dict:
     metadata["image_token_budget"] = dg.MetadataValue.json(
         {key: recorded.params.get(key) for key in ("image_min_tokens", "image_max_tokens", "image_splitting")}
     )
-    if recorded.calibration is not None:
-        metadata.update(calibration_metadata(recorded.calibration))
-    if recorded.class_task is not None:
-        metadata.update(class_task_metadata(recorded.class_task))
+    if recorded.policy is not None:
+        metadata.update(policy_metadata(recorded.policy))
     return {**metadata, "mlflow_run_id": recorded.mlflow_run_id, "model_revision": recorded.params["model_revision"]}
 
 
@@ -178,10 +184,6 @@ def checkpoint_metadata(record: CheckpointRecord) -> dict:
         "table": dg.MetadataValue.path(str(record.table_path)),
     }
     if record.calibration is not None:
-        from car_maker_pipeline.evaluation.class_task import ClassTaskFiles
-
-        class_task = isinstance(record.calibration, ClassTaskFiles)
-        policy_metadata = class_task_metadata if class_task else calibration_metadata
         metadata.update(policy_metadata(record.calibration, prefix="best_"))
     for key, value in (record.baseline_calibration or {}).items():
         metadata[f"baseline_{key}"] = dg.MetadataValue.text(value) if isinstance(value, str) else value

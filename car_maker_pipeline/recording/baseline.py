@@ -16,20 +16,9 @@ from pathlib import Path
 import mlflow
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset
-from car_maker_pipeline.data.tasks import CLASS, MAKER, Task, dataset_answers
-from car_maker_pipeline.evaluation.answer_policy import (
-    CalibrationFiles,
-    CalibrationReport,
-    calibrate,
-    write_calibration,
-)
-from car_maker_pipeline.evaluation.class_task import (
-    CLASS_TASK_FILES,
-    ClassTaskFiles,
-    ClassTaskReport,
-    assess_class_answers,
-    write_class_report,
-)
+from car_maker_pipeline.data.tasks import MAKER, Task, dataset_answers
+from car_maker_pipeline.evaluation.answer_policy import CalibrationFiles, CalibrationReport
+from car_maker_pipeline.evaluation.class_task import ClassTaskFiles, ClassTaskReport, assess_answers
 from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError
 from car_maker_pipeline.evaluation.metrics.certification import check_delta
 from car_maker_pipeline.evaluation.metrics.selective import check_target_precision
@@ -113,11 +102,19 @@ def log_report(report: EvaluationReport) -> None:
             mlflow.log_artifact(str(path))
 
 
-def record_answer_policy(report, paths, prefix: str = "", artifact_path: str = "calibration") -> None:
-    """An answer policy's numbers and what it promises in words (the run's `certification` tag, with the method
-    and the temperature's fate; `report` None logs neither), and its files. `report`: a `CalibrationReport`
-    or a `ClassTaskReport`."""
-    if report is not None:
+def record_answer_policy(
+    files: CalibrationFiles | ClassTaskFiles,
+    prefix: str = "",
+    *,
+    metrics: bool = True,
+    artifact_path: str | None = None,
+) -> None:
+    """An answer policy in the active MLflow run: its numbers and what it promises in words (the `certification`
+    tag, with the method and the temperature's fate; skipped with `metrics=False`), and its files under
+    `artifact_path` (default: the policy's kind, `calibration` or `class_task`). The maker task's calibration
+    and the class task's hierarchical report are recorded alike."""
+    if metrics:
+        report = files.report()
         mlflow.log_metrics(report.metrics(prefix))
         mlflow.set_tags(
             {
@@ -126,25 +123,8 @@ def record_answer_policy(report, paths, prefix: str = "", artifact_path: str = "
                 f"{prefix}temperature_refused": report.temperature_refused or "no",
             }
         )
-    for path in paths:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
-
-
-def log_calibration(
-    files: CalibrationFiles, prefix: str = "", *, metrics: bool = True, artifact_path: str = "calibration"
-) -> None:
-    """The maker task's calibration and selective-prediction numbers, the risk-coverage table and both charts."""
-    paths = (files.risk_coverage_path, files.reliability_path, files.risk_coverage_chart_path)
-    record_answer_policy(files.report() if metrics else None, paths, prefix, artifact_path)
-
-
-def log_class_task(
-    files: ClassTaskFiles, prefix: str = "", *, metrics: bool = True, artifact_path: str = "class_task"
-) -> None:
-    """The class task's numbers (top-1/top-5, implied maker accuracy, the levels' shares and precisions), its
-    tables and the hierarchical risk-coverage chart."""
-    paths = [files.path(name) for name in CLASS_TASK_FILES]
-    record_answer_policy(files.report() if metrics else None, paths, prefix, artifact_path)
+    for path in files.artifact_paths():
+        mlflow.log_artifact(str(path), artifact_path=artifact_path or files.kind)
 
 
 @dataclass
@@ -152,14 +132,13 @@ class RecordedEvaluation:
     report: EvaluationReport
     params: dict
     mlflow_run_id: str
-    calibration: CalibrationFiles | None = None  # None when there is no validation split to calibrate on
-    class_task: ClassTaskFiles | None = None  # the class task's answer policy and report, in place of `calibration`
+    # The task's answer policy (the maker task's calibration, or the class task's hierarchical report);
+    # None when there is no validation split to fit it on.
+    policy: CalibrationFiles | ClassTaskFiles | None = None
 
     @property
     def calibration_report(self) -> CalibrationReport | ClassTaskReport | None:
-        """The task's answer policy: the maker task's calibration, or the class task's hierarchical report."""
-        files = self.calibration or self.class_task
-        return files.report() if files is not None else None
+        return self.policy.report() if self.policy is not None else None
 
 
 def evaluate_and_record(
@@ -220,7 +199,7 @@ def evaluate_and_record(
         report = evaluate_to_dir(
             classifier, dataset, split, out_dir, title=f"{partition} {stage}", max_images=max_images, task=task
         )
-        calibration = class_task = None
+        policy = None
         if calibrate_on is not None:
             validation = evaluate_to_dir(
                 classifier,
@@ -232,19 +211,16 @@ def evaluate_and_record(
                 task=task,
             )
             val_predictions = validation.predictions()
-            policy = dict(delta=delta, fold_keys=fold_keys(dataset[calibrate_on], val_predictions))
-            if task == CLASS:
-                assessed = assess_class_answers(
-                    val_predictions, report.predictions(), answers, target_precision, **policy
-                )
-                class_task = write_class_report(
-                    assessed, out_dir.with_name(f"{out_dir.name}-class_task"), f"{partition} {stage}"
-                )
-            else:
-                calibrated = calibrate(val_predictions, report.predictions(), answers, target_precision, **policy)
-                calibration = write_calibration(
-                    calibrated, out_dir.with_name(f"{out_dir.name}-calibration"), f"{partition} {stage}"
-                )
+            assessed = assess_answers(
+                task,
+                val_predictions,
+                report.predictions(),
+                answers,
+                target_precision,
+                delta=delta,
+                fold_keys=fold_keys(dataset[calibrate_on], val_predictions),
+            )
+            policy = assessed.write(out_dir.with_name(f"{out_dir.name}-{assessed.kind}"), f"{partition} {stage}")
         params = {
             "model_key": model_key,
             "task": task.name,
@@ -267,15 +243,12 @@ def evaluate_and_record(
         }
         log_params(params)
         log_report(report)
-        if calibration is not None:
-            log_calibration(calibration)
-        if class_task is not None:
-            log_class_task(class_task)
-    recorded = RecordedEvaluation(report, params, run.info.run_id, calibration, class_task)
-    policy_json = {"calibration": recorded.calibration_report.to_json()} if recorded.calibration_report else {}
+        if policy is not None:
+            record_answer_policy(policy)
+    policy_json = {"calibration": policy.report().to_json()} if policy is not None else {}
     store.write_manifest(
         asset,
         {**report.to_json(), **policy_json, "task": task.name, "mlflow_run_id": run.info.run_id, "params": params},
         partition=partition,
     )
-    return recorded
+    return RecordedEvaluation(report, params, run.info.run_id, policy)

@@ -17,11 +17,10 @@ from pathlib import Path
 import mlflow
 
 from car_maker_pipeline.data.maker_dataset import MakerDataset
-from car_maker_pipeline.data.tasks import CLASS, MAKER, Task, check_same_task, dataset_answers
+from car_maker_pipeline.data.tasks import MAKER, Task, check_same_task, dataset_answers
 from car_maker_pipeline.evaluation.answer_policy import (
     CalibrationFiles,
     CalibrationReport,
-    write_calibration,
 )
 from car_maker_pipeline.evaluation.checkpoint_scores import (
     VALIDATION,
@@ -30,7 +29,7 @@ from car_maker_pipeline.evaluation.checkpoint_scores import (
     accuracy_chart,
     score_checkpoints,
 )
-from car_maker_pipeline.evaluation.class_task import ClassTaskFiles, ClassTaskReport, write_class_report
+from car_maker_pipeline.evaluation.class_task import ClassTaskFiles, ClassTaskReport
 from car_maker_pipeline.evaluation.metrics.certification import check_delta
 from car_maker_pipeline.evaluation.metrics.figures import save_figure
 from car_maker_pipeline.evaluation.metrics.selective import check_target_precision
@@ -51,9 +50,8 @@ from car_maker_pipeline.recording.baseline import (
     budget_params,
     check_calibration_split,
     evaluation_run,
-    log_calibration,
-    log_class_task,
     log_params,
+    record_answer_policy,
 )
 from car_maker_pipeline.recording.registry import Candidate, register_classifier, registered_name
 from car_maker_pipeline.store import BASELINE_EVALUATION, CHECKPOINT_ACCURACY, LORA_CHECKPOINTS, PipelineStore
@@ -204,13 +202,8 @@ def evaluate_checkpoints_and_record(
         name = registered_name(model_key, task)
         # Every checkpoint's reliability diagram and risk-coverage curve (the class task: its hierarchical report),
         # for MLflow; the best one's in the metadata.
-        write_policy, log_policy, folder = (
-            (write_class_report, log_class_task, "class_task")
-            if task == CLASS
-            else (write_calibration, log_calibration, "calibration")
-        )
         step_calibrations = {
-            step: write_policy(policy, out_root / f"{folder}-step-{step}", f"{partition} step {step}")
+            step: policy.write(out_root / f"{policy.kind}-step-{step}", f"{partition} step {step}")
             for step, policy in scores.calibrations.items()
         }
         calibration = step_calibrations[scores.best_step]
@@ -232,9 +225,9 @@ def evaluate_checkpoints_and_record(
             }
         )
         _log_scores(scores, baseline_accuracy, model_key, table_path, chart_path)
-        log_policy(calibration, prefix="best_")
+        record_answer_policy(calibration, prefix="best_")
         for step, files in step_calibrations.items():
-            log_policy(files, metrics=False, artifact_path=f"calibration/step-{step}")
+            record_answer_policy(files, metrics=False, artifact_path=f"calibration/step-{step}")
         registered = register_classifier(
             Candidate.of_checkpoint(
                 model_key,

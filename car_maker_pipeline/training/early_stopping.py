@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from car_maker_pipeline.data.tasks import MAKER, Task
-from car_maker_pipeline.evaluation.answer_policy import calibrate
+from car_maker_pipeline.evaluation.class_task import assess_answers
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, evaluate_split
 from car_maker_pipeline.evaluation.settings import DEFAULT_TARGET_PRECISION
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
@@ -95,7 +95,7 @@ def score_validation(
         predictions = evaluate_split(classifier, split, task=task).predictions
         accuracy = float((predictions[task.true_column] == predictions[task.predicted_column]).mean())
         target = target_precision or DEFAULT_TARGET_PRECISION
-        report = calibrate(predictions, predictions, list(makers), target, true_column=task.true_column).report
+        report = assess_answers(task, predictions, predictions, list(makers), target).report
         return {"val_accuracy": accuracy, "val_coverage_at_target": float(report.val_coverage)}
     finally:
         tokenizer.padding_side = side
