@@ -113,7 +113,10 @@ def test_class_baseline_metadata_carries_class_and_implied_maker_accuracy_and_th
     levels = {row["level"]: row for row in _rows(metadata["hierarchical_coverage"])}
     assert set(levels) >= LEVELS
     assert sum(levels[level]["share"] for level in LEVELS) == pytest.approx(1.0)
-    assert "certified" in metadata["certification"].value or "cannot be certified" in metadata["certification"].value
+    # The words say what the numbers do: certified, or every answer unsure.
+    certified = manifest["calibration"]["certified"]
+    assert ("precision is certified" in metadata["certification"].value) == certified
+    assert certified or levels["unsure"]["share"] == 1.0
     assert "confusion_matrix" not in metadata  # 196 x 196 cells: the confused pairs within a maker instead
     assert {"maker", "true_class", "predicted_class"} <= {
         c.name for c in metadata["confused_within_maker"].value.schema.columns
@@ -159,6 +162,14 @@ def test_the_class_champion_answers_with_a_level_in_batch_and_in_the_pyfunc_mode
 
     mlflow.set_tracking_uri(default_tracking_uri(home))
     model = mlflow.pyfunc.load_model("models:/car-class-tiny-s@champion")
+    # The registered card carries the class task and both thresholds checkpoint_accuracy certified.
+    policy = PipelineStore(home).read_manifest(CHECKPOINT_ACCURACY, "tiny-s@class")["calibration"]
+    config = model.model_config
+    assert config["task"] == "class"
+    assert (config["confidence_threshold"], config["maker_threshold"]) == (
+        policy["class_threshold"],
+        policy["maker_threshold"],
+    )
     blobs = [(home / "incoming" / name).read_bytes() for name in ("car-0.jpg", "car-1.jpg")]
     answered = model.predict(pd.DataFrame({"image": blobs}))
     assert list(answered.columns[:4]) == ["maker", "probability", "answer", "level"]
