@@ -68,6 +68,10 @@ RISK_COVERAGE_FILE, RELIABILITY_FILE, RISK_COVERAGE_CHART, SUMMARY_FILE = (
 )
 
 
+# What this policy is called: its folders (`<run>-calibration`, `calibration-step-<n>`) and MLflow artifact path.
+KIND = "calibration"
+
+
 @dataclass(frozen=True)
 class CalibrationReport:
     target_precision: float
@@ -145,7 +149,7 @@ class Calibration:
     val_curve: pd.DataFrame  # on the threshold fold
     bins: pd.DataFrame  # reliability on test, before temperature
     bins_calibrated: pd.DataFrame
-    kind: ClassVar[str] = "calibration"
+    kind: ClassVar[str] = KIND
 
     def write(self, out_dir: Path, title: str) -> CalibrationFiles:
         return write_calibration(self, out_dir, title)
@@ -230,7 +234,7 @@ def calibrate(
 @dataclass(frozen=True)
 class CalibrationFiles:
     out_dir: str
-    kind: ClassVar[str] = "calibration"  # names its folders and its MLflow artifact path
+    kind: ClassVar[str] = KIND
 
     @property
     def risk_coverage_path(self) -> Path:

@@ -68,6 +68,10 @@ SUMMARY_FILE, LEVELS_FILE, PER_CLASS_FILE, CONFUSED_FILE, CURVE_FILE, CURVE_CHAR
 CLASS_TASK_FILES = (SUMMARY_FILE, LEVELS_FILE, PER_CLASS_FILE, CONFUSED_FILE, CURVE_FILE, CURVE_CHART)
 
 
+# What this policy is called: its folders (`<run>-class_task`, `class_task-step-<n>`) and MLflow artifact path.
+KIND = "class_task"
+
+
 @dataclass(frozen=True)
 class ClassTaskReport:
     target_precision: float
@@ -149,7 +153,7 @@ class ClassTaskAssessment:
     tree: ClassTree
     test_probabilities: np.ndarray  # calibrated
     test_truth: np.ndarray
-    kind: ClassVar[str] = "class_task"
+    kind: ClassVar[str] = KIND
 
     def write(self, out_dir: Path, title: str) -> ClassTaskFiles:
         return write_class_report(self, out_dir, title)
@@ -249,7 +253,7 @@ def assess_class_answers(
 @dataclass(frozen=True)
 class ClassTaskFiles:
     out_dir: str
-    kind: ClassVar[str] = "class_task"  # names its folders and its MLflow artifact path
+    kind: ClassVar[str] = KIND
 
     def path(self, name: str) -> Path:
         return Path(self.out_dir) / name

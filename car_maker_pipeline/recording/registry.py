@@ -31,7 +31,6 @@ from car_maker_pipeline.serving.predictor import (
     ClassifierCard,
 )
 
-REGISTERED_MODEL_PREFIX = "car-maker-"  # + the model key: the maker task's model of each base model
 CHAMPION, CHALLENGER = "champion", "challenger"  # the validation-best version, the newest (aliases.py)
 # Logged as the model's code: the whole package, and the models-from-code file that MLflow runs to load it.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -61,6 +60,9 @@ def registered_name(model_key: str, task: Task = MAKER) -> str:
     """One registered model per base model and task: `car-maker-<model>` (the maker task, named as before the
     class task existed, so registries need no migration) and `car-class-<model>`."""
     return f"car-{task.name}-{model_key}"
+
+
+REGISTERED_MODEL_PREFIX = registered_name("")  # + the model key: the maker task's model of each base model
 
 
 def registered_versions(uri: str, name: str | None = None) -> list:
