@@ -140,8 +140,9 @@ def baseline_evaluation(
         delta=config.delta,
     )
     context.log.info(f"{key} baseline: {recorded.report.describe()}")
-    if recorded.calibration_report is not None:
-        log_answer_policy(context, f"{key} baseline", recorded.calibration_report)
+    policy = recorded.calibration_report  # read from its file once
+    if policy is not None:
+        log_answer_policy(context, f"{key} baseline", policy)
     # Named by what decided the scores (model and dataset revisions, prompt, budget, split...), not by the run.
     return dg.MaterializeResult(
         metadata={
