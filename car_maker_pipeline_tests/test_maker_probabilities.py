@@ -3,10 +3,8 @@
 | case                                                        | expected                                                     |
 |-------------------------------------------------------------|--------------------------------------------------------------|
 | every maker's answer scored in one batched pass vs. brute force (one full forward pass per image and maker) | equal to 1e-5, demo makers and makers sharing prefixes, mixed picture sizes |
-| the scoring pass split by a small logit budget              | the same distribution, one pass more per group of makers     |
-| cache bytes per row: keys/values, 0-d counter, conv lists   | batch-shaped tensors only; counters and lists left out       |
-| all 49 real makers                                          | a few passes per batch, never one per maker; all 49 scored   |
-| answer_chunks: widths, position and answer budgets          | see its own table below                                      |
+| the answer pass's logits held one trie node at a time       | the same distribution, still two passes                      |
+| all 49 real makers                                          | two passes per batch, never one per maker; all 49 scored     |
 | a classified picture                                        | probabilities sum to 1; the maker is the most probable one   |
 | threshold and temperature                                   | chosen from validation only: changing test changes neither   |
 | target precision 0, -0.1, 1.5, NaN / 1.0                    | rejected as config is read / accepted                        |
@@ -31,13 +29,7 @@ from car_maker_pipeline.classify import answer_text
 from car_maker_pipeline.evaluation.answer_policy import calibrate
 from car_maker_pipeline.evaluation.checkpoint_scores import CheckpointEvaluationError
 from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError
-from car_maker_pipeline.evaluation.scoring.answers import (
-    PASS_COST_POSITIONS,
-    _forward,
-    answer_chunks,
-    cache_bytes_per_row,
-    score_answers,
-)
+from car_maker_pipeline.evaluation.scoring.answers import score_answers
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier, Prediction
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 from car_maker_pipeline.recording.baseline import RecordTarget, evaluate_and_record
@@ -85,49 +77,16 @@ def test_every_maker_is_scored_as_brute_force_would(tiny_model, maker_dataset, m
         )
     )
     scored = score_answers(tiny_model.model, inputs, makers, answers)
-    assert scored.forward_passes == 2  # the prompts, then every maker's answer at once
-    # A logit budget for two makers per pass: the same distribution, in more (still batched) passes.
-    width, vocabulary = max(len(ids) for ids in answers) - 1, tiny_model.model.config.text_config.vocab_size
-    chunked = score_answers(
-        tiny_model.model, inputs, makers, answers, max_logits=len(pictures) * 2 * width * vocabulary
-    )
-    assert chunked.forward_passes == 1 + math.ceil(len(makers) / 2)
-    np.testing.assert_allclose(chunked.log_probs.exp().numpy(), scored.log_probs.exp().numpy(), atol=1e-5)
-    # A cache budget for three makers' copies of the prompts' cache: the same, in more passes.
-    _, cache = _forward(tiny_model.model, None, **inputs)
-    per_maker = cache_bytes_per_row(cache, len(pictures)) * len(pictures)
-    attention = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
-    assert attention and per_maker == sum(2 * layer.keys.nelement() * layer.keys.element_size() for layer in attention)
-    bounded = score_answers(tiny_model.model, inputs, makers, answers, max_cache_bytes=3 * per_maker)
-    assert bounded.forward_passes == 1 + math.ceil(len(makers) / 3)
-    np.testing.assert_allclose(bounded.log_probs.exp().numpy(), scored.log_probs.exp().numpy(), atol=1e-5)
+    assert scored.forward_passes == 2  # the prompts, then every maker's answer at once over the trie
+    # A logit budget of one trie node at a time: the same distribution, still two passes.
+    vocabulary = tiny_model.model.config.text_config.vocab_size
+    chunked = score_answers(tiny_model.model, inputs, makers, answers, max_logits=len(pictures) * vocabulary)
+    assert chunked.forward_passes == 2
+    np.testing.assert_allclose(chunked.log_probs.exp().numpy(), scored.log_probs.exp().numpy(), atol=1e-6)
     for row, picture in enumerate(pictures):
         expected = _brute_force(tiny_model.model, tiny_model.processor, classifier.prompt_text, picture, answers)
         np.testing.assert_allclose(scored.log_probs[row].exp().numpy(), expected, atol=1e-5)
         assert scored.makers[row] == makers[int(np.argmax(expected))]
-
-
-@pytest.mark.parametrize(
-    ("rows", "extra", "expected_per_row"),
-    [
-        (3, {}, 2 * 5 * 4),  # keys and values, float32, 5 values per row
-        (3, {"cumulative_length": torch.tensor(7)}, 2 * 5 * 4),  # a 0-d counter is the batch's, no row's
-        (3, {"offsets": torch.zeros(4, dtype=torch.int64)}, 2 * 5 * 4),  # not batch-shaped: not per row
-        (3, {"conv_states": [torch.zeros(3, 2)]}, 2 * 5 * 4),  # LFM2's conv state lists are not counted
-        (3, {"mask": torch.zeros(3, 5, dtype=torch.bool)}, 2 * 5 * 4 + 5),  # any other per-row tensor is
-    ],
-    ids=["keys-values", "counter", "other-shape", "conv-list", "per-row-mask"],
-)
-def test_the_cache_size_per_row_counts_the_tensors_held_per_row(rows, extra, expected_per_row):
-    class Layer:
-        def __init__(self):
-            self.keys, self.values = torch.zeros(rows, 5), torch.zeros(rows, 5)
-            vars(self).update(extra)
-
-    class Cache:
-        layers = [Layer(), Layer()]
-
-    assert cache_bytes_per_row(Cache(), rows) == 2 * expected_per_row
 
 
 def test_classified_pictures_carry_a_distribution_and_its_most_probable_maker(tiny_model, maker_dataset):
@@ -293,8 +252,8 @@ def test_a_registered_model_of_other_makers_is_refused_before_it_loads(registere
         check_version_makers(version, ["A", "B"])
 
 
-def test_all_49_real_makers_are_scored_in_a_few_batched_passes(tiny_model, maker_dataset):
-    """The real dataset's maker list: a few passes per batch (each within the CPU's copy budget), never one per maker."""
+def test_all_49_real_makers_are_scored_in_two_batched_passes(tiny_model, maker_dataset):
+    """The real dataset's maker list: the prompts' pass and the answer trie's, never one per maker."""
     from car_maker_pipeline.data.classes import stanford_cars_class_names
     from car_maker_pipeline.data.makers import makers_for_class_names
 
@@ -304,7 +263,7 @@ def test_all_49_real_makers_are_scored_in_a_few_batched_passes(tiny_model, maker
     pictures = _pictures(maker_dataset)
     predictions = classifier.classify_batch(pictures)
     passes = classifier.stats.summary()["forward_passes_per_image"]
-    assert 2 <= passes <= 1 + 49 / 4
+    assert passes == 2
     for prediction in predictions:
         assert len(prediction.log_probs) == 49 and np.exp(prediction.log_probs).sum() == pytest.approx(1.0)
 
@@ -316,25 +275,6 @@ def test_a_greedy_prediction_answers_its_maker_without_runners_up():
     assert row["maker_2"] is None and math.isnan(row["probability_2"]) and math.isnan(row["probability_3"])
     (low,) = answer_table([Prediction("Land Rover", 0.3)], card).to_dict("records")
     assert low["answer"] == low["level"] == UNSURE
-
-
-WIDE = PASS_COST_POSITIONS + 1  # widening one answer by this pads more than another pass costs
-
-
-@pytest.mark.parametrize(
-    ("widths", "max_positions", "max_answers", "chunks"),
-    [
-        ([3, 1, 2], 100, 100, [[1, 2, 0]]),  # one pass, shortest first
-        ([2, 2, 2, 2], 4, 100, [[0, 1], [2, 3]]),  # the logit budget: 2 answers x 2 positions
-        ([2, 2, 2], 100, 1, [[0], [1], [2]]),  # the cache budget: one copy per pass
-        ([5], 1, 0, [[0]]),  # over both budgets alone: a pass of its own all the same
-        ([1, 1 + WIDE], 10**6, 100, [[0], [1]]),  # widening by more than a pass costs: a new pass
-        ([1, WIDE], 10**6, 100, [[0, 1]]),  # by just a pass's cost: kept together
-        ([0, 1], 100, 100, [[0, 1]]),  # a zero width counts as one position
-    ],
-)
-def test_answer_chunks(widths, max_positions, max_answers, chunks):
-    assert answer_chunks(widths, max_positions, max_answers) == chunks
 
 
 TOP = {"maker": "BMW M3 Coupe 2012", "probability": 0.41, "maker_2": "BMW X5 SUV 2007", "probability_2": 0.3}

@@ -18,37 +18,22 @@ lowest token id, as `generate` with a masking logits processor does) and so is t
 `score_answers` is what the classifier runs: instead of one greedy path it scores every maker's
 whole answer (every token up to and including end of turn) for every image, normalised over the
 makers, so each image gets a distribution to calibrate and abstain on. It costs one extra batched
-pass: the prompt's cache is repeated once per maker and all answers are fed at once.
+pass over the answers' trie, which shares the prompt's cache (`answer_tree.py`).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from car_maker_pipeline.evaluation.scoring.answer_tree import answer_log_likelihoods
 from car_maker_pipeline.model_inputs.prompt import PromptTemplate
 
-# Logits one answer-scoring pass may hold (rows x answer tokens x vocabulary; 2**28 floats is 1 GiB):
-# 49 makers x 16 images x 5 tokens x LFM2's 65,536-token vocabulary still fit in one pass; more are
-# split into several batched passes over groups of makers, so memory stays bounded.
+# Logits the answer pass may hold at once (rows x trie nodes x vocabulary; 2**28 floats is 1 GiB): the
+# language-model head runs over the trie's nodes in chunks of this size, so memory stays bounded.
 MAX_SCORING_LOGITS = 2**28
-# Bytes of prompt cache one answer-scoring pass may hold: the cache is repeated once per maker of the
-# pass, and at LFM2-VL-450M's shape a 2,000-token photo's cache is about 28 MB per row in bf16, so
-# 49 makers x 16 photos would repeat it into 22 GB. 4 GiB keeps a pass on any GPU the models fit on.
-MAX_SCORING_CACHE_BYTES = 2**32
-# On a CPU the copies are the cost: passes whose copies stay near the processor's caches run several times
-# faster per answer than one that streams hundreds of megabytes. Measured on tiny-s, 32 pictures in batches
-# of 16 (bench/bench_class_scoring.py): the 49 real makers 0.9 s in one pass, 0.35 s at this budget (10
-# passes); the 196 classes 6.8 s in one pass, 2.0 s at this budget, 3.2 s at 32 MiB, 2.4 s at 8 MiB.
-CPU_SCORING_CACHE_BYTES = 2**24
-# What one more answer-scoring pass is taken to cost, in padded answer positions per image (a forward call
-# through every layer). It matters where one pass could hold every answer (an accelerator's budgets): the
-# class task's names run from 3 to 17 tokens, and one pass would compute 2.2 times the answer tokens. On a
-# CPU the passes are small and sorted by length anyway. Not measured on a GPU yet.
-PASS_COST_POSITIONS = 64
 
 
 END_OF_TURN = "<|im_end|>"
@@ -176,74 +161,6 @@ class ScoredAnswers:
     forward_passes: int
 
 
-def _answer_log_likelihoods(model, cache, mask, last_position, first, answers, chunk_makers) -> torch.Tensor:
-    """log p(answer | prompt) for `chunk_makers` (indices into `answers`), shape (rows, len(chunk_makers))."""
-    rows = mask.shape[0]
-    picked = [answers[m] for m in chunk_makers]
-    width = max(len(ids) for ids in picked) - 1  # fed: every token but end of turn, whose probability is read
-    fed = torch.zeros((len(picked), width), dtype=torch.long)
-    targets = torch.full((len(picked), width), -1, dtype=torch.long)
-    for row, ids in enumerate(picked):
-        fed[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[row, : len(ids) - 1] = torch.tensor(ids[1:])
-    device = mask.device
-    first_ids = torch.tensor([ids[0] for ids in picked], device=device)
-    total = first[:, first_ids]  # (rows, makers): the first answer token, from the prompt pass
-    repeats = len(picked)
-    cache.reorder_cache(torch.arange(rows, device=device).repeat_interleave(repeats))
-    steps = torch.arange(1, width + 1, device=device)
-    out = model(
-        input_ids=fed.to(device).repeat(rows, 1),
-        attention_mask=torch.cat(
-            [mask.repeat_interleave(repeats, 0), torch.ones((rows * repeats, width), device=device, dtype=mask.dtype)],
-            1,
-        ),
-        position_ids=last_position.repeat_interleave(repeats)[:, None] + steps,
-        cache=cache,
-        use_cache=True,
-    )
-    logits = out.logits.float()  # (rows * makers, width, vocabulary); log p = logit - logsumexp, no second copy
-    wanted = targets.to(device).repeat(rows, 1)
-    picked_logits = logits.gather(-1, wanted.clamp(min=0)[..., None])[..., 0]
-    gathered = (picked_logits - torch.logsumexp(logits, dim=-1)) * (wanted >= 0)
-    return total + gathered.sum(-1).view(rows, repeats)
-
-
-def cache_bytes_per_row(cache, rows: int) -> int:
-    """What one row of the prompt's cache occupies: every tensor its layers hold per row, as
-    attributes whose first dimension is the batch (the attention layers' keys and values, which grow
-    with the prompt). Counters the layers keep for the whole batch (a length as a 0-d tensor) are no
-    row's; LFM2's conv layers keep a few tokens of state in lists, not among them and negligible next
-    to a 2,000-token photo's keys and values."""
-    tensors = [value for layer in getattr(cache, "layers", []) for value in vars(layer).values()]
-    per_row = [t for t in tensors if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows]
-    return sum(t.nelement() * t.element_size() for t in per_row) // max(rows, 1)
-
-
-def answer_chunks(widths: Sequence[int], max_positions: int, max_answers: int) -> list[list[int]]:
-    """The answers (indices) of each scoring pass, shortest first. `widths[a]`: the tokens fed for answer a.
-
-    A pass feeds its answers padded to its longest, so answers of very different lengths (the class task's
-    names run from 3 to 17 tokens) would spend most of a pass on padding: a pass is closed where widening it
-    to the next answer would pad more positions than `PASS_COST_POSITIONS`, what another pass costs. A pass
-    also holds at most `max_positions` answer positions per row (its logits) and `max_answers` answers (its
-    copies of the prompt's cache); one answer alone always makes a pass.
-    """
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for index in sorted(range(len(widths)), key=lambda a: (widths[a], a)):
-        wider = max(width, widths[index], 1)
-        widening = len(current) * (wider - width)
-        fits = (len(current) + 1) * wider <= max_positions and len(current) + 1 <= max_answers
-        if current and (widening > PASS_COST_POSITIONS or not fits):
-            chunks.append(current)
-            current, wider = [], max(widths[index], 1)
-        current.append(index)
-        width = wider
-    return chunks + [current] if current else chunks
-
-
 @torch.inference_mode()
 def score_answers(
     model,
@@ -251,40 +168,22 @@ def score_answers(
     makers: Sequence[str],
     answers: Sequence[Sequence[int]],
     max_logits: int = MAX_SCORING_LOGITS,
-    max_cache_bytes: int | None = None,
 ) -> ScoredAnswers:
     """Every maker's full-answer probability for a left-padded batch, normalised over the makers.
 
-    `answers[m]` is maker m's answer token ids ending with end of turn. One pass over the prompt,
-    then the answers of as many makers as fit in `max_logits` logits and `max_cache_bytes` of
-    repeated cache per pass, from a copy of the prompt's cache repeated once per maker (no
-    per-maker pass over the images). `max_cache_bytes` None: MAX_SCORING_CACHE_BYTES on an accelerator,
-    CPU_SCORING_CACHE_BYTES on the CPU.
+    `answers[m]` is maker m's answer token ids ending with end of turn. Two passes whatever the number
+    of answers: one over the prompts, then one over the answers' trie that shares the prompts' cache
+    (`answer_tree`), holding at most `max_logits` logits at once.
     """
     mask = inputs["attention_mask"]
-    if max_cache_bytes is None:
-        max_cache_bytes = CPU_SCORING_CACHE_BYTES if mask.device.type == "cpu" else MAX_SCORING_CACHE_BYTES
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     first, cache = _forward(model, None, **inputs, position_ids=positions)
-    rows = mask.shape[0]
-    chunks = answer_chunks(
-        [len(ids) - 1 for ids in answers],
-        max_logits // (rows * first.shape[-1]),
-        max_cache_bytes // max(1, rows * cache_bytes_per_row(cache, rows)),
-    )
-    parts = []
-    for number, chunk in enumerate(chunks):
-        # The last chunk may consume the prompt's cache; every earlier one works on a copy.
-        chunk_cache = cache if number == len(chunks) - 1 else copy.deepcopy(cache)
-        parts.append(_answer_log_likelihoods(model, chunk_cache, mask, positions[:, -1], first, answers, chunk))
-    order = torch.tensor([index for chunk in chunks for index in chunk])
-    log_likelihood = torch.empty((rows, len(answers)), dtype=torch.float64, device=first.device)
-    log_likelihood[:, order.to(first.device)] = torch.cat(parts, dim=1).double()
+    log_likelihood = answer_log_likelihoods(model, cache, mask, positions[:, -1], first, answers, max_logits).double()
     log_probs = log_likelihood - torch.logsumexp(log_likelihood, dim=1, keepdim=True)
     best = torch.argmax(log_probs, dim=1)  # ties to the first maker in list order
     return ScoredAnswers(
         makers=[makers[int(i)] for i in best],
         scores=[float(log_probs[r, i].exp()) for r, i in enumerate(best)],
         log_probs=log_probs.cpu(),
-        forward_passes=1 + len(chunks),
+        forward_passes=2,
     )
