@@ -114,6 +114,21 @@ class CalibrationReport:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def table_columns(self) -> dict:
+        """This policy as a row of checkpoint_accuracy's table (the class task's report gives the same columns)."""
+        return {
+            "top3_accuracy": self.top3_accuracy,
+            "log_loss": self.log_loss,
+            "ece": self.ece,
+            "ece_calibrated": self.ece_calibrated,
+            "temperature": self.temperature,
+            "certified": self.certified,
+            "best_certifiable_precision": self.best_certifiable_precision,
+            "val_coverage_at_target": self.val_coverage,
+            "coverage_at_target": self.coverage,
+            "selective_accuracy": self.selective_accuracy,
+        }
+
     def card_fields(self) -> dict:
         """What the registered model carries of this policy (`serving.predictor.ClassifierCard` fields)."""
         return {

@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from car_maker_pipeline.data.tasks import MAKER, Task
-from car_maker_pipeline.evaluation.answer_policy import Calibration, CalibrationReport
-from car_maker_pipeline.evaluation.class_task import ClassTaskAssessment, ClassTaskReport, assess_answers
+from car_maker_pipeline.evaluation.answer_policy import Calibration
+from car_maker_pipeline.evaluation.class_task import ClassTaskAssessment, assess_answers
 from car_maker_pipeline.evaluation.scoring.classifier import MakerClassifier
 from car_maker_pipeline.evaluation.settings import (
     DEFAULT_DELTA,
@@ -175,7 +175,6 @@ def score_checkpoints(
             comparisons=len(checkpoints),
             fold_keys=fold_keys(dataset[VALIDATION], val_predictions),
         )
-        calibrated = _policy_columns(calibrations[step].report)
         rows.append(
             {
                 "step": step,
@@ -188,7 +187,7 @@ def score_checkpoints(
                 if baseline_accuracy is not None
                 else float("nan"),
                 "val_loss": (val_loss or {}).get(step, float("nan")),
-                **calibrated,
+                **calibrations[step].report.table_columns(),
                 # What the test evaluation computed: tokens per image, padding waste, forward passes.
                 **{key: reports[(step, TEST)].throughput.get(key, float("nan")) for key in THROUGHPUT_COLUMNS},
             }
@@ -241,24 +240,6 @@ def score_checkpoints(
         columns=["corruption", "baseline_accuracy", "best_checkpoint_accuracy", "best_ci_low", "best_ci_high"],
     )
     return CheckpointScores(table, best_step, checkpoints[best_step], robustness, reports, calibrations)
-
-
-def _policy_columns(report: CalibrationReport | ClassTaskReport) -> dict:
-    """A step's answer policy as the table's columns. The class task's top-k is top-5, its threshold pair is
-    certified together (no single best certifiable precision), and what it answers are class and maker answers."""
-    hierarchical = isinstance(report, ClassTaskReport)
-    return {
-        **({"top5_accuracy": report.top5_accuracy} if hierarchical else {"top3_accuracy": report.top3_accuracy}),
-        "log_loss": report.log_loss,
-        "ece": report.ece,
-        "ece_calibrated": report.ece_calibrated,
-        "temperature": report.temperature,
-        "certified": report.certified,
-        "best_certifiable_precision": float("nan") if hierarchical else report.best_certifiable_precision,
-        "val_coverage_at_target": report.val_coverage,
-        "coverage_at_target": 1.0 - report.unsure_share if hierarchical else report.coverage,
-        "selective_accuracy": report.answered_precision if hierarchical else report.selective_accuracy,
-    }
 
 
 def accuracy_chart(table: pd.DataFrame, baseline_accuracy: float | None, title: str):

@@ -117,6 +117,23 @@ class ClassTaskReport:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def table_columns(self) -> dict:
+        """This policy as a row of checkpoint_accuracy's table, under the maker task's columns: top-5 for top-3,
+        no single best certifiable precision (the threshold pair is certified together), and what it answers
+        is every class or maker answer."""
+        return {
+            "top5_accuracy": self.top5_accuracy,
+            "log_loss": self.log_loss,
+            "ece": self.ece,
+            "ece_calibrated": self.ece_calibrated,
+            "temperature": self.temperature,
+            "certified": self.certified,
+            "best_certifiable_precision": float("nan"),
+            "val_coverage_at_target": self.val_coverage,
+            "coverage_at_target": 1.0 - self.unsure_share,
+            "selective_accuracy": self.answered_precision,
+        }
+
     def card_fields(self) -> dict:
         """What the registered model carries of this policy (`serving.predictor.ClassifierCard` fields): the
         class threshold is the card's confidence threshold, and the maker threshold climbs below it."""
