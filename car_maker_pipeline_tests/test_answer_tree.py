@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -24,6 +26,7 @@ from car_maker_pipeline.data.tasks import CLASS
 from car_maker_pipeline.evaluation.scoring import answer_tree
 from car_maker_pipeline.evaluation.scoring.answer_tree import AnswerTree, UnsupportedDecoderError, check_supported
 from car_maker_pipeline.evaluation.scoring.answers import _forward, answer_token_ids
+from car_maker_pipeline_tests.support.brute_force import answer_log_likelihoods_alone
 
 END = 9
 SHARED = ((5, 6, END), (5, 7, END), (8, END))
@@ -67,25 +70,6 @@ def test_the_tree_of_a_few_answers(answers, kernel, tokens, depths, ancestors, t
         assert [tokens[node] for node, _ in read] == list(ids[:-1])
 
 
-def _brute_force(model, processor, prompt_text: str, picture, answers: list[list[int]]) -> torch.Tensor:
-    """log p(answer | prompt) of each answer for one picture: prompt and answer in a row of their own, no cache,
-    every answer in one right-padded batch."""
-    one = processor(images=[[picture]], text=[prompt_text], return_tensors="pt")
-    prompt = one["input_ids"].shape[1]
-    width = max(len(ids) for ids in answers)
-    ids = torch.zeros((len(answers), prompt + width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, answer in enumerate(answers):
-        ids[row, :prompt], ids[row, prompt : prompt + len(answer)] = one["input_ids"][0], torch.tensor(answer)
-        mask[row, : prompt + len(answer)] = 1
-    batch = {name: value.repeat(len(answers), *[1] * (value.dim() - 1)) for name, value in one.items()}
-    batch |= {"input_ids": ids, "attention_mask": mask, "pixel_values": batch["pixel_values"].to(model.dtype)}
-    with torch.inference_mode():
-        log_probs = torch.log_softmax(model(**batch).logits.double(), dim=-1)
-    scores = [sum(float(log_probs[row, prompt - 1 + j, t]) for j, t in enumerate(a)) for row, a in enumerate(answers)]
-    return torch.tensor(scores, dtype=torch.float64)
-
-
 def _assert_same_scores(scored: torch.Tensor, expected: torch.Tensor) -> None:
     """Log-likelihoods (float32, tens of nats) to 1e-5 relative; the distribution over answers to 1e-5."""
     torch.testing.assert_close(scored.double(), expected, rtol=1e-5, atol=1e-4)
@@ -121,7 +105,7 @@ def test_the_196_classes_score_as_brute_force_would(tiny_model, class_answers, t
     scored = _tree_scores(tiny_model.model, tiny_model.processor, prompt_text, two_pictures, answers)
     assert scored.shape == (2, 196)
     for row, picture in enumerate(two_pictures):  # the second picture is left-padded in the batch
-        expected = _brute_force(tiny_model.model, tiny_model.processor, prompt_text, picture, answers)
+        expected = answer_log_likelihoods_alone(tiny_model.model, tiny_model.processor, prompt_text, picture, answers)
         _assert_same_scores(scored[row], expected)
 
 
@@ -140,7 +124,7 @@ def test_lora_adapters_are_run_through(tiny_model_dir, class_answers, two_pictur
     with model.disable_adapter():
         unadapted = _tree_scores(model, loaded.processor, prompt_text, two_pictures[:1], answers)
     adapted = _tree_scores(model, loaded.processor, prompt_text, two_pictures[:1], answers)
-    expected = _brute_force(model, loaded.processor, prompt_text, two_pictures[0], answers)
+    expected = answer_log_likelihoods_alone(model, loaded.processor, prompt_text, two_pictures[0], answers)
     _assert_same_scores(adapted[0], expected)
     torch.testing.assert_close(unadapted, base)
     assert (adapted - unadapted).abs().max() > 1e-3  # the adapters change the answer, so they ran
@@ -148,12 +132,21 @@ def test_lora_adapters_are_run_through(tiny_model_dir, class_answers, two_pictur
 
 def test_bounded_memory_gives_the_same_scores(tiny_model, class_answers, two_pictures, monkeypatch):
     prompt_text, answers = class_answers
-    whole = _tree_scores(tiny_model.model, tiny_model.processor, prompt_text, two_pictures, answers)
-    monkeypatch.setattr(answer_tree, "MAX_ATTENTION_SCORES", 1)  # one node's scores at a time
-    vocabulary = tiny_model.model.config.text_config.vocab_size
-    pieces = _tree_scores(
-        tiny_model.model, tiny_model.processor, prompt_text, two_pictures, answers, 3 * 2 * vocabulary
-    )
+    head_calls = []
+    hook = tiny_model.model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    try:
+        whole = _tree_scores(tiny_model.model, tiny_model.processor, prompt_text, two_pictures, answers)
+        assert len(head_calls) == 1 + 1  # the prompt pass's last position, then every node at once
+        monkeypatch.setattr(answer_tree, "MAX_ATTENTION_SCORES", 1)  # one node's scores at a time
+        vocabulary = tiny_model.model.config.text_config.vocab_size
+        head_calls.clear()
+        pieces = _tree_scores(
+            tiny_model.model, tiny_model.processor, prompt_text, two_pictures, answers, 3 * 2 * vocabulary
+        )
+    finally:
+        hook.remove()
+    nodes = len(AnswerTree.build(tuple(map(tuple, answers)), 3).tokens)
+    assert len(head_calls) == 1 + math.ceil(nodes / 3)  # the logits of 3 nodes x 2 pictures at a time
     torch.testing.assert_close(pieces, whole, rtol=1e-6, atol=0)
 
 
@@ -165,7 +158,7 @@ def test_a_bfloat16_model_scores_as_brute_force_does_in_bfloat16(tiny_model_dir,
     answers = answers[::4]
     scored = _tree_scores(loaded.model, loaded.processor, prompt_text, two_pictures[:1], answers)
     assert scored.dtype == torch.float32 and torch.isfinite(scored).all()
-    expected = _brute_force(loaded.model, loaded.processor, prompt_text, two_pictures[0], answers)
+    expected = answer_log_likelihoods_alone(loaded.model, loaded.processor, prompt_text, two_pictures[0], answers)
     difference = (scored[0].double().softmax(-1) - expected.softmax(-1)).abs().max()
     assert difference < 0.02, difference  # bfloat16 keeps 8 bits: sums of ~60 nats differ in their tenths
 

@@ -22,7 +22,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from car_maker_pipeline.classify import answer_text
@@ -36,6 +35,7 @@ from car_maker_pipeline.recording.baseline import RecordTarget, evaluate_and_rec
 from car_maker_pipeline.recording.checkpoint_accuracy import check_same_makers
 from car_maker_pipeline.serving.predictor import UNSURE, ClassifierCard, answer_table
 from car_maker_pipeline.store import CAR_MAKER_DATASET, PipelineStore
+from car_maker_pipeline_tests.support.brute_force import answer_log_likelihoods_alone
 
 DEMO_MAKERS = ["AM General", "Aston Martin", "BMW", "Land Rover", "Mercedes-Benz", "Rolls-Royce"]
 SHARED_PREFIX_MAKERS = ["Aston Martin", "Aston Martinez", "Land Rover", "Land Rovers", "Land Cruiser", "BMW"]
@@ -45,22 +45,6 @@ SIZES = [(128, 96), (64, 48), (200, 90), (96, 128), (40, 40), (160, 120)]
 def _pictures(maker_dataset) -> list:
     test = maker_dataset.load()["test"].select(range(len(SIZES)))["image"]
     return [picture.convert("RGB").resize(size) for picture, size in zip(test, SIZES)]
-
-
-def _brute_force(model, processor, prompt_text: str, picture, answers: list[list[int]]) -> np.ndarray:
-    """Each maker's answer scored alone: prompt + answer through the model without any cache."""
-    one = processor(images=[[picture]], text=[prompt_text], return_tensors="pt")
-    prompt_length = one["input_ids"].shape[1]
-    scores = []
-    for ids in answers:
-        full = dict(one)
-        full["input_ids"] = torch.cat([one["input_ids"], torch.tensor([ids])], dim=1)
-        full["attention_mask"] = torch.ones_like(full["input_ids"])
-        with torch.inference_mode():
-            logprobs = torch.log_softmax(model(**full).logits[0].double(), dim=-1)
-        scores.append(sum(float(logprobs[prompt_length - 1 + j, token]) for j, token in enumerate(ids)))
-    scores = np.asarray(scores)
-    return np.exp(scores - np.logaddexp.reduce(scores))
 
 
 @pytest.mark.parametrize("makers", [DEMO_MAKERS, SHARED_PREFIX_MAKERS], ids=["demo", "shared-prefixes"])
@@ -84,7 +68,10 @@ def test_every_maker_is_scored_as_brute_force_would(tiny_model, maker_dataset, m
     assert chunked.forward_passes == 2
     np.testing.assert_allclose(chunked.log_probs.exp().numpy(), scored.log_probs.exp().numpy(), atol=1e-6)
     for row, picture in enumerate(pictures):
-        expected = _brute_force(tiny_model.model, tiny_model.processor, classifier.prompt_text, picture, answers)
+        alone = answer_log_likelihoods_alone(
+            tiny_model.model, tiny_model.processor, classifier.prompt_text, picture, answers
+        )
+        expected = alone.softmax(-1).numpy()
         np.testing.assert_allclose(scored.log_probs[row].exp().numpy(), expected, atol=1e-5)
         assert scored.makers[row] == makers[int(np.argmax(expected))]
 
