@@ -7,7 +7,8 @@ that played no part in training the model or fitting its temperature:
 - the candidate thresholds are the m confidences, most confident first: the a-th answers the a most
   confident images (and any of equal confidence);
 - each candidate is a test of "precision below the target": its p-value is the binomial tail
-  P(Binomial(n, 1 - target) <= e) for the n images it answers with e errors (scipy.stats);
+  P(Binomial(n, 1 - target) <= e) for the n images it answers with e errors (scipy.special.bdtr, the
+  binomial distribution function without scipy.stats' second of import in every step process);
 - the tests run in that fixed order, towards more answered images, and stop at the first that fails
   (fixed-sequence testing); the threshold is the last that passed, where the most images are answered.
 
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from numbers import Real
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from car_maker_pipeline.evaluation.metrics.calibration import CalibrationError, as_confidence_correct
 from car_maker_pipeline.evaluation.metrics.selective import check_target_precision
@@ -115,7 +116,7 @@ def fixed_sequence_search(confidence, correct, target_precision, delta: float, c
     group_end = np.append(sorted_conf[:, 1:] != sorted_conf[:, :-1], np.ones((rows, 1), bool), axis=1)
     answered = np.minimum.accumulate(np.where(group_end, np.arange(m), m)[:, ::-1], axis=1)[:, ::-1] + 1
     errors = np.take_along_axis(errors_so_far, answered - 1, axis=1)
-    passed = stats.binom.cdf(errors, answered, (1.0 - targets)[:, None]) <= level[:, None]
+    passed = special.bdtr(errors, answered, (1.0 - targets)[:, None]) <= level[:, None]
     # The first failing rank at or after each rank (m + 1: none); a sequence from s passes s .. that - 1.
     rank = np.arange(1, m + 1)
     first_failure = np.minimum.accumulate(np.where(passed, m + 1, rank)[:, ::-1], axis=1)[:, ::-1]
