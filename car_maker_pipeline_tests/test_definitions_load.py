@@ -13,15 +13,18 @@ A run that executes a model step imports them while its resources are set up, wh
 before the run's steps claim their pool slots: the seconds of importing are not spent holding the
 `gpu` pool's one slot while other runs queue for it.
 
-| resource set up      | imported by its setup                               |
-|----------------------|-----------------------------------------------------|
-| models               | torch, torchvision, transformers' LFM2-VL, peft     |
-| mlflow_tracking      | mlflow                                              |
+| resource set up      | imported by its setup                                                 |
+|----------------------|-----------------------------------------------------------------------|
+| mlflow_tracking      | mlflow, and its SQL store for a database URI (the local sqlite default) |
+| models               | torch, torchvision, transformers' LFM2-VL, peft, datasets, matplotlib;  |
+|                      | TRL too when the run trains or does not say which steps it runs         |
 """
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 HEAVY = ("datasets", "torch", "transformers", "mlflow", "PIL")
 
@@ -36,8 +39,19 @@ def test_loading_the_definitions_imports_no_data_or_model_library():
 
 
 SETUP = [  # (resource, what its setup imports that was not imported before), set up in this order
-    ("mlflow_tracking", ["mlflow"]),
-    ("models", ["peft", "torch", "torchvision", "transformers.models.lfm2_vl.modeling_lfm2_vl"]),
+    ("mlflow_tracking", ["mlflow", "mlflow.store.tracking.sqlalchemy_store"]),
+    (
+        "models",  # set up outside a run, which may train
+        [
+            "datasets",
+            "matplotlib.pyplot",
+            "peft",
+            "torch",
+            "torchvision",
+            "transformers.models.lfm2_vl.modeling_lfm2_vl",
+            "trl",
+        ],
+    ),
 ]
 WATCHED = sorted({module for _, modules in SETUP for module in modules})
 
@@ -59,3 +73,28 @@ for key in sys.argv[1:]:
     loaded = [json.loads(line) for line in out.strip().splitlines()[-len(SETUP) - 1 :]]
     assert loaded[0] == [], "loading the definitions imported a heavy library"
     assert loaded[1:] == [modules for _, modules in SETUP]
+
+
+STEP_LIBRARIES = [  # (the run's asset selection, its step keys, whether its setup imports TRL)
+    (None, None, True),  # a run that does not say which steps it runs may train
+    (["baseline_evaluation"], None, False),
+    (["checkpoint_accuracy", "merged_model"], None, False),
+    (["lora_checkpoints", "checkpoint_accuracy"], None, True),
+    (["lora_sweep"], None, True),
+    (None, ["baseline_evaluation"], False),  # a job's run (baseline_job): its step keys
+    (None, ["lora_checkpoints", "checkpoint_accuracy"], True),
+]
+
+
+@pytest.mark.parametrize(("assets", "step_keys", "trains"), STEP_LIBRARIES)
+def test_the_models_setup_imports_the_training_library_only_for_runs_that_may_train(assets, step_keys, trains):
+    import dagster as dg
+
+    from car_maker_pipeline.orchestration.resources import EVALUATION_LIBRARIES, TRAINING_LIBRARIES, step_libraries
+
+    run = dg.DagsterRun(
+        job_name="__ASSET_JOB",
+        asset_selection=frozenset(dg.AssetKey(name) for name in assets) if assets is not None else None,
+        step_keys_to_execute=step_keys,
+    )
+    assert step_libraries(run) == EVALUATION_LIBRARIES + (TRAINING_LIBRARIES if trains else ())

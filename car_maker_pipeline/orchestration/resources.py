@@ -12,7 +12,7 @@ from pydantic import Field
 from car_maker_pipeline.data.source_schema import SourceError
 from car_maker_pipeline.redaction import leaks_secret, redact_text
 from car_maker_pipeline.settings import Profile, get_profile, pipeline_home
-from car_maker_pipeline.store import PipelineStore
+from car_maker_pipeline.store import LORA_CHECKPOINTS, LORA_SWEEP, PipelineStore
 
 if TYPE_CHECKING:  # the definitions load in every Dagster process; `datasets` is imported by the steps that read data
     from car_maker_pipeline.data.source import RawDataset
@@ -99,6 +99,26 @@ class StanfordCarsSource(dg.ConfigurableResource):
             raise SourceError(redact_text(str(error))) from None
 
 
+# Libraries the model steps import in their bodies (lazily: every Dagster process loads the definitions),
+# beyond the model libraries: every step reads the dataset and evaluates, drawing figures; training steps
+# also need TRL.
+EVALUATION_LIBRARIES = ("datasets", "matplotlib.pyplot")
+TRAINING_LIBRARIES = ("trl",)
+TRAINING_STEPS = frozenset({LORA_CHECKPOINTS, LORA_SWEEP})
+
+
+def step_libraries(run: dg.DagsterRun | None) -> tuple[str, ...]:
+    """What the run's model steps will import: the training libraries only when it trains (a run that does
+    not say which steps it runs may train)."""
+    selected = None
+    if run is not None and run.asset_selection is not None:
+        selected = {key.to_user_string() for key in run.asset_selection}
+    elif run is not None and run.step_keys_to_execute is not None:
+        selected = set(run.step_keys_to_execute)
+    trains = selected is None or bool(selected & TRAINING_STEPS)
+    return EVALUATION_LIBRARIES + (TRAINING_LIBRARIES if trains else ())
+
+
 class VisionLanguageModels(dg.ConfigurableResource):
     """The models to evaluate and fine-tune: the `model` dimension of the model assets' partitions.
 
@@ -115,11 +135,15 @@ class VisionLanguageModels(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Dagster sets resources up before the run's steps claim their pool slots (once per run in
-        # process, once per step process otherwise): importing the model libraries here keeps those
-        # seconds out of the `gpu` slot that other runs queue for.
+        # process, once per step process otherwise): importing what the model steps import here keeps
+        # those seconds out of the `gpu` slot that other runs queue for.
+        import importlib
+
         from car_maker_pipeline.models.loading import import_model_libraries
 
         import_model_libraries()
+        for module in step_libraries(context.dagster_run):
+            importlib.import_module(module)
 
     def model_keys(self) -> list[str]:
         return get_profile(self.profile).model_keys
@@ -160,7 +184,13 @@ class MlflowTracking(dg.ConfigurableResource):
     )
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        import mlflow  # noqa: F401 (every step that tracks imports it; here it is done before pool slots are claimed)
+        # Every step that tracks imports MLflow, and the SQL store under a database URI (the local sqlite
+        # default): a second of imports, done here before pool slots are claimed.
+        import mlflow  # noqa: F401
+
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+        if not uri.startswith(("http://", "https://", "databricks")):
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     def uri(self, store: PipelineStore) -> str:
         from car_maker_pipeline.tracking import configured_tracking_uri
