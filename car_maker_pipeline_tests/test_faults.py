@@ -1,18 +1,23 @@
 """SIGKILL during each heavy step, at random points, over several seeds: the rerun ends where an
 uninterrupted run ends, with one MLflow record per step and no leftovers a later run would read.
 
-Every step is a real `dagster asset materialize` process group, killed with SIGKILL once its output
-says the step started plus a delay drawn uniformly from 5-75% of the step's duration in the
+Every step is run by a real `dagster asset materialize` process group, killed with SIGKILL once its
+output says the step started plus a delay drawn uniformly from 5-75% of the step's duration in the
 uninterrupted run (so process start-up, which varies, does not decide where the kill lands; the upper
 quarter is left out because the same step can run faster than in the reference on a loaded
 machine); the event log of the killed run then confirms the step had begun and not finished. A step that
 finished before its kill (a faster moment of a shared machine) is put back as it was and killed again at
-half the delay, so every seed kills every step inside it. Then the step is materialized again.
+half the delay, so every seed kills every step inside it.
+
+What happens after a kill is Dagster's retry from failure: the next command runs again every step of
+the killed run that did not succeed, together with the next step to kill, which it also runs (so one
+command is both a rerun and the next victim; Dagster runs the unpartitioned data steps and a partition's
+model steps together). After the last kill, a command runs what is left.
 
 Seed 0 runs each step in a process of its own, as `dagster asset materialize` does by default; seeds 1
 and 2 run the steps inside the command's own process (`execution: in_process`, as queued runs in the
 web UI and `make demo` do), so a kill also lands in the process that holds the run. The reference runs
-in process too, in two commands (data, then models), so seed 0 also compares the two executors' outputs.
+in process too, in one command, so seed 0 also compares the two executors' outputs.
 
 | step                | compared with the uninterrupted run                                       |
 |---------------------|----------------------------------------------------------------------------|
@@ -69,43 +74,45 @@ KILL_WINDOW = (0.05, 0.75)  # fractions of the reference step's duration; see th
 KILL_TRIES = 4  # a kill that came after the step finished is tried again, from the same state, at half the delay
 
 
-def _prepare(root: Path, executor: str) -> dict:
-    env = cli_env(root)
-    materialize(env, "raw_stanford_cars", config={**SOURCE, **EXECUTORS[executor]})
-    return env
+def _merged_config(steps) -> dict:
+    """One command's run config for several steps: every step's "resources" and "ops", merged per section."""
+    config: dict = {}
+    for _, _, step_config in steps:
+        for section, values in step_config.items():
+            config[section] = {**config.get(section, {}), **values}
+    return config
 
 
-def _latest_step_events(env, asset) -> dict[str, float]:
-    """Timestamps of the latest run's events for `asset`'s step: STEP_START, STEP_SUCCESS, ... (read here,
+def _selection(steps) -> str:
+    return ",".join(asset for asset, _, _ in steps)
+
+
+def _partition(steps) -> str | None:
+    """The partition of the command that runs `steps` (its unpartitioned steps run as they are)."""
+    return next((partition for _, partition, _ in steps if partition), None)
+
+
+def _latest_step_events(env) -> dict[str, dict[str, float]]:
+    """Per step of the latest run, its events' first timestamps: STEP_START, STEP_SUCCESS, ... (read here,
     from the command's own DAGSTER_HOME, rather than by starting one more process)."""
-    events: dict[str, float] = {}
+    events: dict[str, dict[str, float]] = {}
     with cli_instance(env) as instance:
         run = instance.get_runs(limit=1)[0]
         for record in instance.all_logs(run.run_id):
-            if record.is_dagster_event and record.step_key == asset:
-                events.setdefault(record.dagster_event.event_type_value, record.timestamp)
+            if record.is_dagster_event and record.step_key:
+                step = events.setdefault(record.step_key, {})
+                step.setdefault(record.dagster_event.event_type_value, record.timestamp)
     return events
 
 
 def _uninterrupted(root: Path) -> dict[str, float]:
-    """Two commands, the data assets then the model assets (every partitioned step's config together),
-    each step timed from its own events: a command per step would only add process start-ups to the time
-    every seed waits for."""
+    """One command for every step, each step timed from its own events: a command per step would only add
+    process start-ups to the time every seed waits for."""
     env = cli_env(root)
-    durations = {}
-    for partition in (None, "tiny-s|maker"):
-        steps = [(asset, config) for asset, part, config in STEPS if part == partition]
-        assets = [asset for asset, _ in steps]
-        config: dict = {}
-        for _, step_config in steps:  # "resources" and "ops" of every step, merged per section
-            for section, values in step_config.items():
-                config[section] = {**config.get(section, {}), **values}
-        selection = ["raw_stanford_cars", *assets] if partition is None else assets
-        materialize(env, ",".join(selection), partition, {**config, **IN_PROCESS})
-        for asset in assets:  # this command's events: it is the latest run
-            events = _latest_step_events(env, asset)
-            durations[asset] = events["STEP_SUCCESS"] - events["STEP_START"]
-    return durations
+    steps = [("raw_stanford_cars", None, SOURCE), *STEPS]
+    materialize(env, _selection(steps), _partition(steps), {**_merged_config(steps), **IN_PROCESS})
+    events = _latest_step_events(env)  # this command's: it is the latest run
+    return {asset: events[asset]["STEP_SUCCESS"] - events[asset]["STEP_START"] for asset, _, _ in steps}
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +123,15 @@ def reference(tmp_path_factory):
     return cli_env(root), durations
 
 
-def _kill_during_step(env, asset, partition, config, delay) -> dict:
-    """Start the command, wait for its STEP_START line for `asset`, wait `delay` more seconds, SIGKILL."""
-    process = start_materialize(env, asset, partition, config)
+def _kill_during_step(env, steps, target, config, delay) -> dict:
+    """Start the command for `steps`, wait for its STEP_START line for `target`, wait `delay` more seconds,
+    SIGKILL; then read from the run's events which of its steps did not finish."""
+    process = start_materialize(env, _selection(steps), _partition(steps), config)
     step_started = threading.Event()
 
     def watch():
         for line in process.stdout:  # read to the end so the pipe never fills
-            if "STEP_START" in line and f'"{asset}"' in line:
+            if "STEP_START" in line and f'"{target}"' in line:
                 step_started.set()
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -133,16 +141,18 @@ def _kill_during_step(env, asset, partition, config, delay) -> dict:
     time.sleep(delay)
     finished = process.poll() is not None
     if not finished:
-        os.killpg(process.pid, signal.SIGKILL)  # the CLI, its run worker and its step process
+        os.killpg(process.pid, signal.SIGKILL)  # the CLI, its run worker and its step processes
     process.wait()
     watcher.join(timeout=10)
-    events = _latest_step_events(env, asset)
+    events = _latest_step_events(env)
     return {
-        "asset": asset,
+        "asset": target,
+        "with": [asset for asset, _, _ in steps[:-1]],
         "delay_after_step_start": round(delay, 2),
         "finished_first": finished,
-        "in_step": "STEP_START" in events and "STEP_SUCCESS" not in events,
-        "step_succeeded": "STEP_SUCCESS" in events,
+        "in_step": "STEP_START" in events.get(target, {}) and "STEP_SUCCESS" not in events[target],
+        "step_succeeded": "STEP_SUCCESS" in events.get(target, {}),
+        "unfinished": [asset for asset, _, _ in steps if "STEP_SUCCESS" not in events.get(asset, {})],
     }
 
 
@@ -185,17 +195,18 @@ def _leftovers(env) -> list[str]:
     return temporaries + incomplete
 
 
-def _kill_inside_step(env, asset, partition, config, delay) -> dict:
-    """A kill `delay` seconds into the step; if the step finished first (the machine ran it faster than in
-    the reference), the homes are put back as they were before the command and the kill is tried again at
-    half the delay, so every kill that counts lands inside its step."""
+def _kill_inside_step(env, steps, config, delay) -> dict:
+    """A kill `delay` seconds into the last of `steps`; if that step finished first (the machine ran it faster
+    than in the reference), the homes are put back as they were before the command and the kill is tried
+    again at half the delay, so every kill that counts lands inside its step."""
     homes = [Path(env["CAR_MAKER_HOME"]), Path(env["DAGSTER_HOME"])]
     snapshots = [home.with_name(home.name + ".before") for home in homes]
     for home, snapshot in zip(homes, snapshots):
+        home.mkdir(parents=True, exist_ok=True)  # before the first command, an empty home
         shutil.rmtree(snapshot, ignore_errors=True)
         shutil.copytree(home, snapshot, symlinks=True)
     for _ in range(KILL_TRIES):
-        kill = _kill_during_step(env, asset, partition, config, delay)
+        kill = _kill_during_step(env, steps, steps[-1][0], config, delay)
         if not kill["step_succeeded"]:
             break
         for home, snapshot in zip(homes, snapshots):
@@ -205,16 +216,25 @@ def _kill_inside_step(env, asset, partition, config, delay) -> dict:
     return kill
 
 
+def _run(env, steps, executor) -> None:
+    if steps:
+        materialize(env, _selection(steps), _partition(steps), {**_merged_config(steps), **EXECUTORS[executor]})
+
+
 def _sigkill_at_random_points_then_rerun(tmp_path, reference, seed, executor):
     reference_env, durations = reference
-    env = _prepare(tmp_path, executor)
+    env = cli_env(tmp_path)
     rng = random.Random(seed)
     kills = []
-    for asset, partition, step_config in STEPS:
-        config = {**step_config, **EXECUTORS[executor]}
-        kill = _kill_inside_step(env, asset, partition, config, rng.uniform(*KILL_WINDOW) * durations[asset])
+    rerun = [("raw_stanford_cars", None, SOURCE)]  # what the next command runs before its victim
+    for step in STEPS:
+        steps = [*rerun, step]
+        asset = step[0]
+        config = {**_merged_config(steps), **EXECUTORS[executor]}
+        kill = _kill_inside_step(env, steps, config, rng.uniform(*KILL_WINDOW) * durations[asset])
         kills.append(kill)
-        materialize(env, asset, partition, config)  # what Dagster's retry from failure re-executes
+        rerun = [other for other in steps if other[0] in kill["unfinished"]]  # Dagster's retry from failure
+    _run(env, rerun, executor)
     print(f"\nseed {seed} ({executor}): step durations {durations}; kills {kills}")
     assert all(kill["in_step"] for kill in kills), f"a kill did not land inside its step: {kills}"
 
