@@ -21,8 +21,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from car_maker_pipeline_tests.support.cli import IN_PROCESS, cli_env, materialize, start_materialize
-from car_maker_pipeline_tests.test_faults import SOURCE  # the fault tests' demo source
+from car_maker_pipeline_tests.support.cli import IN_PROCESS, SMALL_SOURCE, cli_env, materialize, start_materialize
 
 pytestmark = pytest.mark.slow
 
@@ -84,16 +83,17 @@ def test_mlflow_down_mid_training_fails_clearly_and_the_rerun_completes_the_reco
     server = MlflowServer(tmp_path / "mlflow").start()
     # No retries: the dead server is noticed at once (the resource's own default is 2 retries).
     env = cli_env(tmp_path, MLFLOW_TRACKING_URI=server.uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
-    config = {
-        **SOURCE,
+    config = {  # the steps in the command's own process: the outage, not the executor, is under test
+        "resources": SMALL_SOURCE,
         "ops": {
             "lora_checkpoints": {
                 "config": {"max_steps": 24, "checkpoint_every_n_steps": 4, "per_device_train_batch_size": 4}
             }
         },
+        **IN_PROCESS,
     }
     try:
-        materialize(env, "raw_stanford_cars,car_maker_dataset", config={**SOURCE, **IN_PROCESS})
+        materialize(env, "raw_stanford_cars,car_maker_dataset", config={"resources": SMALL_SOURCE, **IN_PROCESS})
         process = start_materialize(env, "lora_checkpoints", "tiny-s|maker", config)
         home = Path(env["CAR_MAKER_HOME"])
         deadline = time.monotonic() + 600

@@ -16,15 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from car_maker_pipeline_tests.support.cli import REPO, cli_env, materialize
+from car_maker_pipeline_tests.support.cli import REPO, SMALL_SOURCE, cli_env, materialize
 from car_maker_pipeline_tests.support.dagster_dev import free_loopback_port
 from car_maker_pipeline_tests.support.postgres import PASSWORD, ThrowawayPostgres, postgres_bin_dir
 
 pytestmark = pytest.mark.slow
-
-SMALL_SOURCE = {
-    "resources": {"source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": []}}}
-}
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +106,12 @@ def test_dagster_and_mlflow_on_postgres_record_the_runs(postgres, mlflow_server,
     )
     shutil.copy(REPO / "deploy" / "dagster.yaml", Path(env["DAGSTER_HOME"]) / "dagster.yaml")
 
-    materialize(env, "raw_stanford_cars,car_maker_dataset", config=SMALL_SOURCE)
+    materialize(env, "raw_stanford_cars,car_maker_dataset", config={"resources": SMALL_SOURCE})
     materialize(
         env,
         "baseline_evaluation",
         partition="tiny-s|maker",
-        config={**SMALL_SOURCE, "ops": {"baseline_evaluation": {"config": {"max_images": 12}}}},
+        config={"resources": SMALL_SOURCE, "ops": {"baseline_evaluation": {"config": {"max_images": 12}}}},
     )
 
     # Dagster: the two runs and their materializations are rows in PostgreSQL, none in sqlite.

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from car_maker_pipeline_tests.support.cli import IN_PROCESS
+from car_maker_pipeline_tests.support.cli import IN_PROCESS, SMALL_SOURCE
 from car_maker_pipeline_tests.support.dagster_dev import DagsterDev, chromium_binary, listening_addresses
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,6 @@ ASSETS = [
     "maker_predictions",
     "review_queue",
 ]
-SMALL_SOURCE = {"source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": []}}}
 LINEAGE = {
     ("raw_stanford_cars", "car_maker_dataset"),
     ("raw_stanford_cars", "labeled_additions"),

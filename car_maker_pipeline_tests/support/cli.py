@@ -12,6 +12,9 @@ REPO = Path(__file__).resolve().parents[2]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 # Run config for a command that runs its steps in its own process, not one process per step (Dagster's default).
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
+# The `source` resource's config for a small demo source (60 training pictures, 4 test pictures per maker on
+# average): enough for every step to run, generated once per test session (the generation cache).
+SMALL_SOURCE = {"source": {"config": {"demo_train_per_maker": 10, "demo_test_per_maker": 4, "demo_corruptions": []}}}
 
 
 def cli_env(root: Path, **extra: str) -> dict[str, str]:
