@@ -70,9 +70,10 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_run(server):
-    """The data assets, materialized by a run launched through DagsterGraphQLClient."""
+    """The data assets, materialized by a run launched through DagsterGraphQLClient (its steps in the run's
+    own process, as every run here: one process start per run, not one per step)."""
     client = server.graphql_client()
-    run_id = client.submit_job_execution("data_job", run_config={"resources": SMALL_SOURCE})
+    run_id = client.submit_job_execution("data_job", run_config={"resources": SMALL_SOURCE, **IN_PROCESS})
     status = server.wait_for_run(run_id, timeout=300)
     assert status == "SUCCESS", server.log_tail()
     return run_id
@@ -342,7 +343,7 @@ def test_a_rebuilt_dataset_shows_the_models_trained_and_scored_on_the_old_one_as
     | scored again on the new dataset         | FRESH                        | FRESH             |
     """
     client = server.graphql_client()
-    baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 4}}}, "resources": SMALL_SOURCE}
+    baseline = {"ops": {"baseline_evaluation": {"config": {"max_images": 4}}}, "resources": SMALL_SOURCE, **IN_PROCESS}
 
     def run(job, config, partition=None):
         tags = partition_tags(partition) if partition else {}
@@ -351,7 +352,11 @@ def test_a_rebuilt_dataset_shows_the_models_trained_and_scored_on_the_old_one_as
 
     run("baseline_job", baseline, "tiny-m")
     assert _staleness(server, "baseline_evaluation", "tiny-m|maker") == ("FRESH", [])
-    rebuilt = {"ops": {"car_maker_dataset": {"config": {"validation_fraction": 0.2}}}, "resources": SMALL_SOURCE}
+    rebuilt = {
+        "ops": {"car_maker_dataset": {"config": {"validation_fraction": 0.2}}},
+        "resources": SMALL_SOURCE,
+        **IN_PROCESS,
+    }
     run("data_job", rebuilt)
     assert _staleness(server, "car_maker_dataset")[0] == "FRESH"
     status, causes = _staleness(server, "baseline_evaluation", "tiny-m|maker")
