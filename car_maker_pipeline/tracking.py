@@ -21,6 +21,11 @@ class TrackingUnavailableError(RuntimeError):
     """The configured MLflow tracking server cannot be reached."""
 
 
+def is_tracking_server(uri: str) -> bool:
+    """Whether `uri` names an MLflow tracking server (HTTP), not a store this process opens itself."""
+    return uri.startswith(("http://", "https://"))
+
+
 def configured_tracking_uri(home: Path) -> str:
     """MLFLOW_TRACKING_URI when set, else the local sqlite store under the pipeline's home."""
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(home)
@@ -35,7 +40,7 @@ def ensure_reachable(uri: str, timeout_s: float = 5.0) -> str:
     Every message names the server with its credentials redacted.
     """
     initialize_sqlite_store(uri)
-    if not uri.startswith(("http://", "https://")):
+    if not is_tracking_server(uri):
         return uri
     parts = urlsplit(uri)
     if parts.query or parts.fragment:
@@ -98,7 +103,7 @@ def experiment_id(uri: str, home: Path, name: str = EXPERIMENT) -> str:
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    artifacts = None if uri.startswith(("http://", "https://")) else (home / "mlflow-artifacts").as_uri()
+    artifacts = None if is_tracking_server(uri) else (home / "mlflow-artifacts").as_uri()
     return client.create_experiment(name, artifact_location=artifacts)
 
 
@@ -256,7 +261,7 @@ def system_metrics(run_id: str, tracking_uri: str) -> Iterator[None]:
 def ui_base(uri: str, ui_url: str | None = None) -> str | None:
     """Where a person opens the MLflow UI for `uri`'s runs: `ui_url`, else the tracking server itself when
     it speaks HTTP; None for a local store nobody serves (a link would lead nowhere)."""
-    base = ui_url or (uri if uri.startswith(("http://", "https://")) else None)
+    base = ui_url or (uri if is_tracking_server(uri) else None)
     return redact_uri(base).rstrip("/") if base else None
 
 

@@ -15,7 +15,7 @@ before the run's steps claim their pool slots: the seconds of importing are not 
 
 | resource set up      | imported by its setup                                                 |
 |----------------------|-----------------------------------------------------------------------|
-| mlflow_tracking      | mlflow, and its SQL store for a database URI (the local sqlite default) |
+| mlflow_tracking      | mlflow, and its SQL store unless the URI names a tracking server        |
 | models               | torch, torchvision, transformers' LFM2-VL, peft, datasets, matplotlib;  |
 |                      | TRL too when the run trains or does not say which steps it runs         |
 """
@@ -39,7 +39,8 @@ def test_loading_the_definitions_imports_no_data_or_model_library():
 
 
 SETUP = [  # (resource, what its setup imports that was not imported before), set up in this order
-    ("mlflow_tracking", ["mlflow", "mlflow.store.tracking.sqlalchemy_store"]),
+    ("mlflow_tracking at a server", ["mlflow"]),  # the server keeps the store: no SQL store here
+    ("mlflow_tracking", ["mlflow.store.tracking.sqlalchemy_store"]),
     (
         "models",  # set up outside a run, which may train
         [
@@ -61,11 +62,13 @@ def test_setting_up_a_resource_imports_what_its_steps_need():
 import json, sys
 import dagster as dg
 from car_maker_pipeline.definitions import defs
+from car_maker_pipeline.orchestration.resources import MlflowTracking
+resources = {{**defs.resources, "mlflow_tracking at a server": MlflowTracking(tracking_uri="http://127.0.0.1:9")}}
 imported = lambda: [m for m in {WATCHED!r} if m in sys.modules]
 print(json.dumps(imported()))
 for key in sys.argv[1:]:
     before = set(imported())
-    with dg.build_resources({{"resource": defs.resources[key]}}):
+    with dg.build_resources({{"resource": resources[key]}}):
         print(json.dumps(sorted(set(imported()) - before)))
 """
     keys = [key for key, _ in SETUP]

@@ -184,12 +184,14 @@ class MlflowTracking(dg.ConfigurableResource):
     )
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        # Every step that tracks imports MLflow, and the SQL store under a database URI (the local sqlite
-        # default): a second of imports, done here before pool slots are claimed.
+        # Every step that tracks imports MLflow, and the SQL store when it opens the store itself (the local
+        # sqlite default): a second of imports, done here before pool slots are claimed. Only the URI's kind
+        # matters here, so the default home stands in for the store's.
         import mlflow  # noqa: F401
 
-        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
-        if not uri.startswith(("http://", "https://", "databricks")):
+        from car_maker_pipeline.tracking import is_tracking_server
+
+        if not is_tracking_server(self.uri(PipelineStore.from_env())):
             import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     def uri(self, store: PipelineStore) -> str:
