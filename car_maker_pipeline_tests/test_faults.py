@@ -74,22 +74,19 @@ KILL_WINDOW = (0.05, 0.75)  # fractions of the reference step's duration; see th
 KILL_TRIES = 4  # a kill that came after the step finished is tried again, from the same state, at half the delay
 
 
-def _merged_config(steps) -> dict:
-    """One command's run config for several steps: every step's "resources" and "ops", merged per section."""
+RAW = ("raw_stanford_cars", None, SOURCE)  # the download: first in every seed's first command and the reference
+
+
+def _command(steps, execution: dict) -> tuple[str, str | None, dict]:
+    """`materialize`'s selection, partition and run config for one command running `steps`: the partition of
+    its partitioned steps (its unpartitioned ones run as they are), every step's "resources" and "ops" merged
+    per section, and `execution`, how the command runs them."""
     config: dict = {}
     for _, _, step_config in steps:
         for section, values in step_config.items():
             config[section] = {**config.get(section, {}), **values}
-    return config
-
-
-def _selection(steps) -> str:
-    return ",".join(asset for asset, _, _ in steps)
-
-
-def _partition(steps) -> str | None:
-    """The partition of the command that runs `steps` (its unpartitioned steps run as they are)."""
-    return next((partition for _, partition, _ in steps if partition), None)
+    partition = next((partition for _, partition, _ in steps if partition), None)
+    return ",".join(asset for asset, _, _ in steps), partition, {**config, **execution}
 
 
 def _latest_step_events(env) -> dict[str, dict[str, float]]:
@@ -109,8 +106,8 @@ def _uninterrupted(root: Path) -> dict[str, float]:
     """One command for every step, each step timed from its own events: a command per step would only add
     process start-ups to the time every seed waits for."""
     env = cli_env(root)
-    steps = [("raw_stanford_cars", None, SOURCE), *STEPS]
-    materialize(env, _selection(steps), _partition(steps), {**_merged_config(steps), **IN_PROCESS})
+    steps = [RAW, *STEPS]
+    materialize(env, *_command(steps, IN_PROCESS))
     events = _latest_step_events(env)  # this command's: it is the latest run
     return {asset: events[asset]["STEP_SUCCESS"] - events[asset]["STEP_START"] for asset, _, _ in steps}
 
@@ -123,10 +120,11 @@ def reference(tmp_path_factory):
     return cli_env(root), durations
 
 
-def _kill_during_step(env, steps, target, config, delay) -> dict:
-    """Start the command for `steps`, wait for its STEP_START line for `target`, wait `delay` more seconds,
-    SIGKILL; then read from the run's events which of its steps did not finish."""
-    process = start_materialize(env, _selection(steps), _partition(steps), config)
+def _kill_during_step(env, steps, execution, delay) -> dict:
+    """Start the command for `steps`, wait for its STEP_START line for the last of them (the target), wait
+    `delay` more seconds, SIGKILL; then read from the run's events which of its steps did not finish."""
+    target = steps[-1][0]
+    process = start_materialize(env, *_command(steps, execution))
     step_started = threading.Event()
 
     def watch():
@@ -195,7 +193,7 @@ def _leftovers(env) -> list[str]:
     return temporaries + incomplete
 
 
-def _kill_inside_step(env, steps, config, delay) -> dict:
+def _kill_inside_step(env, steps, execution, delay) -> dict:
     """A kill `delay` seconds into the last of `steps`; if that step finished first (the machine ran it faster
     than in the reference), the homes are put back as they were before the command and the kill is tried
     again at half the delay, so every kill that counts lands inside its step."""
@@ -206,7 +204,7 @@ def _kill_inside_step(env, steps, config, delay) -> dict:
         shutil.rmtree(snapshot, ignore_errors=True)
         shutil.copytree(home, snapshot, symlinks=True)
     for _ in range(KILL_TRIES):
-        kill = _kill_during_step(env, steps, steps[-1][0], config, delay)
+        kill = _kill_during_step(env, steps, execution, delay)
         if not kill["step_succeeded"]:
             break
         for home, snapshot in zip(homes, snapshots):
@@ -216,25 +214,19 @@ def _kill_inside_step(env, steps, config, delay) -> dict:
     return kill
 
 
-def _run(env, steps, executor) -> None:
-    if steps:
-        materialize(env, _selection(steps), _partition(steps), {**_merged_config(steps), **EXECUTORS[executor]})
-
-
 def _sigkill_at_random_points_then_rerun(tmp_path, reference, seed, executor):
     reference_env, durations = reference
     env = cli_env(tmp_path)
     rng = random.Random(seed)
     kills = []
-    rerun = [("raw_stanford_cars", None, SOURCE)]  # what the next command runs before its victim
+    rerun = [RAW]  # what the next command runs before its victim
     for step in STEPS:
         steps = [*rerun, step]
-        asset = step[0]
-        config = {**_merged_config(steps), **EXECUTORS[executor]}
-        kill = _kill_inside_step(env, steps, config, rng.uniform(*KILL_WINDOW) * durations[asset])
+        kill = _kill_inside_step(env, steps, EXECUTORS[executor], rng.uniform(*KILL_WINDOW) * durations[step[0]])
         kills.append(kill)
         rerun = [other for other in steps if other[0] in kill["unfinished"]]  # Dagster's retry from failure
-    _run(env, rerun, executor)
+    if rerun:
+        materialize(env, *_command(rerun, EXECUTORS[executor]))
     print(f"\nseed {seed} ({executor}): step durations {durations}; kills {kills}")
     assert all(kill["in_step"] for kill in kills), f"a kill did not land inside its step: {kills}"
 
