@@ -93,6 +93,50 @@ def test_evaluation_writes_predictions_tables_and_figures(tiny_model, maker_data
         assert Image.open(figure).format == "PNG"
 
 
+GALLERY = [  # (misclassified rows, rows shown in the grid)
+    (0, 1),  # one row saying there are none
+    (3, 1),
+    (4, 1),
+    (5, 2),
+    (16, 4),
+    (23, 4),  # at most 16 pictures
+]
+
+
+@pytest.mark.parametrize(("wrong", "grid_rows"), GALLERY)
+def test_the_misclassified_grid_shows_at_most_sixteen_pictures_shrunk_never_enlarged(tmp_path, wrong, grid_rows):
+    from car_maker_pipeline.evaluation.metrics import figures
+
+    right = 2
+    predictions = pd.DataFrame(
+        {
+            "index": range(wrong + right),
+            "true_maker": ["BMW"] * (wrong + right),
+            "predicted_maker": ["Audi"] * wrong + ["BMW"] * right,
+            "score": [0.9] * (wrong + right),
+        }
+    )
+    # Solid pictures: a photo larger than a cell (red), a small one (blue); the right answers in green.
+    images = [Image.new("RGB", (1200, 800), (255, 0, 0)), Image.new("RGB", (64, 48), (0, 0, 255))] * wrong
+    images = images[:wrong] + [Image.new("RGB", (50, 50), (0, 255, 0))] * right
+    path = figures.save_figure(figures.misclassified_figure(predictions, images, "gallery"), tmp_path / "grid.png")
+
+    grid = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    cell_width, cell_height = figures.GRID_CELL
+    rows_height = grid_rows * (figures.GRID_CAPTION + cell_height)
+    assert grid.shape[:2] == (figures.GRID_TITLE + rows_height, figures.GRID_COLUMNS * cell_width)
+
+    def pixels(colour) -> int:
+        return int((np.abs(grid - colour).sum(axis=2) < 30).sum())
+
+    shown = min(wrong, 16)
+    large, small = -(-shown // 2), shown // 2
+    shrunk = cell_width * round(800 * cell_width / 1200)  # 1200 x 800 fitted into the cell: 256 x 171
+    assert pixels((255, 0, 0)) == pytest.approx(large * shrunk, rel=0.03)
+    assert pixels((0, 0, 255)) == pytest.approx(small * 64 * 48, rel=0.03)
+    assert pixels((0, 255, 0)) == 0  # a right answer is not misclassified
+
+
 def test_empty_split_is_a_clear_error(tiny_model, maker_dataset):
     classifier = MakerClassifier(tiny_model.model, tiny_model.processor, MAKERS)
     with pytest.raises(ClassifierError, match="empty"):
