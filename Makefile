@@ -42,9 +42,11 @@ demo: init
 # longest first (xdist would otherwise reorder them by their number of tests, and leave a long one for the end);
 # then, alone on the machine, the few tests that measure how the pipeline behaves under load (`serial`).
 XDIST = -n 2 --dist loadscope --no-loadscope-reorder
+# The serial run collects only the files that hold `serial` tests: collecting every file imports the whole stack (15 s).
+SERIAL_FILES = $(shell grep -l "mark.serial" car_maker_pipeline_tests/test_*.py)
 test: $(STAMP)
 	$(BIN)/python -m pytest -ra --durations=25 $(XDIST) -m "not serial"
-	$(BIN)/python -m pytest -ra --durations=10 -m serial
+	$(BIN)/python -m pytest -ra --durations=10 -m serial $(SERIAL_FILES)
 
 # `make lint` fails on a lint error or unformatted file (ruff), an import that climbs a layer or closes a cycle
 # (lint-imports), or a dependency imported but not declared, or declared but not imported (deptry); all

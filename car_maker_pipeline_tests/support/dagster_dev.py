@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
-STOP_GRACE_SECONDS = 10  # how long stop() lets dagster dev shut down before killing its process group
+STOP_GRACE_SECONDS = 2  # how long stop() lets dagster dev shut down before killing its process group
 
 
 def project_ui_command(port: int) -> list[str]:
@@ -106,8 +106,9 @@ class DagsterDev:
         if self.process.poll() is None:
             # dagster dev shuts its webserver, daemon and code server down on SIGTERM/SIGINT, but after a
             # run-heavy test it waited its full 60 s for a daemon still in an iteration (two teardowns of
-            # 60.00 s in every suite). The instance is thrown away with the test's folder, so after a short
-            # grace the process group is killed, as it is anyway in case a run worker outlived them.
+            # 60.00 s in every suite; with a 10-s grace, both teardowns took the 10 s). The instance is thrown
+            # away with the test's folder, so after a short grace the process group is killed, as it is anyway
+            # in case a run worker outlived them.
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
                 self.process.wait(timeout=STOP_GRACE_SECONDS)
