@@ -53,8 +53,7 @@ from car_maker_pipeline.orchestration.resources import StanfordCarsSource  # noq
 from car_maker_pipeline.store import PipelineStore  # noqa: E402
 from car_maker_pipeline.tracking import default_tracking_uri  # noqa: E402
 from car_maker_pipeline.training.config import LoraHyperparameters  # noqa: E402
-from car_maker_pipeline.training.search_space import decoded_params  # noqa: E402
-from car_maker_pipeline.training.sweep import SweepSettings  # noqa: E402
+from car_maker_pipeline.training.search_space import SweepSettings, decoded_params  # noqa: E402
 from car_maker_pipeline.training.sweep_runs import run_sweep  # noqa: E402
 from car_maker_pipeline.training.trainer import train_lora  # noqa: E402
 

@@ -26,7 +26,7 @@ import sys
 
 import pytest
 
-HEAVY = ("datasets", "torch", "transformers", "mlflow", "PIL")
+HEAVY = ("datasets", "torch", "transformers", "mlflow", "PIL", "optuna")
 
 
 def test_loading_the_definitions_imports_no_data_or_model_library():

@@ -33,8 +33,8 @@ import pytest
 from optuna.trial import TrialState
 
 from car_maker_pipeline.training.config import LoraHyperparameters, LoraTrainingError
-from car_maker_pipeline.training.search_space import parse_search_space
-from car_maker_pipeline.training.sweep import SweepSettings, open_storage
+from car_maker_pipeline.training.search_space import SweepSettings, parse_search_space
+from car_maker_pipeline.training.sweep import open_storage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,8 @@ _WORKER = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from car_maker_pipeline.training.sweep import SweepSettings, TrialOutcome, open_storage, run_study
+    from car_maker_pipeline.training.search_space import SweepSettings
+    from car_maker_pipeline.training.sweep import TrialOutcome, open_storage, run_study
     url, n_trials, delay, lock, tag = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
     settings = SweepSettings(n_trials=n_trials, heartbeat_interval_s=1, grace_period_s=3, pruner="none")
     def trial_fn(trial):

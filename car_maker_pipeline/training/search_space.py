@@ -8,14 +8,19 @@ categorical values as plain scalars, so a list is stored as its names joined by 
 Every mistake is reported before any trial: an unknown field, an empty or inverted range, a log range
 not above zero, an empty choice list, a value the field itself refuses (each choice and each end of a
 range is tried on the base settings).
+
+`SweepSettings`, how a sweep searches (trials, space, objective, pruner, seed, storage), lives here
+rather than beside the Optuna code in `sweep.py`: the `lora_sweep` asset's config reads it in every
+Dagster process that loads the definitions, and none of them needs Optuna until a sweep runs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, SELECTION_METRICS
 from car_maker_pipeline.training.config import DEFAULT_TARGET_MODULES, LoraHyperparameters, LoraTrainingError
 
 LIST_SEPARATOR = ","
@@ -139,3 +144,49 @@ def _decode(name: str, value: Any) -> Any:
 def decoded_params(params: dict[str, Any]) -> dict[str, Any]:
     """A finished trial's params (as Optuna stores them) as LoraHyperparameters values."""
     return {name: _decode(name, value) for name, value in params.items()}
+
+
+STORAGE_ENV = "CAR_MAKER_OPTUNA_STORAGE"  # the study database's SQLAlchemy URL, when the settings name none
+
+
+class SweepSettings(BaseModel):
+    """How to search: the trials, the space, the objective, the pruner, the seed, the heartbeat."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_trials: int = Field(
+        default=12, gt=0, description="Trials to finish (complete or pruned); failed ones do not count."
+    )
+    search_space: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEFAULT_SEARCH_SPACE),
+        description="LoraHyperparameters field -> {low, high, log} or {choices: [...]}; other fields keep "
+        "lora_checkpoints' values.",
+    )
+    objective: str = Field(
+        default=DEFAULT_SELECTION_METRIC,
+        description="What a trial maximises, on validation, at its best checkpoint: "
+        + "; ".join(f"{key}: {label}" for key, label in SELECTION_METRICS.items()),
+    )
+    pruner: Literal["median", "percentile", "successive_halving", "hyperband", "none"] = Field(
+        default="median", description="Optuna pruner fed every checkpoint's validation score (MedianPruner by default)."
+    )
+    pruner_startup_trials: int = Field(default=3, ge=0, description="median/percentile: trials before any pruning.")
+    pruner_warmup_steps: int = Field(
+        default=0, ge=0, description="median/percentile: steps before a trial may be pruned."
+    )
+    seed: int = Field(default=0, ge=0, description="Seeds the sampler (TPE), per trial number.")
+    heartbeat_interval_s: int = Field(default=10, gt=0, description="How often a running trial says it is alive.")
+    grace_period_s: int | None = Field(
+        default=None, gt=0, description="A running trial silent this long is failed (default 3 heartbeats)."
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description=f"SQLAlchemy URL of the study's database; unset: {STORAGE_ENV}, else sqlite under CAR_MAKER_HOME.",
+    )
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, value: str) -> str:
+        if value not in SELECTION_METRICS:
+            raise ValueError(f"unknown objective {value!r}; use one of {', '.join(SELECTION_METRICS)}")
+        return value

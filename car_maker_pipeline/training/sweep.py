@@ -31,67 +31,21 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, SELECTION_METRICS
 from car_maker_pipeline.locking import file_lock
 from car_maker_pipeline.training.config import LoraHyperparameters
-from car_maker_pipeline.training.search_space import DEFAULT_SEARCH_SPACE, parse_search_space
+from car_maker_pipeline.training.search_space import STORAGE_ENV, SweepSettings, parse_search_space
 
 logger = logging.getLogger(__name__)
 
-STORAGE_ENV = "CAR_MAKER_OPTUNA_STORAGE"
 STUDY_DB = "optuna.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Set on a trial, under the study lock, once its first heartbeat is recorded (see fail_trials_never_beaten).
 FIRST_HEARTBEAT = "first_heartbeat_recorded"
-
-
-class SweepSettings(BaseModel):
-    """How to search: the trials, the space, the objective, the pruner, the seed, the heartbeat."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    n_trials: int = Field(
-        default=12, gt=0, description="Trials to finish (complete or pruned); failed ones do not count."
-    )
-    search_space: dict[str, Any] = Field(
-        default_factory=lambda: dict(DEFAULT_SEARCH_SPACE),
-        description="LoraHyperparameters field -> {low, high, log} or {choices: [...]}; other fields keep "
-        "lora_checkpoints' values.",
-    )
-    objective: str = Field(
-        default=DEFAULT_SELECTION_METRIC,
-        description="What a trial maximises, on validation, at its best checkpoint: "
-        + "; ".join(f"{key}: {label}" for key, label in SELECTION_METRICS.items()),
-    )
-    pruner: Literal["median", "percentile", "successive_halving", "hyperband", "none"] = Field(
-        default="median", description="Optuna pruner fed every checkpoint's validation score (MedianPruner by default)."
-    )
-    pruner_startup_trials: int = Field(default=3, ge=0, description="median/percentile: trials before any pruning.")
-    pruner_warmup_steps: int = Field(
-        default=0, ge=0, description="median/percentile: steps before a trial may be pruned."
-    )
-    seed: int = Field(default=0, ge=0, description="Seeds the sampler (TPE), per trial number.")
-    heartbeat_interval_s: int = Field(default=10, gt=0, description="How often a running trial says it is alive.")
-    grace_period_s: int | None = Field(
-        default=None, gt=0, description="A running trial silent this long is failed (default 3 heartbeats)."
-    )
-    storage_url: str | None = Field(
-        default=None,
-        description=f"SQLAlchemy URL of the study's database; unset: {STORAGE_ENV}, else sqlite under CAR_MAKER_HOME.",
-    )
-
-    @field_validator("objective")
-    @classmethod
-    def _known_objective(cls, value: str) -> str:
-        if value not in SELECTION_METRICS:
-            raise ValueError(f"unknown objective {value!r}; use one of {', '.join(SELECTION_METRICS)}")
-        return value
 
 
 def storage_url(settings: SweepSettings, sweep_root: Path) -> str:

@@ -8,7 +8,7 @@ from car_maker_pipeline.orchestration.resources import MlflowTracking, StoreReso
 from car_maker_pipeline.orchestration.versions import code_version, content_version
 from car_maker_pipeline.store import CAR_MAKER_DATASET, LORA_SWEEP
 from car_maker_pipeline.training.config import LoraHyperparameters
-from car_maker_pipeline.training.sweep import SweepSettings
+from car_maker_pipeline.training.search_space import SweepSettings
 
 
 class LoraSweepConfig(dg.Config, SweepSettings):
