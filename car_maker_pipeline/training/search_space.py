@@ -24,6 +24,7 @@ from car_maker_pipeline.evaluation.settings import DEFAULT_SELECTION_METRIC, SEL
 from car_maker_pipeline.training.config import DEFAULT_TARGET_MODULES, LoraHyperparameters, LoraTrainingError
 
 LIST_SEPARATOR = ","
+STORAGE_ENV = "CAR_MAKER_OPTUNA_STORAGE"  # the study database's SQLAlchemy URL, when the settings name none
 # Never searched: they name a folder or a process, not a model.
 NOT_SEARCHABLE = frozenset({"fresh_start"})
 
@@ -144,9 +145,6 @@ def _decode(name: str, value: Any) -> Any:
 def decoded_params(params: dict[str, Any]) -> dict[str, Any]:
     """A finished trial's params (as Optuna stores them) as LoraHyperparameters values."""
     return {name: _decode(name, value) for name, value in params.items()}
-
-
-STORAGE_ENV = "CAR_MAKER_OPTUNA_STORAGE"  # the study database's SQLAlchemy URL, when the settings name none
 
 
 class SweepSettings(BaseModel):
