@@ -143,13 +143,14 @@ def _kill_during_step(env, steps, execution, delay) -> dict:
     process.wait()
     watcher.join(timeout=10)
     events = _latest_step_events(env)
+    target_events = events.get(target, {})
     return {
         "asset": target,
         "with": [asset for asset, _, _ in steps[:-1]],
         "delay_after_step_start": round(delay, 2),
         "finished_first": finished,
-        "in_step": "STEP_START" in events.get(target, {}) and "STEP_SUCCESS" not in events[target],
-        "step_succeeded": "STEP_SUCCESS" in events.get(target, {}),
+        "in_step": "STEP_START" in target_events and "STEP_SUCCESS" not in target_events,
+        "step_succeeded": "STEP_SUCCESS" in target_events,
         "unfinished": [asset for asset, _, _ in steps if "STEP_SUCCESS" not in events.get(asset, {})],
     }
 
