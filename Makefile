@@ -68,8 +68,9 @@ test-fast: $(STAMP)
 ui: init
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
+# Without MLflow's job runner (eight more processes for its GenAI jobs, which the pipeline does not use).
 mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.car_maker_home/mlflow.db --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.car_maker_home/mlflow.db --host 127.0.0.1 --port 5000
 
 clean-demo:
 	rm -rf .car_maker_home .dagster_home .car_maker_cache

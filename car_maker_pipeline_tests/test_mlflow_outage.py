@@ -59,6 +59,9 @@ class MlflowServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # As deploy/mlflow-server.sh starts it: without the job runner's eight processes, which the pipeline
+            # never uses and which would start again with every restart.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -87,6 +87,7 @@ def mlflow_server(postgres, tmp_path):
         lines = command_lines(process.pid)
         assert any("mlflow" in line for line in lines), lines
         assert not [line for line in lines if PASSWORD in line], "the database password is on a command line (ps)"
+        assert not [line for line in lines if "mlflow.server.jobs" in line], "MLflow's job runner was started"
         yield uri
     finally:
         if process.poll() is None:
