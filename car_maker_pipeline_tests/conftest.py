@@ -6,6 +6,7 @@ Everything is built once per session under pytest's temporary folder; no test to
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -22,6 +23,21 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = "1"
         os.environ["MKL_NUM_THREADS"] = "1"
     _use_the_build_cache(config)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection(session):
+    """Collecting imports the whole stack (torch, transformers, Dagster, MLflow): millions of objects, none
+    garbage, that the cyclic collector would walk again and again while they load."""
+    gc.disable()
+
+
+def pytest_collection_finish(session):
+    """What collection built lives as long as the session: frozen, it is left out of the collections the
+    tests' own garbage sets off (a full one walks it in a quarter of a second). What a test makes is
+    collected as before."""
+    gc.enable()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
