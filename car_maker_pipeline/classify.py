@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from car_maker_pipeline.machine import heavy_imports
 from car_maker_pipeline.serving.files import UnreadableFile, read_file
 from car_maker_pipeline.serving.images import ImageInputError, decode_image
 from car_maker_pipeline.serving.predictor import UNSURE
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             labels = args.images
             ranges = chunks(check_images(labels))  # an unreadable file fails before any model loads
             read = lambda rows: read_chunk(labels, rows)  # noqa: E731
-        predict, task = load_predict(args)
+        with heavy_imports():  # the model libraries and the model, kept for the whole command
+            predict, task = load_predict(args)
         truth = truths.get(task)  # the right answer of the model's own task: a maker, or a class
         for rows in ranges:
             answers = predict(read(rows))

@@ -10,6 +10,7 @@ import dagster as dg
 from pydantic import Field
 
 from car_maker_pipeline.data.source_schema import SourceError
+from car_maker_pipeline.machine import heavy_imports
 from car_maker_pipeline.redaction import leaks_secret, redact_text
 from car_maker_pipeline.settings import Profile, get_profile, pipeline_home
 from car_maker_pipeline.store import LORA_CHECKPOINTS, LORA_SWEEP, PipelineStore
@@ -139,11 +140,12 @@ class VisionLanguageModels(dg.ConfigurableResource):
         # those seconds out of the `gpu` slot that other runs queue for.
         import importlib
 
-        from car_maker_pipeline.models.loading import import_model_libraries
+        with heavy_imports():
+            from car_maker_pipeline.models.loading import import_model_libraries
 
-        import_model_libraries()
-        for module in step_libraries(context.dagster_run):
-            importlib.import_module(module)
+            import_model_libraries()
+            for module in step_libraries(context.dagster_run):
+                importlib.import_module(module)
 
     def model_keys(self) -> list[str]:
         return get_profile(self.profile).model_keys
@@ -187,12 +189,13 @@ class MlflowTracking(dg.ConfigurableResource):
         # Every step that tracks imports MLflow, and the SQL store when it opens the store itself (the local
         # sqlite default): a second of imports, done here before pool slots are claimed. Only the URI's kind
         # matters here, so the default home stands in for the store's.
-        import mlflow  # noqa: F401
+        with heavy_imports():
+            import mlflow  # noqa: F401
 
-        from car_maker_pipeline.tracking import is_tracking_server
+            from car_maker_pipeline.tracking import is_tracking_server
 
-        if not is_tracking_server(self.uri(PipelineStore.from_env())):
-            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+            if not is_tracking_server(self.uri(PipelineStore.from_env())):
+                import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     def uri(self, store: PipelineStore) -> str:
         from car_maker_pipeline.tracking import configured_tracking_uri
