@@ -25,19 +25,21 @@ def pytest_configure(config):
     _use_the_build_cache(config)
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_collection(session):
     """Collecting imports the whole stack (torch, transformers, Dagster, MLflow): millions of objects, none
-    garbage, that the cyclic collector would walk again and again while they load."""
-    gc.disable()
-
-
-def pytest_collection_finish(session):
-    """What collection built lives as long as the session: frozen, it is left out of the collections the
+    garbage, that the cyclic collector would walk again and again while they load; so it is paused. What
+    collection built lives as long as the session: frozen after it, it is left out of the collections the
     tests' own garbage sets off (a full one walks it in a quarter of a second). What a test makes is
-    collected as before."""
-    gc.enable()
-    gc.freeze()
+    collected as before. (Under xdist the controller collects nothing; its collector is back on at once.)"""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        if enabled:
+            gc.enable()
+        gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
