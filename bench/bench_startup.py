@@ -6,17 +6,18 @@ spared the libraries' objects (`machine.heavy_imports` and `machine.settle_exit`
 
 What is measured
 ----------------
-Each repetition starts one fresh process per way, in an order that rotates. Each imports what a model step
-imports before it works: Dagster and the resources module, then, timed, the model libraries, the
-evaluation and training libraries (`orchestration/resources.py`) and MLflow with its SQL store; then it
-allocates 200,000 small objects (work after the imports) and exits. The parent reads each process's whole
-CPU time, start to exit. The ways:
+Each repetition starts one fresh process per way, in an order that rotates. Each loads the definitions,
+then, timed, sets up the models and MLflow resources as a model step's run does (`dg.build_resources`:
+the model libraries, the evaluation and training libraries, MLflow and its SQL store); then it allocates
+200,000 small objects (work after the set-up) and exits. The parent reads each process's whole CPU time,
+start to exit. The ways:
 
 - `usual`      the collector as Python leaves it (the exit freeze the package registers is taken back)
 - `exit`       only `settle_exit`: the heap frozen when the process ends
-- `both`       the imports inside `heavy_imports` (collector paused, heap frozen after), and `settle_exit`
+- `both`       the set-up as the pipeline has it: `heavy_imports` (collector paused, heap frozen after), and
+               `settle_exit`
 
-Headline: per way, the median of the per-repetition ratios way / usual, for the timed imports and for the
+Headline: per way, the median of the per-repetition ratios way / usual, for the timed set-up and for the
 whole process.
 """
 
@@ -41,20 +42,20 @@ from _common import (  # noqa: E402
 )
 
 CHILD = """
-import atexit, contextlib, gc, importlib, json, sys, time
-from car_maker_pipeline.machine import heavy_imports
-from car_maker_pipeline.orchestration.resources import EVALUATION_LIBRARIES, TRAINING_LIBRARIES
+import atexit, contextlib, gc, json, sys, time
+import dagster as dg
+import car_maker_pipeline.orchestration.resources as resources
+from car_maker_pipeline.definitions import defs
 way = sys.argv[1]
 if way == "usual":
     atexit.unregister(gc.freeze)
+if way != "both":
+    resources.heavy_imports = contextlib.nullcontext  # the set-up's imports with the collector left as it is
 collections = [0]
 gc.callbacks.append(lambda phase, info: collections.__setitem__(0, collections[0] + (phase == "start")))
 started = time.process_time()
-with heavy_imports() if way == "both" else contextlib.nullcontext():
-    from car_maker_pipeline.models.loading import import_model_libraries
-    import_model_libraries()
-    for module in (*EVALUATION_LIBRARIES, *TRAINING_LIBRARIES, "mlflow", "mlflow.store.tracking.sqlalchemy_store"):
-        importlib.import_module(module)
+with dg.build_resources({key: defs.resources[key] for key in ("models", "mlflow_tracking")}):
+    pass
 imports_cpu, imports_collections = time.process_time() - started, collections[0]
 work = [[i] for i in range(200_000)]
 print(json.dumps({"imports_cpu": imports_cpu, "collections": imports_collections}))
@@ -95,7 +96,7 @@ def main() -> None:
             ]
         rows.append(row)
     print()
-    headers = ["way", "collections in the imports", "imports CPU s", "/ usual", "process CPU s", "/ usual"]
+    headers = ["way", "collections in the set-up", "set-up CPU s", "/ usual", "process CPU s", "/ usual"]
     print(format_table(headers, rows))
     versions = library_versions("torch", "transformers", "peft", "trl", "mlflow", "dagster")
     save_results(args.out, "startup", machine, versions, started, runs=runs, table=rows)
