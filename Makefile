@@ -16,6 +16,8 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export CAR_MAKER_CACHE ?= $(CURDIR)/.car_maker_cache
 # Materializations link to their MLflow runs here, where `make mlflow-ui` serves them.
 export CAR_MAKER_MLFLOW_UI ?= http://127.0.0.1:5000
+# `make mlflow-ui` without MLflow's job runner (eight more processes for its GenAI jobs, which the pipeline does not use).
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
 .PHONY: demo init test test-fast lint format ui mlflow-ui venv clean-demo
 
@@ -68,9 +70,8 @@ test-fast: $(STAMP)
 ui: init
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-# Without MLflow's job runner (eight more processes for its GenAI jobs, which the pipeline does not use).
 mlflow-ui: $(STAMP)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.car_maker_home/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.car_maker_home/mlflow.db --host 127.0.0.1 --port 5000
 
 clean-demo:
 	rm -rf .car_maker_home .dagster_home .car_maker_cache
